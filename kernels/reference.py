@@ -1,0 +1,302 @@
+"""Exact pure-PyTorch selective scan: the oracle, and the CPU path.
+
+The semantics are mamba_ssm's ``selective_scan_ref``::
+
+    delta = softplus(delta + delta_bias)            (each optional)
+    h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+    y_t   = <C_t, h_t> + D * u_t,    out = y * silu(z)
+
+with ``h`` of shape (Bt, Dm, N) per step. Everything is computed in fp32 (fp64 when an input is fp64,
+so that ``torch.autograd.gradcheck`` is meaningful). The time loop is sequential, but every step is
+one fused multiply-add over the whole (Bt, Dm, N) state: the exponentials and input terms for all
+steps are formed up front, vectorized over time.
+
+The 2D form is gather → 1D scan → scatter, routes folded into channels (route k owns channel block k
+and B/C group k), which is what the fused kernels must reproduce.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "compute_dtype",
+    "selective_scan_ref",
+    "selective_scan_bwd_ref",
+    "selective_scan_states_bwd_ref",
+    "selective_scan_2d_bwd_ref",
+    "selective_scan_states_ref",
+    "selective_scan_2d_ref",
+]
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """fp32, or fp64 when any input is fp64."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def _expand_groups(BC: torch.Tensor, Dm: int, dtype: torch.dtype) -> torch.Tensor:
+    """(Bt, N, L) or (Bt, G, N, L) → (Bt, Dm, N, L): channel d reads group d // (Dm // G)."""
+    BC = BC.to(dtype)
+    if BC.dim() == 3:
+        return BC.unsqueeze(1)  # broadcasts over Dm
+    Bt, G, N, L = BC.shape
+    return BC.unsqueeze(2).expand(Bt, G, Dm // G, N, L).reshape(Bt, Dm, N, L)
+
+
+def _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype):
+    Dm = u.shape[1]
+    dt = delta.to(dtype)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    # Time-major so that each step reads one contiguous (Bt, Dm, N) block.
+    decay = torch.exp(dt.unsqueeze(2) * A.to(dtype)[None, :, :, None]).permute(3, 0, 1, 2)
+    drive = (dt * u.to(dtype)).unsqueeze(2) * _expand_groups(B, Dm, dtype)
+    drive = drive.permute(3, 0, 1, 2)
+    return decay.contiguous(), drive.contiguous()
+
+
+def _run_recurrence(decay: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
+    """h_t = decay_t * h_{t-1} + drive_t from h_{-1} = 0; inputs and result time-major (L, Bt, Dm, N)."""
+    states = []
+    h = torch.zeros_like(drive[0])
+    for t in range(drive.shape[0]):
+        h = torch.addcmul(drive[t], decay[t], h)
+        states.append(h)
+    return torch.stack(states, dim=0)
+
+
+def selective_scan_states_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Every hidden state h, (Bt, Dm, N, L), in the compute dtype."""
+    dtype = compute_dtype(u, delta, A, B)
+    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype)
+    return _run_recurrence(decay, drive).permute(1, 2, 3, 0)
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+):
+    """mamba_ssm's selective scan. Returns out (in ``out_dtype``, default u's dtype) and, with
+    ``return_last_state``, the final state (Bt, Dm, N) in the compute dtype."""
+    dtype = compute_dtype(u, delta, A, B, C)
+    Dm = u.shape[1]
+    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype)
+    states = _run_recurrence(decay, drive)  # (L, Bt, Dm, N)
+    C_t = _expand_groups(C, Dm, dtype).permute(3, 0, 1, 2)  # (L, Bt, Dm|1, N)
+    y = (states * C_t).sum(-1).permute(1, 2, 0)  # (Bt, Dm, L)
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * u.to(dtype)
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    out = y.to(u.dtype if out_dtype is None else out_dtype)
+    if return_last_state:
+        return out, states[-1]
+    return out
+
+
+def _reduce_groups(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Adjoint of ``_expand_groups``: (Bt, Dm, N, L) summed back to B/C's shape."""
+    if like.dim() == 3:
+        return t.sum(1)
+    Bt, G, N, L = like.shape
+    return t.reshape(Bt, G, -1, N, L).sum(2)
+
+
+def _backward_core(g_out, dt, pre_softplus, u, A, B, decay, states, delta_softplus, dtype):
+    """Shared tail of the backward passes, given g_out (L, Bt, Dm, N): the gradient reaching each state
+    from outside the recurrence. Returns du (scan part), ddelta_pre (before softplus/bias), dA, dB."""
+    Dm = u.shape[1]
+    L = decay.shape[0]
+    # Reverse recurrence: g_t = g_out_t + decay_{t+1} * g_{t+1}.
+    g = torch.empty_like(g_out)
+    carry = torch.zeros_like(g_out[0])
+    for t in range(L - 1, -1, -1):
+        carry = g_out[t] if t == L - 1 else torch.addcmul(g_out[t], decay[t + 1], carry)
+        g[t] = carry
+    g = g.permute(1, 2, 3, 0)  # (Bt, Dm, N, L)
+    h_prev = torch.cat([torch.zeros_like(states[:1]), states[:-1]]).permute(1, 2, 3, 0)
+    decay = decay.permute(1, 2, 3, 0)
+    B_full = _expand_groups(B, Dm, dtype)  # (Bt, Dm|1, N, L)
+    u = u.to(dtype)
+    gB = (g * B_full).sum(2)  # (Bt, Dm, L)
+    d_decay_arg = g * h_prev * decay  # gradient of dt*A inside exp
+    ddt = gB * u + (d_decay_arg * A.to(dtype)[None, :, :, None]).sum(2)
+    du = gB * dt
+    dA = (d_decay_arg * dt.unsqueeze(2)).sum((0, 3))
+    dB = _reduce_groups(g * (dt * u).unsqueeze(2), B)
+    if delta_softplus:
+        ddt = ddt * torch.sigmoid(pre_softplus)
+    return du, ddt, dA, dB
+
+
+def _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype):
+    pre = delta.to(dtype)
+    if delta_bias is not None:
+        pre = pre + delta_bias.to(dtype)[:, None]
+    dt = F.softplus(pre) if delta_softplus else pre
+    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype)
+    return pre, dt, decay, _run_recurrence(decay, drive)
+
+
+def selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False):
+    """Gradients of ``selective_scan_ref`` (out, last_state) for u, delta, A, B, C, D, z, delta_bias,
+    each in its input's dtype (None where the input is None)."""
+    dtype = compute_dtype(u, delta, A, B, C)
+    Dm = u.shape[1]
+    pre, dt, decay, states = _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype)
+    C_full = _expand_groups(C, Dm, dtype)  # (Bt, Dm|1, N, L)
+    y = (states.permute(1, 2, 3, 0) * C_full).sum(2)
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * u.to(dtype)
+    dy = dout.to(dtype)
+    dz = None
+    if z is not None:
+        zf = z.to(dtype)
+        sig = torch.sigmoid(zf)
+        dz = (dy * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        dy = dy * zf * sig
+    g_out = (dy.unsqueeze(2) * C_full).permute(3, 0, 1, 2).contiguous()  # (L, Bt, Dm, N)
+    if dlast_state is not None:
+        g_out[-1] += dlast_state.to(dtype)
+    du, ddt, dA, dB = _backward_core(g_out, dt, pre, u, A, B, decay, states, delta_softplus, dtype)
+    dC = _reduce_groups(states.permute(1, 2, 3, 0) * dy.unsqueeze(2), C)
+    dD = None
+    if D is not None:
+        du = du + dy * D.to(dtype)[:, None]
+        dD = (dy * u.to(dtype)).sum((0, 2)).to(D.dtype)
+    ddelta_bias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
+    return (du.to(u.dtype), ddt.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz,
+            ddelta_bias)
+
+
+def selective_scan_states_bwd_ref(dstates, u, delta, A, B, delta_bias=None, delta_softplus=False):
+    """Gradients of ``selective_scan_states_ref`` for u, delta, A, B, delta_bias."""
+    dtype = compute_dtype(u, delta, A, B)
+    pre, dt, decay, states = _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype)
+    g_out = dstates.to(dtype).permute(3, 0, 1, 2).contiguous()
+    du, ddt, dA, dB = _backward_core(g_out, dt, pre, u, A, B, decay, states, delta_softplus, dtype)
+    ddelta_bias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
+    return du.to(u.dtype), ddt.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), ddelta_bias
+
+
+def _route_gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t (Bt, L, K, F), or (Bt, L, F) shared by routes; index (K, Lr) → (Bt, K, Lr, F)."""
+    if t.dim() == 3:
+        return t[:, index]
+    route = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
+    return t[:, index, route]
+
+
+def _route_scatter(values: torch.Tensor, index: torch.Tensor, L: int, shared: bool) -> torch.Tensor:
+    """Adjoint of ``_route_gather``: values (Bt, K, Lr, F) added into (Bt, L, K, F), or (Bt, L, F)."""
+    Bt, K, Lr, Fe = values.shape
+    route = torch.arange(K, device=index.device)[:, None].expand_as(index)
+    out = values.new_zeros(L, K, Bt, Fe).index_put((index, route), values.permute(1, 2, 0, 3), accumulate=True)
+    out = out.permute(2, 0, 1, 3)
+    return out.sum(2) if shared else out
+
+
+def _channels_first(t: torch.Tensor) -> torch.Tensor:
+    """(Bt, K, Lr, F) → (Bt, K*F, Lr): route k owns channel block k."""
+    Bt, K, Lr, Fe = t.shape
+    return t.permute(0, 1, 3, 2).reshape(Bt, K * Fe, Lr)
+
+
+def _channels_last(t: torch.Tensor, K: int) -> torch.Tensor:
+    """(Bt, K*F, Lr) → (Bt, K, Lr, F)."""
+    Bt, KF, Lr = t.shape
+    return t.reshape(Bt, K, KF // K, Lr).permute(0, 1, 3, 2)
+
+
+def _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes):
+    """The 2D problem as one grouped 1D scan: routes gathered, route k → channel block / group k.
+    Padded (-1) steps only trail a route, so whatever they compute never reaches a visited pixel."""
+    Bt, H, W, K, Dm = delta.shape
+    N, L = A.shape[-1], H * W
+    at, param_at = routes.clamp(min=0), param_routes.clamp(min=0)
+    xs = x.reshape(Bt, L, Dm) if x.dim() == 4 else x.reshape(Bt, L, K, Dm)
+    return dict(
+        u=_channels_first(_route_gather(xs, at)),
+        delta=_channels_first(_route_gather(delta.reshape(Bt, L, K, Dm), param_at)),
+        A=A.reshape(K * Dm, N),
+        B=_route_gather(B.reshape(Bt, L, K, N), param_at).permute(0, 1, 3, 2),
+        C=_route_gather(C.reshape(Bt, L, K, N), param_at).permute(0, 1, 3, 2),
+        D=None if D is None else D.reshape(K * Dm),
+        delta_bias=None if delta_bias is None else delta_bias.reshape(K * Dm),
+    )
+
+
+def selective_scan_2d_ref(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+    routes: torch.Tensor,
+    param_routes: torch.Tensor,
+    merge: str,
+) -> torch.Tensor:
+    """Gather along each route, scan, write each step's output to its pixel (validated inputs).
+    A pixel visited twice by one route receives both outputs, added."""
+    Bt, H, W, K, Dm = delta.shape
+    dtype = compute_dtype(x, delta, A, B, C)
+    folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)
+    y = selective_scan_ref(**folded, delta_softplus=delta_softplus, out_dtype=dtype)
+    y = _channels_last(y, K) * (routes >= 0)[None, :, :, None].to(dtype)
+    out = _route_scatter(y, routes.clamp(min=0), H * W, shared=(merge == "sum"))
+    shape = (Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm)
+    return out.reshape(shape).to(x.dtype)
+
+
+def selective_scan_2d_bwd_ref(dout, x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes,
+                              merge):
+    """Gradients of ``selective_scan_2d_ref`` for x, delta, A, B, C, D, delta_bias."""
+    Bt, H, W, K, Dm = delta.shape
+    N, L = A.shape[-1], H * W
+    dtype = compute_dtype(x, delta, A, B, C)
+    at, param_at = routes.clamp(min=0), param_routes.clamp(min=0)
+    valid = (routes >= 0)[None, :, :, None].to(dtype)
+    dout = dout.to(dtype)
+    dy = _route_gather(dout.reshape(Bt, L, Dm) if merge == "sum" else dout.reshape(Bt, L, K, Dm), at) * valid
+    folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)
+    du, ddt, dA, dB, dC, dD, _, dbias = selective_scan_bwd_ref(
+        _channels_first(dy), None, **folded, z=None, delta_softplus=delta_softplus)
+    dx = _route_scatter(_channels_last(du.to(dtype), K) * valid, at, L, shared=(x.dim() == 4))
+    ddelta = _route_scatter(_channels_last(ddt.to(dtype), K) * valid, param_at, L, shared=False)
+    dB = _route_scatter(dB.to(dtype).permute(0, 1, 3, 2) * valid, param_at, L, shared=False)
+    dC = _route_scatter(dC.to(dtype).permute(0, 1, 3, 2) * valid, param_at, L, shared=False)
+    return (
+        dx.reshape(x.shape).to(x.dtype),
+        ddelta.reshape(delta.shape).to(delta.dtype),
+        dA.reshape(A.shape).to(A.dtype),
+        dB.reshape(B.shape).to(B.dtype),
+        dC.reshape(C.shape).to(C.dtype),
+        None if D is None else dD.reshape(D.shape).to(D.dtype),
+        None if delta_bias is None else dbias.reshape(delta_bias.shape).to(delta_bias.dtype),
+    )

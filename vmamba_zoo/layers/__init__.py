@@ -1,0 +1,1 @@
+"""Reusable blocks of the zoo: family-agnostic, built on vmamba_kernels."""

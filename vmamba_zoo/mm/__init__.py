@@ -1,0 +1,1 @@
+"""MMDetection / MMSegmentation backbones (the only place that imports mmengine, mmdet, mmseg)."""

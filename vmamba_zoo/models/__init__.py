@@ -1,0 +1,1 @@
+"""The backbone families, one module each; importing registers them with timm."""
