@@ -1,0 +1,474 @@
+"""Spatial-Mamba: Effective Visual State Space Models via Structure-Aware State Fusion.
+
+Paper: https://arxiv.org/abs/2410.15091 (Xiao, Li, Zhang, Meng, Zhang, ICLR 2025)
+Official code and weights: https://github.com/EdwardChasel/Spatial-Mamba (Apache-2.0)
+
+One block: a depthwise conv position encoding, a structure-aware SSM (one raster scan with d_state 1 that keeps
+every hidden state, a dilated-conv fusion of those states across the image grid, then y = C·h + D·x), a second
+conv position encoding and an MLP. The model is channels-last (B, H, W, C) between the convolutional stem,
+the blocks and the convolutional downsamplers.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from vmamba_kernels import selective_scan_states
+from vmamba_zoo.layers.state_fusion import StateFusion
+
+__all__ = ["SpatialMamba", "StructureAwareSSM", "SpatialMambaBlock"]
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d → optional BatchNorm → optional ReLU (NCHW)."""
+
+    def __init__(self, in_chs, out_chs, kernel_size=3, stride=1, groups=1, bias=True, norm=True, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2, groups=groups, bias=bias)
+        self.norm = nn.BatchNorm2d(out_chs) if norm else nn.Identity()
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
+
+
+class Stem(nn.Module):
+    """3×3 s2 (→C/2) → residual pair of 3×3 → 3×3 s2 (→4C) → 1×1 (→C); NCHW in, NHWC out."""
+
+    def __init__(self, in_chans: int = 3, embed_dim: int = 64):
+        super().__init__()
+        mid = embed_dim // 2
+        self.conv1 = ConvNormAct(in_chans, mid, 3, stride=2, bias=False)
+        self.conv2 = nn.Sequential(
+            ConvNormAct(mid, mid, 3, bias=False),
+            ConvNormAct(mid, mid, 3, bias=False, act=False),
+        )
+        self.conv3 = nn.Sequential(
+            ConvNormAct(mid, embed_dim * 4, 3, stride=2, bias=False),
+            ConvNormAct(embed_dim * 4, embed_dim, 1, bias=False, act=False),
+        )
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.conv2(x) + x
+        x = self.conv3(x)
+        return x.permute(0, 2, 3, 1)
+
+
+class Downsample(nn.Module):
+    """1×1 (C→8C) + ReLU → depthwise 3×3 s2 + ReLU → 1×1 (8C→2C) + BN; NHWC in and out."""
+
+    def __init__(self, dim: int, dim_out: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim_out * ratio)
+        self.conv1 = ConvNormAct(dim, hidden, 1, norm=False)
+        self.conv2 = ConvNormAct(hidden, hidden, 3, stride=2, groups=hidden, norm=False)
+        self.conv3 = ConvNormAct(hidden, dim_out, 1, act=False)
+
+    def forward(self, x):
+        x = x.permute(0, 3, 1, 2)
+        x = self.conv3(self.conv2(self.conv1(x)))
+        return x.permute(0, 2, 3, 1)
+
+
+class StructureAwareSSM(nn.Module):
+    """Spatial-Mamba's token mixer (SASSM), channels-last (B, H, W, C) in and out.
+
+    in_proj → (x, z); x ← SiLU(dwconv3×3(x)); one raster scan keeping every hidden state h (d_state 1);
+    h ← StateFusion(h) on the image grid; y = C·h + D·x; out_proj(LayerNorm(y) · SiLU(z)).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            d_state: int = 1,
+            expand: float = 2.0,
+            d_conv: int = 3,
+            dt_rank: Union[int, str] = "auto",
+            dt_min: float = 0.001,
+            dt_max: float = 0.1,
+            dt_init_floor: float = 1e-4,
+            proj_drop: float = 0.,
+    ):
+        super().__init__()
+        if d_state != 1:
+            # the fused states are laid out one map per channel; C·h over N > 1 states has no official form
+            raise ValueError(f"Spatial-Mamba's state fusion needs d_state=1, got {d_state}")
+        self.d_inner = d_inner = int(expand * dim)
+        self.d_state = d_state
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+
+        self.in_proj = nn.Linear(dim, d_inner * 2, bias=False)
+        self.conv = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.state_fusion = StateFusion(d_inner, kernel_size=3, dilations=(1, 3, 5), padding_mode="replicate")
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """Mamba's init for x_proj, dt_proj (softplus(bias) log-uniform in [dt_min, dt_max]), A (S4D real), D."""
+        self.x_proj.reset_parameters()
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min))
+                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_log))
+        self.D.fill_(1.)
+
+    def forward(self, x):
+        Bt, H, W, _ = x.shape
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = self.act(self.conv(x.permute(0, 3, 1, 2)))  # (Bt, Di, H, W)
+        u = x.flatten(2)  # (Bt, Di, L), raster order
+
+        x_dbl = F.linear(u.transpose(1, 2), self.x_proj.weight)  # (Bt, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias added (then softplus) in the scan
+        h = selective_scan_states(
+            u, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2),
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )  # (Bt, Di, 1, L) fp32
+        h = self.state_fusion(h.view(Bt, self.d_inner, H, W)).flatten(2)
+        y = h * C.transpose(1, 2) + u * self.D[:, None]  # (Bt, Di, L)
+
+        y = self.out_norm(y.transpose(1, 2).reshape(Bt, H, W, self.d_inner).to(z.dtype))
+        y = y * F.silu(z)
+        return self.proj_drop(self.out_proj(y))
+
+
+class SpatialMambaBlock(nn.Module):
+    def __init__(
+            self,
+            dim: int,
+            mlp_ratio: float = 4.0,
+            d_state: int = 1,
+            drop_path: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = norm_layer(dim)
+        self.mixer = StructureAwareSSM(dim, d_state=d_state, proj_drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.cpe1(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.drop_path1(self.mixer(self.norm1(x)))
+        x = x + self.cpe2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class SpatialMambaStage(nn.Module):
+    def __init__(
+            self,
+            dim: int,
+            dim_out: int,
+            depth: int,
+            downsample: bool,
+            mlp_ratio: float = 4.0,
+            d_state: int = 1,
+            drop_path: Sequence[float] = (),
+            proj_drop: float = 0.,
+            norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = Downsample(dim, dim_out) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            SpatialMambaBlock(
+                dim_out, mlp_ratio=mlp_ratio, d_state=d_state,
+                drop_path=drop_path[j] if drop_path else 0., proj_drop=proj_drop, norm_layer=norm_layer)
+            for j in range(depth)
+        ])
+
+    def forward(self, x):
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class SpatialMamba(nn.Module):
+    """Spatial-Mamba, channels-last; `forward_features` returns normalized (B, H, W, C) tokens."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            depths: Tuple[int, ...] = (2, 4, 8, 4),
+            dims: Union[int, Tuple[int, ...]] = 64,
+            d_state: int = 1,
+            mlp_ratio: float = 4.0,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer=nn.LayerNorm,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,  # accepted for timm API; any size works
+            **kwargs,
+    ):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if global_pool not in ("avg", "max", ""):
+            raise ValueError(f"global_pool must be 'avg', 'max' or '', got {global_pool!r}")
+        if isinstance(dims, int):
+            dims = tuple(dims * 2 ** i for i in range(len(depths)))
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.output_fmt = "NHWC"
+        self.num_features = self.head_hidden_size = dims[-1]
+
+        self.stem = Stem(in_chans, dims[0])
+        dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        self.stages = nn.Sequential()
+        self.feature_info = []
+        prev_dim, stride = dims[0], 4
+        for i, depth in enumerate(depths):
+            stride *= 2 if i > 0 else 1
+            self.stages.append(SpatialMambaStage(
+                prev_dim, dims[i], depth, downsample=i > 0, mlp_ratio=mlp_ratio, d_state=d_state,
+                drop_path=dp_rates[i], proj_drop=proj_drop_rate, norm_layer=norm_layer))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"stages.{i}"))
+            prev_dim = dims[i]
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        for m in self.modules():
+            if isinstance(m, StructureAwareSSM):
+                m.reset_ssm_parameters()
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"*.A_log", "*.D", "*.state_fusion.alpha", "*norm*"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse=False):
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", "max", ""):
+                raise ValueError(f"global_pool must be 'avg', 'max' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (after each stage's blocks); `norm` applies the final norm to the last stage's."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+
+        intermediates = []
+        x = self.stem(x)
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                y = self.norm(x) if norm and feat_idx == last_idx else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+        if max_index < len(self.feature_info) - 1:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or max_index < len(self.feature_info) - 1:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        elif self.global_pool == "max":
+            x = x.amax(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+_OFFICIAL_RENAMES = (
+    (".self_attention.", ".mixer."),
+    (".ln_1.", ".norm1."),
+    (".ln_2.", ".norm2."),
+    (".mixer.conv2d.", ".mixer.conv."),
+    (".mixer.x_proj_weight", ".mixer.x_proj.weight"),
+    (".mixer.dt_projs_weight", ".mixer.dt_proj.weight"),
+    (".mixer.dt_projs_bias", ".mixer.dt_proj.bias"),
+    (".mixer.A_logs", ".mixer.A_log"),
+    (".mixer.Ds", ".mixer.D"),
+)
+_FUSION_KERNELS = ("kernel_3", "kernel_3_1", "kernel_3_2")  # dilations 1, 3, 5
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """Convert an official Spatial-Mamba checkpoint (Swin-style {'model', 'model_ema', ...} dict, optionally
+    'module.'- or 'backbone.'-prefixed) to this implementation's keys. Our own state dicts pass through."""
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    if any(k.startswith("backbone.") for k in state_dict):
+        state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if "stem.conv1.conv.weight" in state_dict:
+        return state_dict
+
+    import re
+    out, fusion = {}, {}
+    for k, v in state_dict.items():
+        if k.startswith("outnorm") or k.endswith("._merge_weight"):
+            continue  # detection backbone's per-stage output norms; eval-time merge cache
+        k = k.replace("patch_embed.", "stem.", 1) if k.startswith("patch_embed.") else k
+        m = re.match(r"layers\.(\d+)\.downsample\.conv\.(\d)\.(.*)", k)
+        if m:
+            k = f"stages.{int(m[1]) + 1}.downsample.conv{int(m[2]) + 1}.{m[3]}"
+        k = re.sub(r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks.", k)
+        for old, new in _OFFICIAL_RENAMES:
+            k = k.replace(old, new)
+        m = re.match(r"(.*\.state_fusion\.)(kernel_3(?:_1|_2)?)$", k)
+        if m:
+            fusion.setdefault(m[1], {})[m[2]] = v
+            continue
+        out[k] = v
+    for prefix, kernels in fusion.items():
+        out[prefix + "weight"] = torch.stack([kernels[name] for name in _FUSION_KERNELS])
+    return out
+
+
+def _cfg(url="", **kwargs):
+    return {
+        "url": url,
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1.conv", "classifier": "head",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2410.15091",
+        "paper_name": "Spatial-Mamba: Effective Visual State Space Models via Structure-Aware State Fusion",
+        "origin_url": "https://github.com/EdwardChasel/Spatial-Mamba",
+        "notes": ("official weights are a Google Drive link: download the file, then load it with "
+                  "pretrained_cfg_overlay=dict(file=path)",),
+        **kwargs,
+    }
+
+
+# Official weights are on Google Drive (not directly downloadable by timm): fetch them, then
+# timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path)).
+default_cfgs = generate_default_cfgs({
+    "spatialmamba_tiny.in1k": _cfg(
+        url="https://drive.google.com/file/d/19kXoqGSTuKKs4AHbdUSrdKZTwTWenLIW/view"),
+    "spatialmamba_small.in1k": _cfg(
+        url="https://drive.google.com/file/d/1Wb3sYoWLpgmWrmHMYKwdgDwGPZaqM28O/view"),
+    "spatialmamba_base.in1k": _cfg(
+        url="https://drive.google.com/file/d/1k8dHp2QRCOqBSgAi36YkhZp_O8LqOPjM/view"),
+})
+
+
+def _create_spatialmamba(variant, pretrained=False, **kwargs):
+    return build_model_with_cfg(
+        SpatialMamba, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
+
+
+# official drop_path_rate for ImageNet training: tiny 0.2, small 0.3, base 0.5
+@register_model
+def spatialmamba_tiny(pretrained=False, **kwargs) -> SpatialMamba:
+    model_args = dict(depths=(2, 4, 8, 4), dims=64)
+    return _create_spatialmamba("spatialmamba_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spatialmamba_small(pretrained=False, **kwargs) -> SpatialMamba:
+    model_args = dict(depths=(2, 4, 21, 5), dims=64)
+    return _create_spatialmamba("spatialmamba_small", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spatialmamba_base(pretrained=False, **kwargs) -> SpatialMamba:
+    model_args = dict(depths=(2, 4, 21, 5), dims=96)
+    return _create_spatialmamba("spatialmamba_base", pretrained=pretrained, **dict(model_args, **kwargs))
