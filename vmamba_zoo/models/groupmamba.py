@@ -1,0 +1,621 @@
+"""GroupMamba for timm.
+
+Paper: `GroupMamba: Parameter-Efficient and Accurate Group Visual State Space Model`
+    - https://arxiv.org/abs/2407.13772
+Official code and weights (MIT): https://github.com/Amshaker/GroupMamba
+
+A four-stage channels-last backbone. Its mixer, the modulated group Mamba layer, normalizes the tokens,
+splits the channels into four groups and runs one single-route selective scan per group (row-major,
+column-major and both reversed), then multiplies by the normalized input, by a squeeze-excite style
+channel affinity, and normalizes again with the *same* LayerNorm. Here the four groups' scans run as one
+fused ``vmamba_kernels.selective_scan_2d`` call: group k is route k of the "cross" route set, with its
+own parameters stacked along the route axis.
+
+The classifier pools with a class token (the token mean) that passes one more mixer + MLP block, then a
+classification head and a distillation head whose logits are averaged (as timm's DeiT does).
+"""
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models._builder import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from timm.models._registry import generate_default_cfgs, register_model
+
+from vmamba_kernels import scan_routes, selective_scan_2d
+
+__all__ = ['GroupMamba']
+
+NUM_GROUPS = 4  # one scan route per channel group: row-major, column-major, both reversed
+
+
+class GroupedLinear(nn.Module):
+    """K independent linear maps applied to the K groups of a (..., K, in_features) tensor."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(groups, out_features)) if bias else None
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default init, as the official scan parameters keep it
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x):
+        # explicit subscripts (not '...') so fvcore's einsum handle counts the multiply-adds
+        x = torch.einsum('bhwki,koi->bhwko', x, self.weight)
+        if self.bias is not None:
+            x = x + self.bias
+        return x
+
+
+class GroupedLayerNorm(nn.Module):
+    """LayerNorm over the last dim of a (..., K, C) tensor with a separate affine per group."""
+
+    def __init__(self, num_channels: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(groups, num_channels))
+        self.bias = nn.Parameter(torch.zeros(groups, num_channels))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+
+
+class GroupedSingleScan2d(nn.Module):
+    """Four single-route SS2D blocks (VMamba's SS2D reduced to one route), one per channel group.
+
+    Each group k has its own in_proj (with a SiLU gate z), depthwise 3x3 conv, x_proj, dt_proj, A, D,
+    output LayerNorm and out_proj, exactly as the official ``SS2D(d_state=1, ssm_ratio=1, d_conv=3)``; the
+    parameters are stacked along the group axis and the four scans are one ``selective_scan_2d`` call in
+    which group k follows route k of ``scan_routes("cross", H, W)``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            d_state: int = 1,
+            ssm_ratio: float = 1.0,
+            d_conv: int = 3,
+            dt_min: float = 0.001,
+            dt_max: float = 0.1,
+            dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        if dim % NUM_GROUPS:
+            raise ValueError(f"GroupMamba needs channels divisible by {NUM_GROUPS}, got {dim}")
+        groups = NUM_GROUPS
+        d_model = dim // groups
+        d_inner = int(ssm_ratio * d_model)
+        dt_rank = math.ceil(d_model / 16)
+        self.groups, self.d_inner, self.d_state, self.dt_rank = groups, d_inner, d_state, dt_rank
+
+        self.in_proj = GroupedLinear(d_model, 2 * d_inner, groups)
+        self.conv2d = nn.Conv2d(
+            groups * d_inner, groups * d_inner, d_conv, padding=(d_conv - 1) // 2, groups=groups * d_inner)
+        self.act = nn.SiLU()
+        self.x_proj = GroupedLinear(d_inner, dt_rank + 2 * d_state, groups)
+        # dt_proj's bias is the scan's delta_bias (added inside the scan before the softplus)
+        dt_std = dt_rank ** -0.5
+        self.dt_proj_weight = nn.Parameter(torch.empty(groups, d_inner, dt_rank).uniform_(-dt_std, dt_std))
+        dt = torch.exp(
+            torch.rand(groups, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        self.dt_proj_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(
+            torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(groups, d_inner, 1))
+        self.D = nn.Parameter(torch.ones(groups, d_inner))
+        self.out_norm = GroupedLayerNorm(d_inner, groups)
+        self.out_proj = GroupedLinear(d_inner, d_model, groups)
+        # nn.Linear modules upstream, so its model-wide trunc_normal_ init reaches them (not x_proj)
+        trunc_normal_(self.in_proj.weight, std=.02)
+        trunc_normal_(self.out_proj.weight, std=.02)
+
+    def forward(self, x):
+        """x: (B, H, W, K, d_model) → (B, H, W, K, d_model); group k is scanned along route k."""
+        Bt, H, W, K, _ = x.shape
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        z = self.act(z)
+        x = x.reshape(Bt, H, W, K * self.d_inner).permute(0, 3, 1, 2)
+        x = self.act(self.conv2d(x)).permute(0, 2, 3, 1).reshape(Bt, H, W, K, self.d_inner)
+
+        dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = torch.einsum('bhwkr,kdr->bhwkd', dt, self.dt_proj_weight)
+        routes = scan_routes('cross', H, W).to(x.device)
+        # the official scan runs in fp32 (force_fp32) and normalizes its fp32 output
+        y = selective_scan_2d(
+            x.float(), dt.float(), -torch.exp(self.A_log.float()), b.float(), c.float(), self.D.float(),
+            delta_bias=self.dt_proj_bias.float(), delta_softplus=True, routes=routes, merge='none',
+        )
+        y = self.out_norm(y).to(z.dtype) * z
+        return self.out_proj(y)
+
+
+class ChannelAffinity(nn.Module):
+    """Squeeze-excite over tokens: sigmoid(fc2(relu(fc1(mean over H, W)))) → (B, C) channel weights."""
+
+    def __init__(self, dim: int, reduction: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim // reduction)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(dim // reduction, dim)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc2(self.act(self.fc1(x.mean(dim=(1, 2))))))
+
+
+class GroupMambaMixer(nn.Module):
+    """The modulated group Mamba layer (official ``GroupMambaLayer``), channels-last (B, H, W, C)."""
+
+    def __init__(self, dim: int, d_state: int = 1, d_conv: int = 3, ssm_ratio: float = 1.0, reduction: int = 16):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.affinity = ChannelAffinity(dim, reduction)
+        self.ssm = GroupedSingleScan2d(dim, d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv)
+        self.proj = nn.Linear(dim, dim)
+        self.skip_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        Bt, H, W, C = x.shape
+        x = self.norm(x)
+        affinity = self.affinity(x)
+        y = self.ssm(x.reshape(Bt, H, W, NUM_GROUPS, C // NUM_GROUPS)).reshape(Bt, H, W, C)
+        # upstream quirks: the scan output is multiplied by the *normalized* input (not added to it), and
+        # the same LayerNorm (shared weights) normalizes again after the channel modulation
+        y = y * self.skip_scale * x
+        y = y * affinity[:, None, None, :]
+        return self.proj(self.norm(y))
+
+
+class ConvMlp(nn.Module):
+    """fc1 → depthwise 3x3 conv → GELU → fc2 (PVTv2's FFN), channels-last."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.fc2(self.act(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GroupMambaBlock(nn.Module):
+    """x + mixer(x) (the mixer normalizes its own input), then x + FFN(norm(x))."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0., norm_eps: float = 1e-6):
+        super().__init__()
+        self.mixer = GroupMambaMixer(dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path(self.mixer(x))
+        return x + self.drop_path(self.mlp(self.norm(x)))
+
+
+class ClassTokenBlock(nn.Module):
+    """Pools (B, H, W, C) to (B, C): the token mean passes a mixer (post-norm) and an MLP (pre-norm).
+
+    The mixer sees only the class token (a 1x1 grid), as upstream's ``ClassBlock`` does.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mixer = GroupMambaMixer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        cls = x.mean(dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+        cls = cls + self.norm1(self.mixer(cls))
+        cls = cls + self.mlp(self.norm2(cls))
+        return cls.flatten(1)
+
+
+class Stem(nn.Module):
+    """Conv7x7/2 (no bias) BN ReLU, 2x [Conv3x3 BN ReLU], Conv3x3/2 (bias), LayerNorm → (B, H/4, W/4, C)."""
+
+    def __init__(self, in_chans: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_chans, hidden_dim, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+        )
+        self.proj = nn.Conv2d(hidden_dim, out_dim, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(self.conv(x)).permute(0, 2, 3, 1))
+
+
+class Downsample(nn.Module):
+    """Conv3x3/2 + LayerNorm on channels-last maps."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class GroupMambaStage(nn.Module):
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            mlp_ratio: float,
+            drop_path: List[float],
+            downsample: bool = True,
+            out_norm: bool = True,
+            norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            GroupMambaBlock(dim, mlp_ratio, drop_path=drop_path[j], norm_eps=norm_eps) for j in range(depth)])
+        # upstream normalizes stages 1-3 here; the last stage's norm is applied to the class token instead
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if out_norm else nn.Identity()
+
+    def forward(self, x):
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+
+class GroupMamba(nn.Module):
+    """GroupMamba: stem → 4 stages of modulated group Mamba blocks → class-token pooling → head (+ dist head).
+
+    Args:
+        in_chans: input channels.
+        num_classes: classes of ``head`` and ``dist_head``.
+        global_pool: 'token' (upstream: the token mean passes a mixer+MLP block) or 'avg' (token mean only).
+        stem_hidden_dim: channels of the stem's convolutions.
+        embed_dims: channels per stage (each divisible by 4, the number of scan groups).
+        depths: blocks per stage.
+        mlp_ratios: FFN expansion per stage.
+        distillation: add the distillation head ``dist_head`` (upstream default; its logits are averaged with
+            ``head``'s unless ``set_distilled_training(True)`` and training, where both are returned).
+        drop_rate: dropout before the heads (upstream accepts but ignores it).
+        drop_path_rate: stochastic depth, linear over all blocks.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            stem_hidden_dim: int = 32,
+            embed_dims: Tuple[int, ...] = (64, 128, 348, 448),
+            depths: Tuple[int, ...] = (3, 4, 9, 3),
+            mlp_ratios: Tuple[float, ...] = (8, 8, 4, 4),
+            distillation: bool = True,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            **kwargs,
+    ):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"GroupMamba got unexpected arguments {sorted(kwargs)}")
+        if global_pool not in ('token', 'avg'):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        num_stages = len(depths)
+        if not (len(embed_dims) == len(mlp_ratios) == num_stages):
+            raise ValueError(f"embed_dims, depths, mlp_ratios need one entry per stage, got "
+                             f"{len(embed_dims)}, {num_stages}, {len(mlp_ratios)}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.output_fmt = 'NHWC'
+        self.distilled_training = False
+
+        self.stem = Stem(in_chans, stem_hidden_dim, embed_dims[0])
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.Sequential()
+        self.feature_info = []
+        cur, prev_dim = 0, embed_dims[0]
+        for i in range(num_stages):
+            self.stages.append(GroupMambaStage(
+                prev_dim, embed_dims[i], depths[i], mlp_ratios[i], dpr[cur:cur + depths[i]],
+                downsample=i > 0, out_norm=i < num_stages - 1,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+            cur += depths[i]
+            prev_dim = embed_dims[i]
+        self.num_features = self.head_hidden_size = prev_dim
+
+        self.cls_block = ClassTokenBlock(prev_dim, mlp_ratios[-1])
+        self.norm = nn.LayerNorm(prev_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(prev_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.dist_head = (nn.Linear(prev_dim, num_classes) if num_classes > 0 else nn.Identity()) \
+            if distillation else None
+
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        # upstream's init reaches nn.Linear/nn.Conv2d/nn.LayerNorm modules only; the scan's grouped
+        # in_proj/out_proj (nn.Linear upstream) are set in GroupedSingleScan2d, x_proj/dt/A/D keep SS2D's init
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, GroupedLayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'*.A_log', '*.D', '*.dt_proj_bias', '*.out_norm.weight', '*.skip_scale'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse=False):
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^stages\.(\d+)\.norm', (99999,)),
+                (r'^cls_block|^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
+        return self.head if self.dist_head is None else (self.head, self.dist_head)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('token', 'avg'):
+                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if self.dist_head is not None:
+            self.dist_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable=True):
+        """Return (head, dist_head) logits in training, as upstream does for its distillation loss."""
+        self.distilled_training = enable
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (stages 1-3 include their norms; ``norm`` applies the final norm to the last stage).
+
+        Args:
+            x: input images (B, C, H, W).
+            indices: take the last n stages if int, all if None, or the listed stages.
+            norm: apply ``self.norm`` (upstream's norm4) to the last stage's map.
+            stop_early: stop after the last requested stage.
+            output_fmt: 'NCHW' or 'NHWC'.
+            intermediates_only: return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                x_inter = self.norm(x) if norm and feat_idx == last_idx else x
+                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else x_inter)
+
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        """Drop the stages after the last requested one (and the pooling block, norm and heads)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.cls_block = None
+            self.global_pool = 'avg'
+            self.reset_classifier(0)
+        return take_indices
+
+    def forward_features(self, x):
+        """(B, C, H, W) images → (B, H/32, W/32, C) last-stage map (channels-last)."""
+        x = self.stem(x)
+        return self.stages(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.cls_block(x) if self.global_pool == 'token' else x.mean(dim=(1, 2))
+        x = self.head_drop(self.norm(x))
+        if pre_logits:
+            return x
+        if self.dist_head is None:
+            return self.head(x)
+        x, x_dist = self.head(x), self.dist_head(x)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return x, x_dist
+        return (x + x_dist) / 2
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def _stack_groups(state_dict, prefix, name, cat):
+    parts = [state_dict.pop(f'{prefix}mamba_g{g}.{name}') for g in range(1, NUM_GROUPS + 1)]
+    return torch.cat(parts, 0) if cat else torch.stack(parts, 0)
+
+
+# official SS2D tensor name → (our name under `.ssm.`, concatenate (already has a group axis) or stack)
+_SS2D_KEYS = {
+    'in_proj.weight': ('in_proj.weight', False),
+    'conv2d.weight': ('conv2d.weight', True),
+    'conv2d.bias': ('conv2d.bias', True),
+    'x_proj_weight': ('x_proj.weight', True),
+    'dt_projs_weight': ('dt_proj_weight', True),
+    'dt_projs_bias': ('dt_proj_bias', True),
+    'A_logs': ('A_log', False),
+    'Ds': ('D', False),
+    'out_norm.weight': ('out_norm.weight', False),
+    'out_norm.bias': ('out_norm.bias', False),
+    'out_proj.weight': ('out_proj.weight', False),
+}
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """Convert an official GroupMamba checkpoint (``groupmamba_*_ema.pth``) to this model's layout.
+
+    Unwraps 'model_ema' / 'model' / 'state_dict', strips 'module.' / 'backbone.' prefixes, stacks the four
+    ``mamba_g{1..4}`` SS2D parameter sets of every mixer along a group axis and renames the rest.
+    """
+    for wrapper in ('model_ema', 'state_dict_ema', 'model', 'state_dict'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+            break
+    if 'stem.proj.weight' in state_dict:
+        return state_dict  # already ours
+
+    import re
+    sd = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', 'backbone.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        sd[k] = v
+
+    # stack the four groups' SS2D tensors of each mixer
+    mixers = sorted({m.group(1) for m in (re.match(r'(.*\.)mamba_g1\.', k) for k in sd) if m})
+    for prefix in mixers:
+        for old, (new, cat) in _SS2D_KEYS.items():
+            sd[f'{prefix}ssm.{new}'] = _stack_groups(sd, prefix, old, cat)
+        leftover = [k for k in sd if k.startswith(f'{prefix}mamba_g')]
+        if leftover:
+            raise ValueError(f"unknown official SS2D tensors {leftover}")
+
+    out = {}
+    for k, v in sd.items():
+        k = k.replace('patch_embed1.', 'stem.')
+        k = re.sub(r'^patch_embed(\d+)\.', lambda m: f'stages.{int(m.group(1)) - 1}.downsample.', k)
+        k = re.sub(r'^block(\d+)\.(\d+)\.', lambda m: f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.', k)
+        k = k.replace('post_network.0.', 'cls_block.')
+        k = k.replace('.attn.fc1.', '.attn.affinity.fc1.').replace('.attn.fc2.', '.attn.affinity.fc2.')
+        k = k.replace('.attn.', '.mixer.')
+        k = k.replace('.mlp.dwconv.dwconv.', '.mlp.dwconv.')
+        if k.startswith('stages.') and '.blocks.' in k:
+            k = k.replace('.norm2.', '.norm.')
+        m = re.match(r'^norm(\d+)\.(.*)$', k)
+        if m:
+            stage = int(m.group(1)) - 1
+            num_stages = len(model.stages) if model is not None else 4
+            k = f'norm.{m.group(2)}' if stage == num_stages - 1 else f'stages.{stage}.norm.{m.group(2)}'
+        out[k] = v
+    return out
+
+
+def _cfg(url='', **kwargs):
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv.0', 'classifier': ('head', 'dist_head'),
+        'license': 'mit',
+        'paper_ids': 'arXiv:2407.13772',
+        'paper_name': 'GroupMamba: Parameter-Efficient and Accurate Group Visual State Space Model',
+        'origin_url': 'https://github.com/Amshaker/GroupMamba',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'groupmamba_tiny.in1k': _cfg(
+        hf_hub_id='Abdelrahman-shaker/GroupMamba-Tiny', hf_hub_filename='groupmamba_tiny_ema.pth'),
+    'groupmamba_small.in1k': _cfg(
+        hf_hub_id='Abdelrahman-shaker/GroupMamba-Small', hf_hub_filename='groupmamba_small_ema.pth'),
+    'groupmamba_base.in1k': _cfg(
+        hf_hub_id='Abdelrahman-shaker/GroupMamba-Base', hf_hub_filename='groupmamba_base_ema.pth'),
+})
+
+
+def _create_groupmamba(variant, pretrained=False, **kwargs):
+    return build_model_with_cfg(
+        GroupMamba, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def groupmamba_tiny(pretrained=False, **kwargs) -> GroupMamba:
+    model_args = dict(stem_hidden_dim=32, embed_dims=(64, 128, 348, 448), depths=(3, 4, 9, 3))
+    return _create_groupmamba('groupmamba_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def groupmamba_small(pretrained=False, **kwargs) -> GroupMamba:
+    model_args = dict(stem_hidden_dim=64, embed_dims=(64, 128, 348, 512), depths=(3, 4, 16, 3))
+    return _create_groupmamba('groupmamba_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def groupmamba_base(pretrained=False, **kwargs) -> GroupMamba:
+    model_args = dict(stem_hidden_dim=64, embed_dims=(96, 192, 424, 512), depths=(3, 6, 21, 3))
+    return _create_groupmamba('groupmamba_base', pretrained=pretrained, **dict(model_args, **kwargs))
