@@ -1,0 +1,569 @@
+""" EfficientVMamba: atrous selective scan for lightweight visual Mamba.
+
+Paper: `EfficientVMamba: Atrous Selective Scan for Light Weight Visual Mamba` - https://arxiv.org/abs/2403.09977
+Official code (Apache-2.0): https://github.com/TerryPei/EfficientVMamba
+
+Architecture (channels-last (B, H, W, C) throughout, as the official model):
+    stem:       Conv 4x4 s4 + LayerNorm
+    stages 0-1: EVSS blocks. x + DropPath(gate(ES2D(LN x)) + gate(ConvBranch(LN x))) where one BiAttn
+                channel gate is shared by both branches and ES2D scans the 4 stride-2 sub-grids of the map
+                (the atrous routes of ``vmamba_kernels.scan_routes``), each with its own SSM parameters.
+    stages 2-3: MobileNetV2 inverted residuals (expand 4, dw 3x3, SE 1/8, ReLU).
+    downsample: patch merging (2x2 neighbours concatenated → LayerNorm(4C) → Linear 4C→2C, no bias), at the
+                start of stages 1-3; odd maps are zero-padded at the bottom/right first, as upstream.
+    head:       LayerNorm → global average pool → Linear.
+
+The scan runs through ``vmamba_kernels.selective_scan_2d``, so every backend of the kernel library (the exact
+reference on CPU, fused Triton kernels on GPU) serves the model.
+"""
+import math
+import re
+from collections import OrderedDict
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
+from timm.models._features_fx import register_notrace_module
+
+from vmamba_kernels import scan_routes, selective_scan_2d
+
+__all__ = ['EfficientVMamba']
+
+# Sub-grid (h parity, w parity) that atrous route k visits: [(0, 0) row-major, (1, 0) column-major,
+# (0, 1) row-major, (1, 1) column-major], the order of ``scan_routes("atrous", H, W, step=2)``.
+ATROUS_PARITIES = ((0, 0), (1, 0), (0, 1), (1, 1))
+
+
+@register_notrace_module  # routes depend on the runtime map size
+class EfficientScan2d(nn.Module):
+    """ES2D: the SS2D mixer of EVSS blocks with the atrous (stride-2 sub-grid) scan.
+
+    in_proj C→2·Di splits into x and the gate z; x passes a depthwise 3x3 conv and SiLU; each of the 4 sub-grids
+    of x is scanned once (none reversed) with its own x_proj, dt_proj, A and D; the outputs land back on their
+    pixels, then LayerNorm, · SiLU(z), out_proj Di→C.
+
+    Every pixel belongs to exactly one route, so its dt/B/C are projected only with its own route's weights
+    (the FLOPs of the official code) and the (B, H, W, 1, ·) result is broadcast over the route axis:
+    route k only ever reads the pixels it owns.
+
+    Parameter layout follows the official checkpoints: x_proj_weight (K, R+2N, Di), dt_projs_weight (K, Di, R),
+    dt_projs_bias (K, Di), A_logs (K·Di, N), Ds (K·Di).
+    """
+    num_routes = 4
+
+    def __init__(
+            self,
+            dim: int,
+            d_state: int = 16,
+            ssm_ratio: float = 2.0,
+            dt_rank: Union[int, str] = 'auto',
+            d_conv: int = 3,
+            conv_bias: bool = True,
+            dt_min: float = 0.001,
+            dt_max: float = 0.1,
+            dt_init_floor: float = 1e-4,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        K = self.num_routes
+        self.d_inner = d_inner = int(ssm_ratio * dim)
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        self.d_state = d_state
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False, **dd)
+        self.act = nn.SiLU()
+        self.conv2d = nn.Conv2d(
+            d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias, **dd)
+        self.x_proj_weight = nn.Parameter(torch.empty(K, self.dt_rank + 2 * d_state, d_inner, **dd))
+        self.dt_projs_weight = nn.Parameter(torch.empty(K, d_inner, self.dt_rank, **dd))
+        self.dt_projs_bias = nn.Parameter(torch.empty(K, d_inner, **dd))
+        self.A_logs = nn.Parameter(torch.empty(K * d_inner, d_state, **dd))
+        self.Ds = nn.Parameter(torch.empty(K * d_inner, **dd))
+        self.out_norm = nn.LayerNorm(d_inner, **dd)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False, **dd)
+        self._routes_cache: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Mamba's initialization, as upstream: x_proj like nn.Linear, dt_proj uniform ±R^-0.5 with a bias that
+        puts softplus(bias) log-uniformly in [dt_min, dt_max], S4D-real A, D = 1."""
+        K, Di, N = self.num_routes, self.d_inner, self.d_state
+        bound = 1. / math.sqrt(Di)
+        self.x_proj_weight.uniform_(-bound, bound)
+        self.dt_projs_weight.uniform_(-self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(
+            torch.rand(K, Di, device=self.dt_projs_bias.device) * (math.log(self.dt_max) - math.log(self.dt_min))
+            + math.log(self.dt_min)
+        ).clamp(min=self.dt_init_floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.arange(1, N + 1, dtype=torch.float32, device=self.A_logs.device)
+        self.A_logs.copy_(torch.log(A).expand(K * Di, N))
+        self.Ds.fill_(1.)
+
+    def routes(self, H: int, W: int, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return scan_routes('atrous', H, W, step=2).to(device)
+        key = (H, W, device)
+        routes = self._routes_cache.get(key)
+        if routes is None:
+            routes = self._routes_cache[key] = scan_routes('atrous', H, W, step=2).to(device)
+        return routes
+
+    def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per pixel dt (B, H, W, Di), B and C (B, H, W, N) with the weights of the route owning the pixel."""
+        Bt, H, W, Di = x.shape
+        R, N = self.dt_rank, self.d_state
+        delta = x.new_empty(Bt, H, W, Di)
+        B = x.new_empty(Bt, H, W, N)
+        C = x.new_empty(Bt, H, W, N)
+        for k, (ph, pw) in enumerate(ATROUS_PARITIES):
+            dt_k, B_k, C_k = F.linear(x[:, ph::2, pw::2], self.x_proj_weight[k]).split([R, N, N], dim=-1)
+            delta[:, ph::2, pw::2] = F.linear(dt_k, self.dt_projs_weight[k])
+            B[:, ph::2, pw::2] = B_k
+            C[:, ph::2, pw::2] = C_k
+        return delta, B, C
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Bt, H, W, _ = x.shape
+        K, Di, N = self.num_routes, self.d_inner, self.d_state
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        z = self.act(z)
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+        delta, B, C = self._project(x)
+        y = selective_scan_2d(
+            x,
+            delta.unsqueeze(3).expand(Bt, H, W, K, Di),
+            -torch.exp(self.A_logs.float()).view(K, Di, N),
+            B.unsqueeze(3).expand(Bt, H, W, K, N),
+            C.unsqueeze(3).expand(Bt, H, W, K, N),
+            D=self.Ds.float().view(K, Di),
+            delta_bias=self.dt_projs_bias.float(),
+            delta_softplus=True,
+            routes=self.routes(H, W, x.device),
+            merge='sum',
+        )
+        y = self.out_norm(y).to(z.dtype) * z
+        return self.out_proj(y)
+
+
+class BiAttn(nn.Module):
+    """Channel gate of EVSS blocks: x · sigmoid(W2 GELU(W1 mean_hw(LN x))), channels-last."""
+
+    def __init__(self, dim: int, act_ratio: float = 0.125, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        reduced = int(dim * act_ratio)
+        self.norm = nn.LayerNorm(dim, **dd)
+        self.global_reduce = nn.Linear(dim, reduced, **dd)
+        self.act = nn.GELU()
+        self.channel_select = nn.Linear(reduced, dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.norm(x).mean(dim=(1, 2), keepdim=True)
+        attn = self.channel_select(self.act(self.global_reduce(attn)))
+        return x * attn.sigmoid()
+
+
+class EVSSBlock(nn.Module):
+    """Efficient visual state-space block: ES2D and a conv branch on the same normalized input, each gated by
+    the one shared BiAttn, summed into the residual. No MLP."""
+
+    def __init__(
+            self,
+            dim: int,
+            drop_path: float = 0.,
+            d_state: int = 16,
+            ssm_ratio: float = 2.0,
+            dt_rank: Union[int, str] = 'auto',
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.norm = norm_layer(dim, **dd)
+        self.ssm = EfficientScan2d(dim, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, **dd)
+        self.conv_branch = nn.Sequential(OrderedDict([
+            ('conv_dw', nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)),
+            ('norm', nn.BatchNorm2d(dim, **dd)),
+            ('act', nn.GELU()),
+            ('conv_pw', nn.Conv2d(dim, dim, 1, **dd)),
+        ]))
+        self.channel_gate = BiAttn(dim, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        y_conv = self.conv_branch(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = self.channel_gate(self.ssm(y)) + self.channel_gate(y_conv)
+        return x + self.drop_path(y)
+
+
+class PatchMerging(nn.Module):
+    """2x2 patch merging, channels-last: [x(0::2, 0::2), x(1::2, 0::2), x(0::2, 1::2), x(1::2, 1::2)] → LN → Linear.
+    Odd maps are zero-padded at the bottom/right before the split, as upstream."""
+
+    def __init__(self, dim: int, out_dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.norm = norm_layer(4 * dim, **dd)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[1:3]
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class ToChannelsLast(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class ChannelsFirst(nn.Sequential):
+    """Runs NCHW blocks on a channels-last stream."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class EfficientVMambaStage(nn.Module):
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            block_type: str,
+            drop_path: Sequence[float],
+            downsample: bool,
+            d_state: int = 16,
+            ssm_ratio: float = 2.0,
+            dt_rank: Union[int, str] = 'auto',
+            ir_expand_ratio: float = 4.0,
+            ir_se_ratio: float = 0.125,
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = PatchMerging(in_dim, dim, norm_layer=norm_layer, **dd) if downsample else nn.Identity()
+        if block_type == 'evss':
+            self.blocks = nn.Sequential(*[
+                EVSSBlock(
+                    dim, drop_path=drop_path[i], d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank,
+                    norm_layer=norm_layer, **dd)
+                for i in range(depth)])
+        elif block_type == 'ir':
+            self.blocks = ChannelsFirst(*[
+                InvertedResidual(
+                    dim, dim, dw_kernel_size=3, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU,
+                    se_layer=partial(SqueezeExcite, rd_ratio=ir_se_ratio), drop_path_rate=drop_path[i], **dd)
+                for i in range(depth)])
+        else:
+            raise ValueError(f"block_type must be 'evss' or 'ir', got {block_type!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            if isinstance(self.blocks, ChannelsFirst):
+                x = checkpoint_seq(self.blocks, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            else:
+                x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class EfficientVMamba(nn.Module):
+    """EfficientVMamba: EVSS stages (atrous selective scan + conv branch) then inverted-residual stages."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            dims: Union[int, Sequence[int]] = 48,
+            depths: Sequence[int] = (2, 2, 4, 2),
+            block_types: Sequence[str] = ('evss', 'evss', 'ir', 'ir'),
+            patch_size: int = 4,
+            d_state: int = 16,
+            ssm_ratio: float = 2.0,
+            dt_rank: Union[int, str] = 'auto',
+            ir_expand_ratio: float = 4.0,
+            ir_se_ratio: float = 0.125,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        num_stages = len(depths)
+        if isinstance(dims, int):
+            dims = [dims * 2 ** i for i in range(num_stages)]
+        if len(dims) != num_stages or len(block_types) != num_stages:
+            raise ValueError(f'dims {dims}, depths {depths} and block_types {block_types} must have one entry per stage')
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.dims = list(dims)
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.grad_checkpointing = False
+
+        self.stem = nn.Sequential(OrderedDict([
+            ('conv', nn.Conv2d(in_chans, dims[0], patch_size, stride=patch_size, **dd)),
+            ('permute', ToChannelsLast()),
+            ('norm', norm_layer(dims[0], **dd)),
+        ]))
+
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        self.stages = nn.Sequential()
+        self.feature_info = []
+        for i in range(num_stages):
+            self.stages.append(EfficientVMambaStage(
+                dims[max(i - 1, 0)], dims[i], depths[i], block_types[i], drop_path=dpr[i], downsample=i > 0,
+                d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, ir_expand_ratio=ir_expand_ratio,
+                ir_se_ratio=ir_se_ratio, norm_layer=norm_layer, **dd))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
+
+        self.norm = norm_layer(self.num_features, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'*A_logs', '*Ds', '*norm*'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) \
+            if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (before the next stage's patch merging), channels-first unless output_fmt='NHWC'.
+        ``norm`` applies the final LayerNorm to the last stage's output."""
+        assert output_fmt in ('NCHW', 'NHWC'), 'Output format must be one of NCHW or NHWC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                y = self.norm(x) if norm and feat_idx == last_idx else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _official_to_ours(key: str) -> Optional[str]:
+    """Official EfficientVSSM key → ours, or None for keys that have no counterpart here."""
+    if key.startswith('outnorm'):  # per-stage norms of the official detection/segmentation backbone
+        return None
+    key = key.replace('patch_embed.0.', 'stem.conv.').replace('patch_embed.2.', 'stem.norm.')
+    key = key.replace('classifier.norm.', 'norm.').replace('classifier.head.', 'head.')
+    m = re.match(r'layers\.(\d+)\.blocks\.(\d+)\.(.*)', key)
+    if m:  # EVSS stages
+        i, j, rest = m.groups()
+        rest = re.sub(r'^op\.', 'ssm.', rest)
+        rest = re.sub(r'^se\.', 'channel_gate.', rest)
+        rest = re.sub(r'^conv_branch\.0\.', 'conv_branch.conv_dw.', rest)
+        rest = re.sub(r'^conv_branch\.1\.', 'conv_branch.norm.', rest)
+        rest = re.sub(r'^conv_branch\.3\.', 'conv_branch.conv_pw.', rest)
+        return f'stages.{i}.blocks.{j}.{rest}'
+    m = re.match(r'layers\.(\d+)\.downsample\.(.*)', key)
+    if m:  # patch merging at the end of an official stage = start of ours
+        return f'stages.{int(m.group(1)) + 1}.downsample.{m.group(2)}'
+    m = re.match(r'layers\.(\d+)\.(\d+)\.(.*)', key)
+    if m:  # inverted-residual stages: Sequential(Permute, IR × depth, Permute, PatchMerging2D)
+        i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        if rest.startswith(('norm.', 'reduction.')):
+            return f'stages.{i + 1}.downsample.{rest}'
+        for src, dst in (('conv_pw.0.', 'conv_pw.'), ('conv_pw.1.', 'bn1.'), ('conv_dw.0.', 'conv_dw.'),
+                         ('conv_dw.1.', 'bn2.'), ('conv_pw2.0.', 'conv_pwl.'), ('conv_pw2.1.', 'bn3.')):
+            if rest.startswith(src):
+                rest = dst + rest[len(src):]
+                break
+        return f'stages.{i}.blocks.{j - 1}.{rest}'
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EfficientVMamba) -> Dict[str, torch.Tensor]:
+    """Official EfficientVMamba checkpoint (a bare state dict, or wrapped in 'state_dict' / 'model' /
+    'model_ema' / 'ema_model', keys optionally prefixed 'module.' (any number) or 'backbone.') → ours."""
+    for wrapper in ('state_dict', 'model', 'model_ema', 'state_dict_ema', 'ema_model'):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    out = {}
+    has_backbone = any(k.startswith('backbone.') for k in state_dict)
+    for k, v in state_dict.items():
+        while k.startswith('module.'):
+            k = k[len('module.'):]
+        if has_backbone:  # detection/segmentation checkpoint: keep the backbone only
+            if not k.startswith('backbone.'):
+                continue
+            k = k[len('backbone.'):]
+        if k.startswith(('stem.', 'stages.')) or k in ('norm.weight', 'norm.bias', 'head.weight', 'head.bias'):
+            out[k] = v  # already ours
+            continue
+        k = _official_to_ours(k)
+        if k is not None:
+            out[k] = v
+    return out
+
+
+def _cfg(url: str = '', **kwargs):
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv', 'classifier': 'head',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2403.09977',
+        'paper_name': 'EfficientVMamba: Atrous Selective Scan for Light Weight Visual Mamba',
+        'origin_url': 'https://github.com/TerryPei/EfficientVMamba',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'efficientvmamba_tiny.in1k': _cfg(
+        hf_hub_id='TerryPei/EfficientVMamba-Tiny', hf_hub_filename='efficient_vmamba_tiny.ckpt'),
+    'efficientvmamba_small.in1k': _cfg(
+        hf_hub_id='TerryPei/EfficientVMamba-Small', hf_hub_filename='efficient_vmamba_small.ckpt'),
+    'efficientvmamba_base.in1k': _cfg(
+        hf_hub_id='TerryPei/EfficientVMamba-Base', hf_hub_filename='efficient_vmamba_base.ckpt'),
+})
+
+
+def _create_efficientvmamba(variant: str, pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        EfficientVMamba, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def efficientvmamba_tiny(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    model_args = dict(dims=48, depths=(2, 2, 4, 2))
+    return _create_efficientvmamba('efficientvmamba_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def efficientvmamba_small(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    # dim 64 as trained (official log), not the 96 of the repo's yaml
+    model_args = dict(dims=64, depths=(2, 2, 4, 2))
+    return _create_efficientvmamba('efficientvmamba_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def efficientvmamba_base(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    model_args = dict(dims=96, depths=(2, 2, 9, 2))
+    return _create_efficientvmamba('efficientvmamba_base', pretrained=pretrained, **dict(model_args, **kwargs))
