@@ -1,0 +1,533 @@
+"""VMamba v2 (and a VMamba-T with MHS-VM's multi-head scan) for image classification.
+
+Papers:
+* `VMamba: Visual State Space Model` - https://arxiv.org/abs/2401.10166
+* `MHS-VM: Multi-Head Scanning in Parallel Subspaces for Vision Mamba` - https://arxiv.org/abs/2406.05992
+
+Official code: https://github.com/MzeroMiko/VMamba (MIT), https://github.com/PixDeep/MHS-VM (Apache-2.0).
+
+The v2 models ("s1l8", "s1l20": d_state 1, ssm_ratio 1, forward_type ``v05_noz``) are rebuilt channels-last:
+the official LayerNorm2d / Linear2d on NCHW are a LayerNorm / Linear on NHWC with the same weights. The
+four-way cross scan is one fused ``selective_scan_2d`` over the "cross" routes; delta, B and C are computed
+per pixel for every route (they are pointwise projections), so no permuted copy of the input is made.
+"""
+import functools
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import register_notrace_module
+from timm.models._features import feature_take_indices
+from timm.models.mambaout import Downsample, Stem
+
+from vmamba_kernels import scan_routes, selective_scan_2d
+
+__all__ = ['VMamba', 'SS2D', 'MultiHeadScan', 'ScanRouteAttention']
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_routes(name: str, H: int, W: int, patterns: Optional[Tuple[str, ...]], device: torch.device):
+    # Built outside inference mode: the scan saves the routes for backward, which an inference tensor
+    # cached during evaluation would forbid in a later training step.
+    with torch.inference_mode(False):
+        options = {} if patterns is None else {'patterns': patterns}
+        return scan_routes(name, H, W, **options).to(device)
+
+
+def _routes(name: str, H: int, W: int, device: torch.device, patterns: Optional[Tuple[str, ...]] = None):
+    if torch.compiler.is_compiling():
+        options = {} if patterns is None else {'patterns': patterns}
+        return scan_routes(name, H, W, **options).to(device)
+    return _cached_routes(name, H, W, patterns, device)
+
+
+def _dt_projection_init(
+        num_routes: int, dt_rank: int, channels: int,
+        dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mamba's dt init: uniform weights of std dt_rank**-0.5, biases = softplus^-1 of log-uniform dt."""
+    std = dt_rank ** -0.5
+    weight = torch.empty(num_routes, channels, dt_rank).uniform_(-std, std)
+    dt = torch.exp(
+        torch.rand(num_routes, channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    ).clamp(min=dt_init_floor)
+    bias = dt + torch.log(-torch.expm1(-dt))
+    return weight, bias
+
+
+class _RouteScanParams(nn.Module):
+    """Per-route projections of a 2D selective scan, stored as the official code stores them.
+
+    x_proj_weight (K, R + 2N, C), dt_projs_weight (K, C, R), dt_projs_bias (K, C), A_logs (K·C, N),
+    Ds (K·C). ``route_params`` maps per-pixel inputs (..., K, C) to delta (..., K, C) and B, C (..., K, N).
+    """
+
+    def __init__(self, num_routes: int, channels: int, d_state: int, dt_rank: int):
+        super().__init__()
+        self.num_routes, self.channels, self.d_state, self.dt_rank = num_routes, channels, d_state, dt_rank
+        self.x_proj_weight = nn.Parameter(torch.empty(num_routes, dt_rank + 2 * d_state, channels))
+        self.dt_projs_weight = nn.Parameter(torch.empty(num_routes, channels, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(num_routes, channels))
+        self.A_logs = nn.Parameter(torch.empty(num_routes * channels, d_state))
+        self.Ds = nn.Parameter(torch.empty(num_routes * channels))
+        self.reset_scan_parameters()
+
+    @torch.no_grad()
+    def reset_scan_parameters(self):
+        bound = self.channels ** -0.5  # nn.Linear's default init, as the official x_proj
+        self.x_proj_weight.uniform_(-bound, bound)
+        weight, bias = _dt_projection_init(self.num_routes, self.dt_rank, self.channels)
+        self.dt_projs_weight.copy_(weight)
+        self.dt_projs_bias.copy_(bias)
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(torch.log(A).expand(self.num_routes * self.channels, -1))
+        self.Ds.fill_(1.0)
+
+    def scan_inputs(self, x_dbl: torch.Tensor):
+        """x_dbl (..., K, R + 2N) → delta (..., K, C), B (..., K, N), C (..., K, N), and A, D, delta_bias."""
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = torch.einsum('...kr,kcr->...kc', dts, self.dt_projs_weight)
+        A = -torch.exp(self.A_logs.float()).view(self.num_routes, self.channels, self.d_state)
+        D = self.Ds.float().view(self.num_routes, self.channels)
+        delta_bias = self.dt_projs_bias.float()
+        return delta, Bs.contiguous(), Cs.contiguous(), A, D, delta_bias
+
+
+@register_notrace_module
+class SS2D(_RouteScanParams):
+    """VMamba's SS2D, forward_type ``v05_noz`` (no z gate), channels-last (B, H, W, C).
+
+    in_proj → depthwise conv → SiLU → cross scan (4 routes, summed) → LayerNorm → out_proj.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            d_state: int = 1,
+            ssm_ratio: float = 1.0,
+            dt_rank: Union[int, str] = 'auto',
+            d_conv: int = 3,
+            conv_bias: bool = False,
+            act_layer=nn.SiLU,
+    ):
+        d_inner = int(ssm_ratio * dim)
+        dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        super().__init__(num_routes=4, channels=d_inner, d_state=d_state, dt_rank=dt_rank)
+        self.in_proj = nn.Linear(dim, d_inner, bias=False)
+        self.conv2d = nn.Conv2d(
+            d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias,
+        ) if d_conv > 1 else None
+        self.act = act_layer()
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_proj(x)
+        if self.conv2d is not None:
+            x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self.act(x)
+        Bt, H, W, C = x.shape
+        x_dbl = F.linear(x, self.x_proj_weight.reshape(-1, C)).view(Bt, H, W, self.num_routes, -1)
+        delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
+        y = selective_scan_2d(
+            x, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True,
+            routes=_routes('cross', H, W, x.device), merge='sum',
+        )
+        return self.out_proj(self.out_norm(y))
+
+
+class ScanRouteAttention(nn.Module):
+    """MHS-VM's gated fusion unit (GFU, "scan route attention") over the route dim.
+
+    y = sum_k y_k · ReLU(std_k(y) / (mean_k(y - min_k y) + 1e-5) - t), std unbiased as ``torch.std``.
+    """
+
+    def __init__(self, t: float = 0.0, dim: int = -2):
+        super().__init__()
+        self.t = t
+        self.dim = dim
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        y_sum = y.sum(self.dim)
+        y_std = y.std(self.dim)
+        y_min = y.amin(self.dim, keepdim=True)
+        cv = y_std / ((y - y_min).mean(self.dim) + 1e-5)
+        return y_sum * F.relu(cv - self.t)
+
+
+@register_notrace_module
+class MultiHeadScan(_RouteScanParams):
+    """MHS-VM's un-gated VSS module with the multi-head scan (MHSM), channels-last (B, H, W, C).
+
+    depthwise conv → SiLU → x_ssproj (C → n·S, S = C // n) → head h scans its S channels along the four
+    routes of pattern h (r0, r0 reversed, r1, r1 reversed; d_state 16, no expansion) → GFU over the four →
+    concat heads → LayerNorm → y_proj (n·S → C) → LayerNorm.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 4,
+            patterns: Sequence[str] = ('C', 'X', 'S', 'Z'),
+            d_state: int = 16,
+            dt_rank: Union[int, str] = 'auto',
+            d_conv: int = 3,
+            conv_bias: bool = True,
+            gfu_t: float = 0.0,
+            act_layer=nn.SiLU,
+    ):
+        patterns = tuple(patterns)
+        if len(patterns) != num_heads:
+            raise ValueError(f'one scan pattern per head: num_heads={num_heads}, got patterns {patterns}')
+        head_dim = dim // num_heads
+        dt_rank = math.ceil(head_dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        super().__init__(num_routes=4 * num_heads, channels=head_dim, d_state=d_state, dt_rank=dt_rank)
+        self.num_heads, self.head_dim, self.patterns = num_heads, head_dim, patterns
+        self.conv2d = nn.Conv2d(dim, dim, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=dim, bias=conv_bias)
+        self.act = act_layer()
+        self.x_ssproj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.gfu = ScanRouteAttention(gfu_t, dim=-2)
+        self.cat_norm = nn.LayerNorm(num_heads * head_dim)
+        self.y_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+        self.out_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        Bt, H, W, _ = x.shape
+        n, S = self.num_heads, self.head_dim
+        xh = self.x_ssproj(x).view(Bt, H, W, n, S)
+        weight = self.x_proj_weight.view(n, 4, -1, S)
+        x_dbl = torch.einsum('bhwgs,gkcs->bhwgkc', xh, weight).reshape(Bt, H, W, 4 * n, -1)
+        delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
+        # route k belongs to head k // 4 and reads that head's channels
+        xs = xh.unsqueeze(4).expand(Bt, H, W, n, 4, S).reshape(Bt, H, W, 4 * n, S)
+        routes = _routes('multihead', H, W, x.device, patterns=self.patterns)
+        ys = selective_scan_2d(xs, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True, routes=routes, merge='none')
+        y = self.gfu(ys.view(Bt, H, W, n, 4, S)).reshape(Bt, H, W, n * S)
+        return self.out_norm(self.y_proj(self.cat_norm(y)))
+
+
+class VSSBlock(nn.Module):
+    """x + DropPath(mixer(norm1(x))), then x + DropPath(mlp(norm2(x))); channels-last."""
+
+    def __init__(
+            self,
+            dim: int,
+            mixer: str = 'ss2d',
+            mixer_kwargs: Optional[dict] = None,
+            mlp_ratio: float = 4.0,
+            drop_path: float = 0.,
+            norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        mixer_cls = {'ss2d': SS2D, 'mhs': MultiHeadScan}[mixer]
+        self.norm1 = norm_layer(dim)
+        self.mixer = mixer_cls(dim, **(mixer_kwargs or {}))
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.mixer(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class VMambaStage(nn.Module):
+
+    def __init__(
+            self,
+            dim: int,
+            dim_out: int,
+            depth: int,
+            downsample: bool,
+            drop_path: Sequence[float],
+            norm_layer=nn.LayerNorm,
+            **block_kwargs,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        # official downsample "v3": 3x3 stride-2 conv then LayerNorm, at the end of the previous layer
+        self.downsample = Downsample(dim, dim_out, norm_layer=norm_layer) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            VSSBlock(dim_out, drop_path=drop_path[j], norm_layer=norm_layer, **block_kwargs) for j in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class VMamba(nn.Module):
+    """VMamba v2 (VSSM with patchembed v2, downsample v3, LayerNorm), channels-last internally.
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classifier classes (0 removes the classifier).
+        global_pool: 'avg' or '' (no pooling).
+        depths: blocks per stage.
+        dims: channels per stage.
+        mixer: 'ss2d' (VMamba's cross scan) or 'mhs' (MHS-VM's multi-head scan).
+        mixer_kwargs: keyword arguments of the mixer (SS2D or MultiHeadScan).
+        mlp_ratio: hidden ratio of the MLP in each block.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linear from 0 over all blocks.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            depths: Sequence[int] = (2, 2, 8, 2),
+            dims: Sequence[int] = (96, 192, 384, 768),
+            mixer: str = 'ss2d',
+            mixer_kwargs: Optional[dict] = None,
+            mlp_ratio: float = 4.0,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,  # any size works; accepted for timm
+    ):
+        super().__init__()
+        norm_layer = nn.LayerNorm  # eps 1e-5 as the official LayerNorm2d
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.output_fmt = 'NHWC'
+        dims = list(dims)
+        self.stem = Stem(in_chans, dims[0], act_layer=nn.GELU, norm_layer=norm_layer)
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.Sequential()
+        self.feature_info = []
+        prev_dim, stride, cur = dims[0], 4, 0
+        for i, depth in enumerate(depths):
+            if i > 0:
+                stride *= 2
+            self.stages.append(VMambaStage(
+                prev_dim, dims[i], depth, downsample=i > 0, drop_path=dpr[cur:cur + depth], norm_layer=norm_layer,
+                mixer=mixer, mixer_kwargs=mixer_kwargs, mlp_ratio=mlp_ratio,
+            ))
+            prev_dim, cur = dims[i], cur + depth
+            self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f'stages.{i}'))
+
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.norm = norm_layer(dims[-1])
+        self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC')
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module):
+        # as the official VSSM: trunc-normal Linear weights, zero biases, unit LayerNorms (convs keep torch's)
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'*.A_logs', '*.Ds', '*.dt_projs_bias', '*norm*'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (after each stage's blocks). ``norm`` applies the final norm to the last stage."""
+        assert output_fmt in ('NCHW', 'NHWC'), 'Output format must be one of NCHW or NHWC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                y = self.norm(x) if norm and feat_idx == last_idx else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        """Drop the stages (and norm / head) that the requested intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _official_to_ours(key: str) -> Optional[str]:
+    """Official VSSM key → ours, or None for keys we do not have (detection out-norms, decoders)."""
+    stem = {'patch_embed.0.': 'stem.conv1.', 'patch_embed.2.': 'stem.norm1.',
+            'patch_embed.5.': 'stem.conv2.', 'patch_embed.7.': 'stem.norm2.',
+            'classifier.norm.': 'norm.', 'classifier.head.': 'head.fc.'}
+    for old, new in stem.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    parts = key.split('.')
+    if parts[0] != 'layers':
+        return None
+    i = int(parts[1])
+    if parts[2] == 'downsample':  # layers.i.downsample.{1 conv, 3 norm} → stages.(i+1).downsample
+        sub = {'1': 'conv', '3': 'norm'}[parts[3]]
+        return '.'.join([f'stages.{i + 1}.downsample', sub] + parts[4:])
+    if parts[2] == 'blocks':
+        rest = '.'.join(parts[5:])
+        sub = {'norm': 'norm1', 'op': 'mixer', 'norm2': 'norm2', 'mlp': 'mlp'}[parts[4]]
+        return f'stages.{i}.blocks.{parts[3]}.{sub}.{rest}'
+    return None
+
+
+def checkpoint_filter_fn(state_dict: dict, model: VMamba) -> dict:
+    """Official VMamba checkpoint (``{'model': ..., 'model_ema': ...}``, or a bare / mm ``state_dict``) → ours.
+
+    Prefers the ``model`` weights, then ``model_ema``. Strips ``module.`` / ``backbone.``, renames keys,
+    drops keys we do not have (``outnorm{i}`` of the detection backbone), and reshapes 1x1-conv-shaped
+    Linear2d weights to Linear.
+    """
+    for wrapper in ('model', 'model_ema', 'state_dict'):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    ours = model.state_dict()
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', 'backbone.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k not in ours:
+            k = _official_to_ours(k)
+            if k is None:
+                continue
+        if k in ours and v.ndim == 4 and ours[k].ndim == 2:
+            v = v.flatten(1)
+        out[k] = v
+    return out
+
+
+def _cfg(url: str = '', **kwargs):
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1', 'classifier': 'head.fc',
+        'license': 'mit', 'paper_ids': 'arXiv:2401.10166', 'paper_name': 'VMamba: Visual State Space Model',
+        'origin_url': 'https://github.com/MzeroMiko/VMamba',
+        **kwargs,
+    }
+
+
+_RELEASES = 'https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/'
+
+default_cfgs = generate_default_cfgs({
+    'vmamba_tiny_s1l8.in1k': _cfg(url=_RELEASES + 'vssm1_tiny_0230s_ckpt_epoch_264.pth'),
+    'vmamba_small_s1l20.in1k': _cfg(url=_RELEASES + 'vssm1_small_0229s_ckpt_epoch_240.pth'),
+    'vmamba_base_s1l20.in1k': _cfg(url=_RELEASES + 'vssm1_base_0229s_ckpt_epoch_225.pth'),
+    'vmamba_tiny_mhs': _cfg(
+        license='apache-2.0', paper_ids='arXiv:2406.05992',
+        paper_name='MHS-VM: Multi-Head Scanning in Parallel Subspaces for Vision Mamba',
+        origin_url='https://github.com/PixDeep/MHS-VM',
+    ),
+})
+
+
+def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
+    return build_model_with_cfg(
+        VMamba, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+_V2 = dict(d_state=1, ssm_ratio=1.0, d_conv=3, conv_bias=False)
+
+
+@register_model
+def vmamba_tiny_s1l8(pretrained: bool = False, **kwargs) -> VMamba:
+    model_args = dict(depths=(2, 2, 8, 2), dims=(96, 192, 384, 768), mixer_kwargs=_V2)
+    return _create_vmamba('vmamba_tiny_s1l8', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vmamba_small_s1l20(pretrained: bool = False, **kwargs) -> VMamba:
+    model_args = dict(depths=(2, 2, 20, 2), dims=(96, 192, 384, 768), mixer_kwargs=_V2)
+    return _create_vmamba('vmamba_small_s1l20', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vmamba_base_s1l20(pretrained: bool = False, **kwargs) -> VMamba:
+    model_args = dict(depths=(2, 2, 20, 2), dims=(128, 256, 512, 1024), mixer_kwargs=_V2)
+    return _create_vmamba('vmamba_base_s1l20', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vmamba_tiny_mhs(pretrained: bool = False, **kwargs) -> VMamba:
+    mhs = dict(num_heads=4, patterns=('C', 'X', 'S', 'Z'), d_state=16, gfu_t=0.0)
+    model_args = dict(depths=(2, 2, 8, 2), dims=(96, 192, 384, 768), mixer='mhs', mixer_kwargs=mhs)
+    return _create_vmamba('vmamba_tiny_mhs', pretrained=pretrained, **dict(model_args, **kwargs))
