@@ -1,0 +1,833 @@
+#!/usr/bin/env python3
+"""Train an image classifier (any zoo or timm model) with timm's components.
+
+Quick start, no data to download (scikit-learn's handwritten digits, CPU is enough)::
+
+    python tools/train.py --model efficientvmamba_tiny --epochs 2
+
+ImageNet with a family's published recipe (``--batch-size`` is the GLOBAL batch: processes x per-process batch x
+gradient accumulation; the learning rate is scaled from ``lr_base`` by batch / ``lr_base_size``)::
+
+    torchrun --nproc-per-node 8 tools/train.py --config configs/imagenet/groupmamba_tiny.yaml --data-dir /imagenet
+    python tools/train.py --config configs/imagenet/groupmamba_tiny.yaml --data-dir /imagenet --grad-accum-steps 8
+
+Option precedence: built-in defaults < defaults for the embedded dataset < ``--config`` YAML < command line.
+The built-in defaults are the recipe shared by the zoo's families (Swin-style: AdamW, lr 5e-4 per 512 images,
+weight decay 0.05, 20 warmup epochs, cosine, RandAugment, Mixup/CutMix, random erasing, label smoothing, EMA,
+gradient clipping); the configs spell each family's recipe out with its source.
+
+Interrupted runs: ``--resume auto`` (with the same ``--output``) continues from the newest checkpoint, epoch-end or
+mid-epoch (every ``--checkpoint-interval`` updates): model, optimizer, scheduler, EMA, AMP scaler, epoch, position
+in the epoch and random states. Checkpoints are written to a temporary file and renamed.
+"""
+import argparse
+import csv
+import glob
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from datetime import datetime, timedelta
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from cli import (  # noqa: E402
+    ToolArgumentParser, UsageError, create_model, import_zoo, parse_args_with_config, parse_key_values,
+    require_model, run_tool,
+)
+
+_logger = logging.getLogger('train')
+
+DIGITS_PRESET = dict(
+    # Small grey digits: no flips (a mirrored 2 is not a 2), mild crops, no colour or mixing augmentations, a short
+    # schedule with no warmup and no EMA (0.9999 would not move in a few hundred steps), single-process loading.
+    img_size=64, crop_pct=1.0, hflip=0.0, scale=[0.7, 1.0], color_jitter=0.0, aa=None, reprob=0.0,
+    mixup=0.0, cutmix=0.0, epochs=5, warmup_epochs=0.0, batch_size=32, lr_base=1e-3, lr_base_size=32,
+    model_ema=False, workers=0, log_interval=10, drop_path=0.0,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ToolArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('model')
+    g.add_argument('--model', '-m', required=True, help='zoo or timm model name (e.g. groupmamba_tiny, resnet50)')
+    g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
+                   help='start from the pretrained_cfg weights (fine-tuning; the classifier is reset if needed)')
+    g.add_argument('--initial-checkpoint', default=None, help='start from these weights (zoo or official format)')
+    g.add_argument('--num-classes', type=int, default=None, help='default: the number of classes of the data')
+    g.add_argument('--drop', type=float, default=None, help='classifier dropout (default: the model default)')
+    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (default: the model default)')
+    g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE', help='extra model constructor args')
+    g.add_argument('--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
+    g.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=False)
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data-dir', '--data', default=None,
+                   help='ImageFolder root with train/ and val/; omitted: the embedded digits dataset')
+    g.add_argument('--train-split', default='train')
+    g.add_argument('--val-split', default='val')
+    g.add_argument('--img-size', type=int, default=None, help='default: the model pretrained_cfg input size')
+    g.add_argument('--crop-pct', type=float, default=None, help='validation center-crop fraction')
+    g.add_argument('--interpolation', default=None, help='default: the model pretrained_cfg interpolation')
+    g.add_argument('--mean', type=float, nargs=3, default=None)
+    g.add_argument('--std', type=float, nargs=3, default=None)
+    g.add_argument('--workers', '-j', type=int, default=8, help='data loading processes per training process')
+    g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True)
+
+    g = p.add_argument_group('augmentation and regularization')
+    g.add_argument('--no-aug', action=argparse.BooleanOptionalAction, default=False,
+                   help='train on resize + center crop only (deterministic data)')
+    g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='RandomResizedCrop area range')
+    g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='RandomResizedCrop aspect range')
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.0)
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="RandAugment/AutoAugment policy, 'none' to disable")
+    g.add_argument('--train-interpolation', default='random', help="training resize interpolation ('random' = timm)")
+    g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--remode', default='pixel', help='random erasing mode')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
+    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
+    g.add_argument('--cutmix-minmax', type=float, nargs=2, default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+
+    g = p.add_argument_group('optimization')
+    g.add_argument('--epochs', type=int, default=300, help='total epochs, warmup included')
+    g.add_argument('--batch-size', '-b', type=int, default=1024,
+                   help='GLOBAL batch per optimizer update (processes x per-process batch x accumulation)')
+    g.add_argument('--grad-accum-steps', type=int, default=1)
+    g.add_argument('--val-batch-size', type=int, default=None, help='per process; default: the per-process batch')
+    g.add_argument('--opt', default='adamw')
+    g.add_argument('--opt-eps', type=float, default=1e-8)
+    g.add_argument('--opt-betas', type=float, nargs=2, default=[0.9, 0.999])
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--layer-decay', type=float, default=None)
+    g.add_argument('--clip-grad', type=float, default=5.0, help='0 or negative = off')
+    g.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'])
+    g.add_argument('--lr', type=float, default=None, help='absolute peak lr (overrides lr_base scaling)')
+    g.add_argument('--lr-base', type=float, default=5e-4, help='peak lr for a global batch of lr_base_size')
+    g.add_argument('--lr-base-size', type=int, default=512)
+    g.add_argument('--lr-base-scale', default='linear', choices=['linear', 'sqrt'])
+    g.add_argument('--sched', default='cosine')
+    g.add_argument('--warmup-epochs', type=float, default=20)
+    g.add_argument('--warmup-prefix', action=argparse.BooleanOptionalAction, default=True,
+                   help='the cosine starts after the warmup and ends at --epochs (Swin); else it spans all epochs')
+    g.add_argument('--warmup-lr', type=float, default=None, help='absolute; default lr x warmup_lr_ratio')
+    g.add_argument('--warmup-lr-ratio', type=float, default=1e-3)
+    g.add_argument('--min-lr', type=float, default=None, help='absolute; default lr x min_lr_ratio')
+    g.add_argument('--min-lr-ratio', type=float, default=1e-2)
+    g.add_argument('--decay-epochs', type=float, default=None, help='step schedules')
+    g.add_argument('--decay-rate', type=float, default=0.1)
+
+    g = p.add_argument_group('EMA, self-distillation (MESA) and distillation')
+    g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument('--model-ema-decay', type=float, default=0.9999)
+    g.add_argument('--model-ema-warmup', action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument('--model-ema-force-cpu', action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument('--mesa', type=float, default=0.0,
+                   help='weight of the loss towards the EMA model predictions (Spatial-Mamba); needs --model-ema')
+    g.add_argument('--mesa-start', type=float, default=0.25, help='fraction of the epochs after which MESA starts')
+    g.add_argument('--distill-teacher', default=None,
+                   help='timm teacher (e.g. regnety_160.deit_in1k, GroupMamba/DeiT); pretrained weights are loaded')
+    g.add_argument('--distill-teacher-checkpoint', default=None, help='teacher weights file instead of pretrained')
+    g.add_argument('--distill-type', default='none', choices=['none', 'soft', 'hard'])
+    g.add_argument('--distill-alpha', type=float, default=0.5)
+    g.add_argument('--distill-tau', type=float, default=1.0)
+
+    g = p.add_argument_group('run')
+    g.add_argument('--output', '-o', default=None, help='run folder (default output/train/<time>-<model>)')
+    g.add_argument('--resume', default=None, help="checkpoint to resume, or 'auto': the newest in --output (if any)")
+    g.add_argument('--checkpoint-interval', type=int, default=500,
+                   help='also checkpoint every N updates within an epoch (0 = only at epoch ends)')
+    g.add_argument('--keep-checkpoints', type=int, default=3, help='epoch checkpoints kept (best metric first)')
+    g.add_argument('--val-interval', type=int, default=1, help='validate every N epochs (and after the last)')
+    g.add_argument('--log-interval', type=int, default=50, help='progress line every N updates')
+    g.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast dtype')
+    g.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cuda' or 'cpu'")
+    g.add_argument('--seed', type=int, default=42)
+    # test hooks (not shown in --help)
+    g.add_argument('--debug-kill-after-update', type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument('--debug-dump-weights', default=None, help=argparse.SUPPRESS)
+    g.add_argument('--debug-max-updates', type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def presets(known) -> dict:
+    return dict(DIGITS_PRESET) if not known.get('data_dir') else {}
+
+
+# --------------------------------------------------------------------------------------------------------- losses
+class DistillationLoss(nn.Module):
+    """DeiT's distillation objective (GroupMamba): (1 - alpha) * base + alpha * teacher term.
+
+    A model returning (class logits, distillation logits) in training (timm's ``set_distilled_training``) is taught by
+    the teacher through its distillation head; a model with one output is taught through that output.
+    """
+
+    def __init__(self, base: nn.Module, teacher: nn.Module, kind: str, alpha: float, tau: float):
+        super().__init__()
+        self.base, self.teacher, self.kind, self.alpha, self.tau = base, teacher, kind, alpha, tau
+
+    def forward(self, inputs, outputs, targets):
+        outputs_kd = None
+        if isinstance(outputs, (tuple, list)):
+            outputs, outputs_kd = outputs
+        base_loss = self.base(outputs, targets)
+        if outputs_kd is None:
+            outputs_kd = outputs
+        with torch.no_grad():
+            teacher_out = self.teacher(inputs).float()
+        outputs_kd = outputs_kd.float()
+        if self.kind == 'soft':
+            t = self.tau
+            kd = F.kl_div(F.log_softmax(outputs_kd / t, dim=1), F.log_softmax(teacher_out / t, dim=1),
+                          reduction='sum', log_target=True) * (t * t) / outputs_kd.numel()
+        else:
+            kd = F.cross_entropy(outputs_kd, teacher_out.argmax(dim=1))
+        return base_loss * (1 - self.alpha) + kd * self.alpha
+
+
+class BaseLoss(nn.Module):
+    """The classification loss; several heads (a tuple of logits) share it equally."""
+
+    def __init__(self, criterion):
+        super().__init__()
+        self.criterion = criterion
+
+    def forward(self, inputs, outputs, targets):
+        if isinstance(outputs, (tuple, list)):
+            return sum(self.criterion(o, targets) for o in outputs) / len(outputs)
+        return self.criterion(outputs, targets)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def _make_saver_class():
+    from timm.utils import CheckpointSaver
+    from timm.utils.model import get_state_dict
+
+    from checkpoint_io import TRAIN_FORMAT
+
+    class TrainingCheckpointSaver(CheckpointSaver):
+        """timm's CheckpointSaver (ranked epoch checkpoints, ``last``, ``model_best``, recovery files, temp + rename),
+        writing in addition what an exact resume needs: scheduler, position in the epoch, update count, random states.
+        """
+
+        def __init__(self, *args, extra_state, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.extra_state = extra_state  # callable -> dict, evaluated at save time
+
+        def _save(self, save_path, epoch, metric=None):
+            state = {
+                'format': TRAIN_FORMAT,
+                'version': 2,
+                'epoch': epoch,
+                'arch': self.args['model'],
+                'args': self.args,
+                'state_dict': get_state_dict(self.model, self.unwrap_fn),
+                'optimizer': self.optimizer.state_dict(),
+            }
+            if self.model_ema is not None:
+                state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
+            if self.amp_scaler is not None:
+                state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+            if metric is not None:
+                state['metric'] = metric
+            state['saver'] = self.state_dict(epoch, metric)
+            state.update(self.extra_state())
+            with open(save_path, 'wb') as f:  # save_path is a temporary name: the caller renames it
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        def remove_recovery_files(self):
+            for path in glob.glob(os.path.join(self.recovery_dir, self.recovery_prefix + '-*' + self.extension)):
+                os.remove(path)
+            self.curr_recovery_file = self.prev_recovery_file = ''
+
+    return TrainingCheckpointSaver
+
+
+def find_resume_checkpoint(resume: str, output_dir: str):
+    """The checkpoint to resume: a path, or for 'auto' the one with the most updates in ``output_dir`` (or None)."""
+    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+    if resume != 'auto':
+        if not os.path.isfile(resume):
+            raise UsageError(f'--resume checkpoint not found: {resume}')
+        return resume
+    best, best_updates = None, -1
+    for path in sorted(glob.glob(os.path.join(output_dir, '*.pth.tar'))):
+        name = os.path.basename(path)
+        if not (name == 'last.pth.tar' or name.startswith('recovery-')):
+            continue
+        try:
+            meta = load_checkpoint_metadata(path)
+        except Exception:  # noqa: BLE001  (a file being written by another run: ignore it)
+            continue
+        updates = meta.get('num_updates', -1) if isinstance(meta, dict) else -1
+        if updates > best_updates:
+            best, best_updates = path, updates
+    return best
+
+
+def _rng_state():
+    np_state = np.random.get_state()
+    state = {
+        'python': random.getstate(),
+        'numpy': (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(_tuplify(state['python']))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------- setup
+def _setup_logging(rt, output_dir):
+    level = logging.INFO if rt.is_main else logging.WARNING
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rt.is_main:
+        handlers.append(logging.FileHandler(os.path.join(output_dir, 'train.log')))
+    fmt = logging.Formatter('%(message)s')
+    for h in handlers:
+        h.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger('timm').setLevel(logging.WARNING)
+
+
+def _validate_args(args, world_size):
+    """Every check that can fail without touching data or devices, before any process group exists."""
+    require_model(args.model)
+    if args.epochs < 1:
+        raise UsageError(f'--epochs must be >= 1, got {args.epochs}')
+    if args.batch_size < 1 or args.grad_accum_steps < 1:
+        raise UsageError('--batch-size and --grad-accum-steps must be >= 1')
+    if args.batch_size % (world_size * args.grad_accum_steps):
+        raise UsageError(f'--batch-size {args.batch_size} (global) is not divisible by {world_size} process(es) x '
+                         f'{args.grad_accum_steps} accumulation step(s)')
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise UsageError(f'data directory not found: {args.data_dir}')
+    if args.data_dir:
+        for split in (args.train_split, args.val_split):
+            if not os.path.isdir(os.path.join(args.data_dir, split)):
+                raise UsageError(f"data directory {args.data_dir} has no '{split}/' folder")
+    if args.mesa > 0 and not args.model_ema:
+        raise UsageError('--mesa needs --model-ema (it distils from the EMA model)')
+    if args.distill_type != 'none' and not args.distill_teacher:
+        raise UsageError(f'--distill-type {args.distill_type} needs --distill-teacher')
+    if args.resume == 'auto' and not args.output:
+        raise UsageError("--resume auto needs --output (the run folder to look in)")
+    if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
+        raise UsageError(f'--resume checkpoint not found: {args.resume}')
+    if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
+        raise UsageError(f'--initial-checkpoint not found: {args.initial_checkpoint}')
+    if args.amp == 'fp16' and args.device == 'cpu':
+        _logger.warning('fp16 autocast on CPU is slow; bf16 is the usual CPU choice')
+
+
+def _mixup_active(args):
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def _build_model(args, num_classes):
+    kwargs = parse_key_values(args.model_kwargs)
+    if args.drop is not None:
+        kwargs['drop_rate'] = args.drop
+    if args.drop_path is not None:
+        kwargs['drop_path_rate'] = args.drop_path
+    model = create_model(args.model, img_size=args.img_size, pretrained=args.pretrained, num_classes=num_classes,
+                         **kwargs)
+    if args.initial_checkpoint:
+        from checkpoint_io import extract_state_dict, read_checkpoint
+        state_dict, how = extract_state_dict(read_checkpoint(args.initial_checkpoint), model)
+        own = model.state_dict()
+        dropped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+        for k in dropped:  # a classifier for another number of classes: keep the fresh one
+            del state_dict[k]
+        result = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if k not in dropped]
+        if missing or result.unexpected_keys:
+            raise UsageError(f'--initial-checkpoint does not fit {args.model}: missing {missing[:5]}, '
+                             f'unexpected {result.unexpected_keys[:5]}')
+        _logger.info(f'initial weights: {args.initial_checkpoint} ({how}); re-initialised: {dropped or "none"}')
+    return model
+
+
+def _data_config(args, model):
+    from timm.data import resolve_data_config
+    overrides = {}
+    if args.img_size is not None:
+        overrides['input_size'] = (3, args.img_size, args.img_size)
+    for key in ('crop_pct', 'interpolation', 'mean', 'std'):
+        if getattr(args, key) is not None:
+            overrides[key] = tuple(getattr(args, key)) if key in ('mean', 'std') else getattr(args, key)
+    return resolve_data_config(overrides, model=model)
+
+
+def _build_transforms(args, data_config):
+    from timm.data import create_transform
+    train_tf = create_transform(
+        input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug,
+        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter if args.color_jitter > 0 else None,
+        auto_augment=None if (args.aa in (None, 'none', '')) else args.aa,
+        interpolation=args.train_interpolation if not args.no_aug else data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+    )
+    eval_tf = create_transform(
+        input_size=data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
+    )
+    return train_tf, eval_tf
+
+
+def _fmt_time(seconds):
+    return str(timedelta(seconds=int(max(seconds, 0))))
+
+
+class EpochLog:
+    """summary.csv and summary.jsonl: one row per epoch; a resumed run first drops rows of epochs it will redo."""
+
+    def __init__(self, output_dir, start_epoch):
+        self.csv_path = os.path.join(output_dir, 'summary.csv')
+        self.json_path = os.path.join(output_dir, 'summary.jsonl')
+        rows = []
+        if os.path.exists(self.json_path):
+            with open(self.json_path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        self.rows = [r for r in rows if r.get('epoch', 0) < start_epoch]
+        self._rewrite()
+
+    def _rewrite(self):
+        with open(self.json_path + '.tmp', 'w') as f:
+            for r in self.rows:
+                f.write(json.dumps(r) + '\n')
+        os.replace(self.json_path + '.tmp', self.json_path)
+        keys = []
+        for r in self.rows:
+            keys.extend(k for k in r if k not in keys)
+        with open(self.csv_path + '.tmp', 'w', newline='') as f:
+            if keys:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(self.rows)
+        os.replace(self.csv_path + '.tmp', self.csv_path)
+
+    def append(self, row):
+        self.rows.append(row)
+        self._rewrite()
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = build_parser()
+    args = parse_args_with_config(parser, argv, presets=presets)
+    import_zoo()
+
+    from evaluation import autocast_context, evaluate, init_runtime, world_from_env
+    env = world_from_env()
+    _validate_args(args, env.world_size)
+
+    rt = init_runtime(args.device)
+    try:
+        return _train(args, rt, autocast_context, evaluate)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, rt, autocast_context, evaluate):
+    from timm.data import Mixup
+    from timm.layers import convert_sync_batchnorm
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from datasets import GlobalBatchSampler, ShardedEvalSampler, build_datasets
+
+    # ---- run folder (the same on every rank)
+    output_dir = args.output or os.path.join(
+        'output', 'train', f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}")
+    if rt.distributed:
+        holder = [output_dir]
+        dist.broadcast_object_list(holder, src=0)
+        output_dir = holder[0]
+    if rt.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+    if rt.distributed:
+        dist.barrier()
+    _setup_logging(rt, output_dir)
+    _seed_everything(args.seed + rt.rank)
+
+    # ---- data and model
+    per_rank_batch = args.batch_size // rt.world_size
+    micro_batch = per_rank_batch // args.grad_accum_steps
+    if _mixup_active(args) and micro_batch % 2:
+        raise UsageError(f'mixup/cutmix need an even per-process micro-batch, got {micro_batch}')
+    if args.data_dir:  # ImageFolder: one class per sub-folder
+        root = os.path.join(args.data_dir, args.train_split)
+        data_classes = sum(1 for d in os.scandir(root) if d.is_dir())
+    else:
+        from datasets import EmbeddedDigits
+        data_classes = EmbeddedDigits.num_classes
+    num_classes = args.num_classes
+    if num_classes is None:
+        num_classes = data_classes
+    elif num_classes < data_classes:
+        raise UsageError(f'--num-classes {num_classes} is smaller than the {data_classes} classes of the data')
+    model = _build_model(args, num_classes)
+    data_config = _data_config(args, model)
+    img_size = data_config['input_size'][-1]
+    train_tf, eval_tf = _build_transforms(args, data_config)
+    train_set, val_set, _, data_desc = build_datasets(
+        args.data_dir, args.train_split, args.val_split, img_size, train_transform=train_tf, eval_transform=eval_tf)
+
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.distill_type != 'none' and hasattr(model, 'set_distilled_training'):
+        model.set_distilled_training(True)
+    model.to(rt.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn and rt.distributed:
+        model = convert_sync_batchnorm(model)
+
+    # ---- learning rate from the global batch
+    if args.lr is None:
+        ratio = args.batch_size / args.lr_base_size
+        args.lr = args.lr_base * (math.sqrt(ratio) if args.lr_base_scale == 'sqrt' else ratio)
+        lr_note = f'lr {args.lr:.3g} = {args.lr_base:g} x {args.batch_size}/{args.lr_base_size} ({args.lr_base_scale})'
+    else:
+        lr_note = f'lr {args.lr:.3g} (absolute)'
+    warmup_lr = args.warmup_lr if args.warmup_lr is not None else args.lr * args.warmup_lr_ratio
+    min_lr = args.min_lr if args.min_lr is not None else args.lr * args.min_lr_ratio
+
+    opt_kwargs = {}
+    if args.opt.lower().endswith(('adam', 'adamw', 'lamb', 'lion', 'nadamw')):
+        opt_kwargs.update(eps=args.opt_eps, betas=tuple(args.opt_betas))
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, layer_decay=args.layer_decay, **opt_kwargs)
+
+    loss_scaler = NativeScaler(device=rt.device.type) if args.amp == 'fp16' else None
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+
+    # ---- loaders
+    sampler = GlobalBatchSampler(train_set, args.batch_size, num_replicas=rt.world_size, rank=rt.rank,
+                                 shuffle=True, seed=args.seed)
+    steps_per_epoch = sampler.batches_per_epoch
+    loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem and rt.device.type == 'cuda',
+                         persistent_workers=args.workers > 0)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
+                                               **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.val_batch_size or per_rank_batch,
+                                             sampler=ShardedEvalSampler(val_set, rt.world_size, rt.rank),
+                                             **loader_kwargs)
+
+    # ---- schedule
+    cosine_epochs = args.epochs - (args.warmup_epochs if args.warmup_prefix else 0)
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=cosine_epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=warmup_lr, min_lr=min_lr, warmup_prefix=args.warmup_prefix, decay_epochs=args.decay_epochs,
+        decay_rate=args.decay_rate, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+
+    # ---- losses
+    mixup_fn = None
+    if _mixup_active(args):
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    train_loss_fn = BaseLoss(criterion)
+    if args.distill_type != 'none':
+        teacher = create_model(args.distill_teacher, pretrained=args.distill_teacher_checkpoint is None,
+                               num_classes=num_classes)
+        if args.distill_teacher_checkpoint:
+            from checkpoint_io import load_into_model
+            load_into_model(teacher, args.distill_teacher_checkpoint)
+        teacher.to(rt.device).eval().requires_grad_(False)
+        train_loss_fn = DistillationLoss(criterion, teacher, args.distill_type, args.distill_alpha, args.distill_tau)
+    soft_ce = SoftTargetCrossEntropy()
+
+    # ---- checkpoints and resume
+    position = {'next_epoch': 0, 'next_batch': 0, 'num_updates': 0, 'best_metric': None, 'best_epoch': None,
+                'rng': None}
+    args_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+    def extra_state():
+        return {
+            'scheduler': lr_scheduler.state_dict(),
+            'next_epoch': position['next_epoch'], 'next_batch': position['next_batch'],
+            'num_updates': position['num_updates'], 'steps_per_epoch': steps_per_epoch,
+            'global_batch': args.batch_size, 'world_size': rt.world_size, 'rng': position['rng'],
+            'best_metric': position['best_metric'], 'best_epoch': position['best_epoch'],
+        }
+
+    saver = None
+    if rt.is_main:
+        saver = _make_saver_class()(
+            model=model, optimizer=optimizer, args=args_dict, model_ema=model_ema, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, max_history=max(args.keep_checkpoints, 1),
+            extra_state=extra_state)
+
+    start_epoch, start_batch, num_updates = 0, 0, 0
+    resume_path = find_resume_checkpoint(args.resume, output_dir) if args.resume else None
+    if resume_path:
+        ckpt = torch.load(resume_path, map_location='cpu', weights_only=True)
+        if ckpt.get('format') != 'vmamba_zoo.train':
+            raise UsageError(f'{resume_path} is not a training checkpoint of tools/train.py')
+        if ckpt['arch'] != args.model:
+            raise UsageError(f"{resume_path} is a {ckpt['arch']} run, not {args.model}")
+        if ckpt['global_batch'] != args.batch_size or ckpt['steps_per_epoch'] != steps_per_epoch:
+            raise UsageError(f"{resume_path} was written with global batch {ckpt['global_batch']} "
+                             f"({ckpt['steps_per_epoch']} updates/epoch); resume with the same --batch-size")
+        model.load_state_dict(ckpt['state_dict'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        lr_scheduler.load_state_dict(ckpt['scheduler'])
+        if model_ema is not None:
+            if ckpt.get('state_dict_ema') is None:
+                raise UsageError(f'{resume_path} has no EMA weights; resume with --no-model-ema')
+            model_ema.module.load_state_dict(ckpt['state_dict_ema'])
+        if loss_scaler is not None and loss_scaler.state_dict_key in ckpt:
+            loss_scaler.load_state_dict(ckpt[loss_scaler.state_dict_key])
+        start_epoch, start_batch, num_updates = ckpt['next_epoch'], ckpt['next_batch'], ckpt['num_updates']
+        position.update(best_metric=ckpt.get('best_metric'), best_epoch=ckpt.get('best_epoch'))
+        rng = ckpt.get('rng')
+        if rng is not None and len(rng) == rt.world_size:
+            _set_rng_state(rng[rt.rank])
+        else:
+            _seed_everything(args.seed + rt.rank + 1000003 * num_updates)
+        if saver is not None and ckpt.get('saver') is not None:
+            saver.load_state_dict(ckpt['saver'])
+        lr_scheduler.step_update(num_updates=num_updates)
+        _logger.info(f'resumed from {resume_path}: epoch {start_epoch}, batch {start_batch}/{steps_per_epoch}, '
+                     f'update {num_updates}')
+        del ckpt
+    elif args.resume == 'auto':
+        _logger.info(f'--resume auto: no checkpoint in {output_dir}, starting from scratch')
+
+    if args.compile:
+        model = torch.compile(model)
+    train_model = DDP(model, device_ids=[rt.device] if rt.device.type == 'cuda' else None) if rt.distributed \
+        else model
+    params_for_clip = [p for p in model.parameters() if p.requires_grad]
+
+    n_params = sum(p.numel() for p in model.parameters())
+    _logger.info(f'model {args.model}: {n_params / 1e6:.2f}M params, {num_classes} classes, input {img_size}px')
+    _logger.info(f'data {data_desc}: {len(train_set)} train / {len(val_set)} val images')
+    _logger.info(f'{rt.world_size} process(es) on {rt.device.type}; global batch {args.batch_size} = '
+                 f'{rt.world_size} x {micro_batch} x {args.grad_accum_steps} accumulation; {steps_per_epoch} '
+                 f'updates/epoch; {lr_note}; warmup {args.warmup_epochs:g} epochs; amp {args.amp}')
+    _logger.info(f'output {output_dir}')
+    if rt.is_main:
+        import yaml
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(args_dict, f, sort_keys=False)
+    epoch_log = EpochLog(output_dir, start_epoch) if rt.is_main else None
+
+    total_updates = args.epochs * steps_per_epoch
+    run_start, run_start_updates = time.time(), num_updates
+    last_metrics = None
+
+    def gather_rng():
+        state = _rng_state()
+        if not rt.distributed:
+            return [state]
+        states = [None] * rt.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        sampler.set_start_batch(start_batch if epoch == start_epoch else 0)
+        first_batch = sampler.start_batch
+        train_model.train()
+        use_mesa = args.mesa > 0 and model_ema is not None and epoch >= int(args.mesa_start * args.epochs)
+        epoch_start = time.time()
+        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+        loss_count = 0
+        window_loss = torch.zeros((), device=rt.device, dtype=torch.float64)
+        window_count, window_start = 0, time.time()
+        data_iter = iter(train_loader)
+        for batch_idx in range(first_batch, steps_per_epoch):
+            for micro in range(args.grad_accum_steps):
+                images, targets = next(data_iter)
+                images = images.to(rt.device, non_blocking=True)
+                targets = targets.to(rt.device, non_blocking=True)
+                if mixup_fn is not None:
+                    images, targets = mixup_fn(images, targets)
+                if args.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                last_micro = micro == args.grad_accum_steps - 1
+                with autocast_context(rt.device, args.amp):
+                    outputs = train_model(images)
+                    loss = train_loss_fn(images, outputs, targets)
+                    if use_mesa:
+                        with torch.no_grad():
+                            ema_out = model_ema.module(images)
+                        main_out = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+                        loss = loss + args.mesa * soft_ce(main_out, ema_out.float().softmax(dim=-1))
+                loss_value = loss.detach()
+                loss = loss / args.grad_accum_steps
+
+                def backward_and_step():
+                    if loss_scaler is not None:
+                        loss_scaler(loss, optimizer, clip_grad=args.clip_grad if args.clip_grad > 0 else None,
+                                    clip_mode=args.clip_mode, parameters=params_for_clip, need_update=last_micro)
+                    else:
+                        loss.backward()
+                        if last_micro:
+                            if args.clip_grad > 0:
+                                dispatch_clip_grad(params_for_clip, args.clip_grad, mode=args.clip_mode)
+                            optimizer.step()
+
+                if rt.distributed and not last_micro:
+                    with train_model.no_sync():
+                        backward_and_step()
+                else:
+                    backward_and_step()
+                loss_sum += loss_value
+                window_loss += loss_value
+                loss_count += 1
+                window_count += 1
+
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            if model_ema is not None:
+                model_ema.update(model, step=num_updates)
+            lr_scheduler.step_update(num_updates=num_updates)
+            position.update(next_epoch=epoch, next_batch=batch_idx + 1, num_updates=num_updates)
+
+            last_in_epoch = batch_idx + 1 == steps_per_epoch
+            if (batch_idx + 1) % args.log_interval == 0 or last_in_epoch:
+                stats = torch.stack([window_loss, torch.tensor(float(window_count), device=rt.device,
+                                                               dtype=torch.float64)])
+                if rt.distributed:
+                    dist.all_reduce(stats)
+                avg = (stats[0] / stats[1].clamp(min=1)).item()
+                if not math.isfinite(avg):
+                    raise RuntimeError(f'loss is {avg} at update {num_updates} (epoch {epoch}); stopping')
+                now = time.time()
+                done_this_run = num_updates - run_start_updates
+                sec_per_update = (now - run_start) / max(done_this_run, 1)
+                imgs_per_s = window_count / args.grad_accum_steps * args.batch_size / max(now - window_start, 1e-9)
+                _logger.info(
+                    f'[train] epoch {epoch + 1}/{args.epochs} step {batch_idx + 1}/{steps_per_epoch} '
+                    f'loss {avg:.4f} lr {optimizer.param_groups[0]["lr"]:.3e} {imgs_per_s:.1f} img/s '
+                    f'eta epoch {_fmt_time((steps_per_epoch - batch_idx - 1) * sec_per_update)} '
+                    f'total {_fmt_time((total_updates - num_updates) * sec_per_update)}')
+                window_loss.zero_()
+                window_count, window_start = 0, time.time()
+
+            if args.checkpoint_interval > 0 and num_updates % args.checkpoint_interval == 0 and not last_in_epoch:
+                position['rng'] = gather_rng()
+                if saver is not None:
+                    saver.save_recovery(epoch, batch_idx + 1)
+            if args.debug_kill_after_update is not None and num_updates == args.debug_kill_after_update:
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if args.debug_max_updates is not None and num_updates >= args.debug_max_updates:
+                break
+
+        # ---- end of epoch: validate, log, checkpoint
+        stats = torch.stack([loss_sum, torch.tensor(float(loss_count), device=rt.device, dtype=torch.float64)])
+        if rt.distributed:
+            dist.all_reduce(stats)
+        train_loss = (stats[0] / stats[1].clamp(min=1)).item()
+        epoch_time = time.time() - epoch_start
+        row = {'epoch': epoch, 'num_updates': num_updates, 'train_loss': round(train_loss, 6),
+               'lr': optimizer.param_groups[0]['lr'], 'epoch_time_s': round(epoch_time, 2),
+               'img_per_s': round((steps_per_epoch - first_batch) * args.batch_size / max(epoch_time, 1e-9), 2)}
+        metric = None
+        if (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs:
+            m = evaluate(model, val_loader, rt, amp=args.amp, channels_last=args.channels_last)
+            row.update(val_top1=round(m['top1'], 4), val_top5=round(m['top5'], 4), val_loss=round(m['loss'], 6))
+            metric = m['top1']
+            msg = f'val top1 {m["top1"]:.2f} top5 {m["top5"]:.2f} loss {m["loss"]:.4f}'
+            if model_ema is not None:
+                e = evaluate(model_ema.module, val_loader, rt, amp=args.amp, channels_last=args.channels_last)
+                row.update(ema_top1=round(e['top1'], 4), ema_top5=round(e['top5'], 4), ema_loss=round(e['loss'], 6))
+                metric = max(metric, e['top1'])
+                msg += f' | ema top1 {e["top1"]:.2f} top5 {e["top5"]:.2f}'
+            last_metrics = row
+            if position['best_metric'] is None or metric > position['best_metric']:
+                position.update(best_metric=metric, best_epoch=epoch)
+        else:
+            msg = 'no validation this epoch'
+        lr_scheduler.step(epoch + 1)
+        _logger.info(f'[epoch {epoch + 1}/{args.epochs}] train loss {train_loss:.4f} | {msg} | '
+                     f'{_fmt_time(epoch_time)}, {row["img_per_s"]:.1f} img/s')
+        position.update(next_epoch=epoch + 1, next_batch=0, num_updates=num_updates, rng=gather_rng())
+        if rt.is_main:
+            epoch_log.append(row)
+            saver.save_checkpoint(epoch, metric=metric)
+            saver.remove_recovery_files()
+        start_batch = 0
+        if args.debug_max_updates is not None and num_updates >= args.debug_max_updates:
+            break
+
+    if args.debug_dump_weights:
+        os.makedirs(args.debug_dump_weights, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   os.path.join(args.debug_dump_weights, f'rank{rt.rank}.pt'))
+    if rt.distributed:
+        dist.barrier()
+    if last_metrics is not None and 'val_top1' in last_metrics:
+        best = position['best_metric']
+        _logger.info(f'[done] final validation accuracy: top-1 {last_metrics["val_top1"]:.2f}% '
+                     f'top-5 {last_metrics["val_top5"]:.2f}% (best top-1 {best:.2f}% at epoch '
+                     f'{position["best_epoch"] + 1}); checkpoints and logs in {output_dir}')
+    else:
+        _logger.info(f'[done] checkpoints and logs in {output_dir}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run_tool(main))
