@@ -41,6 +41,7 @@ def _cached_routes(name: str, H: int, W: int, patterns: Optional[Tuple[str, ...]
 
 
 def _routes(name: str, H: int, W: int, device: torch.device, patterns: Optional[Tuple[str, ...]] = None):
+    H, W = int(H), int(W)  # sizes are tensors under torch.jit.trace (fvcore)
     if torch.compiler.is_compiling():
         options = {} if patterns is None else {'patterns': patterns}
         return scan_routes(name, H, W, **options).to(device)
