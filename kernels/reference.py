@@ -112,7 +112,7 @@ def selective_scan_ref(
         y = y * F.silu(z.to(dtype))
     out = y.to(u.dtype if out_dtype is None else out_dtype)
     if return_last_state:
-        return out, states[-1]
+        return out, states[-1].clone()  # its own storage, not a view of all states
     return out
 
 

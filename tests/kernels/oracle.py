@@ -1,0 +1,60 @@
+"""Independent oracles for the kernel tests: a plain per-step loop, written from the recurrence."""
+import torch
+import torch.nn.functional as F
+
+
+def per_step_scan(u, delta, A, B, C=None, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Returns (out, last_state, states) in fp64; B, C (Bt, N, L) or (Bt, G, N, L)."""
+    u, delta, A = u.double(), delta.double(), A.double()
+    Bt, Dm, L = u.shape
+    N = A.shape[1]
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+
+    def per_channel(M):  # → (Bt, Dm, N, L)
+        M = M.double()
+        if M.dim() == 3:
+            return M[:, None].expand(Bt, Dm, N, L)
+        G = M.shape[1]
+        return torch.stack([M[:, d // (Dm // G)] for d in range(Dm)], dim=1)
+
+    Bf = per_channel(B)
+    h = torch.zeros(Bt, Dm, N, dtype=torch.float64)
+    states, ys = [], []
+    for t in range(L):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * Bf[..., t] * u[:, :, t, None]
+        states.append(h)
+        if C is not None:
+            ys.append((h * per_channel(C)[..., t]).sum(-1))
+    states = torch.stack(states, dim=-1)
+    if C is None:
+        return None, h, states
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, h, states
+
+
+def gather_scan_scatter(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge, delta_softplus=True):
+    """selective_scan_2d written route by route, pixel by pixel, in fp64."""
+    Bt, H, W, K, Dm = delta.shape
+    out = torch.zeros(Bt, H * W, K, Dm, dtype=torch.float64)
+    for k in range(K):
+        steps = [(int(p), int(q)) for p, q in zip(routes[k], param_routes[k]) if p >= 0]
+        at = [p for p, _ in steps]
+        param_at = [q for _, q in steps]
+        xk = x.reshape(Bt, H * W, Dm) if x.dim() == 4 else x.reshape(Bt, H * W, K, Dm)[:, :, k]
+        u = xk[:, at].transpose(1, 2)
+        dk = delta.reshape(Bt, H * W, K, Dm)[:, param_at, k].transpose(1, 2)
+        Bk = B.reshape(Bt, H * W, K, -1)[:, param_at, k].transpose(1, 2)
+        Ck = C.reshape(Bt, H * W, K, -1)[:, param_at, k].transpose(1, 2)
+        y, _, _ = per_step_scan(u, dk, A[k], Bk, Ck, None if D is None else D[k], None,
+                                None if delta_bias is None else delta_bias[k], delta_softplus)
+        for t, p in enumerate(at):
+            out[:, p, k] += y[:, :, t]
+    out = out.reshape(Bt, H, W, K, Dm)
+    return out.sum(3) if merge == "sum" else out
