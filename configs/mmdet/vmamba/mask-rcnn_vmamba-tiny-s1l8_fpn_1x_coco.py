@@ -1,4 +1,4 @@
-# VMamba-T (s1l8) Mask R-CNN 1x, COCO.
+# VMamba-T (s1l8) Mask R-CNN 1x on COCO.
 # Source: MzeroMiko/VMamba detection/configs/vssm1/mask_rcnn_vssm_fpn_coco_tiny.py
 _base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', '../_base_/vmamba.py']
 model = dict(backbone=_base_.backbone_tiny, neck=dict(in_channels=_base_.channels_tiny))

@@ -1,0 +1,4 @@
+# EfficientVMamba-T Mask R-CNN 1x on COCO.
+# Source: TerryPei/EfficientVMamba detection/configs/efficient/mask_rcnn_vssm_fpn_coco_efficient_2242_48.py
+_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', '../_base_/efficientvmamba.py']
+model = dict(backbone=_base_.backbone_tiny, neck=dict(in_channels=_base_.channels_tiny))

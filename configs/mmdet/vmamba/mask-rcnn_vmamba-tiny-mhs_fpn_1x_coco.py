@@ -1,0 +1,4 @@
+# VMamba-T with the MHS-VM multi-head scan Mask R-CNN 1x on COCO.
+# Source: MzeroMiko/VMamba detection/configs/vssm1/mask_rcnn_vssm_fpn_coco_tiny.py (no MHS-VM detection results exist)
+_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', '../_base_/vmamba.py']
+model = dict(backbone=_base_.backbone_tiny_mhs, neck=dict(in_channels=_base_.channels_tiny))

@@ -1,0 +1,8 @@
+# Spatial-Mamba-S UperNet 160k on ADE20K, 512x512 crops.
+# Source: EdwardChasel/Spatial-Mamba segmentation/configs/spatialmamba/upernet_spatialmamba_4xb4-160k_ade20k-512x512_small.py
+_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+           '../_base_/spatialmamba.py']
+model = dict(
+    backbone=_base_.backbone_small,
+    decode_head=dict(in_channels=_base_.channels_small),
+    auxiliary_head=dict(in_channels=_base_.channels_small[2]))
