@@ -42,6 +42,11 @@ __all__ = ['EfficientVMamba']
 ATROUS_PARITIES = ((0, 0), (1, 0), (0, 1), (1, 1))
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """SSM parameters enter the scan in fp32 (fp64 stays fp64), as upstream keeps A, D and dt bias in fp32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @register_notrace_module  # routes depend on the runtime map size
 class EfficientScan2d(nn.Module):
     """ES2D: the SS2D mixer of EVSS blocks with the atrous (stride-2 sub-grid) scan.
@@ -113,6 +118,7 @@ class EfficientScan2d(nn.Module):
         self.Ds.fill_(1.)
 
     def routes(self, H: int, W: int, device: torch.device) -> torch.Tensor:
+        H, W = int(H), int(W)  # sizes are 0-dim tensors under torch.jit.trace (fvcore)
         if torch.compiler.is_compiling():
             return scan_routes('atrous', H, W, step=2).to(device)
         key = (H, W, device)
@@ -146,11 +152,11 @@ class EfficientScan2d(nn.Module):
         y = selective_scan_2d(
             x,
             delta.unsqueeze(3).expand(Bt, H, W, K, Di),
-            -torch.exp(self.A_logs.float()).view(K, Di, N),
+            -torch.exp(_at_least_fp32(self.A_logs)).view(K, Di, N),
             B.unsqueeze(3).expand(Bt, H, W, K, N),
             C.unsqueeze(3).expand(Bt, H, W, K, N),
-            D=self.Ds.float().view(K, Di),
-            delta_bias=self.dt_projs_bias.float(),
+            D=_at_least_fp32(self.Ds).view(K, Di),
+            delta_bias=_at_least_fp32(self.dt_projs_bias),
             delta_softplus=True,
             routes=self.routes(H, W, x.device),
             merge='sum',
