@@ -33,6 +33,19 @@ from vmamba_kernels import scan_routes, selective_scan_2d
 __all__ = ['GroupMamba']
 
 NUM_GROUPS = 4  # one scan route per channel group: row-major, column-major, both reversed
+_ROUTES_CACHE = {}
+
+
+def cross_routes(H: int, W: int, device: torch.device) -> torch.Tensor:
+    """``scan_routes('cross', H, W)`` on ``device``, cached per (H, W, device) outside compiled graphs."""
+    H, W = int(H), int(W)  # plain ints under jit tracing (fvcore) too
+    if torch.compiler.is_compiling():
+        return scan_routes('cross', H, W).to(device)
+    key = (H, W, device)
+    routes = _ROUTES_CACHE.get(key)
+    if routes is None:
+        routes = _ROUTES_CACHE[key] = scan_routes('cross', H, W).to(device)
+    return routes
 
 
 class GroupedLinear(nn.Module):
@@ -125,7 +138,7 @@ class GroupedSingleScan2d(nn.Module):
 
         dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = torch.einsum('bhwkr,kdr->bhwkd', dt, self.dt_proj_weight)
-        routes = scan_routes('cross', H, W).to(x.device)
+        routes = cross_routes(H, W, x.device)
         # the official scan runs in fp32 (force_fp32) and normalizes its fp32 output
         y = selective_scan_2d(
             x.float(), dt.float(), -torch.exp(self.A_log.float()), b.float(), c.float(), self.D.float(),
