@@ -24,37 +24,32 @@ def rel_err(a, b):
 def snake_walk(H, W):
     """The official get_permute_order, re-derived: walk each snake pixel by pixel, record the move that led
     into every step ([start, right, left, up, down] = 0..4)."""
-    def walk(start, along_rows, step_major):
+    def walk(n_major, n_minor, start, step, pixel, moves_ids):
+        # snake along the minor axis, stepping the major axis by `step` at each end;
+        # moves_ids = (minor +1, minor -1, major +1, major -1)
         i, j = start
-        sign = 1 if (j == 0 if along_rows else i == 0) else -1
+        sign = 1 if j == 0 else -1
         order, moves = [], [0]
-        while 0 <= i < H and 0 <= j < W:
-            order.append(i * W + j)
-            if along_rows:
-                if 0 <= j + sign < W:
-                    j += sign
-                    moves.append(1 if sign > 0 else 2)
-                else:
-                    i += step_major
-                    sign = -sign
-                    moves.append(4 if step_major > 0 else 3)
+        while 0 <= i < n_major:
+            order.append(pixel(i, j))
+            if 0 <= j + sign < n_minor:
+                j += sign
+                moves.append(moves_ids[0] if sign > 0 else moves_ids[1])
             else:
-                if 0 <= i + sign < H:
-                    i += sign
-                    moves.append(4 if sign > 0 else 3)
-                else:
-                    j += step_major
-                    sign = -sign
-                    moves.append(1 if step_major > 0 else 2)
+                i += step
+                sign = -sign
+                moves.append(moves_ids[2] if step > 0 else moves_ids[3])
         return order, moves[:-1]
 
-    o1 = walk((0, 0), True, 1)
-    o2 = walk((H - 1, W - 1 if H % 2 == 1 else 0), True, -1)
-    o3 = walk((0, 0), False, 1)
-    o4 = walk((H - 1 if W % 2 == 1 else 0, W - 1), False, -1)
-    orders = torch.tensor([o[0] for o in (o1, o2, o3, o4)])
-    moves = torch.tensor([o[1] for o in (o1, o2, o3, o4)])
-    return orders, moves
+    def rows(start, step):
+        return walk(H, W, start, step, lambda i, j: i * W + j, (1, 2, 4, 3))
+
+    def cols(start, step):
+        return walk(W, H, start, step, lambda j, i: i * W + j, (4, 3, 1, 2))
+
+    walks = [rows((0, 0), 1), rows((H - 1, W - 1 if H % 2 == 1 else 0), -1),
+             cols((0, 0), 1), cols((W - 1, H - 1 if W % 2 == 1 else 0), -1)]
+    return torch.tensor([w[0] for w in walks]), torch.tensor([w[1] for w in walks])
 
 
 def naive_scan(u, delta, A, B, C, D):
