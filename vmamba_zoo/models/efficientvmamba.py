@@ -398,7 +398,7 @@ class EfficientVMamba(nn.Module):
             if global_pool not in ('avg', ''):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        device, dtype = self.stem.conv.weight.device, self.stem.conv.weight.dtype
         self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) \
             if num_classes > 0 else nn.Identity()
 
