@@ -96,6 +96,7 @@ class StructureAwareSSM(nn.Module):
             dt_max: float = 0.1,
             dt_init_floor: float = 1e-4,
             proj_drop: float = 0.,
+            fusion_merge_at_eval: bool = False,
     ):
         super().__init__()
         if d_state != 1:
@@ -113,7 +114,8 @@ class StructureAwareSSM(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
-        self.state_fusion = StateFusion(d_inner, kernel_size=3, dilations=(1, 3, 5), padding_mode="replicate")
+        self.state_fusion = StateFusion(
+            d_inner, kernel_size=3, dilations=(1, 3, 5), padding_mode="replicate", merge_at_eval=fusion_merge_at_eval)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -141,9 +143,9 @@ class StructureAwareSSM(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias added (then softplus) in the scan
         h = selective_scan_states(
-            u, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2),
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-        )  # (Bt, Di, 1, L) fp32
+            u, dt, -torch.exp(self.A_log), B.transpose(1, 2),
+            delta_bias=self.dt_proj.bias, delta_softplus=True,
+        )  # (Bt, Di, 1, L), fp32 or wider
         h = self.state_fusion(h.view(Bt, self.d_inner, H, W)).flatten(2)
         y = h * C.transpose(1, 2) + u * self.D[:, None]  # (Bt, Di, L)
 
@@ -161,11 +163,13 @@ class SpatialMambaBlock(nn.Module):
             drop_path: float = 0.,
             proj_drop: float = 0.,
             norm_layer=nn.LayerNorm,
+            fusion_merge_at_eval: bool = False,
     ):
         super().__init__()
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = norm_layer(dim)
-        self.mixer = StructureAwareSSM(dim, d_state=d_state, proj_drop=proj_drop)
+        self.mixer = StructureAwareSSM(
+            dim, d_state=d_state, proj_drop=proj_drop, fusion_merge_at_eval=fusion_merge_at_eval)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = norm_layer(dim)
@@ -192,6 +196,7 @@ class SpatialMambaStage(nn.Module):
             drop_path: Sequence[float] = (),
             proj_drop: float = 0.,
             norm_layer=nn.LayerNorm,
+            fusion_merge_at_eval: bool = False,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -199,7 +204,8 @@ class SpatialMambaStage(nn.Module):
         self.blocks = nn.Sequential(*[
             SpatialMambaBlock(
                 dim_out, mlp_ratio=mlp_ratio, d_state=d_state,
-                drop_path=drop_path[j] if drop_path else 0., proj_drop=proj_drop, norm_layer=norm_layer)
+                drop_path=drop_path[j] if drop_path else 0., proj_drop=proj_drop, norm_layer=norm_layer,
+                fusion_merge_at_eval=fusion_merge_at_eval)
             for j in range(depth)
         ])
 
@@ -213,7 +219,12 @@ class SpatialMambaStage(nn.Module):
 
 
 class SpatialMamba(nn.Module):
-    """Spatial-Mamba, channels-last; `forward_features` returns normalized (B, H, W, C) tokens."""
+    """Spatial-Mamba, channels-last; `forward_features` returns normalized (B, H, W, C) tokens.
+
+    `fusion_merge_at_eval=True` runs each state fusion in eval mode as one merged 11×11 depthwise conv, as the
+    official code does; the default keeps the three dilated 3×3 convs, the same function at 27 rather than 121
+    multiply-adds per output (the count the paper's FLOPs use).
+    """
 
     def __init__(
             self,
@@ -228,6 +239,7 @@ class SpatialMamba(nn.Module):
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_layer=nn.LayerNorm,
+            fusion_merge_at_eval: bool = False,
             img_size: Optional[Union[int, Tuple[int, int]]] = None,  # accepted for timm API; any size works
             **kwargs,
     ):
@@ -253,7 +265,8 @@ class SpatialMamba(nn.Module):
             stride *= 2 if i > 0 else 1
             self.stages.append(SpatialMambaStage(
                 prev_dim, dims[i], depth, downsample=i > 0, mlp_ratio=mlp_ratio, d_state=d_state,
-                drop_path=dp_rates[i], proj_drop=proj_drop_rate, norm_layer=norm_layer))
+                drop_path=dp_rates[i], proj_drop=proj_drop_rate, norm_layer=norm_layer,
+                fusion_merge_at_eval=fusion_merge_at_eval))
             self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"stages.{i}"))
             prev_dim = dims[i]
         self.norm = norm_layer(self.num_features)
