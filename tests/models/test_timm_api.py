@@ -1,0 +1,221 @@
+"""Every registered zoo model against timm's model contract, the paper numbers and the official key lists.
+
+Paper numbers live in tests/data/paper/<family>.json (the table the model cards are generated from);
+official checkpoint layouts in tests/data/official_keys/<model>.json (names and shapes only).
+"""
+import json
+import pathlib
+import sys
+
+import pytest
+import timm
+import torch
+from fvcore.nn import FlopCountAnalysis
+
+import vmamba_kernels
+import vmamba_zoo  # noqa: F401  (registers the models)
+
+DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
+
+EXPECTED_MODELS = [
+    "plainmamba_l1", "plainmamba_l2", "plainmamba_l3",
+    "efficientvmamba_tiny", "efficientvmamba_small", "efficientvmamba_base",
+    "spatialmamba_tiny", "spatialmamba_small", "spatialmamba_base",
+    "groupmamba_tiny", "groupmamba_small", "groupmamba_base",
+    "vim2_tiny", "vim2_small", "vim2_base",
+    "vmamba_tiny_s1l8", "vmamba_small_s1l20", "vmamba_base_s1l20", "vmamba_tiny_mhs",
+]
+# The smallest model of each family (and each scan strategy) for the slower checks.
+REPRESENTATIVES = ["plainmamba_l1", "efficientvmamba_tiny", "spatialmamba_tiny", "groupmamba_tiny",
+                   "vim2_tiny", "vmamba_tiny_s1l8", "vmamba_tiny_mhs"]
+FAMILY_MODULES = ["plainmamba", "efficientvmamba", "spatialmamba", "groupmamba", "mambamixer", "vim2", "vmamba"]
+
+
+def _zoo_models():
+    return sorted(timm.list_models(module=FAMILY_MODULES))
+
+
+PAPER = {}
+for _path in sorted((DATA / "paper").glob("*.json")):
+    PAPER.update(json.loads(_path.read_text()))
+
+
+def _module_of(model):
+    return sys.modules[type(model).__module__]
+
+
+def _create(name, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs)
+
+
+def test_every_expected_model_is_registered():
+    assert sorted(EXPECTED_MODELS) == _zoo_models()
+
+
+@pytest.mark.parametrize("name", EXPECTED_MODELS)
+def test_pretrained_cfg(name):
+    cfg = timm.get_pretrained_cfg(name).to_dict()
+    for key in ("input_size", "crop_pct", "mean", "std", "interpolation", "first_conv", "classifier", "license"):
+        assert cfg.get(key) is not None, key
+    assert cfg.get("paper_ids") or cfg.get("paper_name"), "paper reference"
+    model = timm.create_model(name, pretrained=False)
+    modules = dict(model.named_modules())
+    assert cfg["first_conv"] in modules and isinstance(modules[cfg["first_conv"]], torch.nn.Conv2d)
+    classifiers = [cfg["classifier"]] if isinstance(cfg["classifier"], str) else cfg["classifier"]
+    for classifier in classifiers:
+        assert classifier in modules, classifier
+
+
+@pytest.mark.parametrize("name", EXPECTED_MODELS)
+def test_forward_params_and_flops_match_the_paper(name):
+    paper = PAPER[name]
+    model = _create(name).eval()
+    size = timm.get_pretrained_cfg(name).input_size
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (1, model.num_classes) and torch.isfinite(logits).all()
+
+    params = sum(p.numel() for p in model.parameters())
+    if paper.get("params_exclude_head"):
+        params -= sum(p.numel() for p in model.get_classifier().parameters())
+    if paper.get("params_m") is not None:
+        assert abs(params / 1e6 - paper["params_m"]) <= 0.01 * paper["params_m"], f"{params / 1e6:.3f}M"
+    if paper.get("gflops") is not None:
+        x224 = torch.randn(1, 3, 224, 224)
+        flops = FlopCountAnalysis(model, x224).set_op_handle(**vmamba_kernels.fvcore_handles())
+        flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        gflops = flops.total() / 1e9
+        assert abs(gflops - paper["gflops"]) <= 0.03 * paper["gflops"], f"{gflops:.3f}G"
+
+
+@pytest.mark.parametrize("name", EXPECTED_MODELS)
+def test_official_checkpoint_keys_convert_and_load_strictly(name):
+    path = DATA / "official_keys" / f"{name}.json"
+    if not path.exists():
+        assert name.startswith("vim2_") or name == "vmamba_tiny_mhs", f"official key list missing for {name}"
+        return  # no official checkpoint exists for these
+    keys = json.loads(path.read_text())["keys"]
+    model = _create(name)
+    official = {k: torch.randn(shape) if shape else torch.randn(()) for k, shape in keys.items()}
+    converted = _module_of(model).checkpoint_filter_fn({"model": official}, model)
+    model.load_state_dict(converted, strict=True)
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_pretrained_loads_a_local_file(name, tmp_path):
+    source = _create(name)
+    path = tmp_path / "weights.pth"
+    torch.save({"model": {k: v + 1 for k, v in source.state_dict().items()}}, path)
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for key, value in source.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(loaded.state_dict()[key], value + 1, msg=key)
+
+
+def _same_weights(model, features):
+    """The full model's weights under the feature extractor's names (a getter wraps it as `model.`)."""
+    source = model.state_dict()
+    return {k: source[k[len("model."):] if k.startswith("model.") and k not in source else k]
+            for k in features.state_dict()}
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_features_match_intermediates_on_a_non_square_input(name):
+    x = torch.randn(2, 3, 128, 96)
+    model = _create(name).eval()
+    features = _create(name, features_only=True).eval()
+    features.load_state_dict(_same_weights(model, features), strict=True)
+    info = features.feature_info
+    with torch.no_grad():
+        maps = features(x)
+        inter = model.forward_intermediates(x, indices=len(info), intermediates_only=True)
+    assert len(maps) == len(info.channels()) == len(inter)
+    for m, i, chs, red in zip(maps, inter, info.channels(), info.reduction()):
+        assert m.shape == (2, chs, -(-128 // red), -(-96 // red)), (m.shape, chs, red)
+        torch.testing.assert_close(m, i)
+    last = timm.create_model(name, features_only=True, out_indices=(-1,))
+    assert last.feature_info.channels() == [info.channels()[-1]]
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_forward_intermediates_and_pruning(name):
+    model = _create(name).eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(model.forward_head(final), model(x))
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert pre.shape == (1, model.num_features) or pre.shape[-1] == model.head_hidden_size
+    params_before = sum(p.numel() for p in model.parameters())
+    model.prune_intermediate_layers(indices=[0, 1], prune_head=True)  # keep up to the second output
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    with torch.no_grad():
+        pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert len(pruned) == 2
+    for a, b, c in zip(pruned, last_two, inter[:2]):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_backward_reaches_every_parameter(name):
+    model = _create(name, drop_path_rate=0.1, num_classes=10).train()
+    model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_grad_checkpointing_gives_the_same_gradients(name):
+    x = torch.randn(1, 3, 64, 64)
+    grads = []
+    for checkpointing in (False, True):
+        model = _create(name, num_classes=5).train()
+        model.set_grad_checkpointing(checkpointing)
+        model(x).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], msg=k)
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_classifier_api(name):
+    model = _create(name, in_chans=1, num_classes=7, drop_rate=0.1).eval()
+    x = torch.randn(1, 1, 64, 64)
+    assert model(x).shape == (1, 7)
+    model.reset_classifier(3)
+    assert model(x).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (1, model.num_features)
+    groups = model.group_matcher()
+    assert "stem" in groups and "blocks" in groups
+    names = {n for n, _ in model.named_parameters()}
+    no_decay = model.no_weight_decay()
+    assert no_decay, "A_log, D and norms are not decayed"
+    # timm matches wildcard entries with fnmatch: every entry must name real parameters.
+    import fnmatch
+    for pattern in no_decay:
+        assert any(fnmatch.fnmatch(n, pattern) or n == pattern for n in names), pattern
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_odd_detection_sized_input(name):
+    model = _create(name, num_classes=4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 200, 300))
+    assert out.shape == (1, 4) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_torch_compile_fullgraph(name):
+    model = _create(name, num_classes=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
