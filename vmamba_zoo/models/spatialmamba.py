@@ -17,7 +17,7 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from vmamba_kernels import selective_scan_states
@@ -78,6 +78,7 @@ class Downsample(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
+@register_notrace_module  # the scan op validates shapes in Python; fx sees the mixer as one leaf
 class StructureAwareSSM(nn.Module):
     """Spatial-Mamba's token mixer (SASSM), channels-last (B, H, W, C) in and out.
 
