@@ -125,7 +125,7 @@ def randomize_(module, seed=0):
 # ---------------------------------------------------------------- tests
 @pytest.mark.parametrize('H,W', [(1, 1), (1, 5), (4, 1), (3, 3), (4, 4), (3, 4), (4, 3), (5, 6), (14, 14), (13, 19)])
 def test_routes_directions_match_official_walk(H, W):
-    routes, param_routes, directions = pm.PlainMamba._build_routes(H, W)
+    routes, param_routes, directions = pm.build_routes(H, W)
     orders, moves = snake_walk(H, W)
     assert torch.equal(routes, orders)
     assert torch.equal(directions, moves)
@@ -140,7 +140,7 @@ def test_mixer_matches_per_route_official_forward(H, W):
     with torch.no_grad():
         m.direction_Bs.mul_(20)  # make the direction bias matter
     x = torch.randn(2, H, W, 16, requires_grad=True)
-    routes, param_routes, directions = pm.PlainMamba._build_routes(H, W)
+    routes, param_routes, directions = pm.build_routes(H, W)
     out = m(x, routes, param_routes, directions)
     ref = mixer_oracle(m, x)
     assert rel_err(out, ref) < 1e-5
@@ -263,5 +263,9 @@ def test_timm_api_bits():
     assert [t.shape for t in inter] == [torch.Size([1, 16, 3, 4])] * 2
     assert torch.allclose(model.forward_head(final), model(x), atol=1e-6)
     assert model.forward_head(final, pre_logits=True).shape == (1, 16)
+    # torch.fx (timm's graph feature extraction): the shape-dependent steps are opaque nodes
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+    fx = create_feature_extractor(model, return_nodes=[get_graph_node_names(model)[1][-1]])
+    assert torch.equal(next(iter(fx(x).values())), model(x))
     model.reset_classifier(0)
     assert model(x).shape == (1, 16)

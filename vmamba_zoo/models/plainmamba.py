@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -30,9 +30,13 @@ from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import scan_directions, scan_routes, selective_scan_2d
 
+# shape-dependent steps stay opaque to torch.fx (timm's feature extraction by graph)
+register_notrace_function(selective_scan_2d)
+
 __all__ = ['PlainMamba', 'PlainMamba2D', 'PlainMambaLayer', 'ConvPatchEmbed']
 
 
+@register_notrace_function
 def corner_pad(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
     """Zero-pad the bottom/right of an NCHW map so a (kernel_size, stride) conv covers every pixel
     (mmcv's ``AdaptivePadding(padding='corner')``)."""
@@ -57,6 +61,31 @@ def resize_pos_embed(pos_embed: torch.Tensor, src_size: Tuple[int, int], dst_siz
     grid = pos_embed.float().reshape(1, src_size[0], src_size[1], C).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=tuple(dst_size), mode='bicubic', align_corners=False)
     return grid.flatten(2).transpose(1, 2).to(orig_dtype)
+
+
+@register_notrace_function
+def add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+    """x (B, H, W, C) + the position embedding made for ``grid_size``, resized to (H, W) when they differ."""
+    H, W = x.shape[1:3]
+    return x + resize_pos_embed(pos_embed, grid_size, (H, W)).reshape(1, H, W, -1)
+
+
+def build_routes(H: int, W: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PlainMamba's 4 snake routes, the raster param_routes (dt/B/C are read in raster order by every
+    route) and the direction id of every route step."""
+    routes = scan_routes('continuous', H, W)
+    param_routes = scan_routes('raster', H, W).expand_as(routes).contiguous()
+    return routes, param_routes, scan_directions('continuous', H, W)
+
+
+@register_notrace_function
+def routes_for(x: torch.Tensor, grid_size: Tuple[int, int], routes: torch.Tensor, param_routes: torch.Tensor,
+               directions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cached routes when x (B, H, W, C) is on the model's default grid, else freshly built ones."""
+    H, W = x.shape[1:3]
+    if (H, W) == tuple(grid_size):
+        return routes, param_routes, directions
+    return tuple(t.to(routes.device) for t in build_routes(H, W))
 
 
 class ConvPatchEmbed(nn.Module):
@@ -132,8 +161,7 @@ class PlainMamba2D(nn.Module):
 
     def forward(self, x: torch.Tensor, routes: torch.Tensor, param_routes: torch.Tensor,
                 directions: torch.Tensor) -> torch.Tensor:
-        Bt, H, W, _ = x.shape
-        K = routes.shape[0]
+        Bt, H, W, K = x.shape[0], x.shape[1], x.shape[2], routes.shape[0]
         E, N = self.d_inner, self.d_state
 
         x, z = self.in_proj(x).chunk(2, dim=-1)
@@ -235,19 +263,13 @@ class PlainMamba(nn.Module):
         self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt='NHWC')
 
-        routes, param_routes, directions = self._build_routes(*self.grid_size)
+        routes, param_routes, directions = build_routes(*self.grid_size)
         self.register_buffer('routes', routes, persistent=False)
         self.register_buffer('param_routes', param_routes, persistent=False)
         self.register_buffer('route_directions', directions, persistent=False)
 
         self.apply(self._init_weights)
         trunc_normal_(self.pos_embed, std=.02)
-
-    @staticmethod
-    def _build_routes(H: int, W: int):
-        routes = scan_routes('continuous', H, W)
-        param_routes = scan_routes('raster', H, W).expand_as(routes).contiguous()
-        return routes, param_routes, scan_directions('continuous', H, W)
 
     def _init_weights(self, m):
         # the official training init (mmcls init_cfg): every Linear, dt_proj included, is
@@ -259,12 +281,6 @@ class PlainMamba(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-    def _routes_for(self, H: int, W: int):
-        if (H, W) == tuple(self.grid_size):
-            return self.routes, self.param_routes, self.route_directions
-        device = self.routes.device
-        return tuple(t.to(device) for t in self._build_routes(H, W))
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -291,16 +307,15 @@ class PlainMamba(nn.Module):
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        H, W = x.shape[1:3]
-        pos_embed = resize_pos_embed(self.pos_embed, self.grid_size, (H, W))
-        return self.pos_drop(x + pos_embed.reshape(1, H, W, -1))
+    def _embed(self, x: torch.Tensor):
+        x = self.pos_drop(add_pos_embed(self.patch_embed(x), self.pos_embed, self.grid_size))
+        return x, routes_for(x, self.grid_size, self.routes, self.param_routes, self.route_directions)
 
     def _run_layer(self, layer: nn.Module, x: torch.Tensor, routes) -> torch.Tensor:
+        # routes is indexed, not unpacked: under torch.fx it is one opaque node
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(layer, x, *routes)
-        return layer(x, *routes)
+            return checkpoint(layer, x, routes[0], routes[1], routes[2])
+        return layer(x, routes[0], routes[1], routes[2])
 
     def forward_intermediates(
             self,
@@ -326,8 +341,7 @@ class PlainMamba(nn.Module):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
 
-        x = self._embed(x)
-        routes = self._routes_for(x.shape[1], x.shape[2])
+        x, routes = self._embed(x)
         layers = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[:max_index + 1]
         for i, layer in enumerate(layers):
             x = self._run_layer(layer, x, routes)
@@ -356,8 +370,7 @@ class PlainMamba(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
-        routes = self._routes_for(x.shape[1], x.shape[2])
+        x, routes = self._embed(x)
         for layer in self.layers:
             x = self._run_layer(layer, x, routes)
         return self.norm(x)
