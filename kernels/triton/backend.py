@@ -1,0 +1,462 @@
+"""Launchers of the fused kernels: the six backend functions of ``vmamba_kernels.ops``.
+
+Each op is described as K scans of CPG channels over Lr steps (see ``scan.py``): the 1D scan has one
+scan per B/C group and reads positions t directly; the 2D scan has one scan per route and reads through
+the route index. Tensors are passed with their strides (no permuted copies).
+
+The backward recomputes each chunk's states from the state saved at the chunk's start. The op's
+forward does not hand those states to the backward yet, so the backward first recomputes them with a
+states-only pass (``save_chunk_states``); ``*_fwd_saving`` / ``*_bwd_from_saved`` take them from the
+forward instead.
+"""
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+
+from . import scan
+from .alloc import empty
+from .route_plan import route_plan
+
+__all__ = [
+    "selective_scan_fwd",
+    "selective_scan_bwd",
+    "selective_scan_states_fwd",
+    "selective_scan_states_bwd",
+    "selective_scan_2d_fwd",
+    "selective_scan_2d_bwd",
+    "selective_scan_2d_fwd_saving",
+    "selective_scan_2d_bwd_from_saved",
+    "chunk_size",
+    "set_atomic_merge",
+]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_settings = {"atomic_merge": os.environ.get("VMAMBA_KERNELS_ATOMIC_MERGE", "0") == "1"}
+
+
+def set_atomic_merge(enabled: bool) -> None:
+    """Opt in to fp32 atomic adds for sums over routes (faster where routes overlap, not deterministic)."""
+    _settings["atomic_merge"] = bool(enabled)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def chunk_size(N: int) -> int:
+    """Steps per saved chunk state (= the backward's chunk): the [steps, channels, states] tiles stay
+    near 2048 elements. Small under the interpreter, whose scans run element by element."""
+    if _INTERPRET:
+        return 4
+    return max(16, min(64, 2048 // (8 * _pow2(N))))
+
+
+def _bwd_block_d(CPG: int, N: int) -> int:
+    if _INTERPRET:
+        return min(8, _pow2(CPG))
+    return max(1, min(_pow2(CPG), 4096 // (chunk_size(N) * _pow2(N))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels with autotuning (plain launches under the interpreter)
+
+_FWD_TILES = [(64, 32, 4), (128, 32, 8), (256, 16, 8), (32, 64, 4), (64, 16, 2), (32, 16, 4), (16, 16, 4),
+              (16, 8, 2), (8, 16, 4)]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    BN, CPG, save_t = args["BN"], args["CPG"], args["SAVE_T"]
+    keep = []
+    for cfg in configs:
+        BT, BD = cfg.kwargs["BT"], cfg.kwargs["BD"]
+        size = BT * BD * BN
+        if BD > max(8, _pow2(CPG)) or not 512 <= size <= 8192:
+            continue
+        if args["SAVE_CHUNKS"] and BT > save_t:
+            continue
+        keep.append(cfg)
+    if not keep:  # the smallest tile always fits
+        keep = [min(configs, key=lambda c: c.kwargs["BT"] * c.kwargs["BD"])]
+    return keep[:4]
+
+
+_fwd_tuned = triton.autotune(
+    configs=[triton.Config({"BT": bt, "BD": bd}, num_warps=w) for bt, bd, w in _FWD_TILES],
+    key=["CPG", "N", "K", "BN", "OUT_MODE", "MERGE", "GATHER", "HAS_Z", "HAS_D", "SAVE_CHUNKS"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+    reset_to_zero=["out"],
+)(scan.selective_scan_fwd_kernel)
+
+_bwd_tuned = triton.autotune(
+    configs=[triton.Config({}, num_warps=w) for w in (4, 8)],
+    key=["CPG", "N", "K", "BN", "BT", "BD", "IN_MODE", "DX_MERGE", "GATHER", "HAS_Z", "HAS_D"],
+    reset_to_zero=["dx"],
+)(scan.selective_scan_bwd_kernel)
+
+
+def _launch_fwd(grid, **kw):
+    if _INTERPRET:
+        kw.update(BT=4, BD=min(8, _pow2(kw["CPG"])))
+        scan.selective_scan_fwd_kernel[grid(kw)](**kw)
+    else:
+        _fwd_tuned[grid](**kw)
+
+
+def _launch_bwd(grid, **kw):
+    if _INTERPRET:
+        scan.selective_scan_bwd_kernel[grid(kw)](**kw)
+    else:
+        _bwd_tuned[grid](**kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Problem description
+
+
+class _Problem(NamedTuple):
+    Bt: int
+    K: int
+    CPG: int
+    N: int
+    Lr: int
+    L: int
+    gather: bool
+    x: torch.Tensor
+    sx: tuple
+    delta: torch.Tensor
+    sdt: tuple
+    A: torch.Tensor
+    sA: tuple
+    B: torch.Tensor
+    sB: tuple
+    C: Optional[torch.Tensor]
+    sC: tuple
+    D: Optional[torch.Tensor]
+    delta_bias: Optional[torch.Tensor]
+    sD: tuple
+    z: Optional[torch.Tensor]
+    sz: tuple
+    routes: Optional[torch.Tensor]
+    param_routes: Optional[torch.Tensor]
+
+
+def _bc_1d(M):
+    if M is None:
+        return (0, 0, 0, 0)
+    if M.dim() == 4:  # (Bt, G, N, L)
+        return (M.stride(0), M.stride(1), M.stride(3), M.stride(2))
+    return (M.stride(0), 0, M.stride(2), M.stride(1))
+
+
+def _problem_1d(u, delta, A, B, C=None, D=None, z=None, delta_bias=None) -> _Problem:
+    Bt, Dm, L = u.shape
+    G = next((M.shape[1] for M in (B, C) if M is not None and M.dim() == 4), 1)
+    CPG = Dm // G
+
+    def chan(t):  # (Bt, Dm, L): group k is the channel block k
+        return (t.stride(0), CPG * t.stride(1), t.stride(2), t.stride(1))
+
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    sD = (CPG, 1)
+    return _Problem(Bt, G, CPG, A.shape[1], L, L, False, u, chan(u), delta, chan(delta),
+                    A, (CPG * A.stride(0), A.stride(0), A.stride(1)), B, _bc_1d(B), C, _bc_1d(C), D, delta_bias,
+                    sD, z, chan(z) if z is not None else (0, 0, 0, 0), None, None)
+
+
+def _problem_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes) -> _Problem:
+    Bt, H, W, K, Dm = delta.shape
+    L = H * W
+    N = A.shape[2]
+    if x.dim() == 4:
+        x = x.reshape(Bt, L, Dm)
+        sx = (x.stride(0), 0, x.stride(1), x.stride(2))
+    else:
+        x = x.reshape(Bt, L, K, Dm)
+        sx = (x.stride(0), x.stride(2), x.stride(1), x.stride(3))
+
+    def per_route(t, F):  # (Bt, H, W, K, F) → strides (batch, route, pixel, feature)
+        t = t.reshape(Bt, L, K, F)
+        return t, (t.stride(0), t.stride(2), t.stride(1), t.stride(3))
+
+    delta, sdt = per_route(delta, Dm)
+    B, sB = per_route(B, N)
+    C, sC = per_route(C, N)
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    sD = (Dm, 1)
+    return _Problem(Bt, K, Dm, N, routes.shape[1], L, True, x, sx, delta, sdt, A,
+                    (A.stride(0), A.stride(1), A.stride(2)), B, sB, C, sC, D, delta_bias, sD, None, (0, 0, 0, 0),
+                    routes.contiguous(), param_routes.contiguous())
+
+
+def _common_args(pb: _Problem, plan, softplus: bool):
+    dummy = pb.x
+    return dict(
+        x=pb.x, delta=pb.delta, A=pb.A, B=pb.B, C=pb.C if pb.C is not None else dummy,
+        D=pb.D if pb.D is not None else dummy, delta_bias=pb.delta_bias if pb.delta_bias is not None else dummy,
+        z=pb.z if pb.z is not None else dummy,
+        routes=pb.routes if pb.gather else dummy, param_routes=pb.param_routes if pb.gather else dummy,
+        first_visit=plan.first_visit if plan is not None else dummy,
+        parallel_ok=plan.parallel_ok if plan is not None else dummy,
+        coverage=plan.coverage if plan is not None else dummy,
+        Lr=pb.Lr, L=pb.L, K=pb.K, CPG=pb.CPG, N=pb.N,
+        sx_b=pb.sx[0], sx_k=pb.sx[1], sx_t=pb.sx[2], sx_d=pb.sx[3],
+        sdt_b=pb.sdt[0], sdt_k=pb.sdt[1], sdt_t=pb.sdt[2], sdt_d=pb.sdt[3],
+        sB_b=pb.sB[0], sB_k=pb.sB[1], sB_t=pb.sB[2], sB_n=pb.sB[3],
+        sC_b=pb.sC[0], sC_k=pb.sC[1], sC_t=pb.sC[2], sC_n=pb.sC[3],
+        sz_b=pb.sz[0], sz_k=pb.sz[1], sz_t=pb.sz[2], sz_d=pb.sz[3],
+        sA_k=pb.sA[0], sA_d=pb.sA[1], sA_n=pb.sA[2],
+        sD_k=pb.sD[0], sD_d=pb.sD[1],
+        HAS_D=pb.D is not None, HAS_BIAS=pb.delta_bias is not None, HAS_Z=pb.z is not None,
+        SOFTPLUS=bool(softplus), GATHER=pb.gather, BN=_pow2(pb.N),
+    )
+
+
+def _run_fwd(pb: _Problem, plan, softplus, out_mode, out=None, so=(0, 0, 0, 0, 0), merge=scan.MERGE_STORE,
+             out_visited=None, last_state=None, save_chunks=False):
+    """Launch the forward kernel; returns the chunk states when ``save_chunks``."""
+    save_t = chunk_size(pb.N)
+    BN = _pow2(pb.N)
+    chunk_states = None
+    if save_chunks:
+        chunk_states = empty(pb.Bt, pb.K, triton.cdiv(pb.Lr, save_t), pb.CPG, BN, device=pb.x.device,
+                                   dtype=torch.float32)
+    dummy = pb.x
+    kw = _common_args(pb, plan, softplus)
+    kw.update(
+        out_visited=out_visited if out_visited is not None else dummy,
+        out=out if out is not None else dummy,
+        last_state=last_state if last_state is not None else dummy,
+        chunk_states=chunk_states if chunk_states is not None else dummy,
+        so_b=so[0], so_k=so[1], so_t=so[2], so_d=so[3], so_n=so[4],
+        OUT_MODE=out_mode, MERGE=merge, ZERO_UNVISITED=pb.gather and out_visited is not None and out is not None,
+        STORE_LAST=last_state is not None, SAVE_CHUNKS=save_chunks, SAVE_T=save_t,
+    )
+    grid_k = pb.K
+
+    def grid(meta):
+        return (triton.cdiv(pb.CPG, meta["BD"]), pb.Bt, grid_k)
+
+    _launch_fwd(grid, **kw)
+    return chunk_states
+
+
+def _run_bwd(pb: _Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, sdx, dx_merge, ddelta, sdd,
+             dz=None, sdz=(0, 0, 0, 0), dlast_state=None):
+    """Launch the backward kernel; returns fp32 (dB, dC) per step (Bt, K, Lr, N), dA (K, CPG, N), dD, dbias."""
+    BT = chunk_size(pb.N)
+    BN = _pow2(pb.N)
+    BD = _bwd_block_d(pb.CPG, pb.N)
+    n_blocks = triton.cdiv(pb.CPG, BD)
+    dev = pb.x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    dB_part = empty(n_blocks, pb.Bt, pb.K, pb.Lr, BN, **f32)
+    dC_part = empty(*dB_part.shape, dtype=dB_part.dtype, device=dB_part.device) if in_mode == 1 else dB_part
+    dA_part = empty(pb.Bt, pb.K, pb.CPG, BN, **f32)
+    dD_part = empty(pb.Bt, pb.K, pb.CPG, **f32) if pb.D is not None and in_mode == 1 else dA_part
+    dbias_part = empty(pb.Bt, pb.K, pb.CPG, **f32) if pb.delta_bias is not None else dA_part
+    dummy = pb.x
+    kw = _common_args(pb, plan, softplus)
+    kw.update(
+        x_visited=(plan.x_visited_any if dx_merge == scan.MERGE_SERIAL else plan.x_visited) if plan else dummy,
+        param_visited=plan.param_visited if plan is not None else dummy,
+        dout=dout, dlast_state=dlast_state if dlast_state is not None else dummy, chunk_states=chunk_states,
+        dx=dx, ddelta=ddelta, dz=dz if dz is not None else dummy,
+        dB_part=dB_part, dC_part=dC_part, dA_part=dA_part, dD_part=dD_part, dbias_part=dbias_part,
+        sg_b=sg[0], sg_k=sg[1], sg_t=sg[2], sg_d=sg[3], sg_n=sg[4],
+        sdx_b=sdx[0], sdx_k=sdx[1], sdx_t=sdx[2], sdx_d=sdx[3],
+        sdd_b=sdd[0], sdd_k=sdd[1], sdd_t=sdd[2], sdd_d=sdd[3],
+        sdz_b=sdz[0], sdz_k=sdz[1], sdz_t=sdz[2], sdz_d=sdz[3],
+        sP_j=dB_part.stride(0), sP_b=dB_part.stride(1), sP_k=dB_part.stride(2), sP_t=dB_part.stride(3),
+        sP_n=dB_part.stride(4),
+        IN_MODE=in_mode, DX_MERGE=dx_merge, ZERO_UNVISITED=pb.gather and dx_merge != scan.MERGE_ATOMIC,
+        HAS_DLAST=dlast_state is not None, BT=BT, BD=BD,
+    )
+    kw["HAS_D"] = kw["HAS_D"] and in_mode == 1
+    _launch_bwd(lambda meta: (n_blocks, pb.Bt, pb.K), **kw)
+    N = pb.N
+    dB = dB_part.sum(0)[..., :N]
+    dC = dC_part.sum(0)[..., :N] if in_mode == 1 else None
+    dA = dA_part.sum(0)[..., :N]
+    dD = dD_part.sum(0) if pb.D is not None and in_mode == 1 else None
+    dbias = dbias_part.sum(0) if pb.delta_bias is not None else None
+    return dB, dC, dA, dD, dbias
+
+
+def _is_fp64(*tensors) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def _reference():
+    from .. import ops  # the reference backend serves fp64 (gradcheck) inputs
+
+    return ops._ReferenceBackend
+
+
+# --------------------------------------------------------------------------------------------------
+# 1D: selective_scan
+
+
+def _bc_grad_1d(dBC, M):
+    """Per-step (Bt, K, L, N) gradient → M's layout (Bt, N, L) or (Bt, G, N, L)."""
+    if M.dim() == 4:
+        return dBC.permute(0, 1, 3, 2).to(M.dtype)
+    return dBC.sum(1).permute(0, 2, 1).to(M.dtype)
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    if _is_fp64(u, delta, A, B, C, D, z, delta_bias):
+        return _reference().selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    pb = _problem_1d(u, delta, A, B, C, D, z, delta_bias)
+    Bt, Dm, L = u.shape
+    out = empty(Bt, Dm, L, device=u.device, dtype=u.dtype)
+    last_state = empty(Bt, Dm, pb.N, device=u.device, dtype=torch.float32)
+    _run_fwd(pb, None, delta_softplus, scan.OUT_Y, out, (Dm * L, pb.CPG * L, 1, L, 0), last_state=last_state)
+    return out, last_state
+
+
+def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    if _is_fp64(u, delta, A, B, C, D, z, delta_bias):
+        return _reference().selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                                               delta_softplus)
+    pb = _problem_1d(u, delta, A, B, C, D, z, delta_bias)
+    Bt, Dm, L = u.shape
+    states = _run_fwd(pb, None, delta_softplus, scan.OUT_NONE, save_chunks=True)
+    du = empty(Bt, Dm, L, device=u.device, dtype=u.dtype)
+    ddelta = empty(Bt, Dm, L, device=u.device, dtype=delta.dtype)
+    dz = empty(Bt, Dm, L, device=u.device, dtype=z.dtype) if z is not None else None
+    chan = (Dm * L, pb.CPG * L, 1, L)
+    sg = (dout.stride(0), pb.CPG * dout.stride(1), dout.stride(2), dout.stride(1), 0)
+    dlast = dlast_state.contiguous() if dlast_state is not None else None
+    dB, dC, dA, dD, dbias = _run_bwd(pb, None, delta_softplus, states, dout, sg, 1, du, chan, scan.MERGE_STORE,
+                                     ddelta, chan, dz, chan, dlast)
+    return (du, ddelta, dA.reshape(A.shape).to(A.dtype), _bc_grad_1d(dB, B), _bc_grad_1d(dC, C),
+            None if D is None else dD.reshape(D.shape).to(D.dtype), dz,
+            None if delta_bias is None else dbias.reshape(delta_bias.shape).to(delta_bias.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# 1D: selective_scan_states
+
+
+def selective_scan_states_fwd(u, delta, A, B, delta_bias, delta_softplus):
+    if _is_fp64(u, delta, A, B, delta_bias):
+        return _reference().selective_scan_states_fwd(u, delta, A, B, delta_bias, delta_softplus)
+    pb = _problem_1d(u, delta, A, B, delta_bias=delta_bias)
+    Bt, Dm, L = u.shape
+    N = pb.N
+    states = empty(Bt, Dm, N, L, device=u.device, dtype=torch.float32)
+    _run_fwd(pb, None, delta_softplus, scan.OUT_STATES, states, (Dm * N * L, pb.CPG * N * L, 1, N * L, L))
+    return states
+
+
+def selective_scan_states_bwd(dstates, u, delta, A, B, delta_bias, delta_softplus):
+    if _is_fp64(u, delta, A, B, delta_bias):
+        return _reference().selective_scan_states_bwd(dstates, u, delta, A, B, delta_bias, delta_softplus)
+    pb = _problem_1d(u, delta, A, B, delta_bias=delta_bias)
+    Bt, Dm, L = u.shape
+    chunk_states = _run_fwd(pb, None, delta_softplus, scan.OUT_NONE, save_chunks=True)
+    du = empty(Bt, Dm, L, device=u.device, dtype=u.dtype)
+    ddelta = empty(Bt, Dm, L, device=u.device, dtype=delta.dtype)
+    chan = (Dm * L, pb.CPG * L, 1, L)
+    s = dstates.stride()
+    sg = (s[0], pb.CPG * s[1], s[3], s[1], s[2])
+    dB, _, dA, _, dbias = _run_bwd(pb, None, delta_softplus, chunk_states, dstates, sg, 2, du, chan,
+                                   scan.MERGE_STORE, ddelta, chan)
+    return (du, ddelta, dA.reshape(A.shape).to(A.dtype), _bc_grad_1d(dB, B),
+            None if delta_bias is None else dbias.reshape(delta_bias.shape).to(delta_bias.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2D: selective_scan_2d
+
+
+def _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, save_chunks):
+    pb = _problem_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes)
+    Bt, H, W, K, Dm = delta.shape
+    L = H * W
+    plan = route_plan(pb.routes, pb.param_routes, L)
+    if merge == "none":
+        out = empty(Bt, H, W, K, Dm, device=x.device, dtype=x.dtype)
+        states = _run_fwd(pb, plan, delta_softplus, scan.OUT_Y, out, (L * K * Dm, Dm, K * Dm, 1, 0),
+                          out_visited=plan.x_visited, save_chunks=save_chunks)
+        return out, states
+    if _settings["atomic_merge"]:
+        acc = torch.zeros(Bt, H, W, Dm, device=x.device, dtype=torch.float32)
+        states = _run_fwd(pb, plan, delta_softplus, scan.OUT_Y, acc, (L * Dm, 0, Dm, 1, 0), scan.MERGE_ATOMIC,
+                          save_chunks=save_chunks)
+        return acc.to(x.dtype), states
+    out = empty(Bt, H, W, Dm, device=x.device, dtype=x.dtype)
+    states = _run_fwd(pb, plan, delta_softplus, scan.OUT_Y, out, (L * Dm, 0, Dm, 1, 0), scan.MERGE_SERIAL,
+                      out_visited=plan.x_visited_any, save_chunks=save_chunks)
+    return out, states
+
+
+def _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, chunk_states):
+    pb = _problem_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes)
+    Bt, H, W, K, Dm = delta.shape
+    L, N = H * W, pb.N
+    plan = route_plan(pb.routes, pb.param_routes, L)
+    if chunk_states is None:
+        chunk_states = _run_fwd(pb, plan, delta_softplus, scan.OUT_NONE, save_chunks=True)
+    if merge == "none":
+        dout = dout.reshape(Bt, L, K, Dm)
+        sg = (dout.stride(0), dout.stride(2), dout.stride(1), dout.stride(3), 0)
+    else:
+        dout = dout.reshape(Bt, L, Dm)
+        sg = (dout.stride(0), 0, dout.stride(1), dout.stride(2), 0)
+    if x.dim() == 5:
+        dx = empty(Bt, H, W, K, Dm, device=x.device, dtype=x.dtype)
+        sdx, dx_merge = (L * K * Dm, Dm, K * Dm, 1), scan.MERGE_STORE
+    elif _settings["atomic_merge"]:
+        dx = torch.zeros(Bt, H, W, Dm, device=x.device, dtype=torch.float32)
+        sdx, dx_merge = (L * Dm, 0, Dm, 1), scan.MERGE_ATOMIC
+    else:
+        dx = empty(Bt, H, W, Dm, device=x.device, dtype=x.dtype)
+        sdx, dx_merge = (L * Dm, 0, Dm, 1), scan.MERGE_SERIAL
+    ddelta = empty(Bt, H, W, K, Dm, device=x.device, dtype=delta.dtype)
+    dB, dC, dA, dD, dbias = _run_bwd(pb, plan, delta_softplus, chunk_states, dout, sg, 1, dx, sdx, dx_merge,
+                                     ddelta, (L * K * Dm, Dm, K * Dm, 1))
+    # Per-step B/C gradients (Bt, K, Lr, N) → their pixels (Bt, L, K, N); padded steps add zeros.
+    valid = (routes >= 0)
+    target = (param_routes.clamp(min=0) * K + torch.arange(K, device=x.device)[:, None]).reshape(1, -1, 1)
+    target = target.expand(Bt, -1, N)
+
+    def place(g, like):
+        g = torch.where(valid[None, :, :, None], g, 0.0).reshape(Bt, -1, N)
+        full = torch.zeros(Bt, L * K, N, device=x.device, dtype=torch.float32).scatter_add_(1, target, g)
+        return full.reshape(like.shape).to(like.dtype)
+
+    return (dx.to(x.dtype), ddelta, dA.reshape(A.shape).to(A.dtype), place(dB, B), place(dC, C),
+            None if D is None else dD.reshape(D.shape).to(D.dtype),
+            None if delta_bias is None else dbias.reshape(delta_bias.shape).to(delta_bias.dtype))
+
+
+def selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
+    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+        return _reference().selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes,
+                                                  delta_softplus, merge)
+    return _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, False)[0]
+
+
+def selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
+    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+        return _reference().selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes,
+                                                  delta_softplus, merge)
+    return _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, None)
+
+
+def selective_scan_2d_fwd_saving(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
+    """Forward that also returns the chunk states (Bt, K, ceil(Lr / chunk_size(N)), Dm, next_pow2(N)) fp32
+    for ``selective_scan_2d_bwd_from_saved``."""
+    return _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, True)
+
+
+def selective_scan_2d_bwd_from_saved(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes,
+                                     delta_softplus, merge, chunk_states):
+    return _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge,
+                   chunk_states)

@@ -1,0 +1,205 @@
+"""The Triton backend against the reference, on CPU under TRITON_INTERPRET=1.
+
+Triton decides at import whether kernels are interpreted, and other tests of the session may already
+have imported this backend for real GPUs; so the checks run in a child process that sets
+TRITON_INTERPRET=1 before importing anything (``python test_triton.py <group>``). The child prints one
+JSON line per compared quantity; the tests here assert on them.
+
+Every check draws fresh random inputs, poisons the backend's fresh buffers with NaN (an unwritten
+element cannot pass), compares outputs and all gradients with the reference by a norm-relative error
+(fp32 1e-3, bf16/fp16 5e-2, as mamba_ssm's tests), and runs the backend twice to require bitwise equal
+results. Shapes are tiny: the interpreter runs every tile operation in Python.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+GROUPS = ("scan_1d", "states", "cross_sum", "continuous_params", "atrous_odd", "multihead_none", "per_route_x")
+
+
+def _run_group(group):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"checks of {group!r} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_triton_matches_reference(group):
+    records = _run_group(group)
+    compared = [r for r in records if r["kind"] == "compare"]
+    assert compared, f"no comparisons ran for {group}"
+    bad = [r for r in compared if not (r["finite"] and r["rel_err"] <= TOLERANCE[r["dtype"]])]
+    assert not bad, "\n".join(f"{r['case']} {r['name']} ({r['dtype']}): rel_err={r['rel_err']:.3g} "
+                              f"finite={r['finite']}" for r in bad)
+    repeats = [r for r in records if r["kind"] == "repeat"]
+    assert repeats and all(r["bitwise_equal"] for r in repeats), [r for r in repeats if not r["bitwise_equal"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# The child process
+
+
+def _child(group):
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    torch.set_num_threads(1)
+    _vectorize_interpreter_scan()
+    import vmamba_kernels as vk
+    from vmamba_kernels import reference
+    from vmamba_kernels.triton import alloc
+    from vmamba_kernels.triton import backend as tri
+
+    alloc.poison(True)
+
+    def emit(**record):
+        print(json.dumps(record), flush=True)
+
+    def compare(case, names, got, want, dtype):
+        for name, g, w in zip(names, got, want):
+            if w is None:
+                assert g is None, f"{case}: {name} should be None"
+                continue
+            g64, w64 = g.double(), w.double()
+            finite = bool(torch.isfinite(g64).all())
+            err = float((g64 - w64).norm() / w64.norm().clamp_min(1e-30)) if finite else float("inf")
+            emit(kind="compare", case=case, name=name, dtype=str(dtype).replace("torch.", ""), rel_err=err,
+                 finite=finite)
+
+    def repeat(case, run):
+        first, second = run(), run()
+        equal = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(first, second))
+        emit(kind="repeat", case=case, bitwise_equal=equal)
+
+    def scan_1d(case, Bt, Dm, L, N, G, dtype, D, z, bias, softplus, last):
+        u = torch.randn(Bt, Dm, L).to(dtype)
+        delta = (torch.rand(Bt, Dm, L) * 0.8 - 0.4 if softplus else torch.rand(Bt, Dm, L) * 0.5).to(dtype)
+        A = -(torch.rand(Dm, N) + 0.3)
+        B = torch.randn(*((Bt, G, N, L) if G else (Bt, N, L))).to(dtype)
+        C = torch.randn(*((Bt, G, N, L) if G else (Bt, N, L))).to(dtype)
+        Dv = torch.randn(Dm) if D else None
+        zv = torch.randn(Bt, Dm, L).to(dtype) if z else None
+        bv = torch.randn(Dm) * 0.3 if bias else None
+        args = (u, delta, A, B, C, Dv, zv, bv, softplus)
+        out, state = tri.selective_scan_fwd(*args)
+        ref_out, ref_state = reference.selective_scan_ref(*args, return_last_state=True)
+        compare(case, ("out", "last_state"), (out, state), (ref_out, ref_state), dtype)
+        dout = torch.randn_like(ref_out)
+        dlast = torch.randn_like(ref_state) if last else None
+        names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
+        compare(case, names, tri.selective_scan_bwd(dout, dlast, *args),
+                reference.selective_scan_bwd_ref(dout, dlast, *args), dtype)
+        repeat(case, lambda: (*tri.selective_scan_fwd(*args), *tri.selective_scan_bwd(dout, dlast, *args)))
+
+    def states(case, Bt, Dm, L, N, G, dtype, bias, softplus):
+        u = torch.randn(Bt, Dm, L).to(dtype)
+        delta = (torch.rand(Bt, Dm, L) * 0.5).to(dtype)
+        A = -(torch.rand(Dm, N) + 0.3)
+        B = torch.randn(*((Bt, G, N, L) if G else (Bt, N, L))).to(dtype)
+        bv = torch.randn(Dm) * 0.3 if bias else None
+        args = (u, delta, A, B, bv, softplus)
+        compare(case, ("states",), (tri.selective_scan_states_fwd(*args),),
+                (reference.selective_scan_states_ref(*args),), dtype)
+        dstates = torch.randn(Bt, Dm, N, L)
+        names = ("du", "ddelta", "dA", "dB", "ddelta_bias")
+        compare(case, names, tri.selective_scan_states_bwd(dstates, *args),
+                reference.selective_scan_states_bwd_ref(dstates, *args), dtype)
+        repeat(case, lambda: (tri.selective_scan_states_fwd(*args), *tri.selective_scan_states_bwd(dstates, *args)))
+
+    def scan_2d(case, routes, H, W, Bt, Dm, N, dtype, merge, per_route_x=False, param_routes=None, D=True,
+                bias=True, softplus=True):
+        K = routes.shape[0]
+        param_routes = routes if param_routes is None else param_routes
+        x = torch.randn(*((Bt, H, W, K, Dm) if per_route_x else (Bt, H, W, Dm))).to(dtype)
+        delta = (torch.rand(Bt, H, W, K, Dm) * 0.8 - 0.4).to(dtype)
+        A = -(torch.rand(K, Dm, N) + 0.3)
+        B = torch.randn(Bt, H, W, K, N).to(dtype)
+        C = torch.randn(Bt, H, W, K, N).to(dtype)
+        Dv = torch.randn(K, Dm) if D else None
+        bv = torch.randn(K, Dm) * 0.3 if bias else None
+        args = (x, delta, A, B, C, Dv, bv, routes, param_routes, softplus, merge)
+        ref_args = (x, delta, A, B, C, Dv, bv, softplus, routes, param_routes, merge)
+        out = tri.selective_scan_2d_fwd(*args)
+        ref_out = reference.selective_scan_2d_ref(*ref_args)
+        compare(case, ("out",), (out,), (ref_out,), dtype)
+        dout = torch.randn_like(ref_out)
+        names = ("dx", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias")
+        compare(case, names, tri.selective_scan_2d_bwd(dout, *args),
+                reference.selective_scan_2d_bwd_ref(dout, *ref_args), dtype)
+        out_saved, chunk_states = tri.selective_scan_2d_fwd_saving(*args)
+        compare(case + "/saved", ("out",), (out_saved,), (ref_out,), dtype)
+        compare(case + "/saved", names, tri.selective_scan_2d_bwd_from_saved(dout, *args, chunk_states),
+                reference.selective_scan_2d_bwd_ref(dout, *ref_args), dtype)
+        repeat(case, lambda: (tri.selective_scan_2d_fwd(*args), *tri.selective_scan_2d_bwd(dout, *args)))
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    if group == "scan_1d":
+        scan_1d("plain", 2, 4, 7, 1, 0, f32, D=False, z=False, bias=False, softplus=False, last=False)
+        scan_1d("all_options", 1, 6, 9, 3, 0, f32, D=True, z=True, bias=True, softplus=True, last=True)
+        scan_1d("grouped", 2, 8, 6, 2, 2, f32, D=True, z=False, bias=True, softplus=True, last=True)
+        scan_1d("n17", 1, 2, 5, 17, 0, f32, D=True, z=True, bias=False, softplus=True, last=False)
+        scan_1d("bf16", 1, 4, 6, 2, 0, bf16, D=True, z=True, bias=True, softplus=True, last=False)
+    elif group == "states":
+        states("plain", 2, 4, 7, 1, 0, f32, bias=False, softplus=False)
+        states("grouped_bias", 1, 4, 9, 3, 2, f32, bias=True, softplus=True)
+        states("fp16", 1, 3, 5, 2, 0, f16, bias=True, softplus=True)
+    elif group == "cross_sum":
+        scan_2d("cross_3x4", vk.scan_routes("cross", 3, 4), 3, 4, 2, 5, 2, f32, "sum")
+        scan_2d("cross_bf16", vk.scan_routes("cross", 2, 3), 2, 3, 1, 4, 1, bf16, "sum", D=False, bias=False)
+    elif group == "continuous_params":
+        raster = vk.scan_routes("raster", 3, 3).expand(4, -1).contiguous()
+        scan_2d("continuous_raster_params", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 4, 3, f32, "sum",
+                param_routes=raster)
+    elif group == "atrous_odd":
+        scan_2d("atrous_3x5", vk.scan_routes("atrous", 3, 5), 3, 5, 2, 3, 2, f32, "sum")
+        scan_2d("atrous_5x3_none", vk.scan_routes("atrous", 5, 3), 5, 3, 1, 3, 1, f32, "none", softplus=False)
+    elif group == "multihead_none":
+        routes = vk.scan_routes("multihead", 3, 3, patterns=("S", "X"))
+        scan_2d("multihead_SX_none", routes, 3, 3, 1, 2, 2, f32, "none", bias=False)
+        scan_2d("multihead_SX_sum", routes, 3, 3, 1, 2, 1, f32, "sum", D=False)
+    elif group == "per_route_x":
+        scan_2d("cross_per_route_none", vk.scan_routes("cross", 2, 3), 2, 3, 2, 4, 1, f32, "none", per_route_x=True)
+        scan_2d("cross_per_route_sum", vk.scan_routes("cross", 3, 2), 3, 2, 1, 3, 2, f32, "sum", per_route_x=True)
+    else:
+        raise SystemExit(f"unknown group {group!r}")
+
+
+def _vectorize_interpreter_scan():
+    """The interpreter scans element by element in Python; run the same sequential definition
+    (out[0] = x[0], out[i] = combine(out[i-1], x[i])) once per step, vectorized over the other axes."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    if not hasattr(interpreter, "ScanOps") or not hasattr(interpreter.ScanOps, "generic_scan"):
+        return
+
+    def generic_scan(self, input):
+        data = [arg.handle.data for arg in input]
+        dtypes = [arg.dtype for arg in input]
+        axis = self.axis
+        outs = [np.empty_like(d) for d in data]
+        acc = [np.take(d, [0], axis=axis) for d in data]
+        for o, a in zip(outs, acc):
+            np.put_along_axis(o, np.zeros_like(a, dtype=np.int64), a, axis=axis)
+        for i in range(1, data[0].shape[axis]):
+            cur = [np.take(d, [i], axis=axis) for d in data]
+            ret = self.combine_fn.fn(*[self.to_tensor(a, t) for a, t in zip(acc, dtypes)],
+                                     *[self.to_tensor(c, t) for c, t in zip(cur, dtypes)])
+            ret = ret if isinstance(ret, tuple) else (ret,)
+            acc = [np.broadcast_to(r.handle.data, cur[0].shape).astype(d.dtype) for r, d in zip(ret, data)]
+            for o, a in zip(outs, acc):
+                np.put_along_axis(o, np.full_like(a, i, dtype=np.int64), a, axis=axis)
+        return [self.to_tensor(o, t) for o, t in zip(outs, dtypes)]
+
+    interpreter.ScanOps.generic_scan = generic_scan
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
