@@ -66,7 +66,7 @@ class _RouteScanParams(nn.Module):
     """Per-route projections of a 2D selective scan, stored as the official code stores them.
 
     x_proj_weight (K, R + 2N, C), dt_projs_weight (K, C, R), dt_projs_bias (K, C), A_logs (K·C, N),
-    Ds (K·C). ``route_params`` maps per-pixel inputs (..., K, C) to delta (..., K, C) and B, C (..., K, N).
+    Ds (K·C). ``scan_inputs`` turns the per-pixel projections (..., K, R + 2N) into the scan's inputs.
     """
 
     def __init__(self, num_routes: int, channels: int, d_state: int, dt_rank: int):
