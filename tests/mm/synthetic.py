@@ -5,6 +5,8 @@ import os
 import numpy as np
 from PIL import Image
 
+COCO_CLASSES = ('person', 'bicycle')
+
 
 def _noise_image(rng, height, width):
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -13,8 +15,8 @@ def _noise_image(rng, height, width):
 def write_coco(root, num_images=2, height=64, width=96, seed=0):
     """COCO instances with polygon masks: images/*.jpg and annotations/instances.json.
 
-    Categories carry COCO names so mmdet's 80-class metainfo maps them; each image holds a
-    rectangle and a triangle drawn brighter than the noise.
+    Two categories (COCO_CLASSES); each image holds a rectangle drawn brighter than the noise and
+    a triangle.
     """
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, 'images'), exist_ok=True)
@@ -36,7 +38,7 @@ def write_coco(root, num_images=2, height=64, width=96, seed=0):
         annotations.append(dict(id=2 * i + 2, image_id=i + 1, category_id=2, iscrowd=0,
                                 segmentation=[[float(v) for v in tri]],
                                 bbox=[width - 30, height - 28, 26, 24], area=26 * 24 / 2))
-    categories = [dict(id=1, name='person'), dict(id=2, name='bicycle')]
+    categories = [dict(id=i + 1, name=name) for i, name in enumerate(COCO_CLASSES)]
     ann_file = os.path.join(root, 'annotations', 'instances.json')
     with open(ann_file, 'w') as f:
         json.dump(dict(images=images, annotations=annotations, categories=categories), f)
