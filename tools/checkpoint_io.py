@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from cli import UsageError, family_module
+from cli_common import UsageError, family_module
 
 __all__ = [
     'TRAIN_FORMAT', 'read_checkpoint', 'is_training_checkpoint', 'extract_state_dict', 'load_into_model',

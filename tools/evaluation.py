@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cli import UsageError
+from cli_common import UsageError
 
 __all__ = ['Runtime', 'init_runtime', 'autocast_context', 'evaluate', 'AMP_DTYPES']
 

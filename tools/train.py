@@ -41,7 +41,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cli import (  # noqa: E402
+from cli_common import (  # noqa: E402
     ToolArgumentParser, UsageError, create_model, import_zoo, parse_args_with_config, parse_key_values,
     require_model, run_tool,
 )
@@ -51,7 +51,7 @@ _logger = logging.getLogger('train')
 DIGITS_PRESET = dict(
     # Small grey digits: no flips (a mirrored 2 is not a 2), mild crops, no colour or mixing augmentations, a short
     # schedule with no warmup and no EMA (0.9999 would not move in a few hundred steps), single-process loading.
-    img_size=64, crop_pct=1.0, hflip=0.0, scale=[0.7, 1.0], color_jitter=0.0, aa=None, reprob=0.0,
+    img_size=32, crop_pct=1.0, hflip=0.0, scale=[0.7, 1.0], color_jitter=0.0, aa=None, reprob=0.0,
     mixup=0.0, cutmix=0.0, epochs=5, warmup_epochs=0.0, batch_size=32, lr_base=1e-3, lr_base_size=32,
     model_ema=False, workers=0, log_interval=10, drop_path=0.0,
 )
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=True)
 
     g = p.add_argument_group('augmentation and regularization')
-    g.add_argument('--no-aug', action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument('--no-aug', action='store_true', default=False,
                    help='train on resize + center crop only (deterministic data)')
     g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='RandomResizedCrop area range')
     g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='RandomResizedCrop aspect range')
@@ -287,25 +287,25 @@ def find_resume_checkpoint(resume: str, output_dir: str):
 
 
 def _rng_state():
+    """Random states as plain Python values (picklable everywhere, loadable with weights_only=True)."""
     np_state = np.random.get_state()
     state = {
         'python': random.getstate(),
-        'numpy': (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])),
-        'torch': torch.get_rng_state(),
+        'numpy': [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        'torch': torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state()
+        state['cuda'] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def _set_rng_state(state):
     random.setstate(_tuplify(state['python']))
     name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state['torch'], dtype=torch.uint8))
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
+        torch.cuda.set_rng_state(torch.tensor(state['cuda'], dtype=torch.uint8))
 
 
 def _tuplify(x):
@@ -484,7 +484,7 @@ def _train(args, rt, autocast_context, evaluate):
     from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from datasets import GlobalBatchSampler, ShardedEvalSampler, build_datasets
+    from image_data import GlobalBatchSampler, ShardedEvalSampler, build_datasets
 
     # ---- run folder (the same on every rank)
     output_dir = args.output or os.path.join(
@@ -509,7 +509,7 @@ def _train(args, rt, autocast_context, evaluate):
         root = os.path.join(args.data_dir, args.train_split)
         data_classes = sum(1 for d in os.scandir(root) if d.is_dir())
     else:
-        from datasets import EmbeddedDigits
+        from image_data import EmbeddedDigits
         data_classes = EmbeddedDigits.num_classes
     num_classes = args.num_classes
     if num_classes is None:
@@ -618,6 +618,7 @@ def _train(args, rt, autocast_context, evaluate):
             extra_state=extra_state)
 
     start_epoch, start_batch, num_updates = 0, 0, 0
+    resume_rng = None
     resume_path = find_resume_checkpoint(args.resume, output_dir) if args.resume else None
     if resume_path:
         ckpt = torch.load(resume_path, map_location='cpu', weights_only=True)
@@ -640,9 +641,8 @@ def _train(args, rt, autocast_context, evaluate):
         start_epoch, start_batch, num_updates = ckpt['next_epoch'], ckpt['next_batch'], ckpt['num_updates']
         position.update(best_metric=ckpt.get('best_metric'), best_epoch=ckpt.get('best_epoch'))
         rng = ckpt.get('rng')
-        if rng is not None and len(rng) == rt.world_size:
-            _set_rng_state(rng[rt.rank])
-        else:
+        resume_rng = rng[rt.rank] if rng is not None and len(rng) == rt.world_size else None
+        if resume_rng is None:  # another number of processes: fresh, deterministic streams
             _seed_everything(args.seed + rt.rank + 1000003 * num_updates)
         if saver is not None and ckpt.get('saver') is not None:
             saver.load_state_dict(ckpt['saver'])
@@ -695,7 +695,15 @@ def _train(args, rt, autocast_context, evaluate):
         loss_count = 0
         window_loss = torch.zeros((), device=rt.device, dtype=torch.float64)
         window_count, window_start = 0, time.time()
+        # Random states are restored where the interrupted run saved them: before the epoch's loader iterator
+        # (which draws a seed) for an epoch-end checkpoint, after it for a mid-epoch one.
+        if resume_rng is not None and first_batch == 0:
+            _set_rng_state(resume_rng)
+            resume_rng = None
         data_iter = iter(train_loader)
+        if resume_rng is not None:
+            _set_rng_state(resume_rng)
+            resume_rng = None
         for batch_idx in range(first_batch, steps_per_epoch):
             for micro in range(args.grad_accum_steps):
                 images, targets = next(data_iter)

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from cli import UsageError
+from cli_common import UsageError
 
 __all__ = [
     'EmbeddedDigits', 'build_datasets', 'GlobalBatchSampler', 'ShardedEvalSampler', 'DIGITS_NAME',

@@ -156,7 +156,7 @@ def import_zoo() -> bool:
 def zoo_model_names() -> List[str]:
     """Every model registered by ``vmamba_zoo`` (all families), sorted."""
     import timm
-    from timm.models import get_model_entrypoint
+    from timm.models import model_entrypoint as get_model_entrypoint
     import_zoo()
     names = []
     for name in timm.list_models():
@@ -168,7 +168,7 @@ def zoo_model_names() -> List[str]:
 
 def zoo_families() -> Dict[str, List[str]]:
     """{family module short name (e.g. 'plainmamba'): [model names]} for the registered zoo models."""
-    from timm.models import get_model_entrypoint
+    from timm.models import model_entrypoint as get_model_entrypoint
     families: Dict[str, List[str]] = {}
     for name in zoo_model_names():
         module = get_model_entrypoint(name).__module__.rsplit('.', 1)[-1]
