@@ -48,6 +48,10 @@ def cross_routes(H: int, W: int, device: torch.device) -> torch.Tensor:
     return routes
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class GroupedLinear(nn.Module):
     """K independent linear maps applied to the K groups of a (..., K, in_features) tensor."""
 
@@ -140,9 +144,10 @@ class GroupedSingleScan2d(nn.Module):
         dt = torch.einsum('bhwkr,kdr->bhwkd', dt, self.dt_proj_weight)
         routes = cross_routes(H, W, x.device)
         # the official scan runs in fp32 (force_fp32) and normalizes its fp32 output
+        f32 = _at_least_fp32
         y = selective_scan_2d(
-            x.float(), dt.float(), -torch.exp(self.A_log.float()), b.float(), c.float(), self.D.float(),
-            delta_bias=self.dt_proj_bias.float(), delta_softplus=True, routes=routes, merge='none',
+            f32(x), f32(dt), -torch.exp(f32(self.A_log)), f32(b), f32(c), f32(self.D),
+            delta_bias=f32(self.dt_proj_bias), delta_softplus=True, routes=routes, merge='none',
         )
         y = self.out_norm(y).to(z.dtype) * z
         return self.out_proj(y)
