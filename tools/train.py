@@ -516,6 +516,7 @@ def _train(args, rt, autocast_context, evaluate):
         num_classes = data_classes
     elif num_classes < data_classes:
         raise UsageError(f'--num-classes {num_classes} is smaller than the {data_classes} classes of the data')
+    args.num_classes = num_classes
     model = _build_model(args, num_classes)
     data_config = _data_config(args, model)
     img_size = data_config['input_size'][-1]
