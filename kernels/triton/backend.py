@@ -56,14 +56,15 @@ def chunk_size(N: int) -> int:
 def _bwd_block_d(CPG: int, N: int) -> int:
     if _INTERPRET:
         return min(8, _pow2(CPG))
-    return max(1, min(_pow2(CPG), 4096 // (chunk_size(N) * _pow2(N))))
+    return max(1, min(_pow2(CPG), 2048 // (chunk_size(N) * _pow2(N))))
 
 
 # --------------------------------------------------------------------------------------------------
 # Kernels with autotuning (plain launches under the interpreter)
 
-_FWD_TILES = [(64, 32, 4), (128, 32, 8), (256, 16, 8), (32, 64, 4), (64, 16, 2), (32, 16, 4), (16, 16, 4),
-              (16, 8, 2), (8, 16, 4)]
+# (BT, BD, num_warps, prefetch): the first three that fit a problem are tried.
+_FWD_TILES = [(64, 32, 4, True), (32, 32, 4, True), (64, 32, 4, False), (64, 16, 4, True), (16, 16, 8, True),
+              (32, 16, 8, True), (16, 16, 8, False), (8, 16, 4, True), (16, 8, 4, True)]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -72,34 +73,27 @@ def _prune_fwd(configs, named_args, **kwargs):
     keep = []
     for cfg in configs:
         BT, BD = cfg.kwargs["BT"], cfg.kwargs["BD"]
-        size = BT * BD * BN
-        if BD > max(8, _pow2(CPG)) or not 512 <= size <= 8192:
+        if BD > max(8, _pow2(CPG)) or not 256 <= BT * BD * BN <= 4096:
             continue
         if args["SAVE_CHUNKS"] and BT > save_t:
             continue
         keep.append(cfg)
     if not keep:  # the smallest tile always fits
         keep = [min(configs, key=lambda c: c.kwargs["BT"] * c.kwargs["BD"])]
-    return keep[:4]
+    return keep[:3]
 
 
 _fwd_tuned = triton.autotune(
-    configs=[triton.Config({"BT": bt, "BD": bd}, num_warps=w) for bt, bd, w in _FWD_TILES],
+    configs=[triton.Config({"BT": bt, "BD": bd, "PREFETCH": pf}, num_warps=w) for bt, bd, w, pf in _FWD_TILES],
     key=["CPG", "N", "K", "BN", "OUT_MODE", "MERGE", "GATHER", "HAS_Z", "HAS_D", "SAVE_CHUNKS"],
     prune_configs_by={"early_config_prune": _prune_fwd},
     reset_to_zero=["out"],
 )(scan.selective_scan_fwd_kernel)
 
-_bwd_tuned = triton.autotune(
-    configs=[triton.Config({}, num_warps=w) for w in (4, 8)],
-    key=["CPG", "N", "K", "BN", "BT", "BD", "IN_MODE", "DX_MERGE", "GATHER", "HAS_Z", "HAS_D"],
-    reset_to_zero=["dx"],
-)(scan.selective_scan_bwd_kernel)
-
 
 def _launch_fwd(grid, **kw):
     if _INTERPRET:
-        kw.update(BT=4, BD=min(8, _pow2(kw["CPG"])))
+        kw.update(BT=4, BD=min(8, _pow2(kw["CPG"])), PREFETCH=os.environ.get("VMAMBA_KERNELS_PREFETCH", "1") == "1")
         scan.selective_scan_fwd_kernel[grid(kw)](**kw)
     else:
         _fwd_tuned[grid](**kw)
@@ -109,7 +103,7 @@ def _launch_bwd(grid, **kw):
     if _INTERPRET:
         scan.selective_scan_bwd_kernel[grid(kw)](**kw)
     else:
-        _bwd_tuned[grid](**kw)
+        scan.selective_scan_bwd_kernel[grid(kw)](**kw, num_warps=8)
 
 
 # --------------------------------------------------------------------------------------------------

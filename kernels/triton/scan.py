@@ -113,22 +113,24 @@ def _route_params(A, D, delta_bias, k, sA_k, sA_d, sA_n, sD_k, sD_d, offs_d, off
 
 
 @triton.jit
-def _chunk_inputs(routes, param_routes, k, t, Lr, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d,
-                  B_img, sB_k, sB_t, sB_n, A_k, bias_k, offs_d, offs_n, mask_d, mask_n,
-                  GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """One chunk of route k read through the route index, discretized.
-
-    Returns positions p, q, the step masks ([BT], [BT, BD], [BT, BN]), x [BT, BD], dt before softplus
-    (with bias), dt (zero at padded steps, which leave the state unchanged), B [BT, BN], and the
-    recurrence coefficients decay = exp(dt·A), drive = dt·x·B as [BT, BD, BN] tiles.
-    """
-    p, q, valid = _positions(routes, param_routes, k, t, Lr, GATHER)
+def _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t, sB_n, k, p, q, valid,
+                 offs_d, offs_n, mask_d, mask_n):
+    """Tiles of one chunk of route k, as stored: x [BT, BD] at p, delta [BT, BD] and B [BT, BN] at q."""
     m = valid[:, None] & mask_d[None, :]
     mn = valid[:, None] & mask_n[None, :]
-    xv = tl.load(x_img + k * sx_k + p[:, None] * sx_t + offs_d[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
-    dt_pre = tl.load(dt_img + k * sdt_k + q[:, None] * sdt_t + offs_d[None, :] * sdt_d, mask=m,
-                     other=0.0).to(tl.float32)
-    Bv = tl.load(B_img + k * sB_k + q[:, None] * sB_t + offs_n[None, :] * sB_n, mask=mn, other=0.0).to(tl.float32)
+    xv = tl.load(x_img + k * sx_k + p[:, None] * sx_t + offs_d[None, :] * sx_d, mask=m, other=0.0)
+    dt = tl.load(dt_img + k * sdt_k + q[:, None] * sdt_t + offs_d[None, :] * sdt_d, mask=m, other=0.0)
+    Bv = tl.load(B_img + k * sB_k + q[:, None] * sB_t + offs_n[None, :] * sB_n, mask=mn, other=0.0)
+    return m, mn, xv, dt, Bv
+
+
+@triton.jit
+def _discretize(xv, dt_raw, Bv, m, A_k, bias_k, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """fp32 x, dt before softplus (with bias), dt (zero at padded steps, which leave the state unchanged),
+    B, and the recurrence coefficients decay = exp(dt·A), drive = dt·x·B as [BT, BD, BN] tiles."""
+    xv = xv.to(tl.float32)
+    Bv = Bv.to(tl.float32)
+    dt_pre = dt_raw.to(tl.float32)
     if HAS_BIAS:
         dt_pre = dt_pre + bias_k[None, :]
     if SOFTPLUS:
@@ -138,7 +140,28 @@ def _chunk_inputs(routes, param_routes, k, t, Lr, x_img, sx_k, sx_t, sx_d, dt_im
     dt = tl.where(m, dt, 0.0)
     decay = tl.exp(dt[:, :, None] * A_k[None, :, :])
     drive = (dt * xv)[:, :, None] * Bv[:, None, :]
-    return p, q, valid, m, mn, xv, dt_pre, dt, Bv, decay, drive
+    return xv, dt_pre, dt, Bv, decay, drive
+
+
+@triton.jit
+def _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d, first_visit, k, t,
+                  Lr, p, q, m, mn, Bv, xv, offs_d, offs_n, OUT_MODE: tl.constexpr, HAS_Z: tl.constexpr,
+                  MERGE: tl.constexpr):
+    """What the output of a chunk needs besides the scan: C at q, z at p, and for read-add-store merges
+    the partial sums already at p (zero where this step is the pixel's first visit). Stand-ins where
+    unused keep the loop-carried types fixed."""
+    Cv = Bv
+    zv = xv
+    old = xv
+    if OUT_MODE == 1:
+        Cv = tl.load(C_img + k * sC_k + q[:, None] * sC_t + offs_n[None, :] * sC_n, mask=mn, other=0.0)
+        if HAS_Z:
+            zv = tl.load(z_img + k * sz_k + p[:, None] * sz_t + offs_d[None, :] * sz_d, mask=m, other=0.0)
+        if MERGE == 1:
+            first = tl.load(first_visit + k * Lr + t, mask=t < Lr, other=1)
+            old = tl.load(out_img + k * so_k + p[:, None] * so_t + offs_d[None, :] * so_d,
+                          mask=m & (first == 0)[:, None], other=0.0).to(xv.dtype)
+    return Cv, zv, old
 
 
 @triton.jit(do_not_specialize=["Lr", "L"])
@@ -158,7 +181,7 @@ def selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATHER: tl.constexpr, OUT_MODE: tl.constexpr, MERGE: tl.constexpr, ZERO_UNVISITED: tl.constexpr,
     STORE_LAST: tl.constexpr, SAVE_CHUNKS: tl.constexpr, SAVE_T: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr = True,
 ):
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
@@ -191,11 +214,25 @@ def selective_scan_fwd_kernel(
         A_k, D_k, bias_k = _route_params(A, D, delta_bias, k, sA_k, sA_d, sA_n, sD_k, sD_d, offs_d, offs_n,
                                          mask_d, mask_dn, HAS_D, HAS_BIAS)
         h = tl.zeros([BD, BN], dtype=tl.float32)
+        # Software pipelining: the tiles of chunk c + 1 and the route positions of chunk c + 2 are
+        # requested before chunk c is computed, so that memory latency overlaps the scan.
+        p0, q0, v0 = _positions(routes, param_routes, k, rows, Lr, GATHER)
+        m0, mn0, x0, d0, B0 = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k,
+                                           sB_t, sB_n, k, p0, q0, v0, offs_d, offs_n, mask_d, mask_n)
+        C0, z0, o0 = _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d,
+                                   first_visit, k, rows, Lr, p0, q0, m0, mn0, B0, x0, offs_d, offs_n,
+                                   OUT_MODE, HAS_Z, MERGE)
+        p1, q1, v1 = _positions(routes, param_routes, k, BT + rows, Lr, GATHER)
         for c in range(0, tl.cdiv(Lr, BT)):
-            t = c * BT + rows
-            p, q, valid, m, mn, xv, dt_pre, dt, Bv, decay, drive = _chunk_inputs(
-                routes, param_routes, k, t, Lr, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d,
-                B_img, sB_k, sB_t, sB_n, A_k, bias_k, offs_d, offs_n, mask_d, mask_n, GATHER, HAS_BIAS, SOFTPLUS)
+            if PREFETCH:
+                m1, mn1, x1, d1, B1 = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img,
+                                                   sB_k, sB_t, sB_n, k, p1, q1, v1, offs_d, offs_n, mask_d, mask_n)
+                C1, z1, o1 = _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t,
+                                           so_d, first_visit, k, (c + 1) * BT + rows, Lr, p1, q1, m1, mn1, B1, x1,
+                                           offs_d, offs_n, OUT_MODE, HAS_Z, MERGE)
+                p2, q2, v2 = _positions(routes, param_routes, k, (c + 2) * BT + rows, Lr, GATHER)
+
+            xv, dt_pre, dt, Bv, decay, drive = _discretize(x0, d0, B0, m0, A_k, bias_k, HAS_BIAS, SOFTPLUS)
             if SAVE_CHUNKS:
                 if (c * BT) % SAVE_T == 0:
                     ptr = chunk_states + (((b64 * K + k) * n_saved + (c * BT) // SAVE_T) * CPG) * BN
@@ -204,28 +241,32 @@ def selective_scan_fwd_kernel(
             hs = a_run * h[None, :, :] + b_run
             h = tl.sum(tl.where((rows == BT - 1)[:, None, None], hs, 0.0), axis=0)
             if OUT_MODE == 1:
-                Cv = tl.load(C_img + k * sC_k + q[:, None] * sC_t + offs_n[None, :] * sC_n, mask=mn,
-                             other=0.0).to(tl.float32)
-                y = tl.sum(hs * Cv[:, None, :], axis=2)
+                y = tl.sum(hs * C0.to(tl.float32)[:, None, :], axis=2)
                 if HAS_D:
                     y += D_k[None, :] * xv
                 if HAS_Z:
-                    zv = tl.load(z_img + k * sz_k + p[:, None] * sz_t + offs_d[None, :] * sz_d, mask=m,
-                                 other=0.0).to(tl.float32)
+                    zv = z0.to(tl.float32)
                     y = y * zv * tl.sigmoid(zv)
-                o_ptr = out_img + k * so_k + p[:, None] * so_t + offs_d[None, :] * so_d
-                if MERGE == 1:
-                    first = tl.load(first_visit + k * Lr + t, mask=t < Lr, other=1)
-                    y += tl.load(o_ptr, mask=m & (first == 0)[:, None], other=0.0).to(tl.float32)
-                    tl.store(o_ptr, y.to(out.dtype.element_ty), mask=m)
-                elif MERGE == 2:
-                    tl.atomic_add(o_ptr, y, mask=m)
+                o_ptr = out_img + k * so_k + p0[:, None] * so_t + offs_d[None, :] * so_d
+                if MERGE == 2:
+                    tl.atomic_add(o_ptr, y, mask=m0)
                 else:
-                    tl.store(o_ptr, y.to(out.dtype.element_ty), mask=m)
+                    if MERGE == 1:
+                        y += o0.to(tl.float32)
+                    tl.store(o_ptr, y.to(out.dtype.element_ty), mask=m0)
             elif OUT_MODE == 2:
-                o_ptr = (out_img + k * so_k + p[:, None, None] * so_t + offs_d[None, :, None] * so_d
+                o_ptr = (out_img + k * so_k + p0[:, None, None] * so_t + offs_d[None, :, None] * so_d
                          + offs_n[None, None, :] * so_n)
-                tl.store(o_ptr, hs, mask=m[:, :, None] & mask_n[None, None, :])
+                tl.store(o_ptr, hs, mask=m0[:, :, None] & mask_n[None, None, :])
+            if not PREFETCH:  # the same loads, issued after the compute (for comparison)
+                m1, mn1, x1, d1, B1 = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img,
+                                                   sB_k, sB_t, sB_n, k, p1, q1, v1, offs_d, offs_n, mask_d, mask_n)
+                C1, z1, o1 = _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t,
+                                           so_d, first_visit, k, (c + 1) * BT + rows, Lr, p1, q1, m1, mn1, B1, x1,
+                                           offs_d, offs_n, OUT_MODE, HAS_Z, MERGE)
+                p2, q2, v2 = _positions(routes, param_routes, k, (c + 2) * BT + rows, Lr, GATHER)
+            p0, q0, v0, m0, mn0, x0, d0, B0, C0, z0, o0 = p1, q1, v1, m1, mn1, x1, d1, B1, C1, z1, o1
+            p1, q1, v1 = p2, q2, v2
         if STORE_LAST:
             ptr = last_state + ((b64 * K + k) * CPG) * N
             tl.store(ptr + offs_d[:, None] * N + offs_n[None, :], h, mask=mask_dn)
@@ -315,9 +356,10 @@ def selective_scan_bwd_kernel(
         for i in range(0, n_chunks):
             c = n_chunks - 1 - i
             t = c * BT + rows
-            p, q, valid, m, mn, xv, dt_pre, dt, Bv, decay, drive = _chunk_inputs(
-                routes, param_routes, k, t, Lr, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d,
-                B_img, sB_k, sB_t, sB_n, A_k, bias_k, offs_d, offs_n, mask_d, mask_n, GATHER, HAS_BIAS, SOFTPLUS)
+            p, q, valid = _positions(routes, param_routes, k, t, Lr, GATHER)
+            m, mn, xv, dt, Bv = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k,
+                                             sB_t, sB_n, k, p, q, valid, offs_d, offs_n, mask_d, mask_n)
+            xv, dt_pre, dt, Bv, decay, drive = _discretize(xv, dt, Bv, m, A_k, bias_k, HAS_BIAS, SOFTPLUS)
             h0 = tl.load(chunk_states + (((b64 * K + k) * n_chunks + c) * CPG) * BN
                          + offs_d[:, None] * BN + offs_n[None, :], mask=mask_d[:, None], other=0.0)
             a_run, b_run = tl.associative_scan((decay, drive), 0, _affine_combine)

@@ -1,0 +1,393 @@
+"""Benchmark of the fused Triton selective-scan kernels (GPU), with a correctness check at real shapes.
+
+For each shape (batch 128 by default) it reports forward and forward+backward times, the bandwidth
+achieved on the minimal byte count, that bandwidth as a fraction of the device's copy bandwidth
+(measured in the same run), and the speedup over (a) the reference on the GPU and (b) the unfused path
+gather → 1D Triton scan → scatter. Results go to stdout, ``<out>/bench_kernels.json`` and
+``<out>/bench_kernels.md``.
+
+Minimal bytes: every input read once and every output written once, in their dtypes:
+    forward          = x + delta + B + C + out + (A + D + delta_bias + routes)
+    forward+backward = forward + dout + x + delta + B + C + dx + ddelta + dB + dC + (dA + dD + ddelta_bias)
+with x: Bt·H·W·Dm (·K when each route has its own x), delta: Bt·H·W·K·Dm, B, C: Bt·H·W·K·N,
+out/dout: Bt·H·W·Dm for merge="sum" (·K for "none"). The states op (Spatial-Mamba) has no C, D and
+writes every state: out = Bt·Dm·N·L fp32. Copy bandwidth = 2·bytes / time of a 1 GiB device copy.
+
+    python tools/bench_kernels.py --check --out results/   # check at real shapes, then benchmark
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Dict
+
+import torch
+
+import vmamba_kernels as vk
+from vmamba_kernels import reference
+
+SHAPES: Dict[str, dict] = {
+    # VMamba-T s1l8: cross routes summed, d_state 1, no expansion.
+    "vmamba_t_s1": dict(op="2d", H=56, W=56, Dm=96, N=1, routes="cross", merge="sum"),
+    "vmamba_t_s2": dict(op="2d", H=28, W=28, Dm=192, N=1, routes="cross", merge="sum"),
+    "vmamba_t_s3": dict(op="2d", H=14, W=14, Dm=384, N=1, routes="cross", merge="sum"),
+    "vmamba_t_s4": dict(op="2d", H=7, W=7, Dm=768, N=1, routes="cross", merge="sum"),
+    # GroupMamba-T stage 1: 4 channel groups of 16, one cross route each, outputs kept per group.
+    "groupmamba_t_s1": dict(op="2d", H=56, W=56, Dm=16, N=1, routes="cross", merge="none", per_route_x=True),
+    # EfficientVMamba-T stage 1: atrous sub-grids, d_inner 96, d_state 16.
+    "efficientvmamba_t_s1": dict(op="2d", H=56, W=56, Dm=96, N=16, routes="atrous", merge="sum"),
+    # PlainMamba-L1: continuous snakes, parameters in raster order, d_inner 384, d_state 16.
+    "plainmamba_l1": dict(op="2d", H=14, W=14, Dm=384, N=16, routes="continuous", merge="sum", param_raster=True),
+    # Spatial-Mamba-T stage 1: one raster scan returning every state, d_inner 128, d_state 1.
+    "spatialmamba_t_s1": dict(op="states", H=56, W=56, Dm=128, N=1),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and byte counts
+
+
+def make_inputs(spec, batch, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    H, W, Dm, N = spec["H"], spec["W"], spec["Dm"], spec["N"]
+    L = H * W
+    # Mamba's initialization: A = -[1..N], dt = softplus(delta + bias) log-uniform in [1e-3, 1e-1].
+    dt_init = torch.exp(torch.rand(1, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    if spec["op"] == "states":
+        A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(Dm, 1).to(device)
+        bias = (dt_init + torch.expm1(-dt_init).neg().log()).expand(Dm).clone().to(device)
+        return dict(u=randn(batch, Dm, L), delta=randn(batch, Dm, L, scale=0.1), A=A, B=randn(batch, N, L),
+                    delta_bias=bias)
+    routes = vk.scan_routes(spec["routes"], H, W).to(device)
+    K = routes.shape[0]
+    param_routes = routes
+    if spec.get("param_raster"):
+        param_routes = vk.scan_routes("raster", H, W).expand(K, -1).contiguous().to(device)
+    x_shape = (batch, H, W, K, Dm) if spec.get("per_route_x") else (batch, H, W, Dm)
+    A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(K, Dm, 1).to(device)
+    bias = (dt_init + torch.expm1(-dt_init).neg().log()).expand(K, Dm).clone().to(device)
+    return dict(x=randn(*x_shape), delta=randn(batch, H, W, K, Dm, scale=0.1), A=A, B=randn(batch, H, W, K, N),
+                C=randn(batch, H, W, K, N), D=torch.ones(K, Dm, device=device), delta_bias=bias, routes=routes,
+                param_routes=param_routes, merge=spec["merge"])
+
+
+def _nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def minimal_bytes(spec, inputs):
+    """(forward, forward+backward) minimal bytes, the formula of the module docstring."""
+    if spec["op"] == "states":
+        u, delta, A, B = inputs["u"], inputs["delta"], inputs["A"], inputs["B"]
+        Bt, Dm, L = u.shape
+        states = Bt * Dm * spec["N"] * L * 4
+        fwd = _nbytes(u, delta, A, B, inputs["delta_bias"]) + states
+        bwd = states + _nbytes(u, delta, B) + _nbytes(u, delta, B, A, inputs["delta_bias"])
+        return fwd, fwd + bwd
+    x, delta, B, C = inputs["x"], inputs["delta"], inputs["B"], inputs["C"]
+    out_elems = delta.numel() if spec["merge"] == "none" else delta.numel() // delta.shape[3]
+    out = out_elems * x.element_size()
+    params = _nbytes(inputs["A"], inputs["D"], inputs["delta_bias"])
+    fwd = _nbytes(x, delta, B, C) + out + params + _nbytes(inputs["routes"])
+    bwd = out + 2 * _nbytes(x, delta, B, C) + params
+    if inputs["param_routes"] is not inputs["routes"]:
+        fwd += _nbytes(inputs["param_routes"])
+    return fwd, fwd + bwd
+
+
+# --------------------------------------------------------------------------------------------------
+# The paths under test
+
+
+def _op_call(spec, inputs, backend):
+    if spec["op"] == "states":
+        return vk.selective_scan_states(inputs["u"], inputs["delta"], inputs["A"], inputs["B"],
+                                        delta_bias=inputs["delta_bias"], delta_softplus=True, backend=backend)
+    return vk.selective_scan_2d(inputs["x"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+                                inputs["delta_bias"], True, routes=inputs["routes"],
+                                param_routes=inputs["param_routes"], merge=inputs["merge"], backend=backend)
+
+
+def unfused_2d(inputs):
+    """gather into route order (channels first) → 1D Triton scan → scatter and merge, in torch ops."""
+    x, delta = inputs["x"], inputs["delta"]
+    Bt, H, W, K, Dm = delta.shape
+    routes, param_routes = inputs["routes"], inputs["param_routes"]
+    folded = reference._fold_routes(x, delta, inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+                                    inputs["delta_bias"], routes, param_routes)
+    y = vk.selective_scan(**folded, delta_softplus=True, backend="triton")
+    y = reference._channels_last(y, K) * (routes >= 0)[None, :, :, None].to(y.dtype)
+    out = reference._route_scatter(y, routes.clamp(min=0), H * W, shared=(inputs["merge"] == "sum"))
+    shape = (Bt, H, W, Dm) if inputs["merge"] == "sum" else (Bt, H, W, K, Dm)
+    return out.reshape(shape)
+
+
+def _differentiable(spec, inputs):
+    names = ("u", "delta", "A", "B", "delta_bias") if spec["op"] == "states" else (
+        "x", "delta", "A", "B", "C", "D", "delta_bias")
+    return [inputs[n] for n in names]
+
+
+def runners(spec, inputs):
+    """name → (forward callable, forward+backward callable)."""
+    from vmamba_kernels.triton import backend as tri
+
+    leaves = _differentiable(spec, inputs)
+
+    def with_grad(fn):
+        dout = torch.ones_like(fn())
+
+        def run():
+            for t in leaves:
+                t.requires_grad_(True)
+            grads = torch.autograd.grad(fn(), leaves, dout)
+            for t in leaves:
+                t.requires_grad_(False)
+            return grads
+        return run
+
+    result = {
+        "triton_op": (lambda: _op_call(spec, inputs, "triton"), with_grad(lambda: _op_call(spec, inputs, "triton"))),
+        "reference": (lambda: _op_call(spec, inputs, "reference"),
+                      with_grad(lambda: _op_call(spec, inputs, "reference"))),
+    }
+    if spec["op"] == "2d":
+        args = (inputs["x"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+                inputs["delta_bias"], inputs["routes"], inputs["param_routes"], True, inputs["merge"])
+        dout = torch.ones_like(tri.selective_scan_2d_fwd(*args))
+
+        def kernel_fwd_bwd(atomic=False):
+            tri.set_atomic_merge(atomic)
+            out, states = tri.selective_scan_2d_fwd_saving(*args)
+            grads = tri.selective_scan_2d_bwd_from_saved(dout, *args, states)
+            tri.set_atomic_merge(False)
+            return out, grads
+
+        def kernel_fwd(atomic=False):
+            tri.set_atomic_merge(atomic)
+            out = tri.selective_scan_2d_fwd(*args)
+            tri.set_atomic_merge(False)
+            return out
+
+        result["triton_kernels"] = (kernel_fwd, kernel_fwd_bwd)
+        if inputs["merge"] == "sum":
+            result["triton_kernels_atomic"] = (lambda: kernel_fwd(True), lambda: kernel_fwd_bwd(True))
+        result["unfused"] = (lambda: unfused_2d(inputs), with_grad(lambda: unfused_2d(inputs)))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Correctness at real shapes
+
+
+def _rel_err(got, want):
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def check_shape(name, dtype_name, batch=2, device="cuda"):
+    """Triton vs reference (outputs and every gradient) and run-to-run bitwise equality."""
+    spec = SHAPES[name]
+    dtype = DTYPES[dtype_name]
+    inputs = make_inputs(spec, batch, dtype, device, seed=1)
+    leaves = _differentiable(spec, inputs)
+    results = {}
+    for backend in ("reference", "triton", "triton"):
+        for t in leaves:
+            t.grad = None
+            t.requires_grad_(True)
+        out = _op_call(spec, inputs, backend)
+        g = torch.Generator(device="cpu").manual_seed(2)
+        dout = torch.randn(out.shape, generator=g).to(device=device, dtype=out.dtype)
+        grads = torch.autograd.grad(out, leaves, dout)
+        for t in leaves:
+            t.requires_grad_(False)
+        results.setdefault(backend, []).append([out.detach()] + [gr.detach() for gr in grads])
+    ref, (tri1, tri2) = results["reference"][0], results["triton"]
+    names = ["out"] + ["d" + n for n in ("u delta A B delta_bias" if spec["op"] == "states"
+                                         else "x delta A B C D delta_bias").split()]
+    errs = {n: _rel_err(a, b) for n, a, b in zip(names, tri1, ref)}
+    deterministic = all(torch.equal(a, b) for a, b in zip(tri1, tri2))
+    if spec["op"] == "2d":  # warm the unfused path's kernels too
+        with torch.no_grad():
+            unfused_2d(inputs)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    return dict(shape=name, dtype=dtype_name, batch=batch, rel_err=errs, deterministic=deterministic,
+                passed=deterministic and all(e <= tol for e in errs.values()), tolerance=tol)
+
+
+def _check_worker(args):
+    """One check; for the benchmark's dtype also one run of every benchmarked path, which compiles them."""
+    name, dtype_name, warm = args
+    result = check_shape(name, dtype_name)
+    if warm:
+        spec = SHAPES[name]
+        for fwd, fwd_bwd in runners(spec, make_inputs(spec, 2, DTYPES[dtype_name], "cuda")).values():
+            fwd()
+            fwd_bwd()
+    return result
+
+
+def run_checks(names, dtypes, workers, bench_dtype):
+    """Checks in parallel processes: they also compile every kernel variant into Triton's disk cache."""
+    jobs = [(n, d, d == bench_dtype) for n in names for d in dtypes]
+    if workers <= 1:
+        return [_check_worker(j) for j in jobs]
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        return pool.map(_check_worker, jobs, chunksize=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+def copy_bandwidth(device="cuda"):
+    import triton.testing
+
+    src = torch.randn(2**28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def time_ms(fn, slow=False):
+    import triton.testing
+
+    if slow:  # the reference: a few plain runs
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[1]
+    return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+
+
+def bench_shape(name, batch, dtype_name, copy_bw, with_reference=True):
+    spec = SHAPES[name]
+    inputs = make_inputs(spec, batch, DTYPES[dtype_name], "cuda")
+    fwd_bytes, total_bytes = minimal_bytes(spec, inputs)
+    row = dict(shape=name, batch=batch, dtype=dtype_name, spec=spec, fwd_min_bytes=fwd_bytes,
+               fwd_bwd_min_bytes=total_bytes, ms={})
+    for path, (fwd, fwd_bwd) in runners(spec, inputs).items():
+        if path == "reference" and not with_reference:
+            continue
+        slow = path == "reference"
+        row["ms"][path] = dict(fwd=time_ms(fwd, slow), fwd_bwd=time_ms(fwd_bwd, slow))
+        torch.cuda.empty_cache()
+    main = row["ms"].get("triton_kernels", row["ms"]["triton_op"])
+    row["fwd_tb_s"] = fwd_bytes / (main["fwd"] * 1e-3) / 1e12
+    row["fwd_bwd_tb_s"] = total_bytes / (main["fwd_bwd"] * 1e-3) / 1e12
+    row["fwd_copy_fraction"] = row["fwd_tb_s"] * 1e12 / copy_bw
+    row["fwd_bwd_copy_fraction"] = row["fwd_bwd_tb_s"] * 1e12 / copy_bw
+    for other in ("reference", "unfused"):
+        if other in row["ms"]:
+            row[f"speedup_vs_{other}"] = {k: row["ms"][other][k] / row["ms"]["triton_op"][k] for k in ("fwd", "fwd_bwd")}
+    return row
+
+
+def tuned_configs():
+    from vmamba_kernels.triton import backend as tri
+
+    return [dict(key=[str(k) for k in key], config=str(cfg)) for key, cfg in tri._fwd_tuned.cache.items()]
+
+
+def markdown(report):
+    lines = [f"Device: {report['device']}; {report['date']}; commit {report['commit']}; torch {report['torch']}, "
+             f"triton {report['triton']}.", f"Command: `{report['command']}`", "",
+             f"Copy bandwidth (1 GiB device copy, read + write): {report['copy_tb_s']:.2f} TB/s", ""]
+    if report.get("checks"):
+        lines += ["| check (batch 2) | dtype | max rel. err | deterministic | passed |", "|---|---|---|---|---|"]
+        for c in report["checks"]:
+            worst = max(c["rel_err"], key=c["rel_err"].get)
+            lines.append(f"| {c['shape']} | {c['dtype']} | {c['rel_err'][worst]:.2e} ({worst}) | "
+                         f"{c['deterministic']} | {c['passed']} |")
+        lines.append("")
+    lines += ["| shape | fwd ms | fwd+bwd ms | fwd TB/s (of copy) | fwd+bwd TB/s (of copy) | op fwd / fwd+bwd ms | "
+              "atomic fwd / fwd+bwd ms | vs reference | vs unfused |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        ms = r["ms"]
+        main = ms.get("triton_kernels", ms["triton_op"])
+        atomic = ms.get("triton_kernels_atomic")
+        speed = {o: r.get(f"speedup_vs_{o}") for o in ("reference", "unfused")}
+        fmt = {o: (f"{s['fwd']:.1f}× / {s['fwd_bwd']:.1f}×" if s else "–") for o, s in speed.items()}
+        atomic_ms = f"{atomic['fwd']:.3f} / {atomic['fwd_bwd']:.3f}" if atomic else "–"
+        lines.append(
+            f"| {r['shape']} ({r['dtype']}) | {main['fwd']:.3f} | {main['fwd_bwd']:.3f} | "
+            f"{r['fwd_tb_s']:.2f} ({100 * r['fwd_copy_fraction']:.0f}%) | "
+            f"{r['fwd_bwd_tb_s']:.2f} ({100 * r['fwd_bwd_copy_fraction']:.0f}%) | "
+            f"{ms['triton_op']['fwd']:.3f} / {ms['triton_op']['fwd_bwd']:.3f} | {atomic_ms} | "
+            f"{fmt['reference']} | {fmt['unfused']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--check", action="store_true", help="check triton against the reference first")
+    parser.add_argument("--check-dtypes", nargs="*", default=["bf16", "fp32"], choices=list(DTYPES))
+    parser.add_argument("--workers", type=int, default=16, help="processes for the checks (they compile in parallel)")
+    parser.add_argument("--no-reference", action="store_true", help="skip timing the reference")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA device")
+    import triton
+
+    report = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), torch=torch.__version__, triton=triton.__version__,
+        command="python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:] if argv is None else argv))
+    try:
+        report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        report["commit"] = "unknown"
+    os.makedirs(args.out, exist_ok=True)
+    if args.check:
+        t0 = time.time()
+        report["checks"] = run_checks(args.shapes, args.check_dtypes, args.workers, args.dtype)
+        for c in report["checks"]:
+            print(f"check {c['shape']:22s} {c['dtype']:5s} passed={c['passed']} deterministic={c['deterministic']} "
+                  + " ".join(f"{k}={v:.1e}" for k, v in c["rel_err"].items()), flush=True)
+        print(f"checks took {time.time() - t0:.0f}s", flush=True)
+    report["copy_tb_s"] = copy_bandwidth() / 1e12
+    print(f"copy bandwidth {report['copy_tb_s']:.2f} TB/s", flush=True)
+    report["rows"] = []
+    for name in args.shapes:
+        t0 = time.time()
+        row = bench_shape(name, args.batch, args.dtype, report["copy_tb_s"] * 1e12, not args.no_reference)
+        report["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "spec"}), f"({time.time() - t0:.0f}s)", flush=True)
+        with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    report["tuned"] = tuned_configs()
+    with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
