@@ -164,6 +164,22 @@ def _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_
     return Cv, zv, old
 
 
+@triton.jit
+def _next_chunk(routes, param_routes, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t, sB_n,
+                C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d, first_visit, k, c, Lr,
+                p1, q1, v1, rows, offs_d, offs_n, mask_d, mask_n, OUT_MODE: tl.constexpr, HAS_Z: tl.constexpr,
+                MERGE: tl.constexpr, GATHER: tl.constexpr):
+    """Loads of chunk c + 1 (positions p1, q1 known) and the positions of chunk c + 2."""
+    BT: tl.constexpr = rows.shape[0]
+    m1, mn1, x1, d1, B1 = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t,
+                                       sB_n, k, p1, q1, v1, offs_d, offs_n, mask_d, mask_n)
+    C1, z1, o1 = _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d,
+                               first_visit, k, (c + 1) * BT + rows, Lr, p1, q1, m1, mn1, B1, x1, offs_d, offs_n,
+                               OUT_MODE, HAS_Z, MERGE)
+    p2, q2, v2 = _positions(routes, param_routes, k, (c + 2) * BT + rows, Lr, GATHER)
+    return m1, mn1, x1, d1, B1, C1, z1, o1, p2, q2, v2
+
+
 @triton.jit(do_not_specialize=["Lr", "L"])
 def selective_scan_fwd_kernel(
     x, delta, A, B, C, D, delta_bias, z,
@@ -225,12 +241,10 @@ def selective_scan_fwd_kernel(
         p1, q1, v1 = _positions(routes, param_routes, k, BT + rows, Lr, GATHER)
         for c in range(0, tl.cdiv(Lr, BT)):
             if PREFETCH:
-                m1, mn1, x1, d1, B1 = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img,
-                                                   sB_k, sB_t, sB_n, k, p1, q1, v1, offs_d, offs_n, mask_d, mask_n)
-                C1, z1, o1 = _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t,
-                                           so_d, first_visit, k, (c + 1) * BT + rows, Lr, p1, q1, m1, mn1, B1, x1,
-                                           offs_d, offs_n, OUT_MODE, HAS_Z, MERGE)
-                p2, q2, v2 = _positions(routes, param_routes, k, (c + 2) * BT + rows, Lr, GATHER)
+                m1, mn1, x1, d1, B1, C1, z1, o1, p2, q2, v2 = _next_chunk(
+                    routes, param_routes, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t,
+                    sB_n, C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d, first_visit,
+                    k, c, Lr, p1, q1, v1, rows, offs_d, offs_n, mask_d, mask_n, OUT_MODE, HAS_Z, MERGE, GATHER)
 
             xv, dt_pre, dt, Bv, decay, drive = _discretize(x0, d0, B0, m0, A_k, bias_k, HAS_BIAS, SOFTPLUS)
             if SAVE_CHUNKS:
@@ -259,12 +273,10 @@ def selective_scan_fwd_kernel(
                          + offs_n[None, None, :] * so_n)
                 tl.store(o_ptr, hs, mask=m0[:, :, None] & mask_n[None, None, :])
             if not PREFETCH:  # the same loads, issued after the compute (for comparison)
-                m1, mn1, x1, d1, B1 = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img,
-                                                   sB_k, sB_t, sB_n, k, p1, q1, v1, offs_d, offs_n, mask_d, mask_n)
-                C1, z1, o1 = _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t,
-                                           so_d, first_visit, k, (c + 1) * BT + rows, Lr, p1, q1, m1, mn1, B1, x1,
-                                           offs_d, offs_n, OUT_MODE, HAS_Z, MERGE)
-                p2, q2, v2 = _positions(routes, param_routes, k, (c + 2) * BT + rows, Lr, GATHER)
+                m1, mn1, x1, d1, B1, C1, z1, o1, p2, q2, v2 = _next_chunk(
+                    routes, param_routes, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t,
+                    sB_n, C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d, first_visit,
+                    k, c, Lr, p1, q1, v1, rows, offs_d, offs_n, mask_d, mask_n, OUT_MODE, HAS_Z, MERGE, GATHER)
             p0, q0, v0, m0, mn0, x0, d0, B0, C0, z0, o0 = p1, q1, v1, m1, mn1, x1, d1, B1, C1, z1, o1
             p1, q1, v1 = p2, q2, v2
         if STORE_LAST:
