@@ -152,7 +152,9 @@ def count_model(name: str, img_size: int, counters: List[str], paper: Optional[d
         row['params_compared'] = 'no head' if paper.get('params_exclude_head') else 'all'
         if paper.get('params_m'):
             row['params_delta_pct'] = 100.0 * (ours - paper['params_m']) / paper['params_m']
-        if paper.get('gflops') and 'gflops_fvcore' in row:
+        if img_size != paper.get('img_size', 224):  # the papers count at their own input size
+            row['paper_gflops'] = None
+        elif paper.get('gflops') and 'gflops_fvcore' in row:
             row['gflops_delta_pct'] = 100.0 * (row['gflops_fvcore'] - paper['gflops']) / paper['gflops']
     return row
 
