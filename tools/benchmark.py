@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Throughput, latency and peak memory of zoo models and timm baselines, in one run.
+
+For each model, precision (fp32, bf16/fp16 autocast) and memory format (contiguous, channels_last):
+
+- inference img/s at ``--batch-size`` (eval mode, ``torch.inference_mode``);
+- training img/s at ``--batch-size`` (forward + backward + AdamW step on random labels);
+- latency at batch 1 (median ms);
+- peak memory of inference and of training (CUDA only).
+
+    python tools/benchmark.py                                  # zoo T variants + convnext/swin/resnet50/mambaout
+    python tools/benchmark.py --models zoo-tiny,baselines --batch-size 128 --amp fp32,bf16 --out-dir DIR
+    python tools/benchmark.py --models test_resnet --batch-size 2 --img-size 32 --iters 2 --device cpu   # smoke
+
+Model lists: ``zoo`` (every zoo model), ``zoo-tiny`` (the T/L1 variants of each family), ``baselines``
+(convnext_tiny, swin_tiny_patch4_window7_224, resnet50, mambaout_tiny), a family name, or model names.
+``--out-dir`` receives benchmark.csv, benchmark.md (with date, commit, device and command) and benchmark.json.
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from cli_common import (  # noqa: E402
+    ToolArgumentParser, UsageError, create_model, git_commit, import_zoo, parse_csv_list, require_model, run_tool,
+    zoo_families, zoo_model_names,
+)
+
+BASELINES = ['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50', 'mambaout_tiny']
+AMP = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+TINY_PATTERN = re.compile(r'(tiny|_t$|_t_|_l1$)')
+
+
+def build_parser():
+    p = ToolArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--models', default='zoo-tiny,baselines', help='comma list (see above)')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--batch-size', '-b', type=int, default=128, help='batch for the throughput measurements')
+    p.add_argument('--amp', default='fp32,bf16', help="comma list of 'fp32', 'bf16', 'fp16'")
+    p.add_argument('--channels-last', action='store_true', help='run channels_last instead of contiguous')
+    p.add_argument('--memory-formats', default=None,
+                   help="comma list of 'contiguous', 'channels_last' (overrides --channels-last)")
+    p.add_argument('--modes', default='infer,train,latency', help="comma list of 'infer', 'train', 'latency'")
+    p.add_argument('--warmup', type=int, default=10, help='untimed iterations per measurement')
+    p.add_argument('--iters', type=int, default=30, help='timed iterations per measurement')
+    p.add_argument('--compile', action='store_true', help='torch.compile each model')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--out-dir', default=None, help='write benchmark.csv / .md / .json here')
+    return p
+
+
+def resolve_models(spec):
+    import_zoo()
+    families = zoo_families()
+    names = []
+    for item in parse_csv_list(spec):
+        if item == 'zoo':
+            names.extend(zoo_model_names())
+        elif item == 'zoo-tiny':
+            for family, members in sorted(families.items()):
+                tiny = [n for n in members if TINY_PATTERN.search(n)]
+                names.extend(tiny or sorted(members)[:1])
+        elif item == 'baselines':
+            names.extend(BASELINES)
+        elif item in families:
+            names.extend(families[item])
+        else:
+            require_model(item)
+            names.append(item)
+    if not names:
+        raise UsageError(f'no models selected by --models {spec!r}')
+    return list(dict.fromkeys(names))
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+    def run(self, fn, warmup, iters):
+        """Seconds per call: median over ``iters`` individually timed calls after ``warmup`` calls."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+def _autocast(device, amp):
+    dtype = AMP[amp]
+    if dtype is None:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _peak_reset(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mib(device):
+    if device.type == 'cuda':
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return None
+
+
+def bench_model(name, args, device, amp, memory_format):
+    """One table row. Each mode is measured on its own; a mode that fails or runs out of memory says so in
+    ``status`` and the others still run. Training runs first: models that cache tensors (e.g. scan routes) then
+    never meet a cache filled under ``torch.inference_mode``."""
+    timer = Timer(device)
+    row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'img_size': args.img_size,
+           'batch_size': args.batch_size}
+    model = create_model(name, img_size=args.img_size)
+    row['params_m'] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    model.to(device)
+    fmt = torch.channels_last if memory_format == 'channels_last' else torch.contiguous_format
+    model.to(memory_format=fmt)
+    run_model = torch.compile(model) if args.compile else model
+    modes = parse_csv_list(args.modes)
+    n_classes = model.num_classes if getattr(model, 'num_classes', 0) else 1000
+    problems = []
+
+    def batch(n):
+        return torch.randn(n, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
+
+    def measure_train():
+        model.train()
+        x = batch(args.batch_size)
+        y = torch.randint(0, n_classes, (args.batch_size,), device=device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type) if amp == 'fp16' else None
+        _peak_reset(device)
+
+        def train_step():
+            with _autocast(device, amp):
+                out = run_model(x)
+                if isinstance(out, (tuple, list)):
+                    out = sum(out) / len(out)
+                loss = F.cross_entropy(out.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+        sec = timer.run(train_step, max(args.warmup // 2, 1), args.iters)
+        row['train_img_s'] = round(args.batch_size / sec, 1)
+        row['train_peak_mib'] = _peak_mib(device)
+        optimizer.zero_grad(set_to_none=True)
+
+    def measure_infer():
+        model.eval()
+        x = batch(args.batch_size)
+        _peak_reset(device)
+
+        def infer():
+            with torch.inference_mode(), _autocast(device, amp):
+                run_model(x)
+        sec = timer.run(infer, args.warmup, args.iters)
+        row['infer_img_s'] = round(args.batch_size / sec, 1)
+        row['infer_peak_mib'] = _peak_mib(device)
+
+    def measure_latency():
+        model.eval()
+        x1 = batch(1)
+
+        def infer1():
+            with torch.inference_mode(), _autocast(device, amp):
+                run_model(x1)
+        row['latency_ms'] = round(1000 * timer.run(infer1, args.warmup, max(args.iters, 3)), 3)
+
+    for mode, fn in (('train', measure_train), ('infer', measure_infer), ('latency', measure_latency)):
+        if mode not in modes:
+            continue
+        try:
+            fn()
+        except torch.OutOfMemoryError:
+            problems.append(f'{mode}: OOM')
+        except Exception as e:  # noqa: BLE001  (one failing mode must not stop the table)
+            msg = str(e).splitlines()[0][:100] if str(e) else ''
+            problems.append(f'{mode}: error {type(e).__name__}: {msg}')
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    row['status'] = '; '.join(problems) if problems else 'ok'
+    return row
+
+
+COLUMNS = [
+    ('model', 'model'), ('params_m', 'params (M)'), ('precision', 'precision'), ('memory_format', 'memory format'),
+    ('infer_img_s', 'infer img/s'), ('train_img_s', 'train img/s'), ('latency_ms', 'latency bs1 (ms)'),
+    ('infer_peak_mib', 'infer peak MiB'), ('train_peak_mib', 'train peak MiB'), ('status', 'status'),
+]
+
+
+def _cell(v):
+    return '' if v is None else str(v)
+
+
+def markdown(rows, header_lines):
+    out = list(header_lines) + ['']
+    out.append('| ' + ' | '.join(title for _, title in COLUMNS) + ' |')
+    out.append('|' + '---|' * len(COLUMNS))
+    for r in rows:
+        out.append('| ' + ' | '.join(_cell(r.get(k)) for k, _ in COLUMNS) + ' |')
+    return '\n'.join(out) + '\n'
+
+
+def console(rows):
+    widths = [max(len(title), *(len(_cell(r.get(k))) for r in rows)) for k, title in COLUMNS]
+    lines = ['  '.join(title.ljust(w) for (_, title), w in zip(COLUMNS, widths))]
+    lines.append('  '.join('-' * w for w in widths))
+    for r in rows:
+        lines.append('  '.join(_cell(r.get(k)).ljust(w) for (k, _), w in zip(COLUMNS, widths)))
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    precisions = parse_csv_list(args.amp)
+    bad = [p for p in precisions if p not in AMP]
+    if not precisions or bad:
+        raise UsageError(f"--amp must list fp32/bf16/fp16, got {args.amp!r}")
+    formats = parse_csv_list(args.memory_formats) if args.memory_formats else \
+        ['channels_last' if args.channels_last else 'contiguous']
+    if any(f not in ('contiguous', 'channels_last') for f in formats):
+        raise UsageError(f"--memory-formats must list contiguous/channels_last, got {args.memory_formats!r}")
+    modes = parse_csv_list(args.modes)
+    if not modes or any(m not in ('infer', 'train', 'latency') for m in modes):
+        raise UsageError(f"--modes must list infer/train/latency, got {args.modes!r}")
+    if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
+        raise UsageError('--batch-size and --iters must be >= 1, --warmup >= 0')
+    device_name = args.device
+    if device_name == 'auto':
+        device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device_name.startswith('cuda') and not torch.cuda.is_available():
+        raise UsageError('--device cuda requested but CUDA is not available')
+    device = torch.device(device_name)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+        torch.backends.cudnn.allow_tf32 = False
+    names = resolve_models(args.models)
+
+    device_desc = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
+        f'CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)'
+    stamp = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    command = 'python tools/benchmark.py ' + ' '.join(shlex.quote(a) for a in argv)
+    header = [
+        f'Benchmark of {len(names)} models, {stamp}, commit {git_commit()}, on {device_desc}.',
+        f'torch {torch.__version__}, timm {__import__("timm").__version__}; input {args.img_size}x{args.img_size}, '
+        f'throughput batch {args.batch_size}, latency batch 1; median of {args.iters} timed iterations after '
+        f'{args.warmup} warm-up; training = forward + backward + AdamW step; TF32 off.',
+        f'Command: `{command}`',
+    ]
+    print('\n'.join(header), flush=True)
+
+    rows, failures = [], 0
+    for name in names:
+        for amp in precisions:
+            for memory_format in formats:
+                try:
+                    row = bench_model(name, args, device, amp, memory_format)
+                except torch.OutOfMemoryError:
+                    row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'status': 'OOM'}
+                except Exception as e:  # noqa: BLE001  (e.g. the model cannot be built at this size)
+                    msg = str(e).splitlines()[0][:120] if str(e) else ''
+                    row = {'model': name, 'precision': amp, 'memory_format': memory_format,
+                           'status': f'error {type(e).__name__}: {msg}'}
+                failures += 'error' in row['status']
+                if device.type == 'cuda':
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(' '.join(f'{k}={v}' for k, v in row.items()), file=sys.stderr, flush=True)
+    print(console(rows))
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        keys = []
+        for r in rows:
+            keys.extend(k for k in r if k not in keys)
+        with open(os.path.join(args.out_dir, 'benchmark.csv'), 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        with open(os.path.join(args.out_dir, 'benchmark.md'), 'w') as f:
+            f.write(markdown(rows, header))
+        with open(os.path.join(args.out_dir, 'benchmark.json'), 'w') as f:
+            json.dump({'header': header, 'device': device_desc, 'date': stamp, 'commit': git_commit(),
+                       'command': command, 'rows': rows}, f, indent=2)
+        print(f'wrote {args.out_dir}/benchmark.csv, benchmark.md, benchmark.json')
+    return 1 if failures else 0
+
+
+if __name__ == '__main__':
+    sys.exit(run_tool(main))
