@@ -117,7 +117,7 @@ def test_drop_path_rate_reaches_the_timm_model():
     assert rates and max(rates) == pytest.approx(0.3)
 
 
-def test_found_from_mmdet_and_mmseg_scopes():
+def test_found_from_mmdet_and_mmseg_scopes_with_family_aliases():
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS as SEG_MODELS
@@ -125,6 +125,10 @@ def test_found_from_mmdet_and_mmseg_scopes():
         with DefaultScope.overwrite_default_scope(scope):
             backbone = registry.build(dict(type='TimmVMamba', model_name='groupmamba_tiny', out_indices=(3,)))
         assert isinstance(backbone, TimmVMamba) and backbone.out_channels == (448,)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        alias = SEG_MODELS.build(dict(type='PlainMambaBackbone', drop_path_rate=0.1))
+    assert isinstance(alias, TimmVMamba) and alias.model_name == 'plainmamba_l1'
+    assert alias.out_strides == (4, 8, 16, 32) and alias.out_channels == (48, 96, 192, 192)
 
 
 def test_invalid_arguments_raise():

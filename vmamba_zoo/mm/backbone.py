@@ -27,7 +27,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint import family_filter_fn, format_key_mismatch, read_checkpoint, select_state_dict, strip_prefix
 
-__all__ = ['TimmVMamba', 'SimplePyramidLevel']
+__all__ = [
+    'TimmVMamba', 'SimplePyramidLevel', 'VMambaBackbone', 'SpatialMambaBackbone', 'EfficientVMambaBackbone',
+    'GroupMambaBackbone', 'ViM2Backbone', 'PlainMambaBackbone',
+]
 
 _ADAPTER_PREFIXES = ('outnorm', 'pyramid.')
 _ZOO_MODULES = ['plainmamba', 'efficientvmamba', 'spatialmamba', 'groupmamba', 'mambamixer', 'vmamba']
@@ -268,3 +271,25 @@ class TimmVMamba(BaseModule):
         else:
             # timm already initialized the model; only other init_cfg types act here.
             super().init_weights()
+
+
+def _family_alias(class_name: str, default_model: str, doc: str, **defaults):
+    """A registered subclass of TimmVMamba with the family's default model and settings."""
+
+    def __init__(self, model_name: str = default_model, **kwargs):
+        TimmVMamba.__init__(self, model_name, **{**defaults, **kwargs})
+
+    cls = type(class_name, (TimmVMamba,), dict(__init__=__init__, __doc__=doc, __module__=__name__))
+    return MODELS.register_module(module=cls)
+
+
+VMambaBackbone = _family_alias('VMambaBackbone', 'vmamba_tiny_s1l8', 'VMamba v2 (and MHS-VM) as a backbone.')
+SpatialMambaBackbone = _family_alias('SpatialMambaBackbone', 'spatialmamba_tiny', 'Spatial-Mamba as a backbone.')
+EfficientVMambaBackbone = _family_alias(
+    'EfficientVMambaBackbone', 'efficientvmamba_tiny', 'EfficientVMamba as a backbone.')
+GroupMambaBackbone = _family_alias('GroupMambaBackbone', 'groupmamba_tiny', 'GroupMamba as a backbone.')
+ViM2Backbone = _family_alias('ViM2Backbone', 'vim2_tiny', 'MambaMixer ViM2 as a backbone.')
+PlainMambaBackbone = _family_alias(
+    'PlainMambaBackbone', 'plainmamba_l1',
+    'PlainMamba (single-scale, stride 16) with a ViTDet-style simple feature pyramid (strides 4-32).',
+    out_indices=(-1,), pyramid_scales=(4, 2, 1, 0.5))

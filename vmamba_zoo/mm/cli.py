@@ -3,7 +3,26 @@ import argparse
 import os
 import os.path as osp
 
+import torch
 from mmengine.config import Config, DictAction
+from mmengine.runner.checkpoint import CheckpointLoader
+
+
+def trust_local_checkpoints():
+    """Let mmengine load local checkpoints that hold more than tensors (torch >= 2.6 refuses them).
+
+    mmengine's own checkpoints store its message hub (HistoryBuffer objects) and numpy values, so
+    under torch's ``weights_only=True`` default neither ``--resume`` nor testing a trained model
+    works. The tools load files the user names, so they lift the restriction for local paths.
+    """
+
+    def load_from_local(filename, map_location):
+        filename = osp.expanduser(filename)
+        if not osp.isfile(filename):
+            raise FileNotFoundError(f'{filename} can not be found.')
+        return torch.load(filename, map_location=map_location, weights_only=False)
+
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
 
 
 def build_parser(description: str, test: bool = False) -> argparse.ArgumentParser:
@@ -30,6 +49,7 @@ def build_parser(description: str, test: bool = False) -> argparse.ArgumentParse
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config and apply the command-line overrides in mmdet's/mmseg's order."""
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    trust_local_checkpoints()
     import vmamba_zoo.mm  # noqa: F401  registers the backbones even where a config lacks custom_imports
 
     cfg = Config.fromfile(args.config)
