@@ -111,3 +111,12 @@ def test_missing_prefix_and_file_are_reported(tmp_path):
         backbone.init_weights()
     with pytest.raises(FileNotFoundError):
         TimmVMamba('groupmamba_tiny', init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'none.pth'))).init_weights()
+
+
+def test_official_weights_are_located_or_explained():
+    from vmamba_zoo.mm.checkpoint import official_weights_location
+    assert official_weights_location('vmamba_tiny_s1l8').startswith('https://github.com/MzeroMiko/VMamba/releases/')
+    with pytest.raises(ValueError, match='download the file and set init_cfg.checkpoint'):
+        official_weights_location('spatialmamba_tiny')  # Google Drive
+    with pytest.raises(ValueError, match='no official ImageNet weights'):
+        TimmVMamba('vmamba_tiny_mhs', out_indices=(0,), init_cfg=dict(type='Pretrained', checkpoint='official')).init_weights()

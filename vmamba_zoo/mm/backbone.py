@@ -25,7 +25,8 @@ from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .checkpoint import family_filter_fn, format_key_mismatch, read_checkpoint, select_state_dict, strip_prefix
+from .checkpoint import (family_filter_fn, format_key_mismatch, official_weights_location, read_checkpoint,
+                         select_state_dict, strip_prefix)
 
 __all__ = [
     'TimmVMamba', 'SimplePyramidLevel', 'VMambaBackbone', 'SpatialMambaBackbone', 'EfficientVMambaBackbone',
@@ -84,6 +85,7 @@ class TimmVMamba(BaseModule):
             loads an ImageNet checkpoint in official or zoo format (``.pth``/``.ckpt``/
             ``.safetensors``) through the family's ``checkpoint_filter_fn``, or with
             ``prefix='backbone.'`` the backbone of a detection/segmentation checkpoint.
+            ``checkpoint='official'`` fetches the official weights the timm pretrained_cfg names.
     """
 
     def __init__(
@@ -239,16 +241,10 @@ class TimmVMamba(BaseModule):
         return out
 
     def load_checkpoint(self, checkpoint: str, prefix: Optional[str] = None, use_ema: bool = False):
-        """Load backbone weights; ``checkpoint='timm'`` fetches the model's default pretrained weights."""
-        if checkpoint == 'timm':
-            source = timm.create_model(
-                self.model_name, pretrained=True, features_only=True, out_indices=self.out_indices,
-                feature_cls='getter', **self.model_kwargs)
-            self.body.load_state_dict(source.state_dict())
-            print_log(f'{type(self).__name__}({self.model_name}): loaded the timm pretrained weights '
-                      f'({source.model.pretrained_cfg.get("hf_hub_id") or source.model.pretrained_cfg.get("url")})',
-                      logger='current', level=logging.INFO)
-            return
+        """Load backbone weights; ``checkpoint='official'`` fetches the official ImageNet weights named
+        by the model's timm pretrained_cfg (Hugging Face Hub file or URL)."""
+        if checkpoint == 'official':
+            checkpoint = official_weights_location(self.model_name)
         raw = read_checkpoint(checkpoint)
         state_dict = strip_prefix(select_state_dict(raw, use_ema=use_ema), prefix)
         converted = self.convert_state_dict(state_dict, what=f'checkpoint {checkpoint}')

@@ -14,7 +14,7 @@ from timm.models import clean_state_dict
 
 __all__ = [
     'read_checkpoint', 'select_state_dict', 'strip_prefix', 'family_filter_fn',
-    'format_key_mismatch', 'convert_dense_checkpoint',
+    'format_key_mismatch', 'convert_dense_checkpoint', 'official_weights_location',
 ]
 
 _EMA_KEYS = ('state_dict_ema', 'model_ema')
@@ -37,6 +37,29 @@ def read_checkpoint(path: str) -> Any:
         return safetensors.torch.load_file(path, device='cpu')
     # Official checkpoints hold argparse namespaces, numpy scalars and configs next to the weights.
     return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def official_weights_location(model_name: str) -> str:
+    """Local path or URL of the official weights a zoo model's pretrained_cfg names.
+
+    Hugging Face Hub files are downloaded (cached) here; the official files are read by
+    ``read_checkpoint`` rather than by timm, since they hold more than tensors.
+    """
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(model_name)
+    if cfg is None:
+        raise ValueError(f'{model_name} has no pretrained_cfg')
+    if cfg.hf_hub_id and cfg.hf_hub_filename:
+        from huggingface_hub import hf_hub_download
+        return hf_hub_download(cfg.hf_hub_id, cfg.hf_hub_filename)
+    url = cfg.url or ''
+    if url.startswith(('http://', 'https://')) and 'drive.google.com' not in url:
+        return url
+    if url:
+        raise ValueError(f'the official weights of {model_name} are on {url}, which cannot be fetched '
+                         f'automatically: download the file and set init_cfg.checkpoint to its path')
+    raise ValueError(f'{model_name} has no official ImageNet weights: set init_cfg.checkpoint to a zoo '
+                     f'checkpoint, or init_cfg=None to train from scratch')
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -1,14 +1,15 @@
 # Settings shared by every zoo family's detection configs (the family files inherit this one).
 custom_imports = dict(imports=['vmamba_zoo.mm'], allow_failed_imports=False)
-# 'timm' loads the model's official ImageNet weights through its pretrained_cfg and
-# checkpoint_filter_fn; point `checkpoint` at a local .pth/.ckpt/.safetensors file instead with
+# 'official' fetches the official ImageNet weights that the model's timm pretrained_cfg names and
+# converts them through the family's checkpoint_filter_fn; point `checkpoint` at a local
+# .pth/.ckpt/.safetensors file (official or zoo format) instead with
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH.
 backbone = dict(
     _delete_=True,
     type='TimmVMamba',
     out_indices=(0, 1, 2, 3),
     out_norms=True,
-    init_cfg=dict(type='Pretrained', checkpoint='timm'))
+    init_cfg=dict(type='Pretrained', checkpoint='official'))
 # Swin's no-decay keys, which the official VMamba / Spatial-Mamba / EfficientVMamba detection
 # configs inherit from mmdet's Swin Mask R-CNN config.
 swin_paramwise_cfg = dict(custom_keys={
