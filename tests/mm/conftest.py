@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-ZOO_FAMILIES = ('vmamba', 'spatialmamba', 'efficientvmamba', 'groupmamba', 'plainmamba')
+ZOO_FAMILIES = ('vmamba', 'spatialmamba', 'efficientvmamba', 'groupmamba', 'mambamixer', 'plainmamba')
 
 
 @pytest.fixture(scope='session', autouse=True)

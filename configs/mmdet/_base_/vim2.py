@@ -4,3 +4,4 @@
 # ImageNet checkpoint is given.
 _base_ = ['./timm_vmamba.py']
 backbone_tiny = dict(_base_.backbone, model_name='vim2_tiny', drop_path_rate=0.2, init_cfg=None)
+channels_tiny = [96, 192, 384, 768]
