@@ -60,7 +60,7 @@ DIGITS_PRESET = dict(
 def build_parser() -> argparse.ArgumentParser:
     p = ToolArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--model', '-m', required=True, help='zoo or timm model name (e.g. groupmamba_tiny, resnet50)')
+    g.add_argument('--model', '-m', default=None, help='zoo or timm model name (e.g. groupmamba_tiny, resnet50)')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
                    help='start from the pretrained_cfg weights (fine-tuning; the classifier is reset if needed)')
     g.add_argument('--initial-checkpoint', default=None, help='start from these weights (zoo or official format)')
@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast dtype')
     g.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cuda' or 'cpu'")
     g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--print-config', action='store_true',
+                   help='print the resolved options (defaults < dataset defaults < config < flags) as YAML and exit')
     # test hooks (not shown in --help)
     g.add_argument('--debug-kill-after-update', type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument('--debug-dump-weights', default=None, help=argparse.SUPPRESS)
@@ -335,6 +337,8 @@ def _setup_logging(rt, output_dir):
 
 def _validate_args(args, world_size):
     """Every check that can fail without touching data or devices, before any process group exists."""
+    if not args.model:
+        raise UsageError('--model is required (on the command line or as model: in --config)')
     require_model(args.model)
     if args.epochs < 1:
         raise UsageError(f'--epochs must be >= 1, got {args.epochs}')
@@ -361,6 +365,21 @@ def _validate_args(args, world_size):
         raise UsageError(f'--initial-checkpoint not found: {args.initial_checkpoint}')
     if args.amp == 'fp16' and args.device == 'cpu':
         _logger.warning('fp16 autocast on CPU is slow; bf16 is the usual CPU choice')
+
+
+def resolve_lr(args) -> str:
+    """Fill args.lr / warmup_lr / min_lr from the global batch; returns how lr was obtained."""
+    if args.lr is None:
+        ratio = args.batch_size / args.lr_base_size
+        args.lr = args.lr_base * (math.sqrt(ratio) if args.lr_base_scale == 'sqrt' else ratio)
+        note = f'lr {args.lr:.3g} = {args.lr_base:g} x {args.batch_size}/{args.lr_base_size} ({args.lr_base_scale})'
+    else:
+        note = f'lr {args.lr:.3g} (absolute)'
+    if args.warmup_lr is None:
+        args.warmup_lr = args.lr * args.warmup_lr_ratio
+    if args.min_lr is None:
+        args.min_lr = args.lr * args.min_lr_ratio
+    return note
 
 
 def _mixup_active(args):
@@ -466,6 +485,12 @@ def main(argv=None):
     from evaluation import autocast_context, evaluate, init_runtime, world_from_env
     env = world_from_env()
     _validate_args(args, env.world_size)
+    if args.print_config:
+        import yaml
+        resolve_lr(args)
+        print(yaml.safe_dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+                              if not k.startswith('debug_') and k != 'print_config'}, sort_keys=False), end='')
+        return 0
 
     rt = init_runtime(args.device)
     try:
@@ -534,15 +559,8 @@ def _train(args, rt, autocast_context, evaluate):
     if args.sync_bn and rt.distributed:
         model = convert_sync_batchnorm(model)
 
-    # ---- learning rate from the global batch
-    if args.lr is None:
-        ratio = args.batch_size / args.lr_base_size
-        args.lr = args.lr_base * (math.sqrt(ratio) if args.lr_base_scale == 'sqrt' else ratio)
-        lr_note = f'lr {args.lr:.3g} = {args.lr_base:g} x {args.batch_size}/{args.lr_base_size} ({args.lr_base_scale})'
-    else:
-        lr_note = f'lr {args.lr:.3g} (absolute)'
-    warmup_lr = args.warmup_lr if args.warmup_lr is not None else args.lr * args.warmup_lr_ratio
-    min_lr = args.min_lr if args.min_lr is not None else args.lr * args.min_lr_ratio
+    lr_note = resolve_lr(args)
+    warmup_lr, min_lr = args.warmup_lr, args.min_lr
 
     opt_kwargs = {}
     if args.opt.lower().endswith(('adam', 'adamw', 'lamb', 'lion', 'nadamw')):
