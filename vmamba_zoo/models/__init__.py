@@ -1,2 +1,2 @@
 """The backbone families, one module each; importing registers them with timm."""
-from . import efficientvmamba, groupmamba, plainmamba, spatialmamba, vmamba  # noqa: F401
+from . import efficientvmamba, groupmamba, mambamixer, plainmamba, spatialmamba, vmamba  # noqa: F401

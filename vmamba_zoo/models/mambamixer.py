@@ -1,0 +1,533 @@
+""" MambaMixer ViM2: selective token and channel mixing with weighted averaging of earlier features.
+
+Paper: `MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection`
+    - https://arxiv.org/abs/2403.19888 (v1; its ImageNet table, architecture table A and Sections 3-4)
+
+No official code or weights exist (github.com/MambaMixer/M2 holds only a README): this is a reimplementation
+from the paper's text. Where the paper is silent the choice is named in the docstring of the block it affects
+and collected in model_cards/vim2.md.
+
+Architecture (channels-last (B, H, W, C) throughout):
+    stem:       Conv 4x4 s4 + LayerNorm
+    stages:     four; stages 2-4 start with patch merging (2x2 → LayerNorm(4C) → Linear 4C→2C). A stage is a
+                sequence of MambaMixer blocks; block l holds a Selective Token Mixer (``token_depth`` pre-norm
+                residual SS2D layers: Linear C→2·2C, depthwise 3x3, SiLU, S6 over the four cross routes summed,
+                LayerNorm, · SiLU(gate), Linear 2C→C) and a Selective Channel Mixer (a pre-norm residual layer
+                whose S6 runs bidirectionally along each token's channels).
+    weighted averaging (per stage, y_tok^(0) = y_ch^(0) = the stage input):
+                x_tok^(l) = sum_{i<l} alpha_{l,i} y_tok^(i) + beta_{l,i} y_ch^(i)
+                x_ch^(l)  = sum_{i<=l} theta_{l,i} y_tok^(i) + sum_{i<l} gamma_{l,i} y_ch^(i)
+                one learnable scalar per term (the paper's L(2L+3) weights); the stage returns y_ch^(L).
+    head:       LayerNorm → global average pool → Linear.
+
+The token scan runs through ``vmamba_kernels.selective_scan_2d`` on the "cross" routes, the channel scan through
+``vmamba_kernels.selective_scan``; every backend of the kernel library serves the model.
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from timm.models.swin_transformer import PatchMerging
+
+from vmamba_kernels import selective_scan, selective_scan_2d
+
+from .vmamba import _routes, _RouteScanParams
+
+__all__ = ['MambaMixer', 'SelectiveTokenMixer', 'SelectiveChannelMixer']
+
+
+class SelectiveTokenMixer(_RouteScanParams):
+    """The S6 token mixer of a MambaMixer block, for images (VMamba's SS2D with its gate), channels-last.
+
+    in_proj C→2·Di splits into x and the gate z (the paper's x̄_MLP); x passes a depthwise 3x3 conv and SiLU; the
+    S6 runs along the four cross routes (row-major, column-major and both reversed), each with its own x_proj,
+    dt_proj, A and D, and the routes' outputs are summed; then LayerNorm, · SiLU(z), out_proj Di→C.
+    delta, B and C come from the conv output (Mamba's order; the paper writes them as functions of the input).
+    """
+    num_routes = 4
+
+    def __init__(
+            self,
+            dim: int,
+            d_state: int = 16,
+            ssm_ratio: float = 2.0,
+            dt_rank: Union[int, str] = 'auto',
+            d_conv: int = 3,
+            conv_bias: bool = True,
+            act_layer=nn.SiLU,
+    ):
+        d_inner = int(ssm_ratio * dim)
+        dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        super().__init__(num_routes=self.num_routes, channels=d_inner, d_state=d_state, dt_rank=dt_rank)
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(
+            d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
+        self.act = act_layer()
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        Bt, H, W, Di = x.shape
+        x_dbl = F.linear(x, self.x_proj_weight.reshape(-1, Di)).view(Bt, H, W, self.num_routes, -1)
+        delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
+        y = selective_scan_2d(
+            x, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True,
+            routes=_routes('cross', H, W, x.device), merge='sum',
+        )
+        y = self.out_norm(y) * self.act(z)
+        return self.out_proj(y)
+
+
+class SelectiveChannelMixer(_RouteScanParams):
+    """The S6 channel mixer of a MambaMixer block: a bidirectional S6 whose sequence is a token's channels.
+
+    Per token, in_proj maps the C channels to a sequence of ``width`` channels and a gate of the same length
+    (the paper's "CW-Linear width" and x̃_MLP); the sequence is read forward and reversed, each direction with its
+    own causal 1D conv (``d_conv`` taps) + SiLU and its own S6 (x_proj → dt, B, C per step, dt_proj, A, D,
+    ``d_state`` states). One channel step carries one value, so every token runs its own scan: A, D and the
+    projections are shared by all tokens, which keeps the parameters independent of the image size. The reversed
+    direction's output is flipped back, the two are summed, gated by SiLU(gate) and out_proj maps width→C.
+
+    Scan parameters are stored like the token mixer's with K = 2 directions of one channel each:
+    x_proj_weight (2, 1 + 2N, 1), dt_projs_weight (2, 1, 1), dt_projs_bias (2, 1), A_logs (2, N), Ds (2).
+    """
+    num_directions = 2
+
+    def __init__(
+            self,
+            dim: int,
+            width: int,
+            d_state: int = 16,
+            d_conv: int = 4,
+            act_layer=nn.SiLU,
+    ):
+        super().__init__(num_routes=self.num_directions, channels=1, d_state=d_state, dt_rank=1)
+        self.width = width
+        self.in_proj = nn.Linear(dim, 2 * width, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.num_directions, self.num_directions, kernel_size=d_conv, padding=d_conv - 1,
+            groups=self.num_directions)
+        self.act = act_layer()
+        self.out_proj = nn.Linear(width, dim, bias=False)
+
+    def scan(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq (tokens, L) → the forward scan plus the flipped-back reversed scan, (tokens, L)."""
+        K, L = self.num_directions, seq.shape[-1]
+        u = torch.stack([seq, seq.flip(-1)], dim=1)  # (tokens, K, L): forward and reversed channel order
+        u = self.act(self.conv1d(u)[..., :L])  # causal along the channel sequence
+        # x_proj of a one-value step: (tokens, L, K, 1) · (K, 1 + 2N)
+        x_dbl = u.transpose(1, 2).unsqueeze(-1) * self.x_proj_weight.view(K, -1)
+        delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
+        # direction k is scan channel k; B and C are grouped per direction: (tokens, K, N, L)
+        y = selective_scan(
+            u, delta.squeeze(-1).transpose(1, 2), A.view(K, -1), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1),
+            D.view(K), delta_bias=delta_bias.view(K), delta_softplus=True,
+        )
+        return y[:, 0] + y[:, 1].flip(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        seq, gate = self.in_proj(x).reshape(-1, 2 * self.width).chunk(2, dim=-1)
+        y = self.scan(seq) * self.act(gate)
+        return self.out_proj(y).view(*shape, -1)
+
+
+class MixerLayer(nn.Module):
+    """Pre-norm residual layer: x + DropPath(mixer(LayerNorm(x))). Its output is the y^(i) that the weighted
+    averaging re-uses (the sum over earlier outputs replaces the plain chain of residual layers)."""
+
+    def __init__(self, dim: int, mixer: nn.Module, drop_path: float = 0., norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.mixer = mixer
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.mixer(self.norm(x)))
+
+
+def weighted_sum(weights: torch.Tensor, features: List[torch.Tensor]) -> torch.Tensor:
+    """sum_i weights[i] · features[i]."""
+    out = weights[0] * features[0]
+    for i in range(1, len(features)):
+        out = out + weights[i] * features[i]
+    return out
+
+
+class MambaMixerBlock(nn.Module):
+    """Block l (1-based) of a stage: the token mixer (``token_depth`` SS2D layers), then the channel mixer, each
+    fed by a learnable weighted average of the earlier outputs of the stage.
+
+    alpha (l,), beta (l,) weigh y_tok^(0..l-1), y_ch^(0..l-1) into the token mixer; theta (l+1,), gamma (l,)
+    weigh y_tok^(0..l), y_ch^(0..l-1) into the channel mixer. They start as the plain chain (beta_{l,l-1} = 1,
+    theta_{l,l} = 1, the rest 0), DenseFormer's identity initialization.
+    """
+
+    def __init__(
+            self,
+            index: int,
+            dim: int,
+            token_depth: int,
+            channel_width: int,
+            drop_path: Sequence[float],
+            d_state: int = 16,
+            ssm_ratio: float = 2.0,
+            dt_rank: Union[int, str] = 'auto',
+            channel_d_state: int = 16,
+            channel_d_conv: int = 4,
+            norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        if index < 1:
+            raise ValueError(f'blocks are numbered from 1, got {index}')
+        if len(drop_path) != token_depth + 1:
+            raise ValueError(f'one drop-path rate per layer ({token_depth + 1}), got {len(drop_path)}')
+        self.index = index
+        self.grad_checkpointing = False
+        self.alpha = nn.Parameter(torch.zeros(index))
+        self.beta = nn.Parameter(torch.zeros(index))
+        self.theta = nn.Parameter(torch.zeros(index + 1))
+        self.gamma = nn.Parameter(torch.zeros(index))
+        self.token_mixer = nn.Sequential(*[
+            MixerLayer(dim, SelectiveTokenMixer(dim, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank),
+                       drop_path=drop_path[j], norm_layer=norm_layer)
+            for j in range(token_depth)])
+        self.channel_mixer = MixerLayer(
+            dim, SelectiveChannelMixer(dim, channel_width, d_state=channel_d_state, d_conv=channel_d_conv),
+            drop_path=drop_path[-1], norm_layer=norm_layer)
+        self.reset_averaging()
+
+    @torch.no_grad()
+    def reset_averaging(self):
+        for w in (self.alpha, self.beta, self.theta, self.gamma):
+            w.zero_()
+        self.beta[-1] = 1.
+        self.theta[-1] = 1.
+
+    def forward(
+            self, tokens: List[torch.Tensor], channels: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """tokens = [y_tok^(0..l-1)], channels = [y_ch^(0..l-1)] → (y_tok^(l), y_ch^(l))."""
+        x = weighted_sum(self.alpha, tokens) + weighted_sum(self.beta, channels)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            y_tok = checkpoint(self.token_mixer, x)
+        else:
+            y_tok = self.token_mixer(x)
+        x = weighted_sum(self.theta, tokens + [y_tok]) + weighted_sum(self.gamma, channels)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            y_ch = checkpoint(self.channel_mixer, x)
+        else:
+            y_ch = self.channel_mixer(x)
+        return y_tok, y_ch
+
+
+class MambaMixerStage(nn.Module):
+    """Optional patch merging, then MambaMixer blocks whose weighted averaging stays inside the stage."""
+
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            token_depth: int,
+            channel_width: int,
+            drop_path: Sequence[float],
+            downsample: bool,
+            norm_layer=nn.LayerNorm,
+            **block_kwargs,
+    ):
+        super().__init__()
+        self.downsample = PatchMerging(in_dim, dim, norm_layer=norm_layer) if downsample else nn.Identity()
+        per_block = token_depth + 1
+        self.blocks = nn.ModuleList([
+            MambaMixerBlock(
+                j + 1, dim, token_depth, channel_width, drop_path=drop_path[j * per_block:(j + 1) * per_block],
+                norm_layer=norm_layer, **block_kwargs)
+            for j in range(depth)])
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return all(b.grad_checkpointing for b in self.blocks)
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool):
+        for b in self.blocks:
+            b.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        tokens, channels = [x], [x]
+        for block in self.blocks:
+            y_tok, y_ch = block(tokens, channels)
+            tokens.append(y_tok)
+            channels.append(y_ch)
+        return channels[-1]
+
+
+class Stem(nn.Module):
+    """Conv 4x4 stride 4 → channels-last → LayerNorm."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int = 4, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.norm = norm_layer(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class MambaMixer(nn.Module):
+    """Vision MambaMixer (ViM2): hierarchical stages of MambaMixer blocks.
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classifier classes (0 removes the classifier).
+        global_pool: 'avg' or '' (no pooling).
+        dims: channels per stage.
+        depths: MambaMixer blocks per stage (= channel mixers per stage in the paper's table A).
+        token_depth: SS2D layers in the token mixer of one block (table A: twice the channel mixers).
+        channel_widths: length of the channel sequence the channel mixer scans, per stage (table A's
+            "CW-Linear" width; default 2C in stages 1-3 and C in stage 4, as the table).
+        d_state, ssm_ratio, dt_rank: S6 of the token mixer.
+        channel_d_state, channel_d_conv: S6 and causal conv of the channel mixer.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linear from 0 over all mixer layers.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            dims: Sequence[int] = (96, 192, 384, 768),
+            depths: Sequence[int] = (1, 1, 3, 1),
+            token_depth: int = 2,
+            channel_widths: Optional[Sequence[int]] = None,
+            patch_size: int = 4,
+            d_state: int = 16,
+            ssm_ratio: float = 2.0,
+            dt_rank: Union[int, str] = 'auto',
+            channel_d_state: int = 16,
+            channel_d_conv: int = 4,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer=nn.LayerNorm,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,  # any size works; accepted for timm
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        dims = list(dims)
+        if channel_widths is None:
+            channel_widths = [2 * d for d in dims[:-1]] + [dims[-1]]
+        channel_widths = list(channel_widths)
+        if len(dims) != num_stages or len(channel_widths) != num_stages:
+            raise ValueError(f'dims {dims}, depths {depths} and channel_widths {channel_widths} need one entry per stage')
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.dims = dims
+        self.num_features = self.head_hidden_size = dims[-1]
+
+        self.stem = Stem(in_chans, dims[0], patch_size=patch_size, norm_layer=norm_layer)
+
+        per_block = token_depth + 1
+        dpr = torch.linspace(0, drop_path_rate, sum(depths) * per_block, device='cpu').tolist()
+        self.stages = nn.Sequential()
+        self.feature_info = []
+        cur = 0
+        for i in range(num_stages):
+            n = depths[i] * per_block
+            self.stages.append(MambaMixerStage(
+                dims[max(i - 1, 0)], dims[i], depths[i], token_depth, channel_widths[i], drop_path=dpr[cur:cur + n],
+                downsample=i > 0, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank,
+                channel_d_state=channel_d_state, channel_d_conv=channel_d_conv, norm_layer=norm_layer))
+            cur += n
+            self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
+
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        # VMamba's: trunc-normal Linear weights, zero biases, unit LayerNorms (convs and S6 keep their own)
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'*.A_logs', '*.Ds', '*.dt_projs_bias', '*norm*', '*.alpha', '*.beta', '*.theta', '*.gamma'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        device, dtype = self.stem.conv.weight.device, self.stem.conv.weight.dtype
+        self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) \
+            if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (before the next stage's patch merging), channels-first unless output_fmt='NHWC'.
+        ``norm`` applies the final LayerNorm to the last stage's output."""
+        assert output_fmt in ('NCHW', 'NHWC'), 'Output format must be one of NCHW or NHWC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                y = self.norm(x) if norm and feat_idx == last_idx else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.stages(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MambaMixer) -> Dict[str, torch.Tensor]:
+    """A checkpoint of this model (no official one exists): unwraps 'model' / 'state_dict' / 'model_ema',
+    strips 'module.' and, for detection/segmentation checkpoints, keeps the 'backbone.' weights."""
+    for wrapper in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    has_backbone = any(k.startswith('backbone.') for k in state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith('module.'):
+            k = k[len('module.'):]
+        if has_backbone:
+            if not k.startswith('backbone.'):
+                continue
+            k = k[len('backbone.'):]
+        out[k] = v
+    return out
+
+
+def _cfg(url: str = '', **kwargs):
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv', 'classifier': 'head',
+        'license': 'apache-2.0',  # this reimplementation's; no official code or weights exist
+        'paper_ids': 'arXiv:2403.19888',
+        'paper_name': 'MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection',
+        'origin_url': 'https://mambamixer.github.io',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'vim2_tiny': _cfg(),
+    'vim2_small': _cfg(),
+    'vim2_base': _cfg(),
+})
+
+
+def _create_mambamixer(variant: str, pretrained: bool = False, **kwargs) -> MambaMixer:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        MambaMixer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def vim2_tiny(pretrained: bool = False, **kwargs) -> MambaMixer:
+    model_args = dict(dims=(96, 192, 384, 768), depths=(1, 1, 3, 1))
+    return _create_mambamixer('vim2_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim2_small(pretrained: bool = False, **kwargs) -> MambaMixer:
+    model_args = dict(dims=(96, 192, 384, 768), depths=(1, 1, 9, 1))
+    return _create_mambamixer('vim2_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim2_base(pretrained: bool = False, **kwargs) -> MambaMixer:
+    model_args = dict(dims=(128, 256, 512, 1024), depths=(1, 1, 9, 1))
+    return _create_mambamixer('vim2_base', pretrained=pretrained, **dict(model_args, **kwargs))
