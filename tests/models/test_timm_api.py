@@ -130,7 +130,7 @@ def test_features_match_intermediates_on_a_non_square_input(name):
     info = features.feature_info
     with torch.no_grad():
         maps = features(x)
-        inter = model.forward_intermediates(x, indices=len(info), intermediates_only=True)
+        inter = model.forward_intermediates(x, indices=list(info.out_indices), intermediates_only=True)
     assert len(maps) == len(info.channels()) == len(inter)
     for m, i, chs, red in zip(maps, inter, info.channels(), info.reduction()):
         assert m.shape == (2, chs, -(-128 // red), -(-96 // red)), (m.shape, chs, red)
