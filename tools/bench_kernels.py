@@ -348,11 +348,25 @@ def main(argv=None):
     parser.add_argument("--check-dtypes", nargs="*", default=["bf16", "fp32"], choices=list(DTYPES))
     parser.add_argument("--workers", type=int, default=16, help="processes for the checks (they compile in parallel)")
     parser.add_argument("--no-reference", action="store_true", help="skip timing the reference")
+    parser.add_argument("--profile", action="store_true",
+                        help="only run each shape's fused forward 3 times and forward+backward twice, untimed "
+                             "(for a profiler; set VMAMBA_KERNELS_TUNE=0 so that no tuning launches interleave)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
     import triton
+
+    if args.profile:
+        for name in args.shapes:
+            fwd, fwd_bwd = runners(SHAPES[name], make_inputs(SHAPES[name], args.batch, DTYPES[args.dtype], "cuda"))[
+                "triton_kernels" if SHAPES[name]["op"] == "2d" else "triton_op"]
+            for _ in range(3):
+                fwd()
+            for _ in range(2):
+                fwd_bwd()
+        torch.cuda.synchronize()
+        return
 
     report = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), torch=torch.__version__, triton=triton.__version__,

@@ -62,9 +62,11 @@ def _bwd_block_d(CPG: int, N: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Kernels with autotuning (plain launches under the interpreter)
 
-# (BT, BD, num_warps, prefetch): the first three that fit a problem are tried.
-_FWD_TILES = [(64, 32, 4, True), (32, 32, 4, True), (64, 32, 4, False), (64, 16, 4, True), (16, 16, 8, True),
-              (32, 16, 8, True), (16, 16, 8, False), (8, 16, 4, True), (16, 8, 4, True)]
+# (BT, BD, num_warps, prefetch, vectorized channels): the first four that fit a problem are tried.
+_FWD_TILES = [(64, 32, 4, True, True), (32, 32, 4, True, True), (64, 32, 4, True, False), (128, 16, 4, True, True),
+              (64, 16, 4, True, True), (16, 16, 8, True, True), (32, 16, 8, True, True), (16, 16, 8, False, True),
+              (16, 16, 8, True, False), (8, 16, 4, True, True), (16, 8, 4, True, True)]
+_TUNE = os.environ.get("VMAMBA_KERNELS_TUNE", "1") == "1"  # 0: the first fitting tile, no tuning runs
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -80,30 +82,57 @@ def _prune_fwd(configs, named_args, **kwargs):
         keep.append(cfg)
     if not keep:  # the smallest tile always fits
         keep = [min(configs, key=lambda c: c.kwargs["BT"] * c.kwargs["BD"])]
-    return keep[:3]
+    return keep[:4] if _TUNE else keep[:1]
 
 
+def _even(args):
+    return {"EVEN_D": args["CPG"] % args["BD"] == 0,
+            "EVEN_T": not args["GATHER"] and args["Lr"] % args["BT"] == 0}
+
+
+# No reset_to_zero: outputs are overwritten (read-add-store merges are idempotent with first-visit flags);
+# the atomic merge, which accumulates, is launched with a fixed tile instead.
 _fwd_tuned = triton.autotune(
-    configs=[triton.Config({"BT": bt, "BD": bd, "PREFETCH": pf}, num_warps=w) for bt, bd, w, pf in _FWD_TILES],
+    configs=[triton.Config({"BT": bt, "BD": bd, "PREFETCH": pf, "VEC": vec}, num_warps=w)
+             for bt, bd, w, pf, vec in _FWD_TILES],
     key=["CPG", "N", "K", "BN", "OUT_MODE", "MERGE", "GATHER", "HAS_Z", "HAS_D", "SAVE_CHUNKS"],
     prune_configs_by={"early_config_prune": _prune_fwd},
-    reset_to_zero=["out"],
-)(scan.selective_scan_fwd_kernel)
+)(triton.heuristics({"EVEN_D": lambda a: _even(a)["EVEN_D"], "EVEN_T": lambda a: _even(a)["EVEN_T"]})(
+    scan.selective_scan_fwd_kernel))
 
 
 def _launch_fwd(grid, **kw):
     if _INTERPRET:
-        kw.update(BT=4, BD=min(8, _pow2(kw["CPG"])), PREFETCH=os.environ.get("VMAMBA_KERNELS_PREFETCH", "1") == "1")
-        scan.selective_scan_fwd_kernel[grid(kw)](**kw)
+        kw.update(BT=4, BD=min(8, _pow2(kw["CPG"])), PREFETCH=os.environ.get("VMAMBA_KERNELS_PREFETCH", "1") == "1",
+                  VEC=True)
+    elif kw["MERGE"] == scan.MERGE_ATOMIC:
+        cfg = _prune_fwd(_fwd_tuned.configs, {}, **kw)[0]
+        kw.update(cfg.kwargs, num_warps=cfg.num_warps)
     else:
         _fwd_tuned[grid](**kw)
+        return
+    kw.update(_even(kw))
+    scan.selective_scan_fwd_kernel[grid(kw)](**kw)
 
 
 def _launch_bwd(grid, **kw):
+    kw.update(_even(kw))
     if _INTERPRET:
         scan.selective_scan_bwd_kernel[grid(kw)](**kw)
     else:
         scan.selective_scan_bwd_kernel[grid(kw)](**kw, num_warps=8)
+
+
+_dummies = {}
+
+
+def _dummy(device) -> torch.Tensor:
+    """A one-element buffer for pointer arguments a launch does not use (never an input: a kernel or a
+    tuner must not be able to touch user tensors through an unused argument)."""
+    key = str(device)
+    if key not in _dummies:
+        _dummies[key] = torch.zeros(1, device=device, dtype=torch.float32)
+    return _dummies[key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,12 +217,13 @@ def _problem_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes) -> _Prob
 
 
 def _common_args(pb: _Problem, plan, softplus: bool):
-    dummy = pb.x
+    dummy = _dummy(pb.x.device)
     return dict(
         x=pb.x, delta=pb.delta, A=pb.A, B=pb.B, C=pb.C if pb.C is not None else dummy,
         D=pb.D if pb.D is not None else dummy, delta_bias=pb.delta_bias if pb.delta_bias is not None else dummy,
         z=pb.z if pb.z is not None else dummy,
-        routes=pb.routes if pb.gather else dummy, param_routes=pb.param_routes if pb.gather else dummy,
+        routes=plan.routes if plan is not None else dummy,
+        param_routes=plan.param_routes if plan is not None else dummy,
         first_visit=plan.first_visit if plan is not None else dummy,
         parallel_ok=plan.parallel_ok if plan is not None else dummy,
         coverage=plan.coverage if plan is not None else dummy,
@@ -219,7 +249,7 @@ def _run_fwd(pb: _Problem, plan, softplus, out_mode, out=None, so=(0, 0, 0, 0, 0
     if save_chunks:
         chunk_states = empty(pb.Bt, pb.K, triton.cdiv(pb.Lr, save_t), pb.CPG, BN, device=pb.x.device,
                                    dtype=torch.float32)
-    dummy = pb.x
+    dummy = _dummy(pb.x.device)
     kw = _common_args(pb, plan, softplus)
     kw.update(
         out_visited=out_visited if out_visited is not None else dummy,
@@ -253,7 +283,7 @@ def _run_bwd(pb: _Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, 
     dA_part = empty(pb.Bt, pb.K, pb.CPG, BN, **f32)
     dD_part = empty(pb.Bt, pb.K, pb.CPG, **f32) if pb.D is not None and in_mode == 1 else dA_part
     dbias_part = empty(pb.Bt, pb.K, pb.CPG, **f32) if pb.delta_bias is not None else dA_part
-    dummy = pb.x
+    dummy = _dummy(pb.x.device)
     kw = _common_args(pb, plan, softplus)
     kw.update(
         x_visited=(plan.x_visited_any if dx_merge == scan.MERGE_SERIAL else plan.x_visited) if plan else dummy,

@@ -27,6 +27,8 @@ _INT32_MAX = tl.constexpr(2**31 - 1)
 
 
 class RoutePlan(NamedTuple):
+    routes: torch.Tensor  # int32 copies for the kernels
+    param_routes: torch.Tensor
     first_visit: torch.Tensor
     parallel_ok: torch.Tensor
     coverage: torch.Tensor
@@ -106,6 +108,8 @@ def route_plan(routes: torch.Tensor, param_routes: torch.Tensor, L: int) -> Rout
     K, Lr = routes.shape
     dev = routes.device
     plan = RoutePlan(
+        routes=routes.to(torch.int32).contiguous(),
+        param_routes=param_routes.to(torch.int32).contiguous(),
         first_visit=empty(K, Lr, dtype=torch.int8, device=dev),
         parallel_ok=empty(1, dtype=torch.int32, device=dev),
         coverage=empty(3, dtype=torch.int32, device=dev),

@@ -70,19 +70,25 @@ def _route_range(parallel_ok, pid_k, K, MERGE: tl.constexpr):
 
 
 @triton.jit
-def _positions(routes, param_routes, k, t, Lr, GATHER: tl.constexpr):
-    """Positions p (x, z, output) and q (delta, B, C) of steps t of route k, and which steps are real."""
-    in_range = t < Lr
+def _positions(routes, param_routes, k, t0, rows, Lr, GATHER: tl.constexpr, EVEN_T: tl.constexpr):
+    """Positions p (x, z, output) and q (delta, B, C) of steps t0 + rows of route k, and which steps are
+    real. Routes are int32. With EVEN_T (no gather, Lr a multiple of the chunk) whole chunks are in or
+    out, which keeps the masks uniform along t so that loads along t vectorize."""
+    t = t0 + rows
     if GATHER:
-        p = tl.load(routes + k * Lr + t, mask=in_range, other=-1).to(tl.int32)
-        q = tl.load(param_routes + k * Lr + t, mask=in_range, other=-1).to(tl.int32)
+        in_range = t < Lr
+        p = tl.load(routes + k * Lr + t, mask=in_range, other=-1)
+        q = tl.load(param_routes + k * Lr + t, mask=in_range, other=-1)
         valid = in_range & (p >= 0)
         p = tl.where(valid, p, 0)
         q = tl.where(valid, q, 0)
     else:
+        if EVEN_T:
+            valid = (rows >= 0) & (t0 < Lr)
+        else:
+            valid = t < Lr
         p = t
         q = t
-        valid = in_range
     return p, q, valid
 
 
@@ -120,8 +126,30 @@ def _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB
     mn = valid[:, None] & mask_n[None, :]
     xv = tl.load(x_img + k * sx_k + p[:, None] * sx_t + offs_d[None, :] * sx_d, mask=m, other=0.0)
     dt = tl.load(dt_img + k * sdt_k + q[:, None] * sdt_t + offs_d[None, :] * sdt_d, mask=m, other=0.0)
-    Bv = tl.load(B_img + k * sB_k + q[:, None] * sB_t + offs_n[None, :] * sB_n, mask=mn, other=0.0)
+    Bv = _state_tile(B_img + k * sB_k, q, sB_t, sB_n, offs_d, offs_n, m, mn)
     return m, mn, xv, dt, Bv
+
+
+@triton.jit
+def _state_tile(ptr, q, s_t, s_n, offs_d, offs_n, m, mn):
+    """B or C of a chunk: [BT, BN], or with a single state [BT, BD] read through a pointer tile that
+    repeats along channels, which gives it the layout of the x tiles (no layout conversion)."""
+    BN: tl.constexpr = offs_n.shape[0]
+    if BN == 1:
+        v = tl.load(ptr + q[:, None] * s_t + offs_d[None, :] * 0, mask=m, other=0.0)
+    else:
+        v = tl.load(ptr + q[:, None] * s_t + offs_n[None, :] * s_n, mask=mn, other=0.0)
+    return v
+
+
+@triton.jit
+def _over_states(v, BN: tl.constexpr):
+    """A _state_tile as a tile that broadcasts against [BT, BD, BN]."""
+    if BN == 1:
+        out = v[:, :, None]
+    else:
+        out = v[:, None, :]
+    return out
 
 
 @triton.jit
@@ -139,7 +167,7 @@ def _discretize(xv, dt_raw, Bv, m, A_k, bias_k, HAS_BIAS: tl.constexpr, SOFTPLUS
         dt = dt_pre
     dt = tl.where(m, dt, 0.0)
     decay = tl.exp(dt[:, :, None] * A_k[None, :, :])
-    drive = (dt * xv)[:, :, None] * Bv[:, None, :]
+    drive = (dt * xv)[:, :, None] * _over_states(Bv, A_k.shape[1])
     return xv, dt_pre, dt, Bv, decay, drive
 
 
@@ -154,7 +182,7 @@ def _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_
     zv = xv
     old = xv
     if OUT_MODE == 1:
-        Cv = tl.load(C_img + k * sC_k + q[:, None] * sC_t + offs_n[None, :] * sC_n, mask=mn, other=0.0)
+        Cv = _state_tile(C_img + k * sC_k, q, sC_t, sC_n, offs_d, offs_n, m, mn)
         if HAS_Z:
             zv = tl.load(z_img + k * sz_k + p[:, None] * sz_t + offs_d[None, :] * sz_d, mask=m, other=0.0)
         if MERGE == 1:
@@ -168,7 +196,7 @@ def _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_
 def _next_chunk(routes, param_routes, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t, sB_n,
                 C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d, first_visit, k, c, Lr,
                 p1, q1, v1, rows, offs_d, offs_n, mask_d, mask_n, OUT_MODE: tl.constexpr, HAS_Z: tl.constexpr,
-                MERGE: tl.constexpr, GATHER: tl.constexpr):
+                MERGE: tl.constexpr, GATHER: tl.constexpr, EVEN_T: tl.constexpr):
     """Loads of chunk c + 1 (positions p1, q1 known) and the positions of chunk c + 2."""
     BT: tl.constexpr = rows.shape[0]
     m1, mn1, x1, d1, B1 = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t,
@@ -176,7 +204,7 @@ def _next_chunk(routes, param_routes, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sd
     C1, z1, o1 = _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d,
                                first_visit, k, (c + 1) * BT + rows, Lr, p1, q1, m1, mn1, B1, x1, offs_d, offs_n,
                                OUT_MODE, HAS_Z, MERGE)
-    p2, q2, v2 = _positions(routes, param_routes, k, (c + 2) * BT + rows, Lr, GATHER)
+    p2, q2, v2 = _positions(routes, param_routes, k, (c + 2) * BT, rows, Lr, GATHER, EVEN_T)
     return m1, mn1, x1, d1, B1, C1, z1, o1, p2, q2, v2
 
 
@@ -197,13 +225,17 @@ def selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATHER: tl.constexpr, OUT_MODE: tl.constexpr, MERGE: tl.constexpr, ZERO_UNVISITED: tl.constexpr,
     STORE_LAST: tl.constexpr, SAVE_CHUNKS: tl.constexpr, SAVE_T: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr = True,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
+    PREFETCH: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
-    mask_d = offs_d < CPG
+    if EVEN_D and VEC:  # a constant mask along channels lets loads and stores vectorize
+        mask_d = tl.full([BD], 1, tl.int1)
+    else:  # (VEC=False keeps one channel per thread, so that the scan along steps stays in-thread)
+        mask_d = offs_d < CPG
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
     rows = tl.arange(0, BT)
@@ -232,19 +264,20 @@ def selective_scan_fwd_kernel(
         h = tl.zeros([BD, BN], dtype=tl.float32)
         # Software pipelining: the tiles of chunk c + 1 and the route positions of chunk c + 2 are
         # requested before chunk c is computed, so that memory latency overlaps the scan.
-        p0, q0, v0 = _positions(routes, param_routes, k, rows, Lr, GATHER)
+        p0, q0, v0 = _positions(routes, param_routes, k, 0, rows, Lr, GATHER, EVEN_T)
         m0, mn0, x0, d0, B0 = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k,
                                            sB_t, sB_n, k, p0, q0, v0, offs_d, offs_n, mask_d, mask_n)
         C0, z0, o0 = _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d,
                                    first_visit, k, rows, Lr, p0, q0, m0, mn0, B0, x0, offs_d, offs_n,
                                    OUT_MODE, HAS_Z, MERGE)
-        p1, q1, v1 = _positions(routes, param_routes, k, BT + rows, Lr, GATHER)
+        p1, q1, v1 = _positions(routes, param_routes, k, BT, rows, Lr, GATHER, EVEN_T)
         for c in range(0, tl.cdiv(Lr, BT)):
             if PREFETCH:
                 m1, mn1, x1, d1, B1, C1, z1, o1, p2, q2, v2 = _next_chunk(
                     routes, param_routes, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t,
                     sB_n, C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d, first_visit,
-                    k, c, Lr, p1, q1, v1, rows, offs_d, offs_n, mask_d, mask_n, OUT_MODE, HAS_Z, MERGE, GATHER)
+                    k, c, Lr, p1, q1, v1, rows, offs_d, offs_n, mask_d, mask_n, OUT_MODE, HAS_Z, MERGE, GATHER,
+                    EVEN_T)
 
             xv, dt_pre, dt, Bv, decay, drive = _discretize(x0, d0, B0, m0, A_k, bias_k, HAS_BIAS, SOFTPLUS)
             if SAVE_CHUNKS:
@@ -255,7 +288,7 @@ def selective_scan_fwd_kernel(
             hs = a_run * h[None, :, :] + b_run
             h = tl.sum(tl.where((rows == BT - 1)[:, None, None], hs, 0.0), axis=0)
             if OUT_MODE == 1:
-                y = tl.sum(hs * C0.to(tl.float32)[:, None, :], axis=2)
+                y = tl.sum(hs * _over_states(C0.to(tl.float32), BN), axis=2)
                 if HAS_D:
                     y += D_k[None, :] * xv
                 if HAS_Z:
@@ -276,7 +309,8 @@ def selective_scan_fwd_kernel(
                 m1, mn1, x1, d1, B1, C1, z1, o1, p2, q2, v2 = _next_chunk(
                     routes, param_routes, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t,
                     sB_n, C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_k, so_t, so_d, first_visit,
-                    k, c, Lr, p1, q1, v1, rows, offs_d, offs_n, mask_d, mask_n, OUT_MODE, HAS_Z, MERGE, GATHER)
+                    k, c, Lr, p1, q1, v1, rows, offs_d, offs_n, mask_d, mask_n, OUT_MODE, HAS_Z, MERGE, GATHER,
+                    EVEN_T)
             p0, q0, v0, m0, mn0, x0, d0, B0, C0, z0, o0 = p1, q1, v1, m1, mn1, x1, d1, B1, C1, z1, o1
             p1, q1, v1 = p2, q2, v2
         if STORE_LAST:
@@ -308,7 +342,7 @@ def selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATHER: tl.constexpr, IN_MODE: tl.constexpr, DX_MERGE: tl.constexpr, ZERO_UNVISITED: tl.constexpr,
     HAS_DLAST: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """Gradients of one (image, channel block) over routes [k_lo, k_hi), chunks from last to first.
 
@@ -323,7 +357,10 @@ def selective_scan_bwd_kernel(
     b64 = pid_b.to(tl.int64)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
-    mask_d = offs_d < CPG
+    if EVEN_D:  # a constant mask along channels lets loads and stores vectorize
+        mask_d = tl.full([BD], 1, tl.int1)
+    else:
+        mask_d = offs_d < CPG
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
     rows = tl.arange(0, BT)
@@ -362,13 +399,14 @@ def selective_scan_bwd_kernel(
                             mask=mask_dn, other=0.0).to(tl.float32)
         else:
             carry = tl.zeros([BD, BN], dtype=tl.float32)
-        acc_dA = tl.zeros([BD, BN], dtype=tl.float32)
-        acc_dD = tl.zeros([BD], dtype=tl.float32)
-        acc_dbias = tl.zeros([BD], dtype=tl.float32)
+        # Per-step accumulators, reduced over steps once per route (not once per chunk).
+        acc_dA = tl.zeros([BT, BD, BN], dtype=tl.float32)
+        acc_dD = tl.zeros([BT, BD], dtype=tl.float32)
+        acc_dbias = tl.zeros([BT, BD], dtype=tl.float32)
         for i in range(0, n_chunks):
             c = n_chunks - 1 - i
             t = c * BT + rows
-            p, q, valid = _positions(routes, param_routes, k, t, Lr, GATHER)
+            p, q, valid = _positions(routes, param_routes, k, c * BT, rows, Lr, GATHER, EVEN_T)
             m, mn, xv, dt, Bv = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k,
                                              sB_t, sB_n, k, p, q, valid, offs_d, offs_n, mask_d, mask_n)
             xv, dt_pre, dt, Bv, decay, drive = _discretize(xv, dt, Bv, m, A_k, bias_k, HAS_BIAS, SOFTPLUS)
@@ -378,14 +416,13 @@ def selective_scan_bwd_kernel(
             hs = a_run * h0[None, :, :] + b_run
 
             if IN_MODE == 1:
-                Cv = tl.load(C_img + k * sC_k + q[:, None] * sC_t + offs_n[None, :] * sC_n, mask=mn,
-                             other=0.0).to(tl.float32)
+                Cv = _state_tile(C_img + k * sC_k, q, sC_t, sC_n, offs_d, offs_n, m, mn).to(tl.float32)
                 dy = tl.load(g_img + k * sg_k + p[:, None] * sg_t + offs_d[None, :] * sg_d, mask=m,
                              other=0.0).to(tl.float32)
                 if HAS_Z:
                     zv = tl.load(z_img + k * sz_k + p[:, None] * sz_t + offs_d[None, :] * sz_d, mask=m,
                                  other=0.0).to(tl.float32)
-                    y = tl.sum(hs * Cv[:, None, :], axis=2)
+                    y = tl.sum(hs * _over_states(Cv, BN), axis=2)
                     if HAS_D:
                         y += D_k[None, :] * xv
                     sig = tl.sigmoid(zv)
@@ -393,7 +430,7 @@ def selective_scan_bwd_kernel(
                     tl.store(dz_img + k * sdz_k + p[:, None] * sdz_t + offs_d[None, :] * sdz_d,
                              dzv.to(dz.dtype.element_ty), mask=m)
                     dy = dy * zv * sig
-                gout = dy[:, :, None] * Cv[:, None, :]
+                gout = dy[:, :, None] * _over_states(Cv, BN)
             else:
                 gout = tl.load(g_img + k * sg_k + p[:, None, None] * sg_t + offs_d[None, :, None] * sg_d
                                + offs_n[None, None, :] * sg_n, mask=m[:, :, None] & mask_n[None, None, :],
@@ -405,19 +442,19 @@ def selective_scan_bwd_kernel(
             carry = tl.sum(tl.where((rows == 0)[:, None, None], a_adj * carry[None, :, :] + b_adj, 0.0),
                            axis=0)
 
-            gB = tl.sum(g * Bv[:, None, :], axis=2)
+            gB = tl.sum(g * _over_states(Bv, BN), axis=2)
             d_arg = g * (hs - drive)  # gradient of dt·A inside exp: g_t·decay_t·h_{t-1}
             ddt = gB * xv + tl.sum(d_arg * A_k[None, :, :], axis=2)
-            acc_dA += tl.sum(d_arg * dt[:, :, None], axis=0)
+            acc_dA += d_arg * dt[:, :, None]
             dxv = gB * dt
             if IN_MODE == 1:
                 if HAS_D:
                     dxv += dy * D_k[None, :]
-                    acc_dD += tl.sum(dy * xv, axis=0)
+                    acc_dD += dy * xv
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(dt_pre)
             ddt = tl.where(m, ddt, 0.0)
-            acc_dbias += tl.sum(ddt, axis=0)
+            acc_dbias += ddt
             tl.store(dd_img + k * sdd_k + q[:, None] * sdd_t + offs_d[None, :] * sdd_d,
                      ddt.to(ddelta.dtype.element_ty), mask=m)
             dx_ptr = dx_img + k * sdx_k + p[:, None] * sdx_t + offs_d[None, :] * sdx_d
@@ -435,10 +472,11 @@ def selective_scan_bwd_kernel(
                 dCv = tl.sum(hs * dy[:, :, None], axis=1)
                 tl.store(dCp_img + k * sP_k + t[:, None] * sP_t + offs_n[None, :] * sP_n, dCv, mask=mn)
         part = (b64 * K + k) * CPG
-        tl.store(dA_part + (part + offs_d[:, None]) * BN + offs_n[None, :], acc_dA, mask=mask_d[:, None])
+        tl.store(dA_part + (part + offs_d[:, None]) * BN + offs_n[None, :], tl.sum(acc_dA, axis=0),
+                 mask=mask_d[:, None])
         if HAS_D:
-            tl.store(dD_part + part + offs_d, acc_dD, mask=mask_d)
+            tl.store(dD_part + part + offs_d, tl.sum(acc_dD, axis=0), mask=mask_d)
         if HAS_BIAS:
-            tl.store(dbias_part + part + offs_d, acc_dbias, mask=mask_d)
+            tl.store(dbias_part + part + offs_d, tl.sum(acc_dbias, axis=0), mask=mask_d)
         if DX_MERGE == 1:
             tl.debug_barrier()

@@ -143,13 +143,13 @@ def _child(group):
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     if group == "scan_1d":
-        scan_1d("plain", 2, 4, 7, 1, 0, f32, D=False, z=False, bias=False, softplus=False, last=False)
+        scan_1d("plain", 2, 4, 8, 1, 0, f32, D=False, z=False, bias=False, softplus=False, last=False)
         scan_1d("all_options", 1, 6, 9, 3, 0, f32, D=True, z=True, bias=True, softplus=True, last=True)
         scan_1d("grouped", 2, 8, 6, 2, 2, f32, D=True, z=False, bias=True, softplus=True, last=True)
         scan_1d("n17", 1, 2, 5, 17, 0, f32, D=True, z=True, bias=False, softplus=True, last=False)
         scan_1d("bf16", 1, 4, 6, 2, 0, bf16, D=True, z=True, bias=True, softplus=True, last=False)
     elif group == "states":
-        states("plain", 2, 4, 7, 1, 0, f32, bias=False, softplus=False)
+        states("plain", 2, 4, 8, 1, 0, f32, bias=False, softplus=False)
         states("grouped_bias", 1, 4, 9, 3, 2, f32, bias=True, softplus=True)
         states("fp16", 1, 3, 5, 2, 0, f16, bias=True, softplus=True)
     elif group == "cross_sum":
