@@ -22,6 +22,7 @@ from cli_common import UsageError
 
 __all__ = [
     'EmbeddedDigits', 'build_datasets', 'GlobalBatchSampler', 'ShardedEvalSampler', 'DIGITS_NAME',
+    'keep_zero_bit_posterize',
 ]
 
 DIGITS_NAME = 'embedded:digits'
@@ -105,6 +106,28 @@ def _class_names(ds) -> List[str]:
     reader = getattr(ds, 'reader', None)
     class_to_idx = getattr(reader, 'class_to_idx', None) or {}
     return sorted(class_to_idx)
+
+
+def keep_zero_bit_posterize() -> None:
+    """Let timm's RandAugment posterize to 0 bits again.
+
+    With the ``inc`` policies (``rand-m9-mstd0.5-inc1``, every recipe here) timm maps magnitude 10 to "keep 0 bits",
+    which Pillow < 13 turned into a black image and Pillow >= 13 rejects with ValueError, killing the data loader.
+    The replacement returns the black image, as before; other bit counts go to Pillow unchanged.
+    """
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    def posterize(img, bits_to_keep, **__):
+        if bits_to_keep >= 8:
+            return img
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return ImageOps.posterize(img, bits_to_keep)
+
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        if auto_augment.NAME_TO_OP.get(name) is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = posterize
 
 
 class GlobalBatchSampler(DistributedSampler):

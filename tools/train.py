@@ -423,6 +423,9 @@ def _data_config(args, model):
 
 def _build_transforms(args, data_config):
     from timm.data import create_transform
+
+    from image_data import keep_zero_bit_posterize
+    keep_zero_bit_posterize()
     train_tf = create_transform(
         input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug,
         scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
@@ -672,10 +675,12 @@ def _train(args, rt, autocast_context, evaluate):
     elif args.resume == 'auto':
         _logger.info(f'--resume auto: no checkpoint in {output_dir}, starting from scratch')
 
+    # ``model`` stays the plain module (EMA, evaluation, checkpoints); ``train_model`` is what the steps call
+    ddp_model = DDP(model, device_ids=[rt.device] if rt.device.type == 'cuda' else None) if rt.distributed \
+        else None
+    train_model = ddp_model if ddp_model is not None else model
     if args.compile:
-        model = torch.compile(model)
-    train_model = DDP(model, device_ids=[rt.device] if rt.device.type == 'cuda' else None) if rt.distributed \
-        else model
+        train_model = torch.compile(train_model)
     params_for_clip = [p for p in model.parameters() if p.requires_grad]
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -756,7 +761,7 @@ def _train(args, rt, autocast_context, evaluate):
                             optimizer.step()
 
                 if rt.distributed and not last_micro:
-                    with train_model.no_sync():
+                    with ddp_model.no_sync():
                         backward_and_step()
                 else:
                     backward_and_step()

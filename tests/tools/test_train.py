@@ -169,3 +169,27 @@ def test_bad_config_key(tmp_path, capsys):
     assert train.run_tool(train.main, ['--config', str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown option 'lr_bse'" in err and 'did you mean lr_base' in err
+
+
+def test_recipe_features_run_together(tmp_path):
+    """Mixup/CutMix, RandAugment, random erasing, EMA, MESA, distillation and accumulation in one short run."""
+    teacher = tmp_path / 'teacher.pth'
+    torch.save({'model': load_tool('cli_common').create_model('test_resnet', num_classes=10).state_dict()}, teacher)
+    proc = run_script('train.py', '--model', 'test_resnet', '--img-size', '16', '--epochs', '1', '--output',
+                      tmp_path / 'run', '--mixup', '0.8', '--cutmix', '1.0', '--aa', 'rand-m9-mstd0.5-inc1',
+                      '--reprob', '0.25', '--model-ema', '--mesa', '1.0', '--mesa-start', '0', '--distill-type', 'hard',
+                      '--distill-teacher', 'test_resnet', '--distill-teacher-checkpoint', teacher,
+                      '--grad-accum-steps', '2', '--batch-size', '64', '--debug-max-updates', '4', '--log-interval', '2')
+    assert_ok(proc)
+    assert 'global batch 64 = 1 x 32 x 2 accumulation' in proc.stdout and 'ema top1' in proc.stdout
+
+
+def test_randaugment_zero_bit_posterize_gives_black_image():
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+    load_tool('image_data').keep_zero_bit_posterize()
+    img = Image.frombytes('RGB', (4, 4), bytes(range(48)))
+    black = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(img)  # 4 - 4 = 0 bits
+    assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
+    two_bits = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img)  # 4 - 2 = 2 bits
+    assert list(two_bits.getdata()) == list(ImageOps.posterize(img, 2).getdata())
