@@ -3,7 +3,7 @@
 
 Quick start, no data to download (scikit-learn's handwritten digits, CPU is enough)::
 
-    python tools/train.py --model efficientvmamba_tiny --epochs 2
+    python tools/train.py --model groupmamba_tiny --epochs 2      # ~96% top-1, a few minutes on one CPU core
 
 ImageNet with a family's published recipe (``--batch-size`` is the GLOBAL batch: processes x per-process batch x
 gradient accumulation; the learning rate is scaled from ``lr_base`` by batch / ``lr_base_size``)::
@@ -18,7 +18,9 @@ gradient clipping); the configs spell each family's recipe out with its source.
 
 Interrupted runs: ``--resume auto`` (with the same ``--output``) continues from the newest checkpoint, epoch-end or
 mid-epoch (every ``--checkpoint-interval`` updates): model, optimizer, scheduler, EMA, AMP scaler, epoch, position
-in the epoch and random states. Checkpoints are written to a temporary file and renamed.
+in the epoch and random states. Checkpoints are written to a temporary file and renamed. The data order is a
+function of (seed, epoch) alone, so the resumed run sees the same batches; with ``--workers 0`` (the embedded dataset's
+default) it reproduces the uninterrupted run bit for bit, while loader processes re-draw their augmentations.
 """
 import argparse
 import csv
