@@ -352,6 +352,7 @@ def main(argv=None):
                         help="only run each shape's fused forward 3 times and forward+backward twice, untimed "
                              "(for a profiler; set VMAMBA_KERNELS_TUNE=0 so that no tuning launches interleave)")
     parser.add_argument("--out", default=".")
+    parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
@@ -371,11 +372,14 @@ def main(argv=None):
     report = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), torch=torch.__version__, triton=triton.__version__,
         command="python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:] if argv is None else argv))
-    try:
-        report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        report["commit"] = "unknown"
+    report["commit"] = args.commit
+    if report["commit"] is None:
+        try:
+            report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except OSError:
+            pass
+        report["commit"] = report["commit"] or "unknown"
     os.makedirs(args.out, exist_ok=True)
     if args.check:
         t0 = time.time()
