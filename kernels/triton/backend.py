@@ -6,8 +6,11 @@ the route index. Tensors are passed with their strides (no permuted copies).
 
 The backward recomputes each chunk's states from the state saved at the chunk's start. The op's
 forward does not hand those states to the backward yet, so the backward first recomputes them with a
-states-only pass (``save_chunk_states``); ``*_fwd_saving`` / ``*_bwd_from_saved`` take them from the
-forward instead.
+states-only pass; ``selective_scan_2d_fwd_saving`` / ``selective_scan_2d_bwd_from_saved`` take them from
+the forward instead (what the op would call once it carries the chunk states).
+
+fp64 inputs (gradcheck) go to the reference backend. Routes must not visit a pixel twice (every
+``scan_routes`` set satisfies this).
 """
 import os
 from typing import NamedTuple, Optional
