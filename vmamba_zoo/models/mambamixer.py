@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import PatchMerging
@@ -46,6 +46,7 @@ __all__ = ['MambaMixer', 'SelectiveTokenMixer', 'SelectiveChannelMixer']
 MAX_SCAN_ROWS = 65535  # CUDA's limit on a grid's second and third axes
 
 
+@register_notrace_module  # routes depend on the runtime map size
 class SelectiveTokenMixer(_RouteScanParams):
     """The S6 token mixer of a MambaMixer block, for images (VMamba's SS2D with its gate), channels-last.
 
@@ -90,6 +91,7 @@ class SelectiveTokenMixer(_RouteScanParams):
         return self.out_proj(y)
 
 
+@register_notrace_module  # shape-dependent reshapes and slicing of the token batch
 class SelectiveChannelMixer(_RouteScanParams):
     """The S6 channel mixer of a MambaMixer block: a bidirectional S6 whose sequence is a token's channels.
 
