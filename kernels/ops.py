@@ -179,6 +179,9 @@ def _check_routes(name, routes, K, H, W, device):
     padded = routes < 0
     if bool((padded[:, :-1] & ~padded[:, 1:]).any()):
         raise ValueError(f"{name} may only be padded (-1) at the end of a route")
+    ordered = routes.sort(dim=1).values
+    if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+        raise ValueError(f"{name}: a route must visit each pixel at most once")
     _VALIDATED_ROUTES[routes] = stamp
 
 

@@ -262,8 +262,8 @@ def selective_scan_2d_ref(
     param_routes: torch.Tensor,
     merge: str,
 ) -> torch.Tensor:
-    """Gather along each route, scan, write each step's output to its pixel (validated inputs).
-    A pixel visited twice by one route receives both outputs, added."""
+    """Gather along each route, scan, write each step's output to its pixel (validated inputs: each
+    route visits a pixel at most once)."""
     Bt, H, W, K, Dm = delta.shape
     dtype = compute_dtype(x, delta, A, B, C)
     folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)

@@ -165,6 +165,10 @@ def test_bad_input_2d():
         bad = routes.clone()
         bad[0, 3] = -1
         vk.selective_scan_2d(**args, routes=bad)
+    with pytest.raises(ValueError, match="visit each pixel at most once"):
+        twice = routes.clone()
+        twice[1, 5] = twice[1, 4]
+        vk.selective_scan_2d(**args, routes=twice)
     with pytest.raises(ValueError, match="param_routes must be padded"):
         pr = routes.clone()
         pr[0, -1] = -1
