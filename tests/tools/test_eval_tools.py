@@ -126,7 +126,8 @@ def test_flop_counts_match_an_analytic_oracle_on_a_cnn():
     assert split['torch_conv'] == 2 * oracle['conv'] and split['torch_linear'] == 2 * oracle['linear']
 
 
-@pytest.mark.parametrize('name', ['efficientvmamba_tiny', 'groupmamba_tiny', 'plainmamba_l1', 'vmamba_tiny_s1l8'])
+@pytest.mark.parametrize('name', ['efficientvmamba_tiny', 'groupmamba_tiny', 'plainmamba_l1', 'spatialmamba_tiny',
+                                  'vim2_tiny', 'vmamba_tiny_s1l8'])
 def test_flop_counter_consistent_with_fvcore_on_zoo_models(name):
     """Matmul/conv part exactly 2x (flop_counter counts a multiply-add as 2), scan part the same registered count."""
     flops = load_tool('flops')
