@@ -169,7 +169,7 @@ def _check_routes(name, routes, K, H, W, device):
     if torch.compiler.is_compiling() or routes.numel() == 0:
         return  # value checks read the data; eager calls have done them
     # Reading values syncs with the device: check each routes tensor once per (version, grid).
-    stamp = (routes._version, H, W)
+    stamp = (None if routes.is_inference() else routes._version, H, W)  # inference tensors have no version
     if _VALIDATED_ROUTES.get(routes) == stamp:
         return
     lo, hi = int(routes.min()), int(routes.max())

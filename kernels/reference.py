@@ -14,7 +14,7 @@ steps are formed up front, vectorized over time.
 The 2D form is gather → 1D scan → scatter, routes folded into channels (route k owns channel block k
 and B/C group k), which is what the fused kernels must reproduce.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -278,7 +278,7 @@ def selective_scan_2d_bwd_ref(dout, x, delta, A, B, C, D, delta_bias, delta_soft
                               merge):
     """Gradients of ``selective_scan_2d_ref`` for x, delta, A, B, C, D, delta_bias."""
     Bt, H, W, K, Dm = delta.shape
-    N, L = A.shape[-1], H * W
+    L = H * W
     dtype = compute_dtype(x, delta, A, B, C)
     at, param_at = routes.clamp(min=0), param_routes.clamp(min=0)
     valid = (routes >= 0)[None, :, :, None].to(dtype)

@@ -220,3 +220,14 @@ def test_torch_compile_fullgraph(name):
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_trains_after_an_inference_mode_forward(name):
+    """Evaluation under torch.inference_mode must not leave state that breaks the next training step."""
+    model = _create(name, num_classes=3)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

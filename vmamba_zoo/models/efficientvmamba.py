@@ -33,7 +33,9 @@ from timm.models._features import feature_take_indices
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from timm.models._features_fx import register_notrace_module
 
-from vmamba_kernels import scan_routes, selective_scan_2d
+from vmamba_kernels import selective_scan_2d
+
+from ..layers.routes import device_routes
 
 __all__ = ['EfficientVMamba']
 
@@ -97,7 +99,6 @@ class EfficientScan2d(nn.Module):
         self.Ds = nn.Parameter(torch.empty(K * d_inner, **dd))
         self.out_norm = nn.LayerNorm(d_inner, **dd)
         self.out_proj = nn.Linear(d_inner, dim, bias=False, **dd)
-        self._routes_cache: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -118,14 +119,7 @@ class EfficientScan2d(nn.Module):
         self.Ds.fill_(1.)
 
     def routes(self, H: int, W: int, device: torch.device) -> torch.Tensor:
-        H, W = int(H), int(W)  # sizes are 0-dim tensors under torch.jit.trace (fvcore)
-        if torch.compiler.is_compiling():
-            return scan_routes('atrous', H, W, step=2).to(device)
-        key = (H, W, device)
-        routes = self._routes_cache.get(key)
-        if routes is None:
-            routes = self._routes_cache[key] = scan_routes('atrous', H, W, step=2).to(device)
-        return routes
+        return device_routes('atrous', H, W, device, step=2)
 
     def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per pixel dt (B, H, W, Di), B and C (B, H, W, N) with the weights of the route owning the pixel."""

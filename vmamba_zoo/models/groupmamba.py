@@ -28,24 +28,16 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
-from vmamba_kernels import scan_routes, selective_scan_2d
+from vmamba_kernels import selective_scan_2d
+
+from ..layers.routes import device_routes
 
 __all__ = ['GroupMamba']
 
 NUM_GROUPS = 4  # one scan route per channel group: row-major, column-major, both reversed
-_ROUTES_CACHE = {}
-
-
 def cross_routes(H: int, W: int, device: torch.device) -> torch.Tensor:
-    """``scan_routes('cross', H, W)`` on ``device``, cached per (H, W, device) outside compiled graphs."""
-    H, W = int(H), int(W)  # plain ints under jit tracing (fvcore) too
-    if torch.compiler.is_compiling():
-        return scan_routes('cross', H, W).to(device)
-    key = (H, W, device)
-    routes = _ROUTES_CACHE.get(key)
-    if routes is None:
-        routes = _ROUTES_CACHE[key] = scan_routes('cross', H, W).to(device)
-    return routes
+    """``scan_routes('cross', H, W)`` on ``device``: route k is group k's scan order."""
+    return device_routes('cross', H, W, device)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

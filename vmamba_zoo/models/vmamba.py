@@ -11,7 +11,6 @@ the official LayerNorm2d / Linear2d on NCHW are a LayerNorm / Linear on NHWC wit
 four-way cross scan is one fused ``selective_scan_2d`` over the "cross" routes; delta, B and C are computed
 per pixel for every route (they are pointwise projections), so no permuted copy of the input is made.
 """
-import functools
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -26,26 +25,16 @@ from timm.models import register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models.mambaout import Downsample, Stem
 
-from vmamba_kernels import scan_routes, selective_scan_2d
+from vmamba_kernels import selective_scan_2d
+
+from ..layers.routes import device_routes
 
 __all__ = ['VMamba', 'SS2D', 'MultiHeadScan', 'ScanRouteAttention']
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_routes(name: str, H: int, W: int, patterns: Optional[Tuple[str, ...]], device: torch.device):
-    # Built outside inference mode: the scan saves the routes for backward, which an inference tensor
-    # cached during evaluation would forbid in a later training step.
-    with torch.inference_mode(False):
-        options = {} if patterns is None else {'patterns': patterns}
-        return scan_routes(name, H, W, **options).to(device)
-
-
 def _routes(name: str, H: int, W: int, device: torch.device, patterns: Optional[Tuple[str, ...]] = None):
-    H, W = int(H), int(W)  # sizes are tensors under torch.jit.trace (fvcore)
-    if torch.compiler.is_compiling():
-        options = {} if patterns is None else {'patterns': patterns}
-        return scan_routes(name, H, W, **options).to(device)
-    return _cached_routes(name, H, W, patterns, device)
+    return device_routes(name, H, W, device) if patterns is None else \
+        device_routes(name, H, W, device, patterns=patterns)
 
 
 def _dt_projection_init(

@@ -1,0 +1,27 @@
+"""Scan routes on the device the features live on, built once per (route set, grid, options, device)."""
+import functools
+from typing import Tuple
+
+import torch
+
+from vmamba_kernels import scan_routes
+
+__all__ = ["device_routes"]
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_routes(name: str, H: int, W: int, options: Tuple, device: torch.device) -> torch.Tensor:
+    # Built outside inference mode: the scan saves the routes for backward, which an inference tensor
+    # cached during evaluation would forbid in a later training step.
+    with torch.inference_mode(False):
+        return scan_routes(name, H, W, **dict(options)).to(device)
+
+
+def device_routes(name: str, H, W, device: torch.device, **options) -> torch.Tensor:
+    """``scan_routes(name, H, W, **options)`` on ``device``, cached; the scan ops never modify routes.
+
+    Inside a compiled graph the routes are built in the graph (constants there), not looked up."""
+    H, W = int(H), int(W)  # sizes are 0-dim tensors under torch.jit.trace (fvcore)
+    if torch.compiler.is_compiling():
+        return scan_routes(name, H, W, **options).to(device)
+    return _cached_routes(name, H, W, tuple(sorted(options.items())), torch.device(device))
