@@ -1,5 +1,6 @@
 """Reusable blocks of the zoo: family-agnostic, built on vmamba_kernels."""
 from .state_fusion import StateFusion, merge_dilated_kernels
 from .routes import device_routes
+from .route_scan import RouteScanParams, dt_projection_init
 
-__all__ = ["StateFusion", "device_routes", "merge_dilated_kernels"]
+__all__ = ["RouteScanParams", "StateFusion", "device_routes", "dt_projection_init", "merge_dilated_kernels"]

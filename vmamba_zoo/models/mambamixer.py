@@ -39,7 +39,9 @@ from timm.models.swin_transformer import PatchMerging
 
 from vmamba_kernels import selective_scan, selective_scan_2d
 
-from .vmamba import _routes, _RouteScanParams
+from ..layers.route_scan import RouteScanParams
+from ..layers.routes import device_routes
+
 
 __all__ = ['MambaMixer', 'SelectiveTokenMixer', 'SelectiveChannelMixer']
 
@@ -47,7 +49,7 @@ MAX_SCAN_ROWS = 65535  # CUDA's limit on a grid's second and third axes
 
 
 @register_notrace_module  # routes depend on the runtime map size
-class SelectiveTokenMixer(_RouteScanParams):
+class SelectiveTokenMixer(RouteScanParams):
     """The S6 token mixer of a MambaMixer block, for images (VMamba's SS2D with its gate), channels-last.
 
     in_proj C→2·Di splits into x and the gate z (the paper's x̄_MLP); x passes a depthwise 3x3 conv and SiLU; the
@@ -85,14 +87,14 @@ class SelectiveTokenMixer(_RouteScanParams):
         delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
         y = selective_scan_2d(
             x, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True,
-            routes=_routes('cross', H, W, x.device), merge='sum',
+            routes=device_routes('cross', H, W, x.device), merge='sum',
         )
         y = self.out_norm(y) * self.act(z)
         return self.out_proj(y)
 
 
 @register_notrace_module  # shape-dependent reshapes and slicing of the token batch
-class SelectiveChannelMixer(_RouteScanParams):
+class SelectiveChannelMixer(RouteScanParams):
     """The S6 channel mixer of a MambaMixer block: a bidirectional S6 whose sequence is a token's channels.
 
     Per token, in_proj maps the C channels to a sequence of ``width`` channels and a gate of the same length

@@ -1,0 +1,65 @@
+"""Parameters of a 2D selective scan over K routes, stored as the official VMamba-style code stores them.
+
+A mixer subclasses ``RouteScanParams``, projects each pixel for every route (``x_proj_weight``), and hands
+``scan_inputs(...)`` to ``vmamba_kernels.selective_scan_2d`` with its route set: the same block serves the
+cross scan, the multi-head scan and the token mixers built on them.
+"""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["RouteScanParams", "dt_projection_init"]
+
+
+def dt_projection_init(
+        num_routes: int, dt_rank: int, channels: int,
+        dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mamba's dt init: uniform weights of std dt_rank**-0.5, biases = softplus^-1 of log-uniform dt."""
+    std = dt_rank ** -0.5
+    weight = torch.empty(num_routes, channels, dt_rank).uniform_(-std, std)
+    dt = torch.exp(
+        torch.rand(num_routes, channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    ).clamp(min=dt_init_floor)
+    bias = dt + torch.log(-torch.expm1(-dt))
+    return weight, bias
+
+
+class RouteScanParams(nn.Module):
+    """Per-route projections of a 2D selective scan, stored as the official code stores them.
+
+    x_proj_weight (K, R + 2N, C), dt_projs_weight (K, C, R), dt_projs_bias (K, C), A_logs (K·C, N),
+    Ds (K·C). ``scan_inputs`` turns the per-pixel projections (..., K, R + 2N) into the scan's inputs.
+    """
+
+    def __init__(self, num_routes: int, channels: int, d_state: int, dt_rank: int):
+        super().__init__()
+        self.num_routes, self.channels, self.d_state, self.dt_rank = num_routes, channels, d_state, dt_rank
+        self.x_proj_weight = nn.Parameter(torch.empty(num_routes, dt_rank + 2 * d_state, channels))
+        self.dt_projs_weight = nn.Parameter(torch.empty(num_routes, channels, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(num_routes, channels))
+        self.A_logs = nn.Parameter(torch.empty(num_routes * channels, d_state))
+        self.Ds = nn.Parameter(torch.empty(num_routes * channels))
+        self.reset_scan_parameters()
+
+    @torch.no_grad()
+    def reset_scan_parameters(self):
+        bound = self.channels ** -0.5  # nn.Linear's default init, as the official x_proj
+        self.x_proj_weight.uniform_(-bound, bound)
+        weight, bias = dt_projection_init(self.num_routes, self.dt_rank, self.channels)
+        self.dt_projs_weight.copy_(weight)
+        self.dt_projs_bias.copy_(bias)
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(torch.log(A).expand(self.num_routes * self.channels, -1))
+        self.Ds.fill_(1.0)
+
+    def scan_inputs(self, x_dbl: torch.Tensor):
+        """x_dbl (..., K, R + 2N) → delta (..., K, C), B (..., K, N), C (..., K, N), and A, D, delta_bias."""
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = torch.einsum('...kr,kcr->...kc', dts, self.dt_projs_weight)
+        A = -torch.exp(self.A_logs.float()).view(self.num_routes, self.channels, self.d_state)
+        D = self.Ds.float().view(self.num_routes, self.channels)
+        delta_bias = self.dt_projs_bias.float()
+        return delta, Bs.contiguous(), Cs.contiguous(), A, D, delta_bias
