@@ -12,6 +12,7 @@ the forward instead (what the op would call once it carries the chunk states).
 fp64 inputs (gradcheck) go to the reference backend. Routes must not visit a pixel twice (every
 ``scan_routes`` set satisfies this).
 """
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -487,3 +488,43 @@ def selective_scan_2d_bwd_from_saved(dout, x, delta, A, B, C, D, delta_bias, rou
                                      delta_softplus, merge, chunk_states):
     return _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge,
                    chunk_states)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches larger than a launch grid's batch axis
+
+MAX_GRID_BATCH = 65535  # CUDA's limit on a grid's second axis, where the kernels put the batch
+
+
+def _split_batch(fn, batch_args, param_outputs=()):
+    """Run ``fn`` on batch slices of at most MAX_GRID_BATCH when the batch is larger: outputs that carry
+    the batch are concatenated, parameter gradients (positions ``param_outputs``) summed."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        total = args[batch_args[0]].shape[0]
+        if total <= MAX_GRID_BATCH:
+            return fn(*args)
+        parts = []
+        for start in range(0, total, MAX_GRID_BATCH):
+            piece = slice(start, start + MAX_GRID_BATCH)
+            parts.append(fn(*[a[piece] if i in batch_args and a is not None else a for i, a in enumerate(args)]))
+        if not isinstance(parts[0], tuple):
+            return torch.cat(parts)
+        return tuple(None if outs[0] is None else
+                     torch.stack(outs).sum(0) if j in param_outputs else torch.cat(outs)
+                     for j, outs in enumerate(zip(*parts)))
+
+    return run
+
+
+# Argument positions that carry the batch, and the parameter-gradient positions of each backward.
+selective_scan_fwd = _split_batch(selective_scan_fwd, (0, 1, 3, 4, 6))
+selective_scan_bwd = _split_batch(selective_scan_bwd, (0, 1, 2, 3, 5, 6, 8), param_outputs=(2, 5, 7))
+selective_scan_states_fwd = _split_batch(selective_scan_states_fwd, (0, 1, 3))
+selective_scan_states_bwd = _split_batch(selective_scan_states_bwd, (0, 1, 2, 4), param_outputs=(2, 4))
+selective_scan_2d_fwd = _split_batch(selective_scan_2d_fwd, (0, 1, 3, 4))
+selective_scan_2d_bwd = _split_batch(selective_scan_2d_bwd, (0, 1, 2, 4, 5), param_outputs=(2, 5, 6))
+selective_scan_2d_fwd_saving = _split_batch(selective_scan_2d_fwd_saving, (0, 1, 3, 4))
+selective_scan_2d_bwd_from_saved = _split_batch(selective_scan_2d_bwd_from_saved, (0, 1, 2, 4, 5, 12),
+                                                param_outputs=(2, 5, 6))

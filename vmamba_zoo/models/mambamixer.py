@@ -5,7 +5,7 @@ Paper: `MambaMixer: Efficient Selective State Space Models with Dual Token and C
 
 No official code or weights exist (github.com/MambaMixer/M2 holds only a README): this is a reimplementation
 from the paper's text. Where the paper is silent the choice is named in the docstring of the block it affects
-and collected in model_cards/vim2.md.
+and collected in model_cards/mambamixer.md.
 
 Architecture (channels-last (B, H, W, C) throughout):
     stem:       Conv 4x4 s4 + LayerNorm
@@ -44,9 +44,6 @@ from ..layers.routes import device_routes
 
 
 __all__ = ['MambaMixer', 'SelectiveTokenMixer', 'SelectiveChannelMixer']
-
-MAX_SCAN_ROWS = 65535  # CUDA's limit on a grid's second and third axes
-
 
 @register_notrace_module  # routes depend on the runtime map size
 class SelectiveTokenMixer(RouteScanParams):
@@ -135,14 +132,8 @@ class SelectiveChannelMixer(RouteScanParams):
         x_dbl = u.transpose(1, 2).unsqueeze(-1) * self.x_proj_weight.view(K, -1)
         delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
         # direction k is scan channel k; B and C are grouped per direction: (tokens, K, N, L)
-        scan_args = (u, delta.squeeze(-1).transpose(1, 2), Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1))
-        # The fused kernels give each scan batch row one program along a CUDA grid axis, which stops at
-        # 65535 rows; every token is a row here (B·H·W of them), so large batches are scanned in slices.
-        y = torch.cat([
-            selective_scan(u_, delta_, A.view(K, -1), B_, C_, D.view(K), delta_bias=delta_bias.view(K),
-                           delta_softplus=True)
-            for u_, delta_, B_, C_ in zip(*(t.split(MAX_SCAN_ROWS) for t in scan_args))
-        ])
+        y = selective_scan(u, delta.squeeze(-1).transpose(1, 2), A.view(K, -1), Bs.permute(0, 2, 3, 1),
+                           Cs.permute(0, 2, 3, 1), D.view(K), delta_bias=delta_bias.view(K), delta_softplus=True)
         return y[:, 0] + y[:, 1].flip(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
