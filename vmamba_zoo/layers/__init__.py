@@ -2,5 +2,6 @@
 from .state_fusion import StateFusion, merge_dilated_kernels
 from .routes import device_routes
 from .route_scan import RouteScanParams, dt_projection_init
+from .stages import ChannelsLastStagesMixin
 
-__all__ = ["RouteScanParams", "StateFusion", "device_routes", "dt_projection_init", "merge_dilated_kernels"]
+__all__ = ["ChannelsLastStagesMixin", "RouteScanParams", "StateFusion", "device_routes", "dt_projection_init", "merge_dilated_kernels"]

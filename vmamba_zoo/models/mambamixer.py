@@ -39,6 +39,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from vmamba_kernels import selective_scan, selective_scan_2d
 
+from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import RouteScanParams
 from ..layers.routes import device_routes
 
@@ -287,7 +288,7 @@ class Stem(nn.Module):
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
-class MambaMixer(nn.Module):
+class MambaMixer(ChannelsLastStagesMixin, nn.Module):
     """Vision MambaMixer (ViM2): hierarchical stages of MambaMixer blocks.
 
     Args:
@@ -406,36 +407,6 @@ class MambaMixer(nn.Module):
         device, dtype = self.stem.conv.weight.device, self.stem.conv.weight.dtype
         self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) \
             if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (before the next stage's patch merging), channels-first unless output_fmt='NHWC'.
-        ``norm`` applies the final LayerNorm to the last stage's output."""
-        assert output_fmt in ('NCHW', 'NHWC'), 'Output format must be one of NCHW or NHWC.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                y = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
-
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm(x)
-        return x, intermediates
 
     def prune_intermediate_layers(
             self,

@@ -21,6 +21,8 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from vmamba_kernels import selective_scan_states
+
+from ..layers.stages import ChannelsLastStagesMixin
 from vmamba_zoo.layers.state_fusion import StateFusion
 
 __all__ = ["SpatialMamba", "StructureAwareSSM", "SpatialMambaBlock"]
@@ -219,7 +221,7 @@ class SpatialMambaStage(nn.Module):
         return x
 
 
-class SpatialMamba(nn.Module):
+class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
     """Spatial-Mamba, channels-last; `forward_features` returns normalized (B, H, W, C) tokens.
 
     `fusion_merge_at_eval=True` runs each state fusion in eval mode as one merged 11×11 depthwise conv, as the
@@ -319,35 +321,6 @@ class SpatialMamba(nn.Module):
                 raise ValueError(f"global_pool must be 'avg', 'max' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (after each stage's blocks); `norm` applies the final norm to the last stage's."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-
-        intermediates = []
-        x = self.stem(x)
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                y = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm(x)
-        return x, intermediates
 
     def prune_intermediate_layers(
             self,

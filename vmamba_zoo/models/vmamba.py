@@ -27,6 +27,7 @@ from timm.models.mambaout import Downsample, Stem
 
 from vmamba_kernels import selective_scan_2d
 
+from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import RouteScanParams
 from ..layers.routes import device_routes
 
@@ -207,7 +208,7 @@ class VMambaStage(nn.Module):
         return x
 
 
-class VMamba(nn.Module):
+class VMamba(ChannelsLastStagesMixin, nn.Module):
     """VMamba v2 (VSSM with patchembed v2, downsample v3, LayerNorm), channels-last internally.
 
     Args:
@@ -302,35 +303,6 @@ class VMamba(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (after each stage's blocks). ``norm`` applies the final norm to the last stage."""
-        assert output_fmt in ('NCHW', 'NHWC'), 'Output format must be one of NCHW or NHWC.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                y = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
-
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm(x)
-        return x, intermediates
 
     def prune_intermediate_layers(
             self,

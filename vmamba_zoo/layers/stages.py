@@ -1,0 +1,50 @@
+"""timm's intermediate-feature API for the zoo's staged, channels-last backbones."""
+from typing import List, Optional, Tuple, Union
+
+import torch
+from timm.models._features import feature_take_indices
+
+__all__ = ["ChannelsLastStagesMixin"]
+
+
+class ChannelsLastStagesMixin:
+    """``forward_intermediates`` for a model that runs ``stem`` → ``stages`` (an nn.Sequential of stages
+    on (B, H, W, C) maps) → ``norm``, with one feature map per stage."""
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs, channels-first unless ``output_fmt='NHWC'``.
+
+        Args:
+            x: input images (B, C, H, W).
+            indices: take the last n stages if int, all if None, or the listed stages.
+            norm: apply the final norm to the last stage's map.
+            stop_early: stop after the last requested stage.
+            output_fmt: 'NCHW' or 'NHWC'.
+            intermediates_only: return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+
+        intermediates = []
+        x = self.stem(x)
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                y = self.norm(x) if norm and feat_idx == last_idx else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
