@@ -75,6 +75,19 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(g, g_eager)
 
 
+def test_torch_compile_inductor():
+    """Inductor relies on the fake kernels' output strides matching the real ones."""
+    torch.manual_seed(0)
+    model = TinyCrossMixer()
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    eager = model(x)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    out = torch.compile(model, fullgraph=True)(x)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g, g_eager)
+
+
 def test_torch_compile_1d_and_states():
     u, delta, A, B, C = _scan_args()
 
