@@ -5,6 +5,7 @@ with a fake implementation, so that ``torch.compile(fullgraph=True)`` traces thr
 ``torch.library.opcheck`` holds. A backend is a module providing six functions with the signatures of
 ``_ReferenceBackend`` below; "reference" is pure PyTorch, "triton" the fused GPU kernels.
 """
+import functools
 import importlib
 from typing import Optional, Tuple
 
@@ -67,6 +68,8 @@ class _ReferenceBackend:
             dout, x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge)
 
 
+@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # compiled graphs read the answer instead of tracing the import
 def triton_available() -> bool:
     """True when the fused Triton kernels can run (triton importable and the backend present)."""
     try:
@@ -294,43 +297,57 @@ _selective_scan_states_fwd.register_autograd(_states_backward, setup_context=_st
 @torch.library.custom_op("vmamba::selective_scan_2d_fwd", mutates_args=())
 def _selective_scan_2d_fwd(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                            delta_bias: Optional[Tensor], routes: Tensor, param_routes: Tensor,
-                           delta_softplus: bool, merge: str, backend: str) -> Tensor:
-    return _backend(backend).selective_scan_2d_fwd(
-        x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge).contiguous()
+                           delta_softplus: bool, merge: str, backend: str, save_chunks: bool
+                           ) -> Tuple[Tensor, Tensor]:
+    """Returns out and, with ``save_chunks`` on a backend that has them, the scan's chunk-start states for
+    the backward (empty otherwise: the backward then recomputes what it needs)."""
+    impl = _backend(backend)
+    args = (x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge)
+    if save_chunks and hasattr(impl, "selective_scan_2d_fwd_saving"):
+        out, chunk_states = impl.selective_scan_2d_fwd_saving(*args)
+        return out.contiguous(), chunk_states
+    return impl.selective_scan_2d_fwd(*args).contiguous(), x.new_empty(0, dtype=torch.float32)
 
 
 @_selective_scan_2d_fwd.register_fake
-def _(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, backend):
+def _(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, backend, save_chunks):
     shape = delta.shape[:4] + delta.shape[4:] if merge == "none" else delta.shape[:3] + delta.shape[4:]
-    return x.new_empty(shape)
+    chunk_states = x.new_empty(0, dtype=torch.float32)
+    if save_chunks and backend == "triton":
+        chunk_states = x.new_empty(_triton_backend().chunk_states_shape(x, delta, A, B, C, D, delta_bias, routes),
+                                   dtype=torch.float32)
+    return x.new_empty(shape), chunk_states
 
 
 @torch.library.custom_op("vmamba::selective_scan_2d_bwd", mutates_args=())
 def _selective_scan_2d_bwd(dout: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                            D: Optional[Tensor], delta_bias: Optional[Tensor], routes: Tensor,
-                           param_routes: Tensor, delta_softplus: bool, merge: str, backend: str
-                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _materialize(x, _backend(backend).selective_scan_2d_bwd(
-        dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge))
+                           param_routes: Tensor, chunk_states: Tensor, delta_softplus: bool, merge: str,
+                           backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend(backend)
+    args = (dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge)
+    if chunk_states.numel() and hasattr(impl, "selective_scan_2d_bwd_from_saved"):
+        return _materialize(x, impl.selective_scan_2d_bwd_from_saved(*args, chunk_states))
+    return _materialize(x, impl.selective_scan_2d_bwd(*args))
 
 
 @_selective_scan_2d_bwd.register_fake
-def _(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, backend):
+def _(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, chunk_states, delta_softplus, merge, backend):
     return _grads_fake(x, x, delta, A, B, C, D, delta_bias)
 
 
 def _scan_2d_setup(ctx, inputs, output):
-    x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, backend = inputs
-    ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, routes, param_routes)
+    x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, backend, _ = inputs
+    ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, routes, param_routes, output[1])
     ctx.delta_softplus, ctx.merge, ctx.backend = delta_softplus, merge, backend
 
 
-def _scan_2d_backward(ctx, dout):
-    x, delta, A, B, C, D, delta_bias, routes, param_routes = ctx.saved_tensors
+def _scan_2d_backward(ctx, dout, _dchunk_states):
+    x, delta, A, B, C, D, delta_bias, routes, param_routes, chunk_states = ctx.saved_tensors
     grads = _selective_scan_2d_bwd(dout.contiguous(), x, delta, A, B, C, D, delta_bias, routes, param_routes,
-                                   ctx.delta_softplus, ctx.merge, ctx.backend)
+                                   chunk_states, ctx.delta_softplus, ctx.merge, ctx.backend)
     grads = [None if t is None else g for t, g in zip((x, delta, A, B, C, D, delta_bias), grads)]
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 _selective_scan_2d_fwd.register_autograd(_scan_2d_backward, setup_context=_scan_2d_setup)
@@ -377,8 +394,12 @@ def selective_scan_2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus
         param_routes = routes
     if not torch.jit.is_tracing():
         _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge)
-    return _selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes,
-                                  bool(delta_softplus), merge, resolve_backend(backend, delta.device))
+    # Chunk states are worth writing only when a backward will read them.
+    save_chunks = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, delta, A, B, C, D, delta_bias))
+    out, _ = _selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes,
+                                    bool(delta_softplus), merge, resolve_backend(backend, delta.device), save_chunks)
+    return out
 
 
 def _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge):

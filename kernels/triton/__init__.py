@@ -6,6 +6,7 @@ The six backend functions of ``vmamba_kernels.ops`` (forward and backward of ``s
 """
 from .backend import (
     chunk_size,
+    chunk_states_shape,
     selective_scan_2d_bwd,
     selective_scan_2d_bwd_from_saved,
     selective_scan_2d_fwd,
@@ -19,6 +20,7 @@ from .backend import (
 
 __all__ = [
     "chunk_size",
+    "chunk_states_shape",
     "selective_scan_2d_bwd",
     "selective_scan_2d_bwd_from_saved",
     "selective_scan_2d_fwd",

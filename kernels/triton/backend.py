@@ -33,6 +33,7 @@ __all__ = [
     "selective_scan_2d_fwd_saving",
     "selective_scan_2d_bwd_from_saved",
     "chunk_size",
+    "chunk_states_shape",
     "set_atomic_merge",
 ]
 
@@ -478,14 +479,29 @@ def selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_
     return _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, None)
 
 
+def chunk_states_shape(x, delta, A, B, C, D, delta_bias, routes):
+    """Shape of the chunk states ``selective_scan_2d_fwd_saving`` returns: (Bt, K, ceil(Lr / chunk_size(N)),
+    Dm, next_pow2(N)), or (0,) for fp64 inputs, which the reference serves."""
+    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+        return (0,)
+    Bt, K, Dm, N = delta.shape[0], delta.shape[3], delta.shape[4], A.shape[2]
+    return (Bt, K, triton.cdiv(routes.shape[1], chunk_size(N)), Dm, _pow2(N))
+
+
 def selective_scan_2d_fwd_saving(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
-    """Forward that also returns the chunk states (Bt, K, ceil(Lr / chunk_size(N)), Dm, next_pow2(N)) fp32
-    for ``selective_scan_2d_bwd_from_saved``."""
+    """Forward that also returns the chunk states (fp32, ``chunk_states_shape``) for
+    ``selective_scan_2d_bwd_from_saved``."""
+    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+        return selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus,
+                                     merge), x.new_empty(0, dtype=torch.float32)
     return _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, True)
 
 
 def selective_scan_2d_bwd_from_saved(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes,
                                      delta_softplus, merge, chunk_states):
+    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+        return selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes,
+                                     delta_softplus, merge)
     return _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge,
                    chunk_states)
 

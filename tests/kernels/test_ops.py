@@ -39,9 +39,9 @@ def test_opcheck_states_and_2d(contiguous):
     torch.library.opcheck(torch.ops.vmamba.selective_scan_states_fwd, (u, delta, A, B, None, True, "reference"))
     args = {k: (v if contiguous else _non_contiguous(v)).requires_grad_() for k, v in _scan_2d_args().items()}
     routes = vk.scan_routes("atrous", 3, 4)
-    for merge in ("sum", "none"):
+    for merge, save_chunks in (("sum", True), ("none", False)):
         torch.library.opcheck(torch.ops.vmamba.selective_scan_2d_fwd,
-                              (*args.values(), routes, routes, True, merge, "reference"))
+                              (*args.values(), routes, routes, True, merge, "reference", save_chunks))
 
 
 class TinyCrossMixer(nn.Module):

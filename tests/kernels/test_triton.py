@@ -142,6 +142,25 @@ def _child(group):
                 reference.selective_scan_2d_bwd_ref(dout, *ref_args), dtype)
         repeat(case, lambda: (tri.selective_scan_2d_fwd(*args), *tri.selective_scan_2d_bwd(dout, *args)))
 
+    def through_op(case, routes, H, W, Bt, Dm, N):
+        """The public op on the triton backend: the forward hands its chunk states to the backward (also
+        under torch.compile, whose fake kernel must predict their shape)."""
+        K = routes.shape[0]
+        inputs = [torch.randn(Bt, H, W, Dm), torch.rand(Bt, H, W, K, Dm) * 0.8 - 0.4, -(torch.rand(K, Dm, N) + 0.3),
+                  torch.randn(Bt, H, W, K, N), torch.randn(Bt, H, W, K, N), torch.randn(K, Dm), torch.randn(K, Dm)]
+        names = ("out", "dx", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias")
+
+        def run(backend, compiled=False):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            f = lambda *a: vk.selective_scan_2d(*a, routes=routes, backend=backend)
+            out = (torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f)(*leaves)
+            return (out, *torch.autograd.grad(out, leaves, dout))
+
+        dout = torch.randn(Bt, H, W, Dm)
+        want = run("reference")
+        compare(case + "/op", names, run("triton"), want, torch.float32)
+        compare(case + "/compiled", names, run("triton", compiled=True), want, torch.float32)
+
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     if group == "scan_1d":
         scan_1d("plain", 2, 4, 8, 1, 0, f32, D=False, z=False, bias=False, softplus=False, last=False)
@@ -156,6 +175,7 @@ def _child(group):
     elif group == "cross_sum":
         scan_2d("cross_3x4", vk.scan_routes("cross", 3, 4), 3, 4, 2, 5, 2, f32, "sum")
         scan_2d("cross_bf16", vk.scan_routes("cross", 2, 3), 2, 3, 1, 4, 1, bf16, "sum", D=False, bias=False)
+        through_op("cross_2x3", vk.scan_routes("cross", 2, 3), 2, 3, 1, 3, 2)
     elif group == "continuous_params":
         raster = vk.scan_routes("raster", 3, 3).expand(4, -1).contiguous()
         scan_2d("continuous_raster_params", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 4, 3, f32, "sum",
