@@ -4,10 +4,10 @@ Each op is described as K scans of CPG channels over Lr steps (see ``scan.py``):
 scan per B/C group and reads positions t directly; the 2D scan has one scan per route and reads through
 the route index. Tensors are passed with their strides (no permuted copies).
 
-The backward recomputes each chunk's states from the state saved at the chunk's start. The op's
-forward does not hand those states to the backward yet, so the backward first recomputes them with a
-states-only pass; ``selective_scan_2d_fwd_saving`` / ``selective_scan_2d_bwd_from_saved`` take them from
-the forward instead (what the op would call once it carries the chunk states).
+The backward recomputes each chunk's states from the state saved at the chunk's start. For the 2D op the
+forward saves them when a gradient is needed (``selective_scan_2d_fwd_saving``) and the backward reads them
+(``selective_scan_2d_bwd_from_saved``); otherwise, and for the 1D ops, the backward first recomputes them
+with a states-only pass.
 
 fp64 inputs (gradcheck) go to the reference backend. Routes must not visit a pixel twice (every
 ``scan_routes`` set satisfies this).
