@@ -2,14 +2,35 @@
 from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 from timm.models._features import feature_take_indices
 
 __all__ = ["ChannelsLastStagesMixin"]
 
 
 class ChannelsLastStagesMixin:
-    """``forward_intermediates`` for a model that runs ``stem`` → ``stages`` (an nn.Sequential of stages
-    on (B, H, W, C) maps) → ``norm``, with one feature map per stage."""
+    """timm's stage API for a model that runs ``stem`` → ``stages`` (an nn.Sequential of stages on
+    (B, H, W, C) maps, each with a ``grad_checkpointing`` flag) → ``norm`` → head, one feature map per stage."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        """Drop the stages (and norm / head) that the requested intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
 
     def forward_intermediates(
             self,

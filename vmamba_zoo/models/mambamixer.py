@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import PatchMerging
 
@@ -390,11 +389,6 @@ class MambaMixer(ChannelsLastStagesMixin, nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -407,20 +401,6 @@ class MambaMixer(ChannelsLastStagesMixin, nn.Module):
         device, dtype = self.stem.conv.weight.device, self.stem.conv.weight.dtype
         self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) \
             if num_classes > 0 else nn.Identity()
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ):
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))

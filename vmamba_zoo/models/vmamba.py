@@ -12,7 +12,7 @@ four-way cross scan is one fused ``selective_scan_2d`` over the "cross" routes; 
 per pixel for every route (they are pointwise projections), so no permuted copy of the input is made.
 """
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models import register_notrace_module
-from timm.models._features import feature_take_indices
 from timm.models.mambaout import Downsample, Stem
 
 from vmamba_kernels import selective_scan_2d
@@ -292,32 +291,12 @@ class VMamba(ChannelsLastStagesMixin, nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ):
-        """Drop the stages (and norm / head) that the requested intermediates do not need."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
