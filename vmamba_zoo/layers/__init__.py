@@ -3,5 +3,6 @@ from .state_fusion import StateFusion, merge_dilated_kernels
 from .routes import device_routes
 from .route_scan import RouteScanParams, dt_projection_init
 from .stages import ChannelsLastStagesMixin
+from .init import init_linear_and_norm
 
-__all__ = ["ChannelsLastStagesMixin", "RouteScanParams", "StateFusion", "device_routes", "dt_projection_init", "merge_dilated_kernels"]
+__all__ = ["ChannelsLastStagesMixin", "RouteScanParams", "StateFusion", "device_routes", "dt_projection_init", "init_linear_and_norm", "merge_dilated_kernels"]

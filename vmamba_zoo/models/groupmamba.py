@@ -30,6 +30,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import selective_scan_2d
 
+from ..layers.init import init_linear_and_norm
 from ..layers.routes import device_routes
 
 __all__ = ['GroupMamba']
@@ -380,14 +381,8 @@ class GroupMamba(nn.Module):
     def _init_weights(self, m):
         # upstream's init reaches nn.Linear/nn.Conv2d/nn.LayerNorm modules only; the scan's grouped
         # in_proj/out_proj (nn.Linear upstream) are set in GroupedSingleScan2d, x_proj/dt/A/D keep SS2D's init
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, GroupedLayerNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
+        init_linear_and_norm(m, norm_types=(nn.LayerNorm, GroupedLayerNorm))
+        if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:

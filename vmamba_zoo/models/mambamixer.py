@@ -31,13 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import PatchMerging
 
 from vmamba_kernels import selective_scan, selective_scan_2d
 
+from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import RouteScanParams
 from ..layers.routes import device_routes
@@ -360,18 +361,9 @@ class MambaMixer(ChannelsLastStagesMixin, nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
         # VMamba's: trunc-normal Linear weights, zero biases, unit LayerNorms (convs and S6 keep their own)
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)
+
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -30,6 +30,8 @@ from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import scan_directions, scan_routes, selective_scan_2d
 
+from ..layers.init import init_linear_and_norm
+
 # shape-dependent steps stay opaque to torch.fx (timm's feature extraction by graph)
 register_notrace_function(selective_scan_2d)
 
@@ -268,19 +270,11 @@ class PlainMamba(nn.Module):
         self.register_buffer('param_routes', param_routes, persistent=False)
         self.register_buffer('route_directions', directions, persistent=False)
 
-        self.apply(self._init_weights)
-        trunc_normal_(self.pos_embed, std=.02)
-
-    def _init_weights(self, m):
         # the official training init (mmcls init_cfg): every Linear, dt_proj included, is
         # trunc_normal(.02) with zero bias; LayerNorm is (1, 0); convs keep PyTorch's default
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)
+        trunc_normal_(self.pos_embed, std=.02)
+
 
     @torch.jit.ignore
     def no_weight_decay(self):

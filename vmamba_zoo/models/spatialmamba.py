@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from vmamba_kernels import selective_scan_states
 
+from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from vmamba_zoo.layers.state_fusion import StateFusion
 
@@ -276,19 +277,11 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-        self.apply(self._init_weights)
+        self.apply(init_linear_and_norm)
         for m in self.modules():
             if isinstance(m, StructureAwareSSM):
                 m.reset_ssm_parameters()
 
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
     def no_weight_decay(self):

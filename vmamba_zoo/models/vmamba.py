@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, Mlp
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models import register_notrace_module
 from timm.models.mambaout import Downsample, Stem
 
 from vmamba_kernels import selective_scan_2d
 
+from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import RouteScanParams
 from ..layers.routes import device_routes
@@ -263,17 +264,9 @@ class VMamba(ChannelsLastStagesMixin, nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.norm = norm_layer(dims[-1])
         self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC')
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module):
         # as the official VSSM: trunc-normal Linear weights, zero biases, unit LayerNorms (convs keep torch's)
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)
+
 
     @torch.jit.ignore
     def no_weight_decay(self):
