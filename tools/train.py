@@ -505,12 +505,27 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+
+def build_scheduler(args, optimizer, warmup_lr, min_lr, steps_per_epoch):
+    """timm's scheduler, stepped per update. Every number is passed explicitly: timm before 1.0.31 multiplies
+    decay_epochs by the updates per epoch even for schedules that ignore it, so None breaks them."""
+    from timm.scheduler import create_scheduler_v2
+
+    cosine_epochs = args.epochs - (args.warmup_epochs if args.warmup_prefix else 0)
+    decay_epochs = args.decay_epochs
+    if decay_epochs is None:  # timm's own defaults
+        decay_epochs = 0.2 if args.sched in ('wsd', 'rsqrt') else 90
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=cosine_epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=warmup_lr, min_lr=min_lr, warmup_prefix=args.warmup_prefix, decay_epochs=decay_epochs,
+        decay_rate=args.decay_rate, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return lr_scheduler
+
 def _train(args, rt, autocast_context, evaluate):
     from timm.data import Mixup
     from timm.layers import convert_sync_batchnorm
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -592,11 +607,7 @@ def _train(args, rt, autocast_context, evaluate):
                                              **loader_kwargs)
 
     # ---- schedule
-    cosine_epochs = args.epochs - (args.warmup_epochs if args.warmup_prefix else 0)
-    lr_scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=cosine_epochs, warmup_epochs=args.warmup_epochs,
-        warmup_lr=warmup_lr, min_lr=min_lr, warmup_prefix=args.warmup_prefix, decay_epochs=args.decay_epochs,
-        decay_rate=args.decay_rate, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    lr_scheduler = build_scheduler(args, optimizer, warmup_lr, min_lr, steps_per_epoch)
 
     # ---- losses
     mixup_fn = None

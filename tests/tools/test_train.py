@@ -193,3 +193,30 @@ def test_randaugment_zero_bit_posterize_gives_black_image():
     assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
     two_bits = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img)  # 4 - 2 = 2 bits
     assert two_bits.tobytes() == ImageOps.posterize(img, 2).tobytes()
+
+
+@pytest.mark.parametrize('sched', ['cosine', 'step'])
+def test_scheduler_gets_numbers_that_older_timm_needs(sched, monkeypatch):
+    """timm 1.0.22-1.0.30 (setup.cfg allows them) multiply decay_epochs by the updates per epoch for every
+    schedule, so it must never be None; the resulting schedule must still be the requested one."""
+    import timm.scheduler
+    train = load_tool('train')
+    real = timm.scheduler.create_scheduler_v2
+    seen = {}
+
+    def strict(optimizer, **kwargs):
+        seen.update(kwargs)
+        assert all(v is not None for v in kwargs.values()), {k: v for k, v in kwargs.items() if v is None}
+        return real(optimizer, **kwargs)
+
+    monkeypatch.setattr(timm.scheduler, 'create_scheduler_v2', strict)
+    args = train.build_parser().parse_args(['--model', 'resnet18', '--sched', sched, '--epochs', '10',
+                                            '--warmup-epochs', '2'])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train.build_scheduler(args, optimizer, warmup_lr=0.01, min_lr=0.001, steps_per_epoch=5)
+    assert seen['decay_epochs'] == 90 and seen['updates_per_epoch'] == 5
+    scheduler.step_update(2 * 5)  # end of warmup: the peak lr
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(1.0)
+    scheduler.step_update(10 * 5)
+    want = 0.001 if sched == 'cosine' else 1.0  # cosine reaches min_lr; a 90-epoch step never decays in 10
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(want, rel=1e-6)
