@@ -9,8 +9,20 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["RouteScanParams", "dt_projection_init"]
+__all__ = ["RouteScanParams", "dt_projection_init", "per_route_linear"]
+
+
+def per_route_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K, I) and weight (K, O, I) → (..., K, O): route k's features through its own linear map.
+
+    One GEMM per route instead of a batched one (einsum): the weight gradient sums over every pixel of the
+    batch, and batched GEMMs with such a long reduction and a small output run on a handful of thread
+    blocks (10 ms per call at VMamba-T stage 1, batch 128, on an H200), where a plain GEMM splits it."""
+    if x.shape[-2] != weight.shape[0] or x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"x (..., K, I) = {tuple(x.shape)} does not match weight (K, O, I) = {tuple(weight.shape)}")
+    return torch.stack([F.linear(xk, wk) for xk, wk in zip(x.unbind(-2), weight.unbind(0))], dim=-2)
 
 
 def dt_projection_init(
@@ -58,7 +70,7 @@ class RouteScanParams(nn.Module):
     def scan_inputs(self, x_dbl: torch.Tensor):
         """x_dbl (..., K, R + 2N) → delta (..., K, C), B (..., K, N), C (..., K, N), and A, D, delta_bias."""
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = torch.einsum('...kr,kcr->...kc', dts, self.dt_projs_weight)
+        delta = per_route_linear(dts, self.dt_projs_weight)
         A = -torch.exp(self.A_logs.float()).view(self.num_routes, self.channels, self.d_state)
         D = self.Ds.float().view(self.num_routes, self.channels)
         delta_bias = self.dt_projs_bias.float()

@@ -31,6 +31,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from vmamba_kernels import selective_scan_2d
 
 from ..layers.init import init_linear_and_norm
+from ..layers.route_scan import per_route_linear
 from ..layers.routes import device_routes
 
 __all__ = ['GroupMamba']
@@ -56,8 +57,7 @@ class GroupedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x):
-        # explicit subscripts (not '...') so fvcore's einsum handle counts the multiply-adds
-        x = torch.einsum('bhwki,koi->bhwko', x, self.weight)
+        x = per_route_linear(x, self.weight)
         if self.bias is not None:
             x = x + self.bias
         return x
@@ -134,7 +134,7 @@ class GroupedSingleScan2d(nn.Module):
         x = self.act(self.conv2d(x)).permute(0, 2, 3, 1).reshape(Bt, H, W, K, self.d_inner)
 
         dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = torch.einsum('bhwkr,kdr->bhwkd', dt, self.dt_proj_weight)
+        dt = per_route_linear(dt, self.dt_proj_weight)
         routes = cross_routes(H, W, x.device)
         # the official scan runs in fp32 (force_fp32) and normalizes its fp32 output
         f32 = _at_least_fp32

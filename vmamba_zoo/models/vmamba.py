@@ -28,7 +28,7 @@ from vmamba_kernels import selective_scan_2d
 
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
-from ..layers.route_scan import RouteScanParams
+from ..layers.route_scan import RouteScanParams, per_route_linear
 from ..layers.routes import device_routes
 
 __all__ = ['VMamba', 'SS2D', 'MultiHeadScan', 'ScanRouteAttention']
@@ -142,8 +142,7 @@ class MultiHeadScan(RouteScanParams):
         Bt, H, W, _ = x.shape
         n, S = self.num_heads, self.head_dim
         xh = self.x_ssproj(x).view(Bt, H, W, n, S)
-        weight = self.x_proj_weight.view(n, 4, -1, S)
-        x_dbl = torch.einsum('bhwgs,gkcs->bhwgkc', xh, weight).reshape(Bt, H, W, 4 * n, -1)
+        x_dbl = per_route_linear(xh, self.x_proj_weight.view(n, -1, S)).reshape(Bt, H, W, 4 * n, -1)
         delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
         # route k belongs to head k // 4 and reads that head's channels
         xs = xh.unsqueeze(4).expand(Bt, H, W, n, 4, S).reshape(Bt, H, W, 4 * n, S)
