@@ -307,7 +307,9 @@ def bench_shape(name, batch, dtype_name, copy_bw, with_reference=True):
 def tuned_configs():
     from vmamba_kernels.triton import backend as tri
 
-    return [dict(key=[str(k) for k in key], config=str(cfg)) for key, cfg in tri._fwd_tuned.cache.items()]
+    return [dict(kernel=kernel, key=[str(k) for k in key], config=str(cfg))
+            for kernel, tuner in (("forward", tri._fwd_tuned), ("backward", tri._bwd_tuned))
+            for key, cfg in tuner.cache.items()]
 
 
 def markdown(report):

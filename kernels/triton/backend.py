@@ -120,12 +120,53 @@ def _launch_fwd(grid, **kw):
     scan.selective_scan_fwd_kernel[grid(kw)](**kw)
 
 
-def _launch_bwd(grid, **kw):
-    kw.update(_even(kw))
+# Backward tiles: the chunk BT is fixed by the saved chunk states, so the channel block BD and the warps
+# are tuned. The first config that fits is _bwd_block_d's with 8 warps (VMAMBA_KERNELS_TUNE=0 runs it).
+_BWD_TILES = [(bd, w) for bd in (1, 2, 4, 8, 16, 32, 64, 128) for w in (8, 4)]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    BT, BN, CPG = args["BT"], args["BN"], args["CPG"]
+    nominal = _bwd_block_d(CPG, args["N"])
+    fits = [c for c in configs if c.kwargs["BD"] <= max(1, _pow2(CPG)) and 1024 <= BT * c.kwargs["BD"] * BN <= 4096]
+    first = [c for c in configs if c.kwargs["BD"] == nominal and c.num_warps == 8]
+    keep = first + [c for c in fits if c not in first]
+    return keep if _TUNE else keep[:1]
+
+
+def bwd_block_d_candidates(CPG: int, N: int):
+    """The channel blocks the backward may run with for a problem (its partial buffers are sized for the
+    smallest)."""
     if _INTERPRET:
-        scan.selective_scan_bwd_kernel[grid(kw)](**kw)
+        return [min(8, _pow2(CPG))]
+    args = dict(BT=chunk_size(N), BN=_pow2(N), CPG=CPG, N=N)
+    return sorted({c.kwargs["BD"] for c in _prune_bwd(_bwd_tuned.configs, args)})
+
+
+# Tuning runs are idempotent: every output is stored (read-add-store merges restart at first visits), except
+# the atomic merge, which is launched with the first config instead.
+_bwd_tuned = triton.autotune(
+    configs=[triton.Config({"BD": bd}, num_warps=w) for bd, w in _BWD_TILES],
+    key=["CPG", "N", "K", "BN", "BT", "IN_MODE", "DX_MERGE", "GATHER", "HAS_Z", "HAS_D", "HAS_DLAST"],
+    prune_configs_by={"early_config_prune": _prune_bwd},
+)(triton.heuristics({"EVEN_D": lambda a: _even(a)["EVEN_D"], "EVEN_T": lambda a: _even(a)["EVEN_T"]})(
+    scan.selective_scan_bwd_kernel))
+
+
+def _launch_bwd(grid, **kw) -> int:
+    """Launch the backward; returns the channel block it ran with."""
+    if _INTERPRET:
+        kw.update(BD=bwd_block_d_candidates(kw["CPG"], kw["N"])[0])
+    elif kw["DX_MERGE"] == scan.MERGE_ATOMIC:
+        cfg = _prune_bwd(_bwd_tuned.configs, {}, **kw)[0]
+        kw.update(cfg.kwargs, num_warps=cfg.num_warps)
     else:
-        scan.selective_scan_bwd_kernel[grid(kw)](**kw, num_warps=8)
+        _bwd_tuned[grid](**kw)
+        return _bwd_tuned.best_config.kwargs["BD"]
+    kw.update(_even(kw))
+    scan.selective_scan_bwd_kernel[grid(kw)](**kw)
+    return kw["BD"]
 
 
 _dummies = {}
@@ -279,8 +320,7 @@ def _run_bwd(pb: _Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, 
     """Launch the backward kernel; returns fp32 (dB, dC) per step (Bt, K, Lr, N), dA (K, CPG, N), dD, dbias."""
     BT = chunk_size(pb.N)
     BN = _pow2(pb.N)
-    BD = _bwd_block_d(pb.CPG, pb.N)
-    n_blocks = triton.cdiv(pb.CPG, BD)
+    n_blocks = triton.cdiv(pb.CPG, min(bwd_block_d_candidates(pb.CPG, pb.N)))
     dev = pb.x.device
     f32 = dict(device=dev, dtype=torch.float32)
     dB_part = empty(n_blocks, pb.Bt, pb.K, pb.Lr, BN, **f32)
@@ -303,10 +343,12 @@ def _run_bwd(pb: _Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, 
         sP_j=dB_part.stride(0), sP_b=dB_part.stride(1), sP_k=dB_part.stride(2), sP_t=dB_part.stride(3),
         sP_n=dB_part.stride(4),
         IN_MODE=in_mode, DX_MERGE=dx_merge, ZERO_UNVISITED=pb.gather and dx_merge != scan.MERGE_ATOMIC,
-        HAS_DLAST=dlast_state is not None, BT=BT, BD=BD,
+        HAS_DLAST=dlast_state is not None, BT=BT,
     )
     kw["HAS_D"] = kw["HAS_D"] and in_mode == 1
-    _launch_bwd(lambda meta: (n_blocks, pb.Bt, pb.K), **kw)
+    BD = _launch_bwd(lambda meta: (triton.cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K), **kw)
+    used = triton.cdiv(pb.CPG, BD)  # the partials of the channel blocks that ran
+    dB_part, dC_part = dB_part[:used], dC_part[:used]
     N = pb.N
     dB = dB_part.sum(0)[..., :N]
     dC = dC_part.sum(0)[..., :N] if in_mode == 1 else None
