@@ -27,6 +27,7 @@ __all__ = [
 BACKENDS = ("auto", "reference", "triton")
 MERGES = ("sum", "none")
 _VALIDATED_ROUTES = WeakIdKeyDictionary()
+_VALIDATED_PADDING = WeakIdKeyDictionary()
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -172,7 +173,7 @@ def _check_routes(name, routes, K, H, W, device):
     if torch.compiler.is_compiling() or routes.numel() == 0:
         return  # value checks read the data; eager calls have done them
     # Reading values syncs with the device: check each routes tensor once per (version, grid).
-    stamp = (None if routes.is_inference() else routes._version, H, W)  # inference tensors have no version
+    stamp = (_route_stamp(routes), H, W)
     if _VALIDATED_ROUTES.get(routes) == stamp:
         return
     lo, hi = int(routes.min()), int(routes.max())
@@ -186,6 +187,22 @@ def _check_routes(name, routes, K, H, W, device):
     if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
         raise ValueError(f"{name}: a route must visit each pixel at most once")
     _VALIDATED_ROUTES[routes] = stamp
+
+
+def _route_stamp(routes):
+    return None if routes.is_inference() else routes._version  # inference tensors have no version
+
+
+def _check_same_padding(routes, param_routes):
+    """param_routes must pad (-1) exactly where routes do; checked once per pair of tensors (a host sync)."""
+    if torch.compiler.is_compiling():
+        return
+    stamp = (id(routes), _route_stamp(routes), _route_stamp(param_routes))
+    if _VALIDATED_PADDING.get(param_routes) == stamp:
+        return
+    if not torch.equal(param_routes < 0, routes < 0):
+        raise ValueError("param_routes must be padded (-1) exactly where routes are")
+    _VALIDATED_PADDING[param_routes] = stamp
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,5 +441,4 @@ def _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, mer
         if param_routes.shape != routes.shape:
             raise ValueError(f"param_routes must have the shape of routes {tuple(routes.shape)}, "
                              f"got {tuple(param_routes.shape)}")
-        if not torch.compiler.is_compiling() and not torch.equal(param_routes < 0, routes < 0):
-            raise ValueError("param_routes must be padded (-1) exactly where routes are")
+        _check_same_padding(routes, param_routes)

@@ -198,3 +198,20 @@ def test_bad_input_2d():
         vk.selective_scan_2d(**{**args, "B": torch.randn(1, 3, 4, 4, 3)}, routes=routes)
     with pytest.raises(ValueError, match=r"D must have shape \(4, 2\), got shape \(2,\)"):
         vk.selective_scan_2d(**{**args, "D": torch.randn(2)}, routes=routes)
+
+
+def test_param_routes_padding_checked_once_per_version(monkeypatch):
+    """The padding comparison reads device data (a host sync): once per pair of tensors, again after an
+    in-place change, which must still be caught."""
+    args = _scan_2d_args()
+    routes = vk.scan_routes("continuous", 3, 4)
+    param_routes = vk.scan_routes("cross", 3, 4)
+    calls = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: calls.append(1) or real_equal(a, b))
+    for _ in range(3):
+        vk.selective_scan_2d(**args, routes=routes, param_routes=param_routes, backend="reference")
+    assert len(calls) == 1
+    param_routes[0, -1] = -1
+    with pytest.raises(ValueError, match="param_routes must be padded"):
+        vk.selective_scan_2d(**args, routes=routes, param_routes=param_routes, backend="reference")
