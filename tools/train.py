@@ -260,6 +260,25 @@ def _make_saver_class():
                 f.flush()
                 os.fsync(f.fileno())
 
+        # timm 1.0.31 keeps the checkpoint ranking across a resume (state_dict/load_state_dict); older savers
+        # (setup.cfg allows timm >= 1.0.22) have the same fields, which these fallbacks save and restore.
+        def state_dict(self, epoch=None, metric=None):
+            if hasattr(CheckpointSaver, 'state_dict'):
+                return super().state_dict(epoch, metric)
+            return {'checkpoint_files': [(os.path.basename(f), m) for f, m in self.checkpoint_files],
+                    'best_epoch': self.best_epoch, 'best_metric': self.best_metric, 'pending': (epoch, metric)}
+
+        def load_state_dict(self, state_dict):
+            if hasattr(CheckpointSaver, 'load_state_dict'):
+                return super().load_state_dict(state_dict)
+            files = [(os.path.join(self.checkpoint_dir, f), m) for f, m in state_dict.get('checkpoint_files', [])]
+            epoch, metric = state_dict.get('pending', (None, None))
+            if epoch is not None:  # the checkpoint this state was written into, if it was kept
+                files.append((os.path.join(self.checkpoint_dir, f'{self.save_prefix}-{epoch}{self.extension}'), metric))
+            files = [(f, m) for i, (f, m) in enumerate(files) if os.path.exists(f) and f not in [g for g, _ in files[:i]]]
+            self.checkpoint_files = sorted(files, key=lambda x: x[1], reverse=not self.decreasing)
+            self.best_epoch, self.best_metric = state_dict.get('best_epoch'), state_dict.get('best_metric')
+
         def remove_recovery_files(self):
             for path in glob.glob(os.path.join(self.recovery_dir, self.recovery_prefix + '-*' + self.extension)):
                 os.remove(path)
@@ -268,9 +287,14 @@ def _make_saver_class():
     return TrainingCheckpointSaver
 
 
+def _checkpoint_metadata(path: str):
+    """A training checkpoint without reading its tensors (memory-mapped), as timm >= 1.0.31's
+    load_checkpoint_metadata."""
+    return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+
+
 def find_resume_checkpoint(resume: str, output_dir: str):
     """The checkpoint to resume: a path, or for 'auto' the one with the most updates in ``output_dir`` (or None)."""
-    from timm.utils.checkpoint_saver import load_checkpoint_metadata
     if resume != 'auto':
         if not os.path.isfile(resume):
             raise UsageError(f'--resume checkpoint not found: {resume}')
@@ -281,7 +305,7 @@ def find_resume_checkpoint(resume: str, output_dir: str):
         if not (name == 'last.pth.tar' or name.startswith('recovery-')):
             continue
         try:
-            meta = load_checkpoint_metadata(path)
+            meta = _checkpoint_metadata(path)
         except Exception:  # noqa: BLE001  (a file being written by another run: ignore it)
             continue
         updates = meta.get('num_updates', -1) if isinstance(meta, dict) else -1
