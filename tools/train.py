@@ -261,7 +261,7 @@ def _make_saver_class():
                 os.fsync(f.fileno())
 
         # timm 1.0.31 keeps the checkpoint ranking across a resume (state_dict/load_state_dict); older savers
-        # (setup.cfg allows timm >= 1.0.22) have the same fields, which these fallbacks save and restore.
+        # (setup.cfg allows timm >= 1.0.29) have the same fields, which these fallbacks save and restore.
         def state_dict(self, epoch=None, metric=None):
             if hasattr(CheckpointSaver, 'state_dict'):
                 return super().state_dict(epoch, metric)
@@ -531,7 +531,7 @@ def main(argv=None):
 
 
 def build_scheduler(args, optimizer, warmup_lr, min_lr, steps_per_epoch):
-    """timm's scheduler, stepped per update. Every number is passed explicitly: timm before 1.0.31 multiplies
+    """timm's scheduler, stepped per update. Every number is passed explicitly: timm 1.0.29-1.0.30 multiplies
     decay_epochs by the updates per epoch even for schedules that ignore it, so None breaks them."""
     from timm.scheduler import create_scheduler_v2
 

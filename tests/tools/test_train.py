@@ -197,7 +197,7 @@ def test_randaugment_zero_bit_posterize_gives_black_image():
 
 @pytest.mark.parametrize('sched', ['cosine', 'step'])
 def test_scheduler_gets_numbers_that_older_timm_needs(sched, monkeypatch):
-    """timm 1.0.22-1.0.30 (setup.cfg allows them) multiply decay_epochs by the updates per epoch for every
+    """timm 1.0.29-1.0.30 (setup.cfg allows them) multiply decay_epochs by the updates per epoch for every
     schedule, so it must never be None; the resulting schedule must still be the requested one."""
     import timm.scheduler
     train = load_tool('train')
