@@ -33,6 +33,7 @@ import random
 import signal
 import sys
 import time
+import traceback
 from datetime import datetime, timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -523,10 +524,29 @@ def main(argv=None):
 
     rt = init_runtime(args.device)
     try:
-        return _train(args, rt, autocast_context, evaluate)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        result = _train(args, rt, autocast_context, evaluate)
+    except BaseException as e:
+        if rt.distributed:
+            _leave_after_failure(e)
+        raise
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+def _leave_after_failure(error: BaseException):
+    """A rank that fails reports and exits at once, so that torchrun stops the others: tearing down an NCCL
+    group waits for the peers, which sit in their next collective, and the job would hang."""
+    if isinstance(error, UsageError):
+        print(f'train.py: error: {error}', file=sys.stderr)
+        code = 2
+    else:
+        traceback.print_exception(error)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 

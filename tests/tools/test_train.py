@@ -2,12 +2,15 @@
 recipes, and one-line errors for bad arguments."""
 import glob
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import yaml
 
-from .tool_runner import REPO, assert_ok, load_tool, read_jsonl, run_script, run_torchrun
+from .tool_runner import REPO, TOOLS, assert_ok, load_tool, read_jsonl, run_script, run_torchrun, tool_env
 
 
 def test_embedded_default_learns(digits_run):
@@ -220,3 +223,47 @@ def test_scheduler_gets_numbers_that_older_timm_needs(sched, monkeypatch):
     scheduler.step_update(10 * 5)
     want = 0.001 if sched == 'cosine' else 1.0  # cosine reaches min_lr; a 90-epoch step never decays in 10
     assert optimizer.param_groups[0]['lr'] == pytest.approx(want, rel=1e-6)
+
+
+FAILING_RANK = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+import evaluation
+import train
+
+class Runtime:  # a rank of a distributed run
+    distributed, rank, world_size = True, 0, 2
+
+def fail(*args):
+    raise RuntimeError('rank 0 failed')
+
+# NCCL's teardown waits for the peers, which wait in their next collective: it never returns.
+dist.is_initialized = lambda: True
+dist.destroy_process_group = lambda *args, **kwargs: time.sleep(600)
+evaluation.init_runtime = lambda device: Runtime()
+train._train = fail
+train.run_tool(train.main, ['--model', 'test_convnext', '--epochs', '1'])
+"""
+
+
+def test_failing_rank_exits_without_waiting_for_the_process_group():
+    proc = subprocess.run([sys.executable, '-c', FAILING_RANK, TOOLS], capture_output=True, text=True, timeout=60,
+                          env=tool_env(), cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert 'RuntimeError: rank 0 failed' in proc.stderr
+
+
+def test_ddp_rank_failure_ends_the_job_with_its_traceback(tmp_path):
+    """Rank 0 fails writing its first checkpoint (last.pth.tar is a directory) while rank 1 goes on to its next
+    collective: the job must end promptly with rank 0's error. (gloo's teardown does not block as NCCL's does:
+    the test above covers that.)"""
+    out = tmp_path / 'run'
+    (out / 'last.pth.tar').mkdir(parents=True)
+    start = time.monotonic()
+    proc = run_torchrun(2, 'train.py', '--model', 'test_convnext', '--img-size', '32', '--epochs', '2',
+                        '--batch-size', '16', '--no-aug', '--debug-max-updates', '2', '--no-model-ema',
+                        '--output', out, timeout=240)
+    assert proc.returncode != 0
+    assert 'last.pth.tar' in proc.stderr and 'Traceback' in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - start < 200
