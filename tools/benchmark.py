@@ -58,6 +58,7 @@ def build_parser():
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
     p.add_argument('--device', default='auto')
     p.add_argument('--out-dir', default=None, help='write benchmark.csv / .md / .json here')
+    p.add_argument('--commit', default=None, help='commit to record (default: git rev-parse of the working tree)')
     return p
 
 
@@ -266,13 +267,14 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
         torch.backends.cudnn.allow_tf32 = False
     names = resolve_models(args.models)
+    commit = args.commit or git_commit()
 
     device_desc = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
         f'CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)'
     stamp = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
     command = 'python tools/benchmark.py ' + ' '.join(shlex.quote(a) for a in argv)
     header = [
-        f'Benchmark of {len(names)} models, {stamp}, commit {git_commit()}, on {device_desc}.',
+        f'Benchmark of {len(names)} models, {stamp}, commit {commit}, on {device_desc}.',
         f'torch {torch.__version__}, timm {__import__("timm").__version__}; input {args.img_size}x{args.img_size}, '
         f'throughput batch {args.batch_size}, latency batch 1; median of {args.iters} timed iterations after '
         f'{args.warmup} warm-up; training = forward + backward + AdamW step; TF32 off.',
@@ -310,7 +312,7 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, 'benchmark.md'), 'w') as f:
             f.write(markdown(rows, header))
         with open(os.path.join(args.out_dir, 'benchmark.json'), 'w') as f:
-            json.dump({'header': header, 'device': device_desc, 'date': stamp, 'commit': git_commit(),
+            json.dump({'header': header, 'device': device_desc, 'date': stamp, 'commit': commit,
                        'command': command, 'rows': rows}, f, indent=2)
         print(f'wrote {args.out_dir}/benchmark.csv, benchmark.md, benchmark.json')
     return 1 if failures else 0

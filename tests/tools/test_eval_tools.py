@@ -187,7 +187,8 @@ def test_benchmark_cpu_smoke_writes_tables(tmp_path):
     out = tmp_path / 'bench'
     proc = run_script('benchmark.py', '--models', 'test_resnet,efficientvmamba_tiny', '--batch-size', '2',
                       '--img-size', '32', '--iters', '2', '--warmup', '1', '--amp', 'fp32,bf16',
-                      '--memory-formats', 'contiguous,channels_last', '--device', 'cpu', '--out-dir', out)
+                      '--memory-formats', 'contiguous,channels_last', '--device', 'cpu', '--out-dir', out,
+                      '--commit', 'abc1234')
     assert_ok(proc)
     with open(out / 'benchmark.csv') as f:
         rows = list(csv.DictReader(f))
@@ -199,7 +200,8 @@ def test_benchmark_cpu_smoke_writes_tables(tmp_path):
         assert float(r['infer_img_s']) > 0 and float(r['train_img_s']) > 0 and float(r['latency_ms']) > 0
     md = (out / 'benchmark.md').read_text()
     meta = json.loads((out / 'benchmark.json').read_text())
-    assert 'commit' in md and 'Command: `python tools/benchmark.py --models test_resnet' in md
+    assert 'commit abc1234,' in md and meta['commit'] == 'abc1234'
+    assert 'Command: `python tools/benchmark.py --models test_resnet' in md
     assert md.count('| efficientvmamba_tiny |') == 4 and meta['rows'] == json.loads(json.dumps(meta['rows']))
 
 
