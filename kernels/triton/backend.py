@@ -46,8 +46,14 @@ def set_atomic_merge(enabled: bool) -> None:
     _settings["atomic_merge"] = bool(enabled)
 
 
+# Plain integer helpers: triton.next_power_of_2 and triton.cdiv are constexpr functions in Triton 3.8, whose
+# calls from Python cost microseconds each, and the launchers call them a few dozen times per op.
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
 
 
 def chunk_size(N: int) -> int:
@@ -135,13 +141,14 @@ def _prune_bwd(configs, named_args, **kwargs):
     return keep if _TUNE else keep[:1]
 
 
+@functools.lru_cache(maxsize=None)
 def bwd_block_d_candidates(CPG: int, N: int):
     """The channel blocks the backward may run with for a problem (its partial buffers are sized for the
     smallest)."""
     if _INTERPRET:
         return [min(8, _pow2(CPG))]
     args = dict(BT=chunk_size(N), BN=_pow2(N), CPG=CPG, N=N)
-    return sorted({c.kwargs["BD"] for c in _prune_bwd(_bwd_tuned.configs, args)})
+    return tuple(sorted({c.kwargs["BD"] for c in _prune_bwd(_bwd_tuned.configs, args)}))
 
 
 # Tuning runs are idempotent: every output is stored (read-add-store merges restart at first visits), except
@@ -293,7 +300,7 @@ def _run_fwd(pb: _Problem, plan, softplus, out_mode, out=None, so=(0, 0, 0, 0, 0
     BN = _pow2(pb.N)
     chunk_states = None
     if save_chunks:
-        chunk_states = empty(pb.Bt, pb.K, triton.cdiv(pb.Lr, save_t), pb.CPG, BN, device=pb.x.device,
+        chunk_states = empty(pb.Bt, pb.K, _cdiv(pb.Lr, save_t), pb.CPG, BN, device=pb.x.device,
                                    dtype=torch.float32)
     dummy = _dummy(pb.x.device)
     kw = _common_args(pb, plan, softplus)
@@ -309,7 +316,7 @@ def _run_fwd(pb: _Problem, plan, softplus, out_mode, out=None, so=(0, 0, 0, 0, 0
     grid_k = pb.K
 
     def grid(meta):
-        return (triton.cdiv(pb.CPG, meta["BD"]), pb.Bt, grid_k)
+        return (_cdiv(pb.CPG, meta["BD"]), pb.Bt, grid_k)
 
     _launch_fwd(grid, **kw)
     return chunk_states
@@ -320,7 +327,7 @@ def _run_bwd(pb: _Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, 
     """Launch the backward kernel; returns fp32 (dB, dC) per step (Bt, K, Lr, N), dA (K, CPG, N), dD, dbias."""
     BT = chunk_size(pb.N)
     BN = _pow2(pb.N)
-    n_blocks = triton.cdiv(pb.CPG, min(bwd_block_d_candidates(pb.CPG, pb.N)))
+    n_blocks = _cdiv(pb.CPG, min(bwd_block_d_candidates(pb.CPG, pb.N)))
     dev = pb.x.device
     f32 = dict(device=dev, dtype=torch.float32)
     dB_part = empty(n_blocks, pb.Bt, pb.K, pb.Lr, BN, **f32)
@@ -346,8 +353,8 @@ def _run_bwd(pb: _Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, 
         HAS_DLAST=dlast_state is not None, BT=BT,
     )
     kw["HAS_D"] = kw["HAS_D"] and in_mode == 1
-    BD = _launch_bwd(lambda meta: (triton.cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K), **kw)
-    used = triton.cdiv(pb.CPG, BD)  # the partials of the channel blocks that ran
+    BD = _launch_bwd(lambda meta: (_cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K), **kw)
+    used = _cdiv(pb.CPG, BD)  # the partials of the channel blocks that ran
     dB_part, dC_part = dB_part[:used], dC_part[:used]
     N = pb.N
     dB = dB_part.sum(0)[..., :N]
@@ -527,7 +534,7 @@ def chunk_states_shape(x, delta, A, B, C, D, delta_bias, routes):
     if _is_fp64(x, delta, A, B, C, D, delta_bias):
         return (0,)
     Bt, K, Dm, N = delta.shape[0], delta.shape[3], delta.shape[4], A.shape[2]
-    return (Bt, K, triton.cdiv(routes.shape[1], chunk_size(N)), Dm, _pow2(N))
+    return (Bt, K, _cdiv(routes.shape[1], chunk_size(N)), Dm, _pow2(N))
 
 
 def selective_scan_2d_fwd_saving(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
