@@ -14,6 +14,7 @@ out/dout: Bt·H·W·Dm for merge="sum" (·K for "none"). The states op (Spatial-
 writes every state: out = Bt·Dm·N·L fp32. Copy bandwidth = 2·bytes / time of a 1 GiB device copy.
 
     python tools/bench_kernels.py --check --out results/   # check at real shapes, then benchmark
+    python tools/bench_kernels.py --host-overhead           # CPU: the op's host time around its launches
 """
 import argparse
 import datetime
@@ -304,6 +305,55 @@ def bench_shape(name, batch, dtype_name, copy_bw, with_reference=True):
     return row
 
 
+class _NoLaunch:
+    """Stands in for a kernel or an autotuner: indexing with a grid gives a launch that does nothing."""
+
+    def __init__(self, configs=()):
+        self.configs = list(configs)
+        self.best_config = self.configs[0] if self.configs else None
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def host_overhead(names, repeats=7, calls=100):
+    """Host time of one op call (forward, forward+backward) with every kernel launch stubbed out, on CPU
+    tensors of each shape's kind at 8×8 pixels and batch 2: what the Python and torch code around the kernels
+    costs, which bounds small-batch latency. Triton's own launch cost is not included."""
+    from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import route_plan, scan
+
+    saved = (tri._fwd_tuned, tri._bwd_tuned, scan.selective_scan_fwd_kernel, scan.selective_scan_bwd_kernel,
+             route_plan.route_plan_kernel)
+    tri._fwd_tuned, tri._bwd_tuned = _NoLaunch(), _NoLaunch(saved[1].configs)
+    scan.selective_scan_fwd_kernel = scan.selective_scan_bwd_kernel = route_plan.route_plan_kernel = _NoLaunch()
+    tri.bwd_block_d_candidates.cache_clear()
+    rows = []
+    try:
+        for name in names:
+            spec = dict(SHAPES[name], H=8, W=8)
+            inputs = make_inputs(spec, 2, torch.float32, "cpu")
+            row = dict(shape=name)
+            for mode, fn in zip(("fwd", "fwd_bwd"), runners(spec, inputs)["triton_op"]):
+                for _ in range(10):
+                    fn()
+                best = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    best = min(best, (time.perf_counter() - start) / calls)
+                row[f"{mode}_us"] = best * 1e6
+            rows.append(row)
+            print(f"{name:22s} host time per op call: forward {row['fwd_us']:.0f} us, "
+                  f"forward+backward {row['fwd_bwd_us']:.0f} us", flush=True)
+    finally:
+        (tri._fwd_tuned, tri._bwd_tuned, scan.selective_scan_fwd_kernel, scan.selective_scan_bwd_kernel,
+         route_plan.route_plan_kernel) = saved
+        tri.bwd_block_d_candidates.cache_clear()
+    return rows
+
+
 def tuned_configs():
     from vmamba_kernels.triton import backend as tri
 
@@ -353,9 +403,14 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="only run each shape's fused forward 3 times and forward+backward twice, untimed "
                              "(for a profiler; set VMAMBA_KERNELS_TUNE=0 so that no tuning launches interleave)")
+    parser.add_argument("--host-overhead", action="store_true",
+                        help="only measure the host time of the op around its (stubbed) launches, on CPU")
     parser.add_argument("--out", default=".")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
+    if args.host_overhead:
+        host_overhead(args.shapes)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
     import triton

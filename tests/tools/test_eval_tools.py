@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -230,3 +231,14 @@ def test_tools_bad_arguments(capsys):
         assert module.run_tool(module.main, argv) == 2, (tool, argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (tool, err)
+
+
+# ---------------------------------------------------------------------------------------------- bench_kernels
+def test_bench_kernels_host_overhead_runs_on_cpu():
+    proc = run_script('bench_kernels.py', '--host-overhead', '--shapes', 'groupmamba_t_s1', 'spatialmamba_t_s1')
+    assert_ok(proc)
+    lines = [line for line in proc.stdout.splitlines() if 'host time per op call' in line]
+    assert [line.split()[0] for line in lines] == ['groupmamba_t_s1', 'spatialmamba_t_s1']
+    for line in lines:
+        fwd, fwd_bwd = (float(w) for w in re.findall(r'(\d+) us', line))
+        assert 0 < fwd < fwd_bwd, line
