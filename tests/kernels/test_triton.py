@@ -44,6 +44,26 @@ def test_triton_matches_reference(group):
     assert repeats and all(r["bitwise_equal"] for r in repeats), [r for r in repeats if not r["bitwise_equal"]]
 
 
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 8, 16, 32, 64, 256])
+def test_backward_tiles_fit_every_problem(N):
+    """The backward's tuner must always keep a config (Triton raises on an empty list), lead with the default
+    tile, and only offer channel blocks and tile sizes the kernel is built for."""
+    from vmamba_kernels.triton import backend
+
+    for CPG in (1, 3, 16, 96, 384, 1024):
+        BT, BN = backend.chunk_size(N), backend._pow2(N)
+        kept = backend._prune_bwd(backend._bwd_tuned.configs, {}, BT=BT, BN=BN, CPG=CPG, N=N)
+        assert kept, (CPG, N)
+        first = kept[0]
+        assert first.kwargs["BD"] == backend._bwd_block_d(CPG, N) and first.num_warps == 8
+        for cfg in kept:
+            BD = cfg.kwargs["BD"]
+            assert BD <= max(1, backend._pow2(CPG)), (CPG, N, BD)
+            assert cfg is first or 1024 <= BT * BD * BN <= 4096, (CPG, N, BD)
+        assert len({(c.kwargs["BD"], c.num_warps) for c in kept}) == len(kept)
+        assert min(backend.bwd_block_d_candidates(CPG, N)) == min(c.kwargs["BD"] for c in kept)
+
+
 # --------------------------------------------------------------------------------------------------
 # The child process
 
