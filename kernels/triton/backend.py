@@ -499,14 +499,12 @@ def _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_
     ddelta = empty(Bt, H, W, K, Dm, device=x.device, dtype=delta.dtype)
     dB, dC, dA, dD, dbias = _run_bwd(pb, plan, delta_softplus, chunk_states, dout, sg, 1, dx, sdx, dx_merge,
                                      ddelta, (L * K * Dm, Dm, K * Dm, 1))
-    # Per-step B/C gradients (Bt, K, Lr, N) → their pixels (Bt, L, K, N); padded steps add zeros.
-    valid = (routes >= 0)
-    target = (param_routes.clamp(min=0) * K + torch.arange(K, device=x.device)[:, None]).reshape(1, -1, 1)
-    target = target.expand(Bt, -1, N)
+    # Per-step B/C gradients (Bt, K, Lr, N) → their pixels (Bt, L, K, N); padded steps add their zeros.
+    target = plan.param_target.expand(Bt, -1, N)
 
     def place(g, like):
-        g = torch.where(valid[None, :, :, None], g, 0.0).reshape(Bt, -1, N)
-        full = torch.zeros(Bt, L * K, N, device=x.device, dtype=torch.float32).scatter_add_(1, target, g)
+        full = torch.zeros(Bt, L * K, N, device=x.device, dtype=torch.float32)
+        full.scatter_add_(1, target, g.reshape(Bt, -1, N))
         return full.reshape(like.shape).to(like.dtype)
 
     return (dx.to(x.dtype), ddelta, dA.reshape(A.shape).to(A.dtype), place(dB, B), place(dC, C),

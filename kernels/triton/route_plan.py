@@ -8,6 +8,8 @@
 - ``x_visited`` (K, L) and ``x_visited_any`` (L,) int8: pixel p is visited (position routes[k, t]).
 - ``param_visited`` (K, L) int8: pixel q is read for parameters (position param_routes[k, t]).
   Outputs that no route writes are zero; the visit maps say where.
+- ``param_target`` (1, K·Lr, 1): where step t of route k lands in a (pixel, route) table, for placing the
+  per-step B/C gradients (padded steps point at pixel 0 and carry zeros).
 
 A route must not visit a pixel twice (every ``scan_routes`` set satisfies this); routes may overlap
 each other arbitrarily.
@@ -35,6 +37,7 @@ class RoutePlan(NamedTuple):
     x_visited: torch.Tensor
     x_visited_any: torch.Tensor
     param_visited: torch.Tensor
+    param_target: torch.Tensor  # (1, K·Lr, 1) int64: row param_routes[k, t]·K + k of a (pixel·K + route) table
 
 
 @triton.jit
@@ -116,6 +119,7 @@ def route_plan(routes: torch.Tensor, param_routes: torch.Tensor, L: int) -> Rout
         x_visited=empty(K, L, dtype=torch.int8, device=dev),
         x_visited_any=empty(L, dtype=torch.int8, device=dev),
         param_visited=empty(K, L, dtype=torch.int8, device=dev),
+        param_target=(param_routes.clamp(min=0) * K + torch.arange(K, device=dev)[:, None]).reshape(1, -1, 1),
     )
     first_key = empty(L, dtype=torch.int32, device=dev)
     route_plan_kernel[(1,)](routes.contiguous(), param_routes.contiguous(), first_key, plan.first_visit,

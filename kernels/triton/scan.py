@@ -466,11 +466,13 @@ def selective_scan_bwd_kernel(
                     dxv += tl.load(dx_ptr, mask=m & (first == 0)[:, None], other=0.0).to(tl.float32)
                 tl.store(dx_ptr, dxv.to(dx.dtype.element_ty), mask=m)
             # B/C gradients per step (route order); the caller sums the channel blocks and places them.
+            # Padded steps store their zeros (dt and dy are zero there), so the caller need not mask them.
+            m_steps = (t < Lr)[:, None] & mask_n[None, :]
             dBv = tl.sum(g * (dt * xv)[:, :, None], axis=1)
-            tl.store(dBp_img + k * sP_k + t[:, None] * sP_t + offs_n[None, :] * sP_n, dBv, mask=mn)
+            tl.store(dBp_img + k * sP_k + t[:, None] * sP_t + offs_n[None, :] * sP_n, dBv, mask=m_steps)
             if IN_MODE == 1:
                 dCv = tl.sum(hs * dy[:, :, None], axis=1)
-                tl.store(dCp_img + k * sP_k + t[:, None] * sP_t + offs_n[None, :] * sP_n, dCv, mask=mn)
+                tl.store(dCp_img + k * sP_k + t[:, None] * sP_t + offs_n[None, :] * sP_n, dCv, mask=m_steps)
         part = (b64 * K + k) * CPG
         tl.store(dA_part + (part + offs_d[:, None]) * BN + offs_n[None, :], tl.sum(acc_dA, axis=0),
                  mask=mask_d[:, None])
