@@ -15,6 +15,7 @@ writes every state: out = Bt·Dm·N·L fp32. Copy bandwidth = 2·bytes / time of
 
     python tools/bench_kernels.py --check --out results/   # check at real shapes, then benchmark
     python tools/bench_kernels.py --host-overhead           # CPU: the op's host time around its launches
+    python tools/bench_kernels.py --registers               # CPU: registers and spills of every tile, sm_90
 """
 import argparse
 import datetime
@@ -354,6 +355,43 @@ def host_overhead(names, repeats=7, calls=100):
     return rows
 
 
+def register_report(names):
+    """Registers and spills of every tile the tuners may try for each shape (training path: forward saving
+    chunk states, then the backward), compiled offline for sm_90 with the constants the launchers pass."""
+    from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import offline, scan
+
+    rows = []
+    for name in names:
+        spec = SHAPES[name]
+        N, CPG, two_d = spec["N"], spec["Dm"], spec["op"] == "2d"
+        L = spec["H"] * spec["W"]
+        merge_sum = two_d and spec.get("merge") == "sum"
+        common = dict(HAS_D=two_d, HAS_BIAS=True, HAS_Z=False, SOFTPLUS=True, GATHER=two_d, ZERO_UNVISITED=two_d,
+                      BN=tri._pow2(N))
+        fwd = dict(common, OUT_MODE=scan.OUT_Y if two_d else scan.OUT_STATES,
+                   MERGE=scan.MERGE_SERIAL if merge_sum else scan.MERGE_STORE, STORE_LAST=False, SAVE_CHUNKS=True,
+                   SAVE_T=tri.chunk_size(N))
+        bwd = dict(common, IN_MODE=1 if two_d else 2, HAS_DLAST=False, BT=tri.chunk_size(N),
+                   DX_MERGE=scan.MERGE_SERIAL if merge_sum and not spec.get("per_route_x") else scan.MERGE_STORE)
+        plans = [("forward", scan.selective_scan_fwd_kernel, fwd, tri._prune_fwd(tri._fwd_tuned.configs, {}, CPG=CPG,
+                                                                                 **fwd)),
+                 ("backward", scan.selective_scan_bwd_kernel, bwd, tri._prune_bwd(tri._bwd_tuned.configs, {}, CPG=CPG,
+                                                                                  N=N, **bwd))]
+        for kernel_name, fn, constants, configs in plans:
+            for cfg in configs:
+                c = dict(constants, **cfg.kwargs)
+                c.update(EVEN_D=CPG % c["BD"] == 0, EVEN_T=not two_d and L % c["BT"] == 0)
+                usage = offline.resource_usage(offline.compile_kernel(fn, c, cfg.num_warps))
+                row = dict(shape=name, kernel=kernel_name, BT=c["BT"], BD=c["BD"], BN=c["BN"], warps=cfg.num_warps,
+                           **usage)
+                rows.append(row)
+                print(f"{name:22s} {kernel_name:8s} tile {c['BT']:3d} x {c['BD']:3d} x {c['BN']:2d}, "
+                      f"{cfg.num_warps} warps: {usage.get('registers')} registers, "
+                      f"{usage.get('spill_stores', 0)} B spill stores", flush=True)
+    return rows
+
+
 def tuned_configs():
     from vmamba_kernels.triton import backend as tri
 
@@ -405,11 +443,16 @@ def main(argv=None):
                              "(for a profiler; set VMAMBA_KERNELS_TUNE=0 so that no tuning launches interleave)")
     parser.add_argument("--host-overhead", action="store_true",
                         help="only measure the host time of the op around its (stubbed) launches, on CPU")
+    parser.add_argument("--registers", action="store_true",
+                        help="only compile the tiles the tuners may try for sm_90 (no GPU) and print their registers")
     parser.add_argument("--out", default=".")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
     if args.host_overhead:
         host_overhead(args.shapes)
+        return
+    if args.registers:
+        register_report(args.shapes)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")

@@ -242,3 +242,13 @@ def test_bench_kernels_host_overhead_runs_on_cpu():
     for line in lines:
         fwd, fwd_bwd = (float(w) for w in re.findall(r'(\d+) us', line))
         assert 0 < fwd < fwd_bwd, line
+
+
+def test_bench_kernels_register_report_compiles_every_candidate_tile():
+    proc = run_script('bench_kernels.py', '--registers', '--shapes', 'groupmamba_t_s1')
+    assert_ok(proc)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('groupmamba_t_s1')]
+    assert {line.split()[1] for line in lines} == {'forward', 'backward'}
+    for line in lines:
+        registers = int(re.search(r'(\d+) registers', line).group(1))
+        assert 0 < registers <= 255, line

@@ -1,0 +1,62 @@
+"""Compile this library's kernels for an NVIDIA target without a GPU, and read their register use.
+
+Triton compiles for a given target offline and its wheel ships ptxas, so a CPU-only machine can check that
+every kernel variant compiles for the GPUs users have, and see the registers and spills of each tile: the
+resource that limits these kernels (``model_cards/benchmarks/kernels.md``). Pointer arguments get the
+element types of a bf16 model (fp32 parameters and workspaces); nothing here runs a kernel.
+"""
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+__all__ = ["POINTER_TYPES", "compile_kernel", "resource_usage"]
+
+POINTER_TYPES = {
+    "x": "bf16", "delta": "bf16", "A": "fp32", "B": "bf16", "C": "bf16", "D": "fp32", "delta_bias": "fp32",
+    "z": "bf16", "routes": "i32", "param_routes": "i32", "first_visit": "i8", "parallel_ok": "i32",
+    "coverage": "i32", "x_visited": "i8", "param_visited": "i8", "out_visited": "i8", "out": "bf16",
+    "last_state": "fp32", "chunk_states": "fp32", "dout": "bf16", "dlast_state": "fp32", "dx": "bf16",
+    "ddelta": "bf16", "dz": "bf16", "dB_part": "fp32", "dC_part": "fp32", "dA_part": "fp32", "dD_part": "fp32",
+    "dbias_part": "fp32", "first_key": "i32", "x_visited_any": "i8",
+}
+
+
+def compile_kernel(fn, constants: dict, num_warps: int, arch: int = 90):
+    """``fn`` compiled for sm_<arch> with its constexpr arguments set from ``constants`` (all must be given)
+    and every other non-pointer argument a 32-bit integer."""
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constants]
+    if missing:
+        raise ValueError(f"{fn.__name__}: constants not given for {missing}")
+    signature, constexprs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = constants[name]
+        else:
+            signature[name] = "*" + POINTER_TYPES[name] if name in POINTER_TYPES else "i32"
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps))
+
+
+def resource_usage(compiled, arch: str = "sm_90a") -> dict:
+    """Registers per thread and spill bytes of a compiled kernel, as Triton's bundled ptxas reports them."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        report = subprocess.run([ptxas, f"-arch={arch}", "-v", ptx, "-o", os.path.join(tmp, "kernel.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    usage = {}
+    for line in report.splitlines():
+        words = line.replace(",", " ").split()
+        for i, word in enumerate(words[1:], 1):
+            if word == "registers" and words[i - 1].isdigit():
+                usage["registers"] = int(words[i - 1])
+            if word == "spill" and words[i - 2].isdigit():
+                usage[f"spill_{words[i + 1]}"] = int(words[i - 2])
+    return usage
