@@ -382,12 +382,14 @@ def register_report(names):
             for cfg in configs:
                 c = dict(constants, **cfg.kwargs)
                 c.update(EVEN_D=CPG % c["BD"] == 0, EVEN_T=not two_d and L % c["BT"] == 0)
-                usage = offline.resource_usage(offline.compile_kernel(fn, c, cfg.num_warps))
+                usage = offline.resource_usage(offline.compile_kernel(fn, c, cfg.num_warps, maxnreg=cfg.maxnreg))
                 row = dict(shape=name, kernel=kernel_name, BT=c["BT"], BD=c["BD"], BN=c["BN"], warps=cfg.num_warps,
-                           **usage)
+                           prefetch=c.get("PREFETCH"), maxnreg=cfg.maxnreg, **usage)
                 rows.append(row)
+                options = "".join([", no prefetch" if c.get("PREFETCH") is False else "",
+                                   f", cap {cfg.maxnreg}" if cfg.maxnreg else ""])
                 print(f"{name:22s} {kernel_name:8s} tile {c['BT']:3d} x {c['BD']:3d} x {c['BN']:2d}, "
-                      f"{cfg.num_warps} warps: {usage.get('registers')} registers, "
+                      f"{cfg.num_warps} warps{options}: {usage.get('registers')} registers, "
                       f"{usage.get('spill_stores', 0)} B spill stores", flush=True)
     return rows
 

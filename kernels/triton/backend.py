@@ -77,23 +77,27 @@ def _bwd_block_d(CPG: int, N: int) -> int:
 _FWD_TILES = [(64, 32, 4, True, True), (32, 32, 4, True, True), (64, 32, 4, True, False), (128, 16, 4, True, True),
               (64, 16, 4, True, True), (16, 16, 8, True, True), (32, 16, 8, True, True), (16, 16, 8, False, True),
               (16, 16, 8, True, False), (8, 16, 4, True, True), (16, 8, 4, True, True)]
+# Register-lean tiles, tried as well where they fit: without software prefetching (one set of loop-carried
+# tiles) and with a register cap. Most tiles above use 241-255 registers per thread, which allows 8 warps
+# per SM; 168 allows 12 and 128 allows 16 (`python tools/bench_kernels.py --registers` shows each tile's
+# registers and spills). (BT, BD, num_warps, prefetch, vectorized channels, register cap)
+_FWD_LEAN_TILES = [(64, 16, 4, False, True, None), (128, 16, 4, False, True, None), (64, 16, 4, False, True, 128)]
 _TUNE = os.environ.get("VMAMBA_KERNELS_TUNE", "1") == "1"  # 0: the first fitting tile, no tuning runs
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     BN, CPG, save_t = args["BN"], args["CPG"], args["SAVE_T"]
-    keep = []
-    for cfg in configs:
+    def fits(cfg):
         BT, BD = cfg.kwargs["BT"], cfg.kwargs["BD"]
-        if BD > max(8, _pow2(CPG)) or not 256 <= BT * BD * BN <= 4096:
-            continue
-        if args["SAVE_CHUNKS"] and BT > save_t:
-            continue
-        keep.append(cfg)
+        return (BD <= max(8, _pow2(CPG)) and 256 <= BT * BD * BN <= 4096
+                and not (args["SAVE_CHUNKS"] and BT > save_t))
+
+    main, lean = configs[:len(_FWD_TILES)], configs[len(_FWD_TILES):]
+    keep = [cfg for cfg in main if fits(cfg)]
     if not keep:  # the smallest tile always fits
-        keep = [min(configs, key=lambda c: c.kwargs["BT"] * c.kwargs["BD"])]
-    return keep[:4] if _TUNE else keep[:1]
+        keep = [min(main, key=lambda c: c.kwargs["BT"] * c.kwargs["BD"])]
+    return keep[:4] + [cfg for cfg in lean if fits(cfg)] if _TUNE else keep[:1]
 
 
 def _even(args):
@@ -104,8 +108,8 @@ def _even(args):
 # No reset_to_zero: outputs are overwritten (read-add-store merges are idempotent with first-visit flags);
 # the atomic merge, which accumulates, is launched with a fixed tile instead.
 _fwd_tuned = triton.autotune(
-    configs=[triton.Config({"BT": bt, "BD": bd, "PREFETCH": pf, "VEC": vec}, num_warps=w)
-             for bt, bd, w, pf, vec in _FWD_TILES],
+    configs=[triton.Config({"BT": bt, "BD": bd, "PREFETCH": pf, "VEC": vec}, num_warps=w, maxnreg=cap)
+             for bt, bd, w, pf, vec, cap in [t + (None,) for t in _FWD_TILES] + _FWD_LEAN_TILES],
     key=["CPG", "N", "K", "BN", "OUT_MODE", "MERGE", "GATHER", "HAS_Z", "HAS_D", "SAVE_CHUNKS"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )(triton.heuristics({"EVEN_D": lambda a: _even(a)["EVEN_D"], "EVEN_T": lambda a: _even(a)["EVEN_T"]})(
@@ -127,8 +131,9 @@ def _launch_fwd(grid, **kw):
 
 
 # Backward tiles: the chunk BT is fixed by the saved chunk states, so the channel block BD and the warps
-# are tuned. The first config that fits is _bwd_block_d's with 8 warps (VMAMBA_KERNELS_TUNE=0 runs it).
-_BWD_TILES = [(bd, w) for bd in (1, 2, 4, 8, 16, 32, 64, 128) for w in (8, 4)]
+# are tuned, 8-warp tiles also capped at 128 registers (2 blocks per SM instead of 1). The first config
+# that fits is _bwd_block_d's with 8 warps (VMAMBA_KERNELS_TUNE=0 runs it). (BD, num_warps, register cap)
+_BWD_TILES = [(bd, w, cap) for bd in (1, 2, 4, 8, 16, 32, 64, 128) for w, cap in ((8, None), (4, None), (8, 128))]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -136,7 +141,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     BT, BN, CPG = args["BT"], args["BN"], args["CPG"]
     nominal = _bwd_block_d(CPG, args["N"])
     fits = [c for c in configs if c.kwargs["BD"] <= max(1, _pow2(CPG)) and 1024 <= BT * c.kwargs["BD"] * BN <= 4096]
-    first = [c for c in configs if c.kwargs["BD"] == nominal and c.num_warps == 8]
+    first = [c for c in configs if c.kwargs["BD"] == nominal and c.num_warps == 8 and c.maxnreg is None]
     keep = first + [c for c in fits if c not in first]
     return keep if _TUNE else keep[:1]
 
@@ -154,7 +159,7 @@ def bwd_block_d_candidates(CPG: int, N: int):
 # Tuning runs are idempotent: every output is stored (read-add-store merges restart at first visits), except
 # the atomic merge, which is launched with the first config instead.
 _bwd_tuned = triton.autotune(
-    configs=[triton.Config({"BD": bd}, num_warps=w) for bd, w in _BWD_TILES],
+    configs=[triton.Config({"BD": bd}, num_warps=w, maxnreg=cap) for bd, w, cap in _BWD_TILES],
     key=["CPG", "N", "K", "BN", "BT", "IN_MODE", "DX_MERGE", "GATHER", "HAS_Z", "HAS_D", "HAS_DLAST"],
     prune_configs_by={"early_config_prune": _prune_bwd},
 )(triton.heuristics({"EVEN_D": lambda a: _even(a)["EVEN_D"], "EVEN_T": lambda a: _even(a)["EVEN_T"]})(

@@ -25,9 +25,9 @@ POINTER_TYPES = {
 }
 
 
-def compile_kernel(fn, constants: dict, num_warps: int, arch: int = 90):
+def compile_kernel(fn, constants: dict, num_warps: int, arch: int = 90, maxnreg=None):
     """``fn`` compiled for sm_<arch> with its constexpr arguments set from ``constants`` (all must be given)
-    and every other non-pointer argument a 32-bit integer."""
+    and every other non-pointer argument a 32-bit integer; ``maxnreg`` caps the registers per thread."""
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constants]
     if missing:
         raise ValueError(f"{fn.__name__}: constants not given for {missing}")
@@ -38,8 +38,9 @@ def compile_kernel(fn, constants: dict, num_warps: int, arch: int = 90):
             constexprs[(i,)] = constants[name]
         else:
             signature[name] = "*" + POINTER_TYPES[name] if name in POINTER_TYPES else "i32"
+    options = dict(num_warps=num_warps) if maxnreg is None else dict(num_warps=num_warps, maxnreg=maxnreg)
     return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps))
+                          options=options)
 
 
 def resource_usage(compiled, arch: str = "sm_90a") -> dict:

@@ -56,12 +56,30 @@ def test_backward_tiles_fit_every_problem(N):
         assert kept, (CPG, N)
         first = kept[0]
         assert first.kwargs["BD"] == backend._bwd_block_d(CPG, N) and first.num_warps == 8
+        assert first.maxnreg is None
         for cfg in kept:
             BD = cfg.kwargs["BD"]
             assert BD <= max(1, backend._pow2(CPG)), (CPG, N, BD)
             assert cfg is first or 1024 <= BT * BD * BN <= 4096, (CPG, N, BD)
-        assert len({(c.kwargs["BD"], c.num_warps) for c in kept}) == len(kept)
+        assert len({(c.kwargs["BD"], c.num_warps, c.maxnreg) for c in kept}) == len(kept)
         assert min(backend.bwd_block_d_candidates(CPG, N)) == min(c.kwargs["BD"] for c in kept)
+
+
+@pytest.mark.parametrize("N, CPG, save_chunks", [(1, 96, True), (1, 96, False), (1, 16, False), (16, 384, True),
+                                                  (16, 1, False)])
+def test_forward_tiles_lead_with_the_main_list_then_the_lean_ones(N, CPG, save_chunks):
+    from vmamba_kernels.triton import backend
+
+    BN, save_t = backend._pow2(N), backend.chunk_size(N)
+    kept = backend._prune_fwd(backend._fwd_tuned.configs, {}, BN=BN, CPG=CPG, SAVE_T=save_t, SAVE_CHUNKS=save_chunks)
+    assert kept and kept[0].maxnreg is None
+    assert len(kept) <= 4 + len(backend._FWD_LEAN_TILES)
+    lean = kept[sum(c in backend._fwd_tuned.configs[:len(backend._FWD_TILES)] for c in kept):]
+    assert all(c in backend._fwd_tuned.configs[len(backend._FWD_TILES):] for c in lean), "lean tiles come last"
+    for cfg in kept:
+        BT, BD = cfg.kwargs["BT"], cfg.kwargs["BD"]
+        assert cfg is kept[0] or (BD <= max(8, backend._pow2(CPG)) and 256 <= BT * BD * BN <= 4096), cfg
+        assert not (save_chunks and BT > save_t), cfg
 
 
 # --------------------------------------------------------------------------------------------------
