@@ -3,11 +3,12 @@ import csv
 import json
 import os
 import re
+import subprocess
 
 import pytest
 import torch
 
-from .tool_runner import REPO, assert_ok, load_tool, read_jsonl, run_script
+from .tool_runner import REPO, assert_ok, load_tool, read_jsonl, run_script, tool_env
 
 
 # --------------------------------------------------------------------------------------------------- validate
@@ -252,3 +253,11 @@ def test_bench_kernels_register_report_compiles_every_candidate_tile():
     for line in lines:
         registers = int(re.search(r'(\d+) registers', line).group(1))
         assert 0 < registers <= 255, line
+
+
+def test_gpu_checks_script_refuses_without_cuda(tmp_path):
+    proc = subprocess.run(['bash', os.path.join(REPO, 'tools', 'gpu_checks.sh'), str(tmp_path / 'out')],
+                          capture_output=True, text=True, timeout=120, env=tool_env(CUDA_VISIBLE_DEVICES=''),
+                          cwd=REPO)
+    assert proc.returncode == 2 and 'gpu_checks.sh needs a CUDA device' in proc.stderr, proc.stderr
+    assert subprocess.run(['bash', '-n', os.path.join(REPO, 'tools', 'gpu_checks.sh')]).returncode == 0
