@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the CPU test suite cannot check, on a CUDA machine (about 15 minutes on one H200 in all):
+# What the CPU test suite cannot check, on a CUDA machine (roughly 15 minutes on one H200 in all):
 #   1. the scan kernels against the reference at real shapes, then their times (tools/bench_kernels.py);
 #   2. torch.compile of a zoo model on CUDA, forward and backward, against eager;
 #   3. tools/train.py with bf16 (torchrun over every GPU, NCCL) and fp16 AMP, then tools/validate.py;
