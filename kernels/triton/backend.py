@@ -88,6 +88,7 @@ _TUNE = os.environ.get("VMAMBA_KERNELS_TUNE", "1") == "1"  # 0: the first fittin
 def _prune_fwd(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     BN, CPG, save_t = args["BN"], args["CPG"], args["SAVE_T"]
+
     def fits(cfg):
         BT, BD = cfg.kwargs["BT"], cfg.kwargs["BD"]
         return (BD <= max(8, _pow2(CPG)) and 256 <= BT * BD * BN <= 4096
@@ -151,7 +152,7 @@ def bwd_block_d_candidates(CPG: int, N: int):
     """The channel blocks the backward may run with for a problem (its partial buffers are sized for the
     smallest)."""
     if _INTERPRET:
-        return [min(8, _pow2(CPG))]
+        return (min(8, _pow2(CPG)),)
     args = dict(BT=chunk_size(N), BN=_pow2(N), CPG=CPG, N=N)
     return tuple(sorted({c.kwargs["BD"] for c in _prune_bwd(_bwd_tuned.configs, args)}))
 
