@@ -276,8 +276,11 @@ def _make_saver_class():
             epoch, metric = state_dict.get('pending', (None, None))
             if epoch is not None:  # the checkpoint this state was written into, if it was kept
                 files.append((os.path.join(self.checkpoint_dir, f'{self.save_prefix}-{epoch}{self.extension}'), metric))
-            files = [(f, m) for i, (f, m) in enumerate(files) if os.path.exists(f) and f not in [g for g, _ in files[:i]]]
-            self.checkpoint_files = sorted(files, key=lambda x: x[1], reverse=not self.decreasing)
+            kept = {}  # path -> metric, first entry of each file still on disk
+            for path, m in files:
+                if os.path.exists(path):
+                    kept.setdefault(path, m)
+            self.checkpoint_files = sorted(kept.items(), key=lambda x: x[1], reverse=not self.decreasing)
             self.best_epoch, self.best_metric = state_dict.get('best_epoch'), state_dict.get('best_metric')
 
         def remove_recovery_files(self):
@@ -549,7 +552,6 @@ def _leave_after_failure(error: BaseException):
     os._exit(code)
 
 
-
 def build_scheduler(args, optimizer, warmup_lr, min_lr, steps_per_epoch):
     """timm's scheduler, stepped per update. Every number is passed explicitly: timm 1.0.29-1.0.30 multiplies
     decay_epochs by the updates per epoch even for schedules that ignore it, so None breaks them."""
@@ -564,6 +566,7 @@ def build_scheduler(args, optimizer, warmup_lr, min_lr, steps_per_epoch):
         warmup_lr=warmup_lr, min_lr=min_lr, warmup_prefix=args.warmup_prefix, decay_epochs=decay_epochs,
         decay_rate=args.decay_rate, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     return lr_scheduler
+
 
 def _train(args, rt, autocast_context, evaluate):
     from timm.data import Mixup
