@@ -16,6 +16,7 @@ from .backend import (
     selective_scan_states_bwd,
     selective_scan_states_fwd,
     set_atomic_merge,
+    set_n1_kernel,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "selective_scan_states_bwd",
     "selective_scan_states_fwd",
     "set_atomic_merge",
+    "set_n1_kernel",
 ]

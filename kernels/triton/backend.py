@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from . import scan
+from . import scan, scan_n1
 from .alloc import empty
 from .route_plan import route_plan
 
@@ -35,10 +35,18 @@ __all__ = [
     "chunk_size",
     "chunk_states_shape",
     "set_atomic_merge",
+    "set_n1_kernel",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_settings = {"atomic_merge": os.environ.get("VMAMBA_KERNELS_ATOMIC_MERGE", "0") == "1"}
+_settings = {"atomic_merge": os.environ.get("VMAMBA_KERNELS_ATOMIC_MERGE", "0") == "1",
+             "n1_kernel": os.environ.get("VMAMBA_KERNELS_N1", "1") == "1"}
+
+
+def set_n1_kernel(enabled: bool) -> None:
+    """Whether 2D scans with d_state 1 use their own forward kernel (``scan_n1.py``, the default) or the
+    general one (for comparisons)."""
+    _settings["n1_kernel"] = bool(enabled)
 
 
 def set_atomic_merge(enabled: bool) -> None:
@@ -129,6 +137,40 @@ def _launch_fwd(grid, **kw):
         return
     kw.update(_even(kw))
     scan.selective_scan_fwd_kernel[grid(kw)](**kw)
+
+
+# d_state-1 route scan (scan_n1.py): (TT steps per thread, LT segments, BD channels, VEC channels per thread,
+# num_warps). Channels take BD / VEC lanes and segments the other lanes and the warps, so LT = lanes · warps.
+_N1_TILES = [(8, 2, 16, 1, 1), (8, 4, 8, 1, 1), (8, 4, 16, 1, 2), (8, 8, 8, 1, 2), (16, 2, 16, 1, 1),
+             (8, 2, 32, 2, 1), (8, 4, 32, 2, 2), (8, 8, 16, 1, 4), (4, 4, 8, 1, 1)]
+
+
+def _prune_n1(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    keep = [c for c in configs if c.kwargs["BD"] <= max(8, _pow2(args["CPG"]))
+            and not (args["SAVE_CHUNKS"] and c.kwargs["TT"] > args["SAVE_T"])]
+    return keep if _TUNE else keep[:1]
+
+
+def _even_n1(args):
+    return {"EVEN_D": args["CPG"] % args["BD"] == 0, "EVEN_T": args["Lr"] % (args["TT"] * args["LT"]) == 0}
+
+
+_n1_tuned = triton.autotune(
+    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec}, num_warps=w) for tt, lt, bd, vec, w in _N1_TILES],
+    key=["CPG", "K", "MERGE", "HAS_D", "HAS_BIAS", "SOFTPLUS", "SAVE_CHUNKS"],
+    prune_configs_by={"early_config_prune": _prune_n1},
+)(triton.heuristics({"EVEN_D": lambda a: _even_n1(a)["EVEN_D"], "EVEN_T": lambda a: _even_n1(a)["EVEN_T"]})(
+    scan_n1.route_scan_n1_fwd_kernel))
+
+
+def _launch_n1(grid, **kw):
+    if _INTERPRET:
+        kw.update(TT=2, LT=2, BD=min(8, _pow2(kw["CPG"])), VEC=1, num_warps=1)
+        kw.update(_even_n1(kw))
+        scan_n1.route_scan_n1_fwd_kernel[grid(kw)](**kw)
+    else:
+        _n1_tuned[grid](**kw)
 
 
 # Backward tiles: the chunk BT is fixed by the saved chunk states, so the channel block BD and the warps
@@ -328,6 +370,42 @@ def _run_fwd(pb: _Problem, plan, softplus, out_mode, out=None, so=(0, 0, 0, 0, 0
     return chunk_states
 
 
+def _n1_applies(pb: _Problem, routes, param_routes) -> bool:
+    """Whether the d_state-1 kernel serves this 2D problem: one state, parameters read at the route's own
+    pixels, channels contiguous (the layout the 2D op hands over)."""
+    same_routes = param_routes is routes or (param_routes.data_ptr() == routes.data_ptr()
+                                             and param_routes.stride() == routes.stride())
+    return (pb.N == 1 and same_routes and not _settings["atomic_merge"] and pb.sx[3] == 1 and pb.sdt[3] == 1
+            and _settings["n1_kernel"])
+
+
+def _run_fwd_n1(pb: _Problem, plan, softplus, out, so, merge, out_visited, save_chunks):
+    """The d_state-1 forward (y only); returns the chunk states when ``save_chunks``."""
+    save_t = chunk_size(1)
+    chunk_states = None
+    if save_chunks:
+        chunk_states = empty(pb.Bt, pb.K, _cdiv(pb.Lr, save_t), pb.CPG, 1, device=pb.x.device, dtype=torch.float32)
+    dummy = _dummy(pb.x.device)
+    kw = dict(
+        x=pb.x, delta=pb.delta, A=pb.A, B=pb.B, C=pb.C,
+        D=pb.D if pb.D is not None else dummy, delta_bias=pb.delta_bias if pb.delta_bias is not None else dummy,
+        routes=plan.routes, route_info=plan.route_info, first_visit=plan.first_visit, parallel_ok=plan.parallel_ok,
+        coverage=plan.coverage, out_visited=out_visited, out=out,
+        chunk_states=chunk_states if chunk_states is not None else dummy,
+        Lr=pb.Lr, L=pb.L, K=pb.K, CPG=pb.CPG,
+        sx_b=pb.sx[0], sx_k=pb.sx[1], sx_t=pb.sx[2],
+        sdt_b=pb.sdt[0], sdt_k=pb.sdt[1], sdt_t=pb.sdt[2],
+        sB_b=pb.sB[0], sB_k=pb.sB[1], sB_t=pb.sB[2],
+        sC_b=pb.sC[0], sC_k=pb.sC[1], sC_t=pb.sC[2],
+        sA_k=pb.sA[0], sA_d=pb.sA[1], sD_k=pb.sD[0],
+        so_b=so[0], so_k=so[1], so_t=so[2],
+        HAS_D=pb.D is not None, HAS_BIAS=pb.delta_bias is not None, SOFTPLUS=bool(softplus), MERGE=merge,
+        ZERO_UNVISITED=True, SAVE_CHUNKS=save_chunks, SAVE_T=save_t, FAST_MATH=not _INTERPRET,
+    )
+    _launch_n1(lambda meta: (_cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K), **kw)
+    return chunk_states
+
+
 def _run_bwd(pb: _Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, sdx, dx_merge, ddelta, sdd,
              dz=None, sdz=(0, 0, 0, 0), dlast_state=None):
     """Launch the backward kernel; returns fp32 (dB, dC) per step (Bt, K, Lr, N), dA (K, CPG, N), dD, dbias."""
@@ -464,6 +542,16 @@ def _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softpl
     Bt, H, W, K, Dm = delta.shape
     L = H * W
     plan = route_plan(pb.routes, pb.param_routes, L)
+    if _n1_applies(pb, routes, param_routes):
+        if merge == "none":
+            out = empty(Bt, H, W, K, Dm, device=x.device, dtype=x.dtype)
+            states = _run_fwd_n1(pb, plan, delta_softplus, out, (L * K * Dm, Dm, K * Dm), scan.MERGE_STORE,
+                                 plan.x_visited, save_chunks)
+        else:
+            out = empty(Bt, H, W, Dm, device=x.device, dtype=x.dtype)
+            states = _run_fwd_n1(pb, plan, delta_softplus, out, (L * Dm, 0, Dm), scan.MERGE_SERIAL,
+                                 plan.x_visited_any, save_chunks)
+        return out, states
     if merge == "none":
         out = empty(Bt, H, W, K, Dm, device=x.device, dtype=x.dtype)
         states = _run_fwd(pb, plan, delta_softplus, scan.OUT_Y, out, (L * K * Dm, Dm, K * Dm, 1, 0),

@@ -21,7 +21,7 @@ POINTER_TYPES = {
     "coverage": "i32", "x_visited": "i8", "param_visited": "i8", "out_visited": "i8", "out": "bf16",
     "last_state": "fp32", "chunk_states": "fp32", "dout": "bf16", "dlast_state": "fp32", "dx": "bf16",
     "ddelta": "bf16", "dz": "bf16", "dB_part": "fp32", "dC_part": "fp32", "dA_part": "fp32", "dD_part": "fp32",
-    "dbias_part": "fp32", "first_key": "i32", "x_visited_any": "i8",
+    "dbias_part": "fp32", "first_key": "i32", "x_visited_any": "i8", "route_info": "i32",
 }
 
 

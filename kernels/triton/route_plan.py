@@ -10,6 +10,9 @@
   Outputs that no route writes are zero; the visit maps say where.
 - ``param_target`` (1, K·Lr, 1): where step t of route k lands in a (pixel, route) table, for placing the
   per-step B/C gradients (padded steps point at pixel 0 and carry zeros).
+- ``route_info`` (K, 8) int32, for the d_state-1 kernel (``scan_n1.py``): whether route k walks the image
+  as p = base + (t mod n)·s_inner + (t div n)·s_outer, with those numbers, and whether its steps are all,
+  none or some first visits.
 
 A route must not visit a pixel twice (every ``scan_routes`` set satisfies this); routes may overlap
 each other arbitrarily.
@@ -21,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import scan_n1
 from .alloc import empty
 
 __all__ = ["RoutePlan", "route_plan"]
@@ -38,6 +42,7 @@ class RoutePlan(NamedTuple):
     x_visited_any: torch.Tensor
     param_visited: torch.Tensor
     param_target: torch.Tensor  # (1, K·Lr, 1) int64: row param_routes[k, t]·K + k of a (pixel·K + route) table
+    route_info: torch.Tensor  # (K, ROUTE_INFO_COLS) int32, columns as in scan_n1
 
 
 @triton.jit
@@ -97,6 +102,32 @@ def route_plan_kernel(routes, param_routes, first_key, first_visit, parallel_ok,
     tl.store(coverage + 2, (tl.sum(param_missing, axis=0) == 0).to(tl.int32))
 
 
+def _route_info(routes: torch.Tensor, first_visit: torch.Tensor) -> torch.Tensor:
+    """Per route: the affine walk that reproduces it, if one does, and its first-visit mode (device ops
+    only, no host sync)."""
+    K, Lr = routes.shape
+    r = routes.to(torch.int64)
+    t = torch.arange(Lr, device=r.device)
+    base = r[:, 0]
+    s_inner = r[:, 1] - base if Lr > 1 else torch.zeros_like(base)
+    # The row length n is where the stride first changes; the outer stride is the jump to the next row.
+    breaks = (r[:, 1:] - r[:, :-1]) != s_inner[:, None]
+    has_break = breaks.any(1)
+    n_inner = torch.where(has_break, breaks.to(torch.int8).argmax(1) + 1, torch.full_like(base, Lr))
+    s_outer = torch.where(has_break, r.gather(1, n_inner.clamp(max=Lr - 1)[:, None])[:, 0] - base, 0)
+    walk = base[:, None] + (t % n_inner[:, None]) * s_inner[:, None] + (t // n_inner[:, None]) * s_outer[:, None]
+    affine = ((walk == r) & (r >= 0)).all(1)
+    real = r >= 0
+    all_first = ((first_visit != 0) | ~real).all(1)
+    none_first = ((first_visit == 0) | ~real).all(1)
+    first_mode = torch.where(all_first, scan_n1.FIRST_ALL.value,
+                             torch.where(none_first, scan_n1.FIRST_NONE.value, scan_n1.FIRST_MIXED.value))
+    zeros = torch.zeros_like(base)
+    columns = [base, n_inner, s_inner, s_outer, affine.to(torch.int64), first_mode]
+    columns += [zeros] * (scan_n1.ROUTE_INFO_COLS.value - len(columns))
+    return torch.stack(columns, 1).to(torch.int32).contiguous()
+
+
 # Plans of route tensors seen before, keyed by the identity of the tensor objects (models keep their
 # routes in buffers); an entry dies with its routes tensor.
 _cache: dict = {}
@@ -120,11 +151,13 @@ def route_plan(routes: torch.Tensor, param_routes: torch.Tensor, L: int) -> Rout
         x_visited_any=empty(L, dtype=torch.int8, device=dev),
         param_visited=empty(K, L, dtype=torch.int8, device=dev),
         param_target=(param_routes.clamp(min=0) * K + torch.arange(K, device=dev)[:, None]).reshape(1, -1, 1),
+        route_info=None,
     )
     first_key = empty(L, dtype=torch.int32, device=dev)
     route_plan_kernel[(1,)](routes.contiguous(), param_routes.contiguous(), first_key, plan.first_visit,
                             plan.parallel_ok, plan.coverage, plan.x_visited, plan.x_visited_any, plan.param_visited,
                             K, Lr, L, BLOCK=1024, num_warps=8)
+    plan = plan._replace(route_info=_route_info(routes, plan.first_visit))
     key = id(routes)
     try:
         _cache[key] = (weakref.ref(routes, lambda _: _cache.pop(key, None)), weakref.ref(param_routes), stamp, plan)

@@ -104,6 +104,18 @@ def _zero_unvisited(ptr, visited, s_t, s_f, offs_f, mask_f, L, BT: tl.constexpr)
 
 
 @triton.jit
+def _zero_unvisited_outputs(out_img, out_visited, coverage, pid_k, so_k, so_t, so_d, offs_d, mask_d, L,
+                            BT: tl.constexpr, MERGE: tl.constexpr):
+    """Pixels that no route writes are zero: out_visited is per route (MERGE 0) or shared (MERGE 1)."""
+    if MERGE == 0:
+        if tl.load(coverage + 0) == 0:
+            _zero_unvisited(out_img + pid_k * so_k, out_visited + pid_k * L, so_t, so_d, offs_d, mask_d, L, BT)
+    elif pid_k == 0:
+        if tl.load(coverage + 1) == 0:
+            _zero_unvisited(out_img, out_visited, so_t, so_d, offs_d, mask_d, L, BT)
+
+
+@triton.jit
 def _route_params(A, D, delta_bias, k, sA_k, sA_d, sA_n, sD_k, sD_d, offs_d, offs_n, mask_d, mask_dn,
                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
     """A [BD, BN], D and delta_bias [BD] of route k, fp32 (zeros where absent)."""
@@ -250,14 +262,7 @@ def selective_scan_fwd_kernel(
 
     k_lo, k_hi = _route_range(parallel_ok, pid_k, K, MERGE)
     if ZERO_UNVISITED:
-        # Pixels that no route writes are zero: out_visited is per route (MERGE 0) or shared (MERGE 1).
-        if MERGE == 0:
-            if tl.load(coverage + 0) == 0:
-                _zero_unvisited(out_img + pid_k * so_k, out_visited + pid_k * L, so_t, so_d, offs_d, mask_d, L,
-                                BT)
-        elif pid_k == 0:
-            if tl.load(coverage + 1) == 0:
-                _zero_unvisited(out_img, out_visited, so_t, so_d, offs_d, mask_d, L, BT)
+        _zero_unvisited_outputs(out_img, out_visited, coverage, pid_k, so_k, so_t, so_d, offs_d, mask_d, L, BT, MERGE)
     for k in range(k_lo, k_hi):
         A_k, D_k, bias_k = _route_params(A, D, delta_bias, k, sA_k, sA_d, sA_n, sD_k, sD_d, offs_d, offs_n,
                                          mask_d, mask_dn, HAS_D, HAS_BIAS)

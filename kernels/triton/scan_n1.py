@@ -1,0 +1,192 @@
+"""Triton kernel of the 2D route scan with a single state (d_state 1: VMamba v2, GroupMamba), forward.
+
+The general kernel (``scan.py``) solves each chunk with an associative scan whose step axis runs across
+lanes and warps: at d_state 1 most of its instructions go to shuffles, shared-memory exchanges, masks and
+addresses, not to the recurrence. This kernel keeps the step chain inside a thread instead.
+
+A program owns one image and a block of ``BD`` channels and walks a route in chunks of ``TT·LT`` steps, as
+a [TT, LT, BD] tile: the ``TT`` consecutive steps of a segment sit in one thread's registers, the ``LT``
+segments of a chunk on neighbouring lanes (and warps), channels on the remaining lanes, ``VEC`` per
+thread. Each thread scans its segment sequentially; the segments are joined by one scan over ``LT``
+segment maps, which carries both the inclusive and the exclusive prefix (``_prefix_combine``), so that
+every segment gets its starting state without a shift across lanes.
+
+Route positions come from ``route_plan``'s ``route_info``: a route that walks the image as
+``p = base + (t mod n)·s_inner + (t div n)·s_outer`` (raster, column, reversed and atrous orders) has its
+positions computed in registers; any other route (snakes, padded routes) is read through its index.
+Sums over routes are deterministic as in ``scan.py`` (routes in order in one program, read-add-store
+after the first visit); ``first_mode`` says per route whether every step is a first visit (store),
+none is (read-add-store), or it varies (per-step flags).
+"""
+import triton
+import triton.language as tl
+
+from .scan import _affine_combine, _route_range, _zero_unvisited_outputs
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# route_info: one int32 row of ROUTE_INFO_COLS per route (``route_plan`` fills it).
+INFO_BASE = tl.constexpr(0)
+INFO_N_INNER = tl.constexpr(1)
+INFO_S_INNER = tl.constexpr(2)
+INFO_S_OUTER = tl.constexpr(3)
+INFO_AFFINE = tl.constexpr(4)  # 1: every position is base + (t mod n)·s_inner + (t div n)·s_outer
+INFO_FIRST_MODE = tl.constexpr(5)
+ROUTE_INFO_COLS = tl.constexpr(8)
+# first_mode: whether the route's steps are the first visits of their pixels (padded steps aside).
+FIRST_NONE = tl.constexpr(0)
+FIRST_ALL = tl.constexpr(1)
+FIRST_MIXED = tl.constexpr(2)
+
+
+@triton.jit
+def _prefix_combine(pa1, pb1, qa1, qb1, pa2, pb2, qa2, qb2):
+    """Scan of affine segment maps that keeps two prefixes: P (inclusive) and Q (exclusive).
+
+    (P, Q) ⊕ (P', Q') = (P∘P', P∘Q'); a single segment S enters as (S, identity), so after the scan
+    position l holds (S_0∘…∘S_l, S_0∘…∘S_{l-1}). Associative, as a scan requires.
+    """
+    return pa1 * pa2, pa2 * pb1 + pb2, pa1 * qa2, qa2 * pb1 + qb2
+
+
+@triton.jit
+def _log2_approx(x):
+    # The MUFU approximation (absolute error ~2^-22 on [0.5, 2]); tl.log2 is a libdevice polynomial.
+    return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _softplus(x, FAST_MATH: tl.constexpr):
+    """torch's softplus (threshold 20). FAST_MATH uses the hardware exp2/log2 approximations, and below
+    x = -5, where 1 + e^x would lose e^x's digits, the series e - e²/2 + e³/3 (error below e⁴/4)."""
+    if FAST_MATH:
+        e = tl.math.exp2(x * LOG2E)
+        small = e * (1.0 - e * (0.5 - e * 0.3333333333333333))
+        out = tl.where(x > 20.0, x, tl.where(x < -5.0, small, LN2 * _log2_approx(1.0 + e)))
+    else:
+        out = tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+    return out
+
+
+@triton.jit
+def _segment_positions(routes, info, k, t0, step, Lr, TT: tl.constexpr, EVEN_T: tl.constexpr):
+    """Pixels p [TT, LT, 1] of steps t0 + step of route k, and which steps are real."""
+    t = t0 + step
+    if EVEN_T:
+        valid = t >= 0
+    else:
+        valid = t < Lr
+    n_in = tl.load(info + INFO_N_INNER)
+    # Computed positions step within a row once at most per segment, so they need TT <= n.
+    if (tl.load(info + INFO_AFFINE) != 0) & (n_in >= TT):
+        s_in = tl.load(info + INFO_S_INNER)
+        s_out = tl.load(info + INFO_S_OUTER)
+        row = t0 // n_in
+        col = t0 - row * n_in
+        p = (tl.load(info + INFO_BASE) + col * s_in + row * s_out + step * s_in
+             + tl.where(col + step >= n_in, s_out - n_in * s_in, 0))
+    else:
+        p = tl.load(routes + k * Lr + t, mask=valid, other=-1)
+        valid = valid & (p >= 0)
+        p = tl.where(valid, p, 0)
+    return p, valid
+
+
+@triton.jit(do_not_specialize=["Lr", "L"])
+def route_scan_n1_fwd_kernel(
+    x, delta, A, B, C, D, delta_bias,
+    routes, route_info, first_visit, parallel_ok, coverage, out_visited,
+    out, chunk_states,
+    Lr, L, K, CPG,
+    sx_b, sx_k, sx_t,
+    sdt_b, sdt_k, sdt_t,
+    sB_b, sB_k, sB_t,
+    sC_b, sC_k, sC_t,
+    sA_k, sA_d, sD_k,
+    so_b, so_k, so_t,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, MERGE: tl.constexpr,
+    ZERO_UNVISITED: tl.constexpr, SAVE_CHUNKS: tl.constexpr, SAVE_T: tl.constexpr, FAST_MATH: tl.constexpr,
+    TT: tl.constexpr, LT: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_T: tl.constexpr,
+):
+    """y at every step of routes [k_lo, k_hi) of one (image, channel block); channels are contiguous
+    (stride 1) in x, delta and out. MERGE as in ``scan.py`` (store or serial read-add-store)."""
+    BT: tl.constexpr = TT * LT
+    pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b64 = pid_b.to(tl.int64)
+    # The contiguity hint sets the vector width, which sets how many lanes the channels take.
+    offs_d = pid_d * BD + tl.max_contiguous(tl.arange(0, BD), VEC)
+    if EVEN_D:
+        mask_d = tl.full([BD], 1, tl.int1)
+    else:
+        mask_d = offs_d < CPG
+    d3 = offs_d[None, None, :]
+    md3 = mask_d[None, None, :]
+    step = tl.arange(0, TT)[:, None, None]
+    seg = tl.arange(0, LT)[None, :, None]
+
+    x_img = x + b64 * sx_b
+    dt_img = delta + b64 * sdt_b
+    B_img = B + b64 * sB_b
+    C_img = C + b64 * sC_b
+    out_img = out + b64 * so_b
+    n_saved = tl.cdiv(Lr, SAVE_T)
+
+    k_lo, k_hi = _route_range(parallel_ok, pid_k, K, MERGE)
+    if ZERO_UNVISITED:
+        _zero_unvisited_outputs(out_img, out_visited, coverage, pid_k, so_k, so_t, 1, offs_d, mask_d, L, BT, MERGE)
+    for k in range(k_lo, k_hi):
+        info = route_info + k * ROUTE_INFO_COLS
+        first_mode = tl.load(info + INFO_FIRST_MODE)
+        # A is pre-scaled by log2(e): decay = 2^(dt·A·log2 e).
+        A_k = (tl.load(A + k * sA_k + offs_d * sA_d, mask=mask_d, other=0.0).to(tl.float32) * LOG2E)[None, None, :]
+        D_k = tl.zeros([1, 1, BD], dtype=tl.float32)
+        bias_k = tl.zeros([1, 1, BD], dtype=tl.float32)
+        if HAS_D:
+            D_k = tl.load(D + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+        if HAS_BIAS:
+            bias_k = tl.load(delta_bias + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+        h = tl.zeros([1, 1, BD], dtype=tl.float32)
+        for c in range(0, tl.cdiv(Lr, BT)):
+            t0 = c * BT + seg * TT
+            p, valid = _segment_positions(routes, info, k, t0, step, Lr, TT, EVEN_T)
+            m = valid & md3
+            dt = tl.load(dt_img + k * sdt_k + p * sdt_t + d3, mask=m, other=0.0).to(tl.float32)
+            xv = tl.load(x_img + k * sx_k + p * sx_t + d3, mask=m, other=0.0).to(tl.float32)
+            Bv = tl.load(B_img + k * sB_k + p * sB_t, mask=valid, other=0.0).to(tl.float32)
+            Cv = tl.load(C_img + k * sC_k + p * sC_t, mask=valid, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias_k
+            if SOFTPLUS:
+                dt = _softplus(dt, FAST_MATH)
+            dt = tl.where(m, dt, 0.0)  # padded steps leave the state unchanged
+            decay = tl.math.exp2(dt * A_k)
+            drive = dt * xv * Bv
+            # In-thread scan of each segment, then one scan over the segments' maps.
+            a_in, b_in = tl.associative_scan((decay, drive), 0, _affine_combine)
+            seg_a = tl.sum(tl.where(step == TT - 1, a_in, 0.0), axis=0, keep_dims=True)
+            seg_b = tl.sum(tl.where(step == TT - 1, b_in, 0.0), axis=0, keep_dims=True)
+            incl_a, incl_b, excl_a, excl_b = tl.associative_scan(
+                (seg_a, seg_b, tl.full(seg_a.shape, 1.0, tl.float32), tl.zeros(seg_a.shape, tl.float32)), 1,
+                _prefix_combine)
+            h_start = excl_a * h + excl_b
+            if SAVE_CHUNKS:  # the state before every SAVE_T-th step, for the backward
+                saved = chunk_states + ((b64 * K + k) * n_saved + t0 // SAVE_T) * CPG + d3
+                tl.store(saved, h_start, mask=(t0 % SAVE_T == 0) & (t0 < Lr) & md3)
+            hs = a_in * h_start + b_in
+            h = tl.sum(tl.where(seg == LT - 1, incl_a * h + incl_b, 0.0), axis=1, keep_dims=True)
+            y = hs * Cv
+            if HAS_D:
+                y += D_k * xv
+            o_ptr = out_img + k * so_k + p * so_t + d3
+            if MERGE == 1:
+                if first_mode == FIRST_NONE:
+                    y += tl.load(o_ptr, mask=m, other=0.0).to(tl.float32)
+                elif first_mode == FIRST_MIXED:
+                    first = tl.load(first_visit + k * Lr + t0 + step, mask=valid, other=1)
+                    y += tl.load(o_ptr, mask=m & (first == 0), other=0.0).to(tl.float32)
+            tl.store(o_ptr, y.to(out.dtype.element_ty), mask=m)
+        if MERGE == 1:
+            tl.debug_barrier()  # the next route reads what this one wrote
