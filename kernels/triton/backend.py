@@ -140,9 +140,11 @@ def _launch_fwd(grid, **kw):
 
 
 # d_state-1 route scan (scan_n1.py): (TT steps per thread, LT segments, BD channels, VEC channels per thread,
-# num_warps). Channels take BD / VEC lanes and segments the other lanes and the warps, so LT = lanes · warps.
-_N1_TILES = [(8, 2, 16, 1, 1), (8, 4, 8, 1, 1), (8, 4, 16, 1, 2), (8, 8, 8, 1, 2), (16, 2, 16, 1, 1),
-             (8, 2, 32, 2, 1), (8, 4, 32, 2, 2), (8, 8, 16, 1, 4), (4, 4, 8, 1, 1)]
+# num_warps, prefetch). Channels take BD / VEC lanes and segments the other lanes and the warps, so
+# LT = lanes · warps. The loads in flight (tile × programs) set the bandwidth: larger tiles and prefetching
+# raise them at the cost of registers.
+_N1_TILES = [(4, 8, 32, 4, 2, True), (2, 16, 32, 4, 4, True), (2, 16, 16, 4, 2, True), (4, 4, 32, 4, 1, True),
+             (4, 4, 32, 4, 1, False), (8, 4, 32, 2, 2, True), (2, 8, 32, 4, 2, True), (8, 2, 32, 2, 1, True)]
 
 
 def _prune_n1(configs, named_args, **kwargs):
@@ -157,7 +159,8 @@ def _even_n1(args):
 
 
 _n1_tuned = triton.autotune(
-    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec}, num_warps=w) for tt, lt, bd, vec, w in _N1_TILES],
+    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec, "PREFETCH": pf}, num_warps=w)
+             for tt, lt, bd, vec, w, pf in _N1_TILES],
     key=["CPG", "K", "MERGE", "HAS_D", "HAS_BIAS", "SOFTPLUS", "SAVE_CHUNKS"],
     prune_configs_by={"early_config_prune": _prune_n1},
 )(triton.heuristics({"EVEN_D": lambda a: _even_n1(a)["EVEN_D"], "EVEN_T": lambda a: _even_n1(a)["EVEN_T"]})(
@@ -166,7 +169,8 @@ _n1_tuned = triton.autotune(
 
 def _launch_n1(grid, **kw):
     if _INTERPRET:
-        kw.update(TT=2, LT=2, BD=min(8, _pow2(kw["CPG"])), VEC=1, num_warps=1)
+        kw.update(TT=2, LT=2, BD=min(8, _pow2(kw["CPG"])), VEC=1, num_warps=1,
+                  PREFETCH=os.environ.get("VMAMBA_KERNELS_PREFETCH", "1") == "1")
         kw.update(_even_n1(kw))
         scan_n1.route_scan_n1_fwd_kernel[grid(kw)](**kw)
     else:

@@ -71,27 +71,44 @@ def _softplus(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def _segment_positions(routes, info, k, t0, step, Lr, TT: tl.constexpr, EVEN_T: tl.constexpr):
-    """Pixels p [TT, LT, 1] of steps t0 + step of route k, and which steps are real."""
+def _segment_positions(routes, k, t0, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T: tl.constexpr):
+    """Pixels p [TT, LT, 1] of steps t0 + step of route k, and which steps are real. ``walk``: the route
+    is the affine walk (base, n_in, s_in, s_out) and TT <= n_in, so a segment wraps a row at most once."""
     t = t0 + step
-    if EVEN_T:
-        valid = t >= 0
+    if EVEN_T:  # whole segments are in or out
+        valid = (step >= 0) & (t0 < Lr)
     else:
         valid = t < Lr
-    n_in = tl.load(info + INFO_N_INNER)
-    # Computed positions step within a row once at most per segment, so they need TT <= n.
-    if (tl.load(info + INFO_AFFINE) != 0) & (n_in >= TT):
-        s_in = tl.load(info + INFO_S_INNER)
-        s_out = tl.load(info + INFO_S_OUTER)
+    if walk:
         row = t0 // n_in
         col = t0 - row * n_in
-        p = (tl.load(info + INFO_BASE) + col * s_in + row * s_out + step * s_in
-             + tl.where(col + step >= n_in, s_out - n_in * s_in, 0))
+        p = base + col * s_in + row * s_out + step * s_in + tl.where(col + step >= n_in, s_out - n_in * s_in, 0)
     else:
         p = tl.load(routes + k * Lr + t, mask=valid, other=-1)
         valid = valid & (p >= 0)
         p = tl.where(valid, p, 0)
     return p, valid
+
+
+@triton.jit
+def _segment_loads(x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, out_img, so_k,
+                   so_t, first_visit, k, t0, step, Lr, p, valid, d3, md3, first_mode, MERGE: tl.constexpr):
+    """The tiles of one chunk, as stored: delta, x [TT, LT, BD], B, C [TT, LT, 1], and for serial merges
+    the partial sums already at p (zero where a step is its pixel's first visit)."""
+    m = valid & md3
+    dt = tl.load(dt_img + k * sdt_k + p * sdt_t + d3, mask=m, other=0.0)
+    xv = tl.load(x_img + k * sx_k + p * sx_t + d3, mask=m, other=0.0)
+    Bv = tl.load(B_img + k * sB_k + p * sB_t, mask=valid, other=0.0)
+    Cv = tl.load(C_img + k * sC_k + p * sC_t, mask=valid, other=0.0)
+    old = xv  # a stand-in of the same type where unused
+    if MERGE == 1:
+        if first_mode == FIRST_MIXED:
+            first = tl.load(first_visit + k * Lr + t0 + step, mask=valid, other=1)
+            later = valid & (first == 0)
+        else:
+            later = valid & (first_mode == FIRST_NONE)
+        old = tl.load(out_img + k * so_k + p * so_t + d3, mask=later & md3, other=0.0)
+    return dt, xv, Bv, Cv, old
 
 
 @triton.jit(do_not_specialize=["Lr", "L"])
@@ -108,8 +125,8 @@ def route_scan_n1_fwd_kernel(
     so_b, so_k, so_t,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, MERGE: tl.constexpr,
     ZERO_UNVISITED: tl.constexpr, SAVE_CHUNKS: tl.constexpr, SAVE_T: tl.constexpr, FAST_MATH: tl.constexpr,
-    TT: tl.constexpr, LT: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_T: tl.constexpr,
+    TT: tl.constexpr, LT: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """y at every step of routes [k_lo, k_hi) of one (image, channel block); channels are contiguous
     (stride 1) in x, delta and out. MERGE as in ``scan.py`` (store or serial read-add-store)."""
@@ -140,6 +157,11 @@ def route_scan_n1_fwd_kernel(
     for k in range(k_lo, k_hi):
         info = route_info + k * ROUTE_INFO_COLS
         first_mode = tl.load(info + INFO_FIRST_MODE)
+        base = tl.load(info + INFO_BASE)
+        n_in = tl.load(info + INFO_N_INNER)
+        s_in = tl.load(info + INFO_S_INNER)
+        s_out = tl.load(info + INFO_S_OUTER)
+        walk = (tl.load(info + INFO_AFFINE) != 0) & (n_in >= TT)
         # A is pre-scaled by log2(e): decay = 2^(dt·A·log2 e).
         A_k = (tl.load(A + k * sA_k + offs_d * sA_d, mask=mask_d, other=0.0).to(tl.float32) * LOG2E)[None, None, :]
         D_k = tl.zeros([1, 1, BD], dtype=tl.float32)
@@ -149,21 +171,29 @@ def route_scan_n1_fwd_kernel(
         if HAS_BIAS:
             bias_k = tl.load(delta_bias + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
         h = tl.zeros([1, 1, BD], dtype=tl.float32)
+        # Software pipelining: chunk c + 1 is requested before chunk c is computed.
+        t0 = seg * TT
+        p, valid = _segment_positions(routes, k, t0, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+        dt, xv, Bv, Cv, old = _segment_loads(x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k,
+                                             sC_t, out_img, so_k, so_t, first_visit, k, t0, step, Lr, p, valid, d3,
+                                             md3, first_mode, MERGE)
         for c in range(0, tl.cdiv(Lr, BT)):
-            t0 = c * BT + seg * TT
-            p, valid = _segment_positions(routes, info, k, t0, step, Lr, TT, EVEN_T)
+            t1 = t0 + BT
+            if PREFETCH:
+                p1, valid1 = _segment_positions(routes, k, t1, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+                dt1, xv1, Bv1, Cv1, old1 = _segment_loads(
+                    x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, out_img, so_k,
+                    so_t, first_visit, k, t1, step, Lr, p1, valid1, d3, md3, first_mode, MERGE)
             m = valid & md3
-            dt = tl.load(dt_img + k * sdt_k + p * sdt_t + d3, mask=m, other=0.0).to(tl.float32)
-            xv = tl.load(x_img + k * sx_k + p * sx_t + d3, mask=m, other=0.0).to(tl.float32)
-            Bv = tl.load(B_img + k * sB_k + p * sB_t, mask=valid, other=0.0).to(tl.float32)
-            Cv = tl.load(C_img + k * sC_k + p * sC_t, mask=valid, other=0.0).to(tl.float32)
+            xf = xv.to(tl.float32)
+            delta_t = dt.to(tl.float32)
             if HAS_BIAS:
-                dt = dt + bias_k
+                delta_t = delta_t + bias_k
             if SOFTPLUS:
-                dt = _softplus(dt, FAST_MATH)
-            dt = tl.where(m, dt, 0.0)  # padded steps leave the state unchanged
-            decay = tl.math.exp2(dt * A_k)
-            drive = dt * xv * Bv
+                delta_t = _softplus(delta_t, FAST_MATH)
+            delta_t = tl.where(m, delta_t, 0.0)  # padded steps leave the state unchanged
+            decay = tl.math.exp2(delta_t * A_k)
+            drive = delta_t * xf * Bv.to(tl.float32)
             # In-thread scan of each segment, then one scan over the segments' maps.
             a_in, b_in = tl.associative_scan((decay, drive), 0, _affine_combine)
             seg_a = tl.sum(tl.where(step == TT - 1, a_in, 0.0), axis=0, keep_dims=True)
@@ -177,16 +207,17 @@ def route_scan_n1_fwd_kernel(
                 tl.store(saved, h_start, mask=(t0 % SAVE_T == 0) & (t0 < Lr) & md3)
             hs = a_in * h_start + b_in
             h = tl.sum(tl.where(seg == LT - 1, incl_a * h + incl_b, 0.0), axis=1, keep_dims=True)
-            y = hs * Cv
+            y = hs * Cv.to(tl.float32)
             if HAS_D:
-                y += D_k * xv
-            o_ptr = out_img + k * so_k + p * so_t + d3
+                y += D_k * xf
             if MERGE == 1:
-                if first_mode == FIRST_NONE:
-                    y += tl.load(o_ptr, mask=m, other=0.0).to(tl.float32)
-                elif first_mode == FIRST_MIXED:
-                    first = tl.load(first_visit + k * Lr + t0 + step, mask=valid, other=1)
-                    y += tl.load(o_ptr, mask=m & (first == 0), other=0.0).to(tl.float32)
-            tl.store(o_ptr, y.to(out.dtype.element_ty), mask=m)
+                y += old.to(tl.float32)
+            tl.store(out_img + k * so_k + p * so_t + d3, y.to(out.dtype.element_ty), mask=m)
+            if not PREFETCH:  # the same loads, issued after the compute
+                p1, valid1 = _segment_positions(routes, k, t1, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+                dt1, xv1, Bv1, Cv1, old1 = _segment_loads(
+                    x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, out_img, so_k,
+                    so_t, first_visit, k, t1, step, Lr, p1, valid1, d3, md3, first_mode, MERGE)
+            t0, p, valid, dt, xv, Bv, Cv, old = t1, p1, valid1, dt1, xv1, Bv1, Cv1, old1
         if MERGE == 1:
             tl.debug_barrier()  # the next route reads what this one wrote

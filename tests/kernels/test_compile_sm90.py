@@ -50,3 +50,20 @@ def test_route_plan_compiles_for_sm90():
 def test_missing_constants_are_named():
     with pytest.raises(ValueError, match=r"constants not given for \['BLOCK'\]"):
         compile_kernel(route_plan.route_plan_kernel, {}, 8)
+
+
+@pytest.mark.parametrize("merge, save_chunks", [(scan.MERGE_SERIAL, True), (scan.MERGE_STORE, False)],
+                         ids=["vmamba_training", "groupmamba_inference"])
+def test_single_state_forward_compiles_for_sm90(merge, save_chunks):
+    """scan_n1's forward, with the hardware log2 (inline PTX, which the interpreter tests cannot run), for every
+    tile its tuner may try."""
+    from vmamba_kernels.triton import backend, scan_n1
+
+    for TT, LT, BD, VEC, warps, prefetch in backend._N1_TILES:
+        constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, MERGE=merge, ZERO_UNVISITED=True,
+                         SAVE_CHUNKS=save_chunks, SAVE_T=64, FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC,
+                         PREFETCH=prefetch, EVEN_D=True, EVEN_T=False)
+        kernel = compile_kernel(scan_n1.route_scan_n1_fwd_kernel, constants, warps)
+        assert "lg2.approx.f32" in kernel.asm["ptx"]
+        usage = resource_usage(kernel)
+        assert 0 < usage["registers"] <= 255, (TT, LT, BD, VEC, warps, usage)

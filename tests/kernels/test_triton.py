@@ -19,7 +19,7 @@ import pytest
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 GROUPS = ("scan_1d", "states", "cross_sum", "continuous_params", "atrous_odd", "multihead_none", "per_route_x",
-          "batch_split")
+          "batch_split", "single_state")
 
 
 def _run_group(group):
@@ -181,6 +181,21 @@ def _child(group):
                 reference.selective_scan_2d_bwd_ref(dout, *ref_args), dtype)
         repeat(case, lambda: (tri.selective_scan_2d_fwd(*args), *tri.selective_scan_2d_bwd(dout, *args)))
 
+    def same_chunk_states(case, routes, H, W, Bt, Dm, dtype, merge):
+        """The d_state-1 kernel saves the chunk states the general kernel saves (the backward reads them)."""
+        K = routes.shape[0]
+        args = (torch.randn(Bt, H, W, Dm).to(dtype), (torch.rand(Bt, H, W, K, Dm) * 0.8 - 0.4).to(dtype),
+                -(torch.rand(K, Dm, 1) + 0.3), torch.randn(Bt, H, W, K, 1).to(dtype),
+                torch.randn(Bt, H, W, K, 1).to(dtype), torch.randn(K, Dm), torch.randn(K, Dm) * 0.3, routes, routes,
+                True, merge)
+        out, states = tri.selective_scan_2d_fwd_saving(*args)
+        tri.set_n1_kernel(False)
+        try:
+            general_out, general_states = tri.selective_scan_2d_fwd_saving(*args)
+        finally:
+            tri.set_n1_kernel(True)
+        compare(case + "/vs_general", ("out", "chunk_states"), (out, states), (general_out, general_states), dtype)
+
     def through_op(case, routes, H, W, Bt, Dm, N):
         """The public op on the triton backend: the forward hands its chunk states to the backward (also
         under torch.compile, whose fake kernel must predict their shape)."""
@@ -235,6 +250,24 @@ def _child(group):
         scan_1d("split_1d", 3, 4, 5, 2, 2, f32, D=True, z=True, bias=True, softplus=True, last=True)
         states("split_states", 3, 2, 4, 2, 0, f32, bias=True, softplus=True)
         scan_2d("split_2d", vk.scan_routes("cross", 2, 2), 2, 2, 3, 2, 1, f32, "sum")
+    elif group == "single_state":
+        # d_state 1 runs scan_n1's forward: positions computed from affine walks (cross), read through the
+        # index (snakes, padded atrous routes, a 1x1 image whose rows are shorter than a segment), channel
+        # blocks and chunks that do not divide the problem, and first visits that vary within a route.
+        scan_2d("n1_cross_5x3", vk.scan_routes("cross", 5, 3), 5, 3, 2, 12, 1, f32, "sum")
+        scan_2d("n1_continuous", vk.scan_routes("continuous", 3, 4), 3, 4, 1, 5, 1, f32, "sum")
+        scan_2d("n1_atrous_padded", vk.scan_routes("atrous", 3, 5), 3, 5, 1, 4, 1, f32, "sum", bias=False)
+        scan_2d("n1_one_pixel", vk.scan_routes("cross", 1, 1), 1, 1, 2, 3, 1, f32, "sum")
+        scan_2d("n1_per_route_fp16", vk.scan_routes("cross", 3, 3), 3, 3, 1, 8, 1, f16, "none", per_route_x=True)
+        raster = vk.scan_routes("raster", 3, 4)[0]
+        half = torch.where(torch.arange(12) < 6, raster, -1)
+        mixed = torch.stack([half, raster.flip(0)])  # route 1 revisits the first half, then visits the rest
+        scan_2d("n1_mixed_first_visits", mixed, 3, 4, 1, 4, 1, f32, "sum")
+        half_back = torch.cat([raster[:6].flip(0), raster[6:] * 0 - 1])  # padding trails, as routes require
+        scan_2d("n1_unvisited_zero", torch.stack([half, half_back]), 3, 4, 1, 4, 1, f32, "sum")
+        scan_2d("n1_unvisited_zero_none", torch.stack([half, half_back]), 3, 4, 1, 4, 1, f32, "none")
+        same_chunk_states("n1_cross_4x6", vk.scan_routes("cross", 4, 6), 4, 6, 2, 10, f32, "sum")
+        same_chunk_states("n1_snake_3x3", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 4, f32, "sum")
     else:
         raise SystemExit(f"unknown group {group!r}")
 
