@@ -177,6 +177,45 @@ def _launch_n1(grid, **kw):
         _n1_tuned[grid](**kw)
 
 
+# d_state-1 backward tiles: (TT, LT, BD, VEC, num_warps), chunks of TT·LT = chunk_size(1) steps (the saving
+# interval of the chunk states).
+_N1_BWD_TILES = [(4, 16, 32, 4, 4), (8, 8, 32, 4, 2), (2, 32, 32, 4, 8), (4, 16, 16, 4, 2), (8, 8, 16, 4, 1),
+                 (2, 32, 16, 4, 4)]
+
+
+def _prune_n1_bwd(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    keep = [c for c in configs if c.kwargs["TT"] * c.kwargs["LT"] == chunk_size(1)
+            and c.kwargs["BD"] <= max(16, _pow2(args["CPG"]))]
+    return keep if _TUNE else keep[:1]
+
+
+@functools.lru_cache(maxsize=None)
+def n1_bwd_block_d_candidates(CPG: int):
+    if _INTERPRET:
+        return (min(8, _pow2(CPG)),)
+    return tuple(sorted({c.kwargs["BD"] for c in _prune_n1_bwd(_n1_bwd_tuned.configs, {}, CPG=CPG)}))
+
+
+_n1_bwd_tuned = triton.autotune(
+    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec}, num_warps=w) for tt, lt, bd, vec, w in _N1_BWD_TILES],
+    key=["CPG", "K", "DX_MERGE", "HAS_D", "HAS_BIAS", "SOFTPLUS"],
+    prune_configs_by={"early_config_prune": _prune_n1_bwd},
+)(triton.heuristics({"EVEN_D": lambda a: _even_n1(a)["EVEN_D"], "EVEN_T": lambda a: _even_n1(a)["EVEN_T"]})(
+    scan_n1.route_scan_n1_bwd_kernel))
+
+
+def _launch_n1_bwd(grid, **kw) -> int:
+    """Launch the d_state-1 backward; returns the channel block it ran with."""
+    if _INTERPRET:
+        kw.update(TT=2, LT=2, BD=n1_bwd_block_d_candidates(kw["CPG"])[0], VEC=1, num_warps=1)
+        kw.update(_even_n1(kw))
+        scan_n1.route_scan_n1_bwd_kernel[grid(kw)](**kw)
+        return kw["BD"]
+    _n1_bwd_tuned[grid](**kw)
+    return _n1_bwd_tuned.best_config.kwargs["BD"]
+
+
 # Backward tiles: the chunk BT is fixed by the saved chunk states, so the channel block BD and the warps
 # are tuned, 8-warp tiles also capped at 128 registers (2 blocks per SM instead of 1). The first config
 # that fits is _bwd_block_d's with 8 warps (VMAMBA_KERNELS_TUNE=0 runs it). (BD, num_warps, register cap)
@@ -410,6 +449,47 @@ def _run_fwd_n1(pb: _Problem, plan, softplus, out, so, merge, out_visited, save_
     return chunk_states
 
 
+def _run_bwd_n1(pb: _Problem, plan, softplus, chunk_states, dout, sg, dx, sdx, dx_merge, ddelta, sdd):
+    """The d_state-1 backward; returns what ``_run_bwd`` returns."""
+    n_blocks = _cdiv(pb.CPG, min(n1_bwd_block_d_candidates(pb.CPG)))
+    f32 = dict(device=pb.x.device, dtype=torch.float32)
+    dB_part = empty(n_blocks, pb.Bt, pb.K, pb.Lr, **f32)
+    dC_part = empty(*dB_part.shape, **f32)
+    dA_part = empty(pb.Bt, pb.K, pb.CPG, **f32)
+    dD_part = empty(pb.Bt, pb.K, pb.CPG, **f32) if pb.D is not None else dA_part
+    dbias_part = empty(pb.Bt, pb.K, pb.CPG, **f32) if pb.delta_bias is not None else dA_part
+    dummy = _dummy(pb.x.device)
+    kw = dict(
+        x=pb.x, delta=pb.delta, A=pb.A, B=pb.B, C=pb.C,
+        D=pb.D if pb.D is not None else dummy, delta_bias=pb.delta_bias if pb.delta_bias is not None else dummy,
+        routes=plan.routes, route_info=plan.route_info, first_visit=plan.first_visit, parallel_ok=plan.parallel_ok,
+        coverage=plan.coverage, x_visited=plan.x_visited_any if dx_merge == scan.MERGE_SERIAL else plan.x_visited,
+        param_visited=plan.param_visited, dout=dout, chunk_states=chunk_states,
+        dx=dx, ddelta=ddelta, dB_part=dB_part, dC_part=dC_part, dA_part=dA_part, dD_part=dD_part,
+        dbias_part=dbias_part,
+        Lr=pb.Lr, L=pb.L, K=pb.K, CPG=pb.CPG,
+        sx_b=pb.sx[0], sx_k=pb.sx[1], sx_t=pb.sx[2],
+        sdt_b=pb.sdt[0], sdt_k=pb.sdt[1], sdt_t=pb.sdt[2],
+        sB_b=pb.sB[0], sB_k=pb.sB[1], sB_t=pb.sB[2],
+        sC_b=pb.sC[0], sC_k=pb.sC[1], sC_t=pb.sC[2],
+        sA_k=pb.sA[0], sA_d=pb.sA[1], sD_k=pb.sD[0],
+        sg_b=sg[0], sg_k=sg[1], sg_t=sg[2],
+        sdx_b=sdx[0], sdx_k=sdx[1], sdx_t=sdx[2],
+        sdd_b=sdd[0], sdd_k=sdd[1], sdd_t=sdd[2],
+        sP_j=dB_part.stride(0), sP_b=dB_part.stride(1), sP_k=dB_part.stride(2),
+        HAS_D=pb.D is not None, HAS_BIAS=pb.delta_bias is not None, SOFTPLUS=bool(softplus), DX_MERGE=dx_merge,
+        ZERO_UNVISITED=True, FAST_MATH=not _INTERPRET,
+    )
+    BD = _launch_n1_bwd(lambda meta: (_cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K), **kw)
+    used = _cdiv(pb.CPG, BD)
+    dB = dB_part[:used].sum(0)[..., None]
+    dC = dC_part[:used].sum(0)[..., None]
+    dA = dA_part.sum(0)[..., None]
+    dD = dD_part.sum(0) if pb.D is not None else None
+    dbias = dbias_part.sum(0) if pb.delta_bias is not None else None
+    return dB, dC, dA, dD, dbias
+
+
 def _run_bwd(pb: _Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, sdx, dx_merge, ddelta, sdd,
              dz=None, sdz=(0, 0, 0, 0), dlast_state=None):
     """Launch the backward kernel; returns fp32 (dB, dC) per step (Bt, K, Lr, N), dA (K, CPG, N), dD, dbias."""
@@ -579,6 +659,9 @@ def _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_
     plan = route_plan(pb.routes, pb.param_routes, L)
     if chunk_states is None:
         chunk_states = _run_fwd(pb, plan, delta_softplus, scan.OUT_NONE, save_chunks=True)
+    single_state = _n1_applies(pb, routes, param_routes)
+    if single_state and dout.stride(-1) != 1:  # its kernel reads channels contiguously (an expanded dout is not)
+        dout = dout.contiguous()
     if merge == "none":
         dout = dout.reshape(Bt, L, K, Dm)
         sg = (dout.stride(0), dout.stride(2), dout.stride(1), dout.stride(3), 0)
@@ -595,8 +678,12 @@ def _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_
         dx = empty(Bt, H, W, Dm, device=x.device, dtype=x.dtype)
         sdx, dx_merge = (L * Dm, 0, Dm, 1), scan.MERGE_SERIAL
     ddelta = empty(Bt, H, W, K, Dm, device=x.device, dtype=delta.dtype)
-    dB, dC, dA, dD, dbias = _run_bwd(pb, plan, delta_softplus, chunk_states, dout, sg, 1, dx, sdx, dx_merge,
-                                     ddelta, (L * K * Dm, Dm, K * Dm, 1))
+    if single_state:
+        dB, dC, dA, dD, dbias = _run_bwd_n1(pb, plan, delta_softplus, chunk_states, dout, sg, dx, sdx, dx_merge,
+                                            ddelta, (L * K * Dm, Dm, K * Dm))
+    else:
+        dB, dC, dA, dD, dbias = _run_bwd(pb, plan, delta_softplus, chunk_states, dout, sg, 1, dx, sdx, dx_merge,
+                                         ddelta, (L * K * Dm, Dm, K * Dm, 1))
     # Per-step B/C gradients (Bt, K, Lr, N) → their pixels (Bt, L, K, N); padded steps add their zeros.
     target = plan.param_target.expand(Bt, -1, N)
 

@@ -1,4 +1,5 @@
-"""Triton kernel of the 2D route scan with a single state (d_state 1: VMamba v2, GroupMamba), forward.
+"""Triton kernels of the 2D route scan with a single state (d_state 1: VMamba v2, GroupMamba), forward and
+backward.
 
 The general kernel (``scan.py``) solves each chunk with an associative scan whose step axis runs across
 lanes and warps: at d_state 1 most of its instructions go to shuffles, shared-memory exchanges, masks and
@@ -21,7 +22,7 @@ none is (read-add-store), or it varies (per-step flags).
 import triton
 import triton.language as tl
 
-from .scan import _affine_combine, _route_range, _zero_unvisited_outputs
+from .scan import _adjoint_combine, _affine_combine, _route_range, _zero_unvisited, _zero_unvisited_outputs
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -221,3 +222,171 @@ def route_scan_n1_fwd_kernel(
             t0, p, valid, dt, xv, Bv, Cv, old = t1, p1, valid1, dt1, xv1, Bv1, Cv1, old1
         if MERGE == 1:
             tl.debug_barrier()  # the next route reads what this one wrote
+
+
+@triton.jit
+def _sigmoid(x, FAST_MATH: tl.constexpr):
+    if FAST_MATH:
+        out = tl.math.fdiv(1.0, 1.0 + tl.math.exp2(-x * LOG2E), ieee_rounding=False)
+    else:
+        out = tl.sigmoid(x)
+    return out
+
+
+@triton.jit(do_not_specialize=["Lr", "L"])
+def route_scan_n1_bwd_kernel(
+    x, delta, A, B, C, D, delta_bias,
+    routes, route_info, first_visit, parallel_ok, coverage, x_visited, param_visited,
+    dout, chunk_states,
+    dx, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
+    Lr, L, K, CPG,
+    sx_b, sx_k, sx_t,
+    sdt_b, sdt_k, sdt_t,
+    sB_b, sB_k, sB_t,
+    sC_b, sC_k, sC_t,
+    sA_k, sA_d, sD_k,
+    sg_b, sg_k, sg_t,
+    sdx_b, sdx_k, sdx_t,
+    sdd_b, sdd_k, sdd_t,
+    sP_j, sP_b, sP_k,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DX_MERGE: tl.constexpr,
+    ZERO_UNVISITED: tl.constexpr, FAST_MATH: tl.constexpr,
+    TT: tl.constexpr, LT: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_T: tl.constexpr,
+):
+    """Gradients of one (image, channel block) over routes [k_lo, k_hi), chunks of TT·LT steps from last to
+    first; the chunk is the saving interval of the forward's chunk states, which start each chunk's recompute.
+
+    The adjoint g_t = dy_t·C_t + decay_{t+1}·g_{t+1} runs as a reverse scan of the maps of ``scan.py``'s
+    ``_adjoint_combine`` (no shift along steps is needed): in-thread over a segment, then over the segments
+    with the exclusive prefix of ``_prefix_combine`` (applied from the chunk's end). Outputs as in the general
+    backward: ddelta, dx (read-add-store after first visits for a shared x), per-step dB/dC summed over this
+    program's channels into dB_part/dC_part[pid_d], and dA, dD, delta_bias summed over steps per image.
+    """
+    BT: tl.constexpr = TT * LT
+    pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b64 = pid_b.to(tl.int64)
+    offs_d = pid_d * BD + tl.max_contiguous(tl.arange(0, BD), VEC)
+    if EVEN_D:
+        mask_d = tl.full([BD], 1, tl.int1)
+    else:
+        mask_d = offs_d < CPG
+    d3 = offs_d[None, None, :]
+    md3 = mask_d[None, None, :]
+    step = tl.arange(0, TT)[:, None, None]
+    seg = tl.arange(0, LT)[None, :, None]
+    n_chunks = tl.cdiv(Lr, BT)
+
+    x_img = x + b64 * sx_b
+    dt_img = delta + b64 * sdt_b
+    B_img = B + b64 * sB_b
+    C_img = C + b64 * sC_b
+    g_img = dout + b64 * sg_b
+    dx_img = dx + b64 * sdx_b
+    dd_img = ddelta + b64 * sdd_b
+    dBp_img = dB_part + pid_d * sP_j + b64 * sP_b
+    dCp_img = dC_part + pid_d * sP_j + b64 * sP_b
+
+    k_lo, k_hi = _route_range(parallel_ok, pid_k, K, DX_MERGE)
+    if ZERO_UNVISITED:
+        _zero_unvisited_outputs(dx_img, x_visited, coverage, pid_k, sdx_k, sdx_t, 1, offs_d, mask_d, L, BT, DX_MERGE)
+    for k in range(k_lo, k_hi):
+        if ZERO_UNVISITED:
+            if tl.load(coverage + 2) == 0:
+                _zero_unvisited(dd_img + k * sdd_k, param_visited + k * L, sdd_t, 1, offs_d, mask_d, L, BT)
+        info = route_info + k * ROUTE_INFO_COLS
+        first_mode = tl.load(info + INFO_FIRST_MODE)
+        base = tl.load(info + INFO_BASE)
+        n_in = tl.load(info + INFO_N_INNER)
+        s_in = tl.load(info + INFO_S_INNER)
+        s_out = tl.load(info + INFO_S_OUTER)
+        walk = (tl.load(info + INFO_AFFINE) != 0) & (n_in >= TT)
+        A_raw = tl.load(A + k * sA_k + offs_d * sA_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+        A_k = A_raw * LOG2E
+        D_k = tl.zeros([1, 1, BD], dtype=tl.float32)
+        bias_k = tl.zeros([1, 1, BD], dtype=tl.float32)
+        if HAS_D:
+            D_k = tl.load(D + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+        if HAS_BIAS:
+            bias_k = tl.load(delta_bias + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+        carry = tl.zeros([1, 1, BD], dtype=tl.float32)  # decay·g entering the chunk from the next one
+        # Per-(segment, channel) sums over steps, reduced once per route.
+        acc_dA = tl.zeros([1, LT, BD], dtype=tl.float32)
+        acc_dD = tl.zeros([1, LT, BD], dtype=tl.float32)
+        acc_dbias = tl.zeros([1, LT, BD], dtype=tl.float32)
+        for i in range(0, n_chunks):
+            c = n_chunks - 1 - i
+            t0 = c * BT + seg * TT
+            t = t0 + step
+            p, valid = _segment_positions(routes, k, t0, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+            m = valid & md3
+            dt_pre = tl.load(dt_img + k * sdt_k + p * sdt_t + d3, mask=m, other=0.0).to(tl.float32)
+            xv = tl.load(x_img + k * sx_k + p * sx_t + d3, mask=m, other=0.0).to(tl.float32)
+            Bv = tl.load(B_img + k * sB_k + p * sB_t, mask=valid, other=0.0).to(tl.float32)
+            Cv = tl.load(C_img + k * sC_k + p * sC_t, mask=valid, other=0.0).to(tl.float32)
+            dy = tl.load(g_img + k * sg_k + p * sg_t + d3, mask=m, other=0.0).to(tl.float32)
+            h0 = tl.load(chunk_states + ((b64 * K + k) * n_chunks + c) * CPG + offs_d, mask=mask_d,
+                         other=0.0)[None, None, :]
+            if HAS_BIAS:
+                dt_pre = dt_pre + bias_k
+            if SOFTPLUS:
+                dt = _softplus(dt_pre, FAST_MATH)
+            else:
+                dt = dt_pre
+            dt = tl.where(m, dt, 0.0)
+            decay = tl.math.exp2(dt * A_k)
+            drive = dt * xv * Bv
+            # The chunk's states, recomputed from the saved one as in the forward.
+            a_in, b_in = tl.associative_scan((decay, drive), 0, _affine_combine)
+            seg_a = tl.sum(tl.where(step == TT - 1, a_in, 0.0), axis=0, keep_dims=True)
+            seg_b = tl.sum(tl.where(step == TT - 1, b_in, 0.0), axis=0, keep_dims=True)
+            ones = tl.full(seg_a.shape, 1.0, tl.float32)
+            zeros = tl.zeros(seg_a.shape, tl.float32)
+            _, _, excl_a, excl_b = tl.associative_scan((seg_a, seg_b, ones, zeros), 1, _prefix_combine)
+            hs = a_in * (excl_a * h0 + excl_b) + b_in
+            # The adjoint, from the chunk's end: in-thread, then over segments (later segments first).
+            gout = dy * Cv
+            a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay, decay * gout, tl.full(decay.shape, 1.0, tl.float32),
+                                                              gout), 0, _adjoint_combine, reverse=True)
+            seg_ra = tl.sum(tl.where(step == 0, a_adj, 0.0), axis=0, keep_dims=True)
+            seg_rb = tl.sum(tl.where(step == 0, b_adj, 0.0), axis=0, keep_dims=True)
+            incl_ra, incl_rb, excl_ra, excl_rb = tl.associative_scan((seg_ra, seg_rb, ones, zeros), 1,
+                                                                     _prefix_combine, reverse=True)
+            v = excl_ra * carry + excl_rb  # decay·g entering each segment from its end
+            g = g_adj * v + d_adj
+            carry = tl.sum(tl.where(seg == 0, incl_ra * carry + incl_rb, 0.0), axis=1, keep_dims=True)
+
+            gB = g * Bv
+            d_arg = g * (hs - drive)  # gradient of dt·A inside exp: g_t·decay_t·h_{t-1}
+            ddt = gB * xv + d_arg * A_raw
+            acc_dA += tl.sum(d_arg * dt, axis=0, keep_dims=True)
+            dxv = gB * dt
+            if HAS_D:
+                dxv += dy * D_k
+                acc_dD += tl.sum(dy * xv, axis=0, keep_dims=True)
+            if SOFTPLUS:
+                ddt = ddt * _sigmoid(dt_pre, FAST_MATH)
+            ddt = tl.where(m, ddt, 0.0)
+            acc_dbias += tl.sum(ddt, axis=0, keep_dims=True)
+            tl.store(dd_img + k * sdd_k + p * sdd_t + d3, ddt.to(ddelta.dtype.element_ty), mask=m)
+            dx_ptr = dx_img + k * sdx_k + p * sdx_t + d3
+            if DX_MERGE == 1:
+                if first_mode == FIRST_NONE:
+                    dxv += tl.load(dx_ptr, mask=m, other=0.0).to(tl.float32)
+                elif first_mode == FIRST_MIXED:
+                    first = tl.load(first_visit + k * Lr + t, mask=valid, other=1)
+                    dxv += tl.load(dx_ptr, mask=m & (first == 0), other=0.0).to(tl.float32)
+            tl.store(dx_ptr, dxv.to(dx.dtype.element_ty), mask=m)
+            # B/C gradients per step (route order), summed over this program's channels; padded steps store
+            # their zeros (dt and dy are zero there).
+            in_range = t < Lr
+            tl.store(dBp_img + k * sP_k + t, tl.sum(g * dt * xv, axis=2, keep_dims=True), mask=in_range)
+            tl.store(dCp_img + k * sP_k + t, tl.sum(hs * dy, axis=2, keep_dims=True), mask=in_range)
+        part = (b64 * K + k) * CPG + offs_d
+        tl.store(dA_part + part, tl.sum(tl.sum(acc_dA, axis=0), axis=0), mask=mask_d)
+        if HAS_D:
+            tl.store(dD_part + part, tl.sum(tl.sum(acc_dD, axis=0), axis=0), mask=mask_d)
+        if HAS_BIAS:
+            tl.store(dbias_part + part, tl.sum(tl.sum(acc_dbias, axis=0), axis=0), mask=mask_d)
+        if DX_MERGE == 1:
+            tl.debug_barrier()

@@ -181,6 +181,17 @@ def _child(group):
                 reference.selective_scan_2d_bwd_ref(dout, *ref_args), dtype)
         repeat(case, lambda: (tri.selective_scan_2d_fwd(*args), *tri.selective_scan_2d_bwd(dout, *args)))
 
+    def expanded_dout(case, routes, H, W, Bt, Dm):
+        """dout as ``out.sum().backward()`` hands it over: one value expanded, channel stride 0."""
+        K = routes.shape[0]
+        args = (torch.randn(Bt, H, W, Dm), torch.rand(Bt, H, W, K, Dm) * 0.8 - 0.4, -(torch.rand(K, Dm, 1) + 0.3),
+                torch.randn(Bt, H, W, K, 1), torch.randn(Bt, H, W, K, 1), torch.randn(K, Dm), torch.randn(K, Dm))
+        dout = torch.ones(1, 1, 1, 1).expand(Bt, H, W, Dm)
+        names = ("dx", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias")
+        compare(case, names, tri.selective_scan_2d_bwd(dout, *args, routes, routes, True, "sum"),
+                reference.selective_scan_2d_bwd_ref(dout.contiguous(), *args, True, routes, routes, "sum"),
+                torch.float32)
+
     def same_chunk_states(case, routes, H, W, Bt, Dm, dtype, merge):
         """The d_state-1 kernel saves the chunk states the general kernel saves (the backward reads them)."""
         K = routes.shape[0]
@@ -266,6 +277,7 @@ def _child(group):
         half_back = torch.cat([raster[:6].flip(0), raster[6:] * 0 - 1])  # padding trails, as routes require
         scan_2d("n1_unvisited_zero", torch.stack([half, half_back]), 3, 4, 1, 4, 1, f32, "sum")
         scan_2d("n1_unvisited_zero_none", torch.stack([half, half_back]), 3, 4, 1, 4, 1, f32, "none")
+        expanded_dout("n1_expanded_dout", vk.scan_routes("cross", 3, 4), 3, 4, 2, 6)
         same_chunk_states("n1_cross_4x6", vk.scan_routes("cross", 4, 6), 4, 6, 2, 10, f32, "sum")
         same_chunk_states("n1_snake_3x3", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 4, f32, "sum")
     else:
