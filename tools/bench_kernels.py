@@ -405,7 +405,7 @@ def tuned_configs():
 
     return [dict(kernel=kernel, key=[str(k) for k in key], config=str(cfg))
             for kernel, tuner in (("forward", tri._fwd_tuned), ("forward d_state 1", tri._n1_tuned),
-                                  ("backward", tri._bwd_tuned))
+                                  ("backward", tri._bwd_tuned), ("backward d_state 1", tri._n1_bwd_tuned))
             for key, cfg in tuner.cache.items()]
 
 

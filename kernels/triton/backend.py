@@ -180,7 +180,8 @@ def _launch_n1(grid, **kw):
 # d_state-1 backward tiles: (TT, LT, BD, VEC, num_warps), chunks of TT·LT = chunk_size(1) steps (the saving
 # interval of the chunk states). Triton 3.6 fails to compile (8, 8, 32, 4, 2), (4, 16, 16, 4, 2) and
 # (8, 8, 16, 4, 1) with the serial dx merge, so they are left out.
-_N1_BWD_TILES = [(4, 16, 32, 4, 4), (2, 32, 32, 4, 8), (2, 32, 16, 4, 4)]
+_N1_BWD_TILES = [(4, 16, 32, 4, 4), (2, 32, 32, 4, 8), (2, 32, 16, 4, 4), (2, 32, 16, 2, 8), (2, 32, 8, 2, 4),
+                 (4, 16, 16, 2, 4)]
 
 
 def _prune_n1_bwd(configs, named_args, **kwargs):
