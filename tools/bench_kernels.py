@@ -16,6 +16,7 @@ writes every state: out = Bt·Dm·N·L fp32. Copy bandwidth = 2·bytes / time of
     python tools/bench_kernels.py --check --out results/   # check at real shapes, then benchmark
     python tools/bench_kernels.py --host-overhead           # CPU: the op's host time around its launches
     python tools/bench_kernels.py --registers               # CPU: registers and spills of every tile, sm_90
+    python tools/bench_kernels.py --tile-sweep --out r/     # GPU: the time of every d_state-1 tile
 """
 import argparse
 import datetime
@@ -397,6 +398,71 @@ def register_report(names):
                 print(f"{name:22s} {kernel_name:8s} tile {c['BT']:3d} x {c['BD']:3d} x {c['BN']:2d}, "
                       f"{cfg.num_warps} warps{options}: {usage.get('registers')} registers, "
                       f"{usage.get('spill_stores', 0)} B spill stores", flush=True)
+        if two_d and N == 1:
+            rows += _single_state_registers(name, spec, merge_sum)
+    return rows
+
+
+def _single_state_registers(name, spec, merge_sum):
+    """The same for the d_state-1 kernels (scan_n1), whose tiles are (TT, LT, BD, VEC)."""
+    from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import offline, scan, scan_n1
+
+    merge = scan.MERGE_SERIAL if merge_sum else scan.MERGE_STORE
+    dx_merge = merge if not spec.get("per_route_x") else scan.MERGE_STORE
+    common = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ZERO_UNVISITED=True, FAST_MATH=True, EVEN_D=True,
+                  EVEN_T=False)
+    fwd = dict(common, MERGE=merge, SAVE_CHUNKS=True, SAVE_T=tri.chunk_size(1))
+    bwd = dict(common, DX_MERGE=dx_merge)
+    plans = [("forward", scan_n1.route_scan_n1_fwd_kernel, fwd, tri._prune_n1(tri._n1_tuned.configs, {}, CPG=spec["Dm"], **fwd)),
+             ("backward", scan_n1.route_scan_n1_bwd_kernel, bwd,
+              tri._prune_n1_bwd(tri._n1_bwd_tuned.configs, {}, CPG=spec["Dm"]))]
+    rows = []
+    for kernel_name, fn, constants, configs in plans:
+        for cfg in configs:
+            usage = offline.resource_usage(offline.compile_kernel(fn, dict(constants, **cfg.kwargs), cfg.num_warps))
+            tile = ", ".join(f"{k} {v}" for k, v in cfg.kwargs.items())
+            rows.append(dict(shape=name, kernel=f"{kernel_name} d_state 1", tile=tile, warps=cfg.num_warps, **usage))
+            print(f"{name:22s} {kernel_name:8s} d_state-1 tile {tile}, {cfg.num_warps} warps: "
+                  f"{usage.get('registers')} registers, {usage.get('spill_stores', 0)} B spill stores", flush=True)
+    return rows
+
+
+def tile_sweep(names, batch, dtype_name):
+    """Time every tile of the d_state-1 kernels (scan_n1) on each d_state-1 2D shape, one tile at a time: the
+    forward without and with saved chunk states, and the backward from saved states."""
+    import triton
+
+    from vmamba_kernels.triton import backend as tri
+
+    rows = []
+    for name in names:
+        spec = SHAPES[name]
+        if spec["op"] != "2d" or spec["N"] != 1:
+            continue
+        inputs = make_inputs(spec, batch, DTYPES[dtype_name], "cuda")
+        args = (inputs["x"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+                inputs["delta_bias"], inputs["routes"], inputs["param_routes"], True, inputs["merge"])
+        out, states = tri.selective_scan_2d_fwd_saving(*args)
+        dout = torch.ones_like(out)
+        sweeps = [("forward", tri._n1_tuned, lambda: tri.selective_scan_2d_fwd(*args)),
+                  ("forward saving states", tri._n1_tuned, lambda: tri.selective_scan_2d_fwd_saving(*args)),
+                  ("backward", tri._n1_bwd_tuned, lambda: tri.selective_scan_2d_bwd_from_saved(dout, *args, states))]
+        for kernel, tuner, run in sweeps:
+            all_configs = tuner.configs
+            try:
+                for cfg in all_configs:
+                    tuner.configs = [cfg]
+                    tuner.cache.clear()
+                    try:
+                        ms = triton.testing.do_bench(run, warmup=5, rep=40)
+                    except Exception as e:  # a tile this Triton cannot compile
+                        ms, cfg = float("nan"), f"{cfg} ({type(e).__name__})"
+                    rows.append(dict(shape=name, kernel=kernel, config=str(cfg), ms=ms))
+                    print(f"{name:18s} {kernel:22s} {str(cfg)[:70]:70s} {ms:.3f} ms", flush=True)
+            finally:
+                tuner.configs = all_configs
+                tuner.cache.clear()
     return rows
 
 
@@ -457,6 +523,8 @@ def main(argv=None):
                         help="only measure the host time of the op around its (stubbed) launches, on CPU")
     parser.add_argument("--registers", action="store_true",
                         help="only compile the tiles the tuners may try for sm_90 (no GPU) and print their registers")
+    parser.add_argument("--tile-sweep", action="store_true",
+                        help="only time every tile of the d_state-1 kernels on the d_state-1 shapes (GPU)")
     parser.add_argument("--out", default=".")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
@@ -470,6 +538,12 @@ def main(argv=None):
         raise SystemExit("bench_kernels needs a CUDA device")
     import triton
 
+    if args.tile_sweep:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "tile_sweep.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), triton=triton.__version__, commit=args.commit,
+                           rows=tile_sweep(args.shapes, args.batch, args.dtype)), f, indent=1)
+        return
     if args.profile:
         for name in args.shapes:
             fwd, fwd_bwd = runners(SHAPES[name], make_inputs(SHAPES[name], args.batch, DTYPES[args.dtype], "cuda"))[
