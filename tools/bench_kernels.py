@@ -332,10 +332,12 @@ def host_overhead(names, repeats=7, calls=100):
     from vmamba_kernels.triton import route_plan, scan
 
     saved = (tri._fwd_tuned, tri._bwd_tuned, scan.selective_scan_fwd_kernel, scan.selective_scan_bwd_kernel,
-             route_plan.route_plan_kernel)
+             route_plan.route_plan_kernel, tri._n1_tuned, tri._n1_bwd_tuned)
     tri._fwd_tuned, tri._bwd_tuned = _NoLaunch(), _NoLaunch(saved[1].configs)
+    tri._n1_tuned, tri._n1_bwd_tuned = _NoLaunch(), _NoLaunch(saved[6].configs)
     scan.selective_scan_fwd_kernel = scan.selective_scan_bwd_kernel = route_plan.route_plan_kernel = _NoLaunch()
     tri.bwd_block_d_candidates.cache_clear()
+    tri.n1_bwd_block_d_candidates.cache_clear()
     rows = []
     try:
         for name in names:
@@ -357,8 +359,9 @@ def host_overhead(names, repeats=7, calls=100):
                   f"forward+backward {row['fwd_bwd_us']:.0f} us", flush=True)
     finally:
         (tri._fwd_tuned, tri._bwd_tuned, scan.selective_scan_fwd_kernel, scan.selective_scan_bwd_kernel,
-         route_plan.route_plan_kernel) = saved
+         route_plan.route_plan_kernel, tri._n1_tuned, tri._n1_bwd_tuned) = saved
         tri.bwd_block_d_candidates.cache_clear()
+        tri.n1_bwd_block_d_candidates.cache_clear()
     return rows
 
 

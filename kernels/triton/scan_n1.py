@@ -45,8 +45,10 @@ FIRST_MIXED = tl.constexpr(2)
 def _prefix_combine(pa1, pb1, qa1, qb1, pa2, pb2, qa2, qb2):
     """Scan of affine segment maps that keeps two prefixes: P (inclusive) and Q (exclusive).
 
-    (P, Q) ⊕ (P', Q') = (P∘P', P∘Q'); a single segment S enters as (S, identity), so after the scan
-    position l holds (S_0∘…∘S_l, S_0∘…∘S_{l-1}). Associative, as a scan requires.
+    (P, Q) ⊕ (P', Q') = (P then P', P then Q'), maps h ↦ a·h + b as (a, b) pairs; a single segment S enters
+    as (S, identity), so after the scan position l holds (S_0 then … S_l, S_0 then … S_{l-1}). Associative,
+    as a scan requires. A reverse scan passes the later part first, so the same combine gives the maps
+    applied from the chunk's end (the backward's adjoint).
     """
     return pa1 * pa2, pa2 * pb1 + pb2, pa1 * qa2, qa2 * pb1 + qb2
 
