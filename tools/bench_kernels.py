@@ -365,69 +365,84 @@ def host_overhead(names, repeats=7, calls=100):
     return rows
 
 
+class _Capture:
+    """Stands in for an autotuner: records the arguments of each launch instead of running it."""
+
+    def __init__(self, tuner):
+        self.configs, self.best_config, self.launches = tuner.configs, tuner.configs[0], []
+
+    def __getitem__(self, grid):
+        return lambda **kwargs: self.launches.append(kwargs)
+
+
+def _captured_launches(spec, tri):
+    """(tuner, arguments) of every tuned launch of the training path (forward saving chunk states, then the
+    backward) at ``spec``'s shape, batch 2 on CPU with every launch stubbed out; for d_state 1 both with the
+    d_state-1 kernels and with the general ones."""
+    from vmamba_kernels.triton import route_plan
+
+    names = ("_fwd_tuned", "_bwd_tuned", "_n1_tuned", "_n1_bwd_tuned")
+    saved = {n: getattr(tri, n) for n in names}
+    saved_plan_kernel = route_plan.route_plan_kernel
+    captures = {n: _Capture(saved[n]) for n in names}
+    try:
+        for n in names:
+            setattr(tri, n, captures[n])
+        route_plan.route_plan_kernel = _NoLaunch()
+        inputs = make_inputs(spec, 2, torch.bfloat16, "cpu")
+        for single_state in ((True, False) if spec["N"] == 1 and spec["op"] == "2d" else (True,)):
+            tri.set_n1_kernel(single_state)
+            if spec["op"] == "states":
+                args = (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["delta_bias"], True)
+                tri.selective_scan_states_bwd(torch.ones(*inputs["u"].shape[:2], spec["N"], inputs["u"].shape[2]),
+                                              *args)
+            else:
+                args = (inputs["x"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+                        inputs["delta_bias"], inputs["routes"], inputs["param_routes"], True, inputs["merge"])
+                out, states = tri.selective_scan_2d_fwd_saving(*args)
+                tri.selective_scan_2d_bwd_from_saved(torch.ones_like(out), *args, states)
+    finally:
+        tri.set_n1_kernel(True)
+        for n in names:
+            setattr(tri, n, saved[n])
+        route_plan.route_plan_kernel = saved_plan_kernel
+        tri.bwd_block_d_candidates.cache_clear()
+        tri.n1_bwd_block_d_candidates.cache_clear()
+    return [(n, saved[n], kw) for n in names for kw in captures[n].launches]
+
+
 def register_report(names):
     """Registers and spills of every tile the tuners may try for each shape (training path: forward saving
-    chunk states, then the backward), compiled offline for sm_90 with the constants the launchers pass."""
+    chunk states, then the backward), compiled offline for sm_90 with the arguments the launchers pass (their
+    strides and pointers specialized as Triton does at launch)."""
     from vmamba_kernels.triton import backend as tri
-    from vmamba_kernels.triton import offline, scan
+    from vmamba_kernels.triton import offline
 
+    prunes = {"_fwd_tuned": tri._prune_fwd, "_bwd_tuned": tri._prune_bwd, "_n1_tuned": tri._prune_n1,
+              "_n1_bwd_tuned": tri._prune_n1_bwd}
+    labels = {"_fwd_tuned": "forward", "_bwd_tuned": "backward", "_n1_tuned": "forward, d_state 1",
+              "_n1_bwd_tuned": "backward, d_state 1"}
     rows = []
     for name in names:
-        spec = SHAPES[name]
-        N, CPG, two_d = spec["N"], spec["Dm"], spec["op"] == "2d"
-        L = spec["H"] * spec["W"]
-        merge_sum = two_d and spec.get("merge") == "sum"
-        common = dict(HAS_D=two_d, HAS_BIAS=True, HAS_Z=False, SOFTPLUS=True, GATHER=two_d, ZERO_UNVISITED=two_d,
-                      BN=tri._pow2(N))
-        fwd = dict(common, OUT_MODE=scan.OUT_Y if two_d else scan.OUT_STATES,
-                   MERGE=scan.MERGE_SERIAL if merge_sum else scan.MERGE_STORE, STORE_LAST=False, SAVE_CHUNKS=True,
-                   SAVE_T=tri.chunk_size(N))
-        bwd = dict(common, IN_MODE=1 if two_d else 2, HAS_DLAST=False, BT=tri.chunk_size(N),
-                   DX_MERGE=scan.MERGE_SERIAL if merge_sum and not spec.get("per_route_x") else scan.MERGE_STORE)
-        plans = [("forward", scan.selective_scan_fwd_kernel, fwd, tri._prune_fwd(tri._fwd_tuned.configs, {}, CPG=CPG,
-                                                                                 **fwd)),
-                 ("backward", scan.selective_scan_bwd_kernel, bwd, tri._prune_bwd(tri._bwd_tuned.configs, {}, CPG=CPG,
-                                                                                  N=N, **bwd))]
-        for kernel_name, fn, constants, configs in plans:
-            for cfg in configs:
-                c = dict(constants, **cfg.kwargs)
-                c.update(EVEN_D=CPG % c["BD"] == 0, EVEN_T=not two_d and L % c["BT"] == 0)
-                usage = offline.resource_usage(offline.compile_kernel(fn, c, cfg.num_warps, maxnreg=cfg.maxnreg))
-                row = dict(shape=name, kernel=kernel_name, BT=c["BT"], BD=c["BD"], BN=c["BN"], warps=cfg.num_warps,
-                           prefetch=c.get("PREFETCH"), maxnreg=cfg.maxnreg, **usage)
-                rows.append(row)
-                options = "".join([", no prefetch" if c.get("PREFETCH") is False else "",
-                                   f", cap {cfg.maxnreg}" if cfg.maxnreg else ""])
-                print(f"{name:22s} {kernel_name:8s} tile {c['BT']:3d} x {c['BD']:3d} x {c['BN']:2d}, "
-                      f"{cfg.num_warps} warps{options}: {usage.get('registers')} registers, "
-                      f"{usage.get('spill_stores', 0)} B spill stores", flush=True)
-        if two_d and N == 1:
-            rows += _single_state_registers(name, spec, merge_sum)
-    return rows
-
-
-def _single_state_registers(name, spec, merge_sum):
-    """The same for the d_state-1 kernels (scan_n1), whose tiles are (TT, LT, BD, VEC)."""
-    from vmamba_kernels.triton import backend as tri
-    from vmamba_kernels.triton import offline, scan, scan_n1
-
-    merge = scan.MERGE_SERIAL if merge_sum else scan.MERGE_STORE
-    dx_merge = merge if not spec.get("per_route_x") else scan.MERGE_STORE
-    common = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ZERO_UNVISITED=True, FAST_MATH=True, EVEN_D=True,
-                  EVEN_T=False)
-    fwd = dict(common, MERGE=merge, SAVE_CHUNKS=True, SAVE_T=tri.chunk_size(1))
-    bwd = dict(common, DX_MERGE=dx_merge)
-    plans = [("forward", scan_n1.route_scan_n1_fwd_kernel, fwd, tri._prune_n1(tri._n1_tuned.configs, {}, CPG=spec["Dm"], **fwd)),
-             ("backward", scan_n1.route_scan_n1_bwd_kernel, bwd,
-              tri._prune_n1_bwd(tri._n1_bwd_tuned.configs, {}, CPG=spec["Dm"]))]
-    rows = []
-    for kernel_name, fn, constants, configs in plans:
-        for cfg in configs:
-            usage = offline.resource_usage(offline.compile_kernel(fn, dict(constants, **cfg.kwargs), cfg.num_warps))
-            tile = ", ".join(f"{k} {v}" for k, v in cfg.kwargs.items())
-            rows.append(dict(shape=name, kernel=f"{kernel_name} d_state 1", tile=tile, warps=cfg.num_warps, **usage))
-            print(f"{name:22s} {kernel_name:8s} d_state-1 tile {tile}, {cfg.num_warps} warps: "
-                  f"{usage.get('registers')} registers, {usage.get('spill_stores', 0)} B spill stores", flush=True)
+        for tuner_name, tuner, kw in _captured_launches(SHAPES[name], tri):
+            fn = tuner.fn
+            while not hasattr(fn, "params"):  # the kernel under the autotuner's heuristics
+                fn = fn.fn
+            heuristics = tuner.fn.values if hasattr(tuner.fn, "values") else {}
+            for cfg in prunes[tuner_name](tuner.configs, {}, **kw):
+                args = dict(kw, **cfg.kwargs)
+                args.update({k: rule(args) for k, rule in heuristics.items()})
+                constants = {p.name: args[p.name] for p in fn.params if p.is_constexpr}
+                values = {p.name: args[p.name] for p in fn.params if not p.is_constexpr}
+                usage = offline.resource_usage(offline.compile_kernel(fn, constants, cfg.num_warps,
+                                                                      maxnreg=cfg.maxnreg, args=values))
+                tile = ", ".join(f"{k} {v}" for k, v in cfg.kwargs.items())
+                cap = f", cap {cfg.maxnreg}" if cfg.maxnreg else ""
+                rows.append(dict(shape=name, kernel=labels[tuner_name], tile=tile, warps=cfg.num_warps,
+                                 maxnreg=cfg.maxnreg, **usage))
+                print(f"{name:22s} {labels[tuner_name]:19s} {tile}, {cfg.num_warps} warps{cap}: "
+                      f"{usage.get('registers')} registers, {usage.get('spill_stores', 0)} B spill stores",
+                      flush=True)
     return rows
 
 

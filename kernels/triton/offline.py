@@ -25,22 +25,46 @@ POINTER_TYPES = {
 }
 
 
-def compile_kernel(fn, constants: dict, num_warps: int, arch: int = 90, maxnreg=None):
-    """``fn`` compiled for sm_<arch> with its constexpr arguments set from ``constants`` (all must be given)
-    and every other non-pointer argument a 32-bit integer; ``maxnreg`` caps the registers per thread."""
+_TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.float64": "fp64",
+          "torch.int64": "i64", "torch.int32": "i32", "torch.int8": "i8", "torch.uint8": "u8"}
+
+
+def compile_kernel(fn, constants: dict, num_warps: int, arch: int = 90, maxnreg=None, args=None):
+    """``fn`` compiled for sm_<arch> with its constexpr arguments set from ``constants`` (all must be given);
+    ``maxnreg`` caps the registers per thread.
+
+    Without ``args`` every other argument is a 32-bit integer or a pointer typed by ``POINTER_TYPES``. With
+    ``args`` (the tensors and integers of a real launch, by name) the signature takes each tensor's element
+    type and the specialization Triton applies at launch: integers equal to 1 become constants, multiples of
+    16 and 16-byte aligned pointers are marked divisible by 16 (which sets the vector widths the kernel gets).
+    """
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constants]
     if missing:
         raise ValueError(f"{fn.__name__}: constants not given for {missing}")
-    signature, constexprs = {}, {}
-    for i, name in enumerate(fn.arg_names):
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        name = param.name
         if name in constants:
             signature[name] = "constexpr"
             constexprs[(i,)] = constants[name]
-        else:
+        elif args is None:
             signature[name] = "*" + POINTER_TYPES[name] if name in POINTER_TYPES else "i32"
+        elif hasattr(args[name], "data_ptr"):
+            signature[name] = "*" + _TYPES[str(args[name].dtype)]
+            if args[name].data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            value = int(args[name])
+            if value == 1 and not param.do_not_specialize:
+                signature[name] = "constexpr"
+                constexprs[(i,)] = 1
+                continue
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     options = dict(num_warps=num_warps) if maxnreg is None else dict(num_warps=num_warps, maxnreg=maxnreg)
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                          options=options)
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resource_usage(compiled, arch: str = "sm_90a") -> dict:

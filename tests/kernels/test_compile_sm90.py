@@ -78,3 +78,35 @@ def test_single_state_backward_compiles_for_sm90(dx_merge):
                          FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC, EVEN_D=True, EVEN_T=False)
         usage = resource_usage(compile_kernel(scan_n1.route_scan_n1_bwd_kernel, constants, warps))
         assert 0 < usage["registers"] <= 255, (TT, LT, BD, VEC, warps, usage)
+
+
+def test_launch_arguments_give_the_kernel_its_vector_loads():
+    """With a launch's arguments, compile_kernel specializes as Triton does at launch (strides that are
+    multiples of 16, 16-byte aligned pointers, unit values as constants): the four-channel loads of scan_n1
+    become vector loads, which a compile without them cannot show."""
+    import re
+
+    import torch
+
+    from vmamba_kernels.triton import scan_n1
+
+    fn = scan_n1.route_scan_n1_fwd_kernel
+    constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, MERGE=scan.MERGE_SERIAL, ZERO_UNVISITED=True,
+                     SAVE_CHUNKS=False, SAVE_T=64, FAST_MATH=True, TT=4, LT=8, BD=32, VEC=4, PREFETCH=True,
+                     EVEN_D=True, EVEN_T=True)
+    tensor_types = dict(x=torch.bfloat16, delta=torch.bfloat16, B=torch.bfloat16, C=torch.bfloat16,
+                        out=torch.bfloat16, A=torch.float32, D=torch.float32, delta_bias=torch.float32,
+                        chunk_states=torch.float32, routes=torch.int32, route_info=torch.int32,
+                        parallel_ok=torch.int32, coverage=torch.int32, first_visit=torch.int8,
+                        out_visited=torch.int8)
+    args = {name: torch.empty(64, dtype=dtype) for name, dtype in tensor_types.items()}
+    # VMamba-T stage 1: 56² pixels, 4 routes of 96 channels, delta (Bt, L, K, Dm), B/C (Bt, L, K, 1)
+    args.update(Lr=3136, L=3136, K=4, CPG=96, sx_b=301056, sx_k=0, sx_t=96, sdt_b=1204224, sdt_k=96, sdt_t=384,
+                sB_b=12544, sB_k=1, sB_t=4, sC_b=12544, sC_k=1, sC_t=4, sA_k=96, sA_d=1, sD_k=96, so_b=301056,
+                so_k=0, so_t=96)
+
+    def vector_loads(kernel):
+        return re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.b32", kernel.asm["ptx"])
+
+    assert vector_loads(compile_kernel(fn, constants, 2, args=args))
+    assert not vector_loads(compile_kernel(fn, constants, 2))

@@ -249,7 +249,9 @@ def test_bench_kernels_register_report_compiles_every_candidate_tile():
     proc = run_script('bench_kernels.py', '--registers', '--shapes', 'groupmamba_t_s1')
     assert_ok(proc)
     lines = [line for line in proc.stdout.splitlines() if line.startswith('groupmamba_t_s1')]
-    assert {line.split()[1] for line in lines} == {'forward', 'backward'}
+    kernels = {re.match(r'groupmamba_t_s1\s+(forward|backward)(, d_state 1)?', line).group(0).split(None, 1)[1]
+               for line in lines}
+    assert kernels == {'forward', 'backward', 'forward, d_state 1', 'backward, d_state 1'}, kernels
     for line in lines:
         registers = int(re.search(r'(\d+) registers', line).group(1))
         assert 0 < registers <= 255, line
