@@ -192,6 +192,26 @@ def _child(group):
                 reference.selective_scan_2d_bwd_ref(dout.contiguous(), *args, True, routes, routes, "sum"),
                 torch.float32)
 
+    def strided_inputs(case, routes, H, W, Bt, Dm):
+        """Views as models hand them over: x with every other channel (channel stride 2, which the d_state-1
+        kernel does not read, so the general one runs), B and C sliced out of one (…, K, 2) projection."""
+        K = routes.shape[0]
+        x = torch.randn(Bt, H, W, 2 * Dm)[..., ::2]
+        BC = torch.randn(Bt, H, W, K, 2)
+        args = (x, torch.rand(Bt, H, W, K, Dm) * 0.8 - 0.4, -(torch.rand(K, Dm, 1) + 0.3), BC[..., :1], BC[..., 1:],
+                torch.randn(K, Dm), torch.randn(K, Dm))
+        for single_x in (x, x.contiguous()):
+            run_args = (single_x,) + args[1:]
+            out = tri.selective_scan_2d_fwd(*run_args, routes, routes, True, "sum")
+            ref = reference.selective_scan_2d_ref(*run_args, True, routes, routes, "sum")
+            compare(case + ("/strided_x" if single_x is x else "/contiguous_x"), ("out",), (out,), (ref,),
+                    torch.float32)
+            dout = torch.randn_like(ref)
+            compare(case + ("/strided_x" if single_x is x else "/contiguous_x"),
+                    ("dx", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias"),
+                    tri.selective_scan_2d_bwd(dout, *run_args, routes, routes, True, "sum"),
+                    reference.selective_scan_2d_bwd_ref(dout, *run_args, True, routes, routes, "sum"), torch.float32)
+
     def same_chunk_states(case, routes, H, W, Bt, Dm, dtype, merge):
         """The d_state-1 kernel saves the chunk states the general kernel saves (the backward reads them)."""
         K = routes.shape[0]
@@ -278,6 +298,8 @@ def _child(group):
         scan_2d("n1_unvisited_zero", torch.stack([half, half_back]), 3, 4, 1, 4, 1, f32, "sum")
         scan_2d("n1_unvisited_zero_none", torch.stack([half, half_back]), 3, 4, 1, 4, 1, f32, "none")
         expanded_dout("n1_expanded_dout", vk.scan_routes("cross", 3, 4), 3, 4, 2, 6)
+        strided_inputs("n1_strided", vk.scan_routes("cross", 3, 4), 3, 4, 2, 6)
+        through_op("n1_cross_3x3", vk.scan_routes("cross", 3, 3), 3, 3, 1, 4, 1)
         same_chunk_states("n1_cross_4x6", vk.scan_routes("cross", 4, 6), 4, 6, 2, 10, f32, "sum")
         same_chunk_states("n1_snake_3x3", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 4, f32, "sum")
     else:
