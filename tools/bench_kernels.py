@@ -309,7 +309,8 @@ def bench_shape(name, batch, dtype_name, copy_bw, with_reference=True):
     row["fwd_bwd_copy_fraction"] = row["fwd_bwd_tb_s"] * 1e12 / copy_bw
     for other in ("reference", "unfused"):
         if other in row["ms"]:
-            row[f"speedup_vs_{other}"] = {k: row["ms"][other][k] / row["ms"]["triton_op"][k] for k in ("fwd", "fwd_bwd")}
+            row[f"speedup_vs_{other}"] = {k: row["ms"][other][k] / row["ms"]["triton_op"][k]
+                                          for k in ("fwd", "fwd_bwd")}
     return row
 
 

@@ -199,7 +199,8 @@ def n1_bwd_block_d_candidates(CPG: int):
 
 
 _n1_bwd_tuned = triton.autotune(
-    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec}, num_warps=w) for tt, lt, bd, vec, w in _N1_BWD_TILES],
+    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec}, num_warps=w)
+             for tt, lt, bd, vec, w in _N1_BWD_TILES],
     key=["CPG", "K", "DX_MERGE", "HAS_D", "HAS_BIAS", "SOFTPLUS"],
     prune_configs_by={"early_config_prune": _prune_n1_bwd},
 )(triton.heuristics({"EVEN_D": lambda a: _even_n1(a)["EVEN_D"], "EVEN_T": lambda a: _even_n1(a)["EVEN_T"]})(
@@ -423,28 +424,37 @@ def _n1_applies(pb: _Problem, routes, param_routes) -> bool:
             and _settings["n1_kernel"])
 
 
-def _run_fwd_n1(pb: _Problem, plan, softplus, out, so, merge, out_visited, save_chunks):
-    """The d_state-1 forward (y only); returns the chunk states when ``save_chunks``."""
-    save_t = chunk_size(1)
-    chunk_states = None
-    if save_chunks:
-        chunk_states = empty(pb.Bt, pb.K, _cdiv(pb.Lr, save_t), pb.CPG, 1, device=pb.x.device, dtype=torch.float32)
+def _n1_common_args(pb: _Problem, plan, softplus: bool):
+    """What the d_state-1 forward and backward launches share (``_common_args`` of the general kernels)."""
     dummy = _dummy(pb.x.device)
-    kw = dict(
+    return dict(
         x=pb.x, delta=pb.delta, A=pb.A, B=pb.B, C=pb.C,
         D=pb.D if pb.D is not None else dummy, delta_bias=pb.delta_bias if pb.delta_bias is not None else dummy,
         routes=plan.routes, route_info=plan.route_info, first_visit=plan.first_visit, parallel_ok=plan.parallel_ok,
-        coverage=plan.coverage, out_visited=out_visited, out=out,
-        chunk_states=chunk_states if chunk_states is not None else dummy,
+        coverage=plan.coverage,
         Lr=pb.Lr, L=pb.L, K=pb.K, CPG=pb.CPG,
         sx_b=pb.sx[0], sx_k=pb.sx[1], sx_t=pb.sx[2],
         sdt_b=pb.sdt[0], sdt_k=pb.sdt[1], sdt_t=pb.sdt[2],
         sB_b=pb.sB[0], sB_k=pb.sB[1], sB_t=pb.sB[2],
         sC_b=pb.sC[0], sC_k=pb.sC[1], sC_t=pb.sC[2],
         sA_k=pb.sA[0], sA_d=pb.sA[1], sD_k=pb.sD[0],
+        HAS_D=pb.D is not None, HAS_BIAS=pb.delta_bias is not None, SOFTPLUS=bool(softplus), ZERO_UNVISITED=True,
+        FAST_MATH=not _INTERPRET,
+    )
+
+
+def _run_fwd_n1(pb: _Problem, plan, softplus, out, so, merge, out_visited, save_chunks):
+    """The d_state-1 forward (y only); returns the chunk states when ``save_chunks``."""
+    save_t = chunk_size(1)
+    chunk_states = None
+    if save_chunks:
+        chunk_states = empty(pb.Bt, pb.K, _cdiv(pb.Lr, save_t), pb.CPG, 1, device=pb.x.device, dtype=torch.float32)
+    kw = _n1_common_args(pb, plan, softplus)
+    kw.update(
+        out_visited=out_visited, out=out,
+        chunk_states=chunk_states if chunk_states is not None else _dummy(pb.x.device),
         so_b=so[0], so_k=so[1], so_t=so[2],
-        HAS_D=pb.D is not None, HAS_BIAS=pb.delta_bias is not None, SOFTPLUS=bool(softplus), MERGE=merge,
-        ZERO_UNVISITED=True, SAVE_CHUNKS=save_chunks, SAVE_T=save_t, FAST_MATH=not _INTERPRET,
+        MERGE=merge, SAVE_CHUNKS=save_chunks, SAVE_T=save_t,
     )
     _launch_n1(lambda meta: (_cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K), **kw)
     return chunk_states
@@ -459,27 +469,17 @@ def _run_bwd_n1(pb: _Problem, plan, softplus, chunk_states, dout, sg, dx, sdx, d
     dA_part = empty(pb.Bt, pb.K, pb.CPG, **f32)
     dD_part = empty(pb.Bt, pb.K, pb.CPG, **f32) if pb.D is not None else dA_part
     dbias_part = empty(pb.Bt, pb.K, pb.CPG, **f32) if pb.delta_bias is not None else dA_part
-    dummy = _dummy(pb.x.device)
-    kw = dict(
-        x=pb.x, delta=pb.delta, A=pb.A, B=pb.B, C=pb.C,
-        D=pb.D if pb.D is not None else dummy, delta_bias=pb.delta_bias if pb.delta_bias is not None else dummy,
-        routes=plan.routes, route_info=plan.route_info, first_visit=plan.first_visit, parallel_ok=plan.parallel_ok,
-        coverage=plan.coverage, x_visited=plan.x_visited_any if dx_merge == scan.MERGE_SERIAL else plan.x_visited,
+    kw = _n1_common_args(pb, plan, softplus)
+    kw.update(
+        x_visited=plan.x_visited_any if dx_merge == scan.MERGE_SERIAL else plan.x_visited,
         param_visited=plan.param_visited, dout=dout, chunk_states=chunk_states,
         dx=dx, ddelta=ddelta, dB_part=dB_part, dC_part=dC_part, dA_part=dA_part, dD_part=dD_part,
         dbias_part=dbias_part,
-        Lr=pb.Lr, L=pb.L, K=pb.K, CPG=pb.CPG,
-        sx_b=pb.sx[0], sx_k=pb.sx[1], sx_t=pb.sx[2],
-        sdt_b=pb.sdt[0], sdt_k=pb.sdt[1], sdt_t=pb.sdt[2],
-        sB_b=pb.sB[0], sB_k=pb.sB[1], sB_t=pb.sB[2],
-        sC_b=pb.sC[0], sC_k=pb.sC[1], sC_t=pb.sC[2],
-        sA_k=pb.sA[0], sA_d=pb.sA[1], sD_k=pb.sD[0],
         sg_b=sg[0], sg_k=sg[1], sg_t=sg[2],
         sdx_b=sdx[0], sdx_k=sdx[1], sdx_t=sdx[2],
         sdd_b=sdd[0], sdd_k=sdd[1], sdd_t=sdd[2],
         sP_j=dB_part.stride(0), sP_b=dB_part.stride(1), sP_k=dB_part.stride(2),
-        HAS_D=pb.D is not None, HAS_BIAS=pb.delta_bias is not None, SOFTPLUS=bool(softplus), DX_MERGE=dx_merge,
-        ZERO_UNVISITED=True, FAST_MATH=not _INTERPRET,
+        DX_MERGE=dx_merge,
     )
     BD = _launch_n1_bwd(lambda meta: (_cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K), **kw)
     used = _cdiv(pb.CPG, BD)

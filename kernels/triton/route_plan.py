@@ -112,7 +112,8 @@ def _route_info(routes: torch.Tensor, first_visit: torch.Tensor) -> torch.Tensor
     s_inner = r[:, 1] - base if Lr > 1 else torch.zeros_like(base)
     # The row length n is where the stride first changes (a sentinel change after the last step); the outer
     # stride is the jump to the next row.
-    breaks = torch.cat([(r[:, 1:] - r[:, :-1]) != s_inner[:, None], torch.ones_like(base, dtype=torch.bool)[:, None]], 1)
+    sentinel = torch.ones_like(base, dtype=torch.bool)[:, None]
+    breaks = torch.cat([(r[:, 1:] - r[:, :-1]) != s_inner[:, None], sentinel], 1)
     n_inner = breaks.to(torch.int8).argmax(1) + 1
     s_outer = torch.where(n_inner < Lr, r.gather(1, n_inner.clamp(max=Lr - 1)[:, None])[:, 0] - base, 0)
     walk = base[:, None] + (t % n_inner[:, None]) * s_inner[:, None] + (t // n_inner[:, None]) * s_outer[:, None]

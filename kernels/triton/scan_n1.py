@@ -114,6 +114,69 @@ def _segment_loads(x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C
     return dt, xv, Bv, Cv, old
 
 
+@triton.jit
+def _channel_block(pid_d, CPG, BD: tl.constexpr, VEC: tl.constexpr, EVEN_D: tl.constexpr):
+    """Channels [BD] of program pid_d and which are real. The contiguity hint sets the vector width, which sets
+    how many lanes the channels take."""
+    offs_d = pid_d * BD + tl.max_contiguous(tl.arange(0, BD), VEC)
+    if EVEN_D:
+        mask_d = tl.full([BD], 1, tl.int1)
+    else:
+        mask_d = offs_d < CPG
+    return offs_d, mask_d
+
+
+@triton.jit
+def _route_walk(route_info, k, TT: tl.constexpr):
+    """Route k's row of route_info: its first-visit mode, its affine walk, and whether positions are computed
+    from the walk (an affine route whose rows are at least a segment long)."""
+    info = route_info + k * ROUTE_INFO_COLS
+    n_in = tl.load(info + INFO_N_INNER)
+    walk = (tl.load(info + INFO_AFFINE) != 0) & (n_in >= TT)
+    return (tl.load(info + INFO_FIRST_MODE), walk, tl.load(info + INFO_BASE), n_in, tl.load(info + INFO_S_INNER),
+            tl.load(info + INFO_S_OUTER))
+
+
+@triton.jit
+def _channel_params(A, D, delta_bias, k, sA_k, sA_d, sD_k, offs_d, mask_d, HAS_D: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    """A, D and delta_bias of route k as fp32 [1, 1, BD] tiles (zeros where absent)."""
+    BD: tl.constexpr = offs_d.shape[0]
+    A_k = tl.load(A + k * sA_k + offs_d * sA_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+    D_k = tl.zeros([1, 1, BD], dtype=tl.float32)
+    bias_k = tl.zeros([1, 1, BD], dtype=tl.float32)
+    if HAS_D:
+        D_k = tl.load(D + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+    if HAS_BIAS:
+        bias_k = tl.load(delta_bias + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+    return A_k, D_k, bias_k
+
+
+@triton.jit
+def _chunk_recurrence(dt_raw, xv, Bv, m, A_log2, bias_k, step, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                      FAST_MATH: tl.constexpr):
+    """The recurrence of one chunk, relative to its starting state: dt before and after softplus (zero at
+    padded steps, which leave the state unchanged), decay = 2^(dt·A·log2 e) and drive = dt·x·B, the in-thread
+    scan of each segment (a_in, b_in), and the inclusive and exclusive maps over the segments."""
+    TT: tl.constexpr = step.shape[0]
+    dt_pre = dt_raw
+    if HAS_BIAS:
+        dt_pre = dt_pre + bias_k
+    dt = dt_pre
+    if SOFTPLUS:
+        dt = _softplus(dt_pre, FAST_MATH)
+    dt = tl.where(m, dt, 0.0)
+    decay = tl.math.exp2(dt * A_log2)
+    drive = dt * xv * Bv
+    a_in, b_in = tl.associative_scan((decay, drive), 0, _affine_combine)
+    seg_a = tl.sum(tl.where(step == TT - 1, a_in, 0.0), axis=0, keep_dims=True)
+    seg_b = tl.sum(tl.where(step == TT - 1, b_in, 0.0), axis=0, keep_dims=True)
+    incl_a, incl_b, excl_a, excl_b = tl.associative_scan(
+        (seg_a, seg_b, tl.full(seg_a.shape, 1.0, tl.float32), tl.zeros(seg_a.shape, tl.float32)), 1,
+        _prefix_combine)
+    return dt_pre, dt, decay, drive, a_in, b_in, incl_a, incl_b, excl_a, excl_b
+
+
 @triton.jit(do_not_specialize=["Lr", "L"])
 def route_scan_n1_fwd_kernel(
     x, delta, A, B, C, D, delta_bias,
@@ -136,12 +199,7 @@ def route_scan_n1_fwd_kernel(
     BT: tl.constexpr = TT * LT
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
-    # The contiguity hint sets the vector width, which sets how many lanes the channels take.
-    offs_d = pid_d * BD + tl.max_contiguous(tl.arange(0, BD), VEC)
-    if EVEN_D:
-        mask_d = tl.full([BD], 1, tl.int1)
-    else:
-        mask_d = offs_d < CPG
+    offs_d, mask_d = _channel_block(pid_d, CPG, BD, VEC, EVEN_D)
     d3 = offs_d[None, None, :]
     md3 = mask_d[None, None, :]
     step = tl.arange(0, TT)[:, None, None]
@@ -158,21 +216,9 @@ def route_scan_n1_fwd_kernel(
     if ZERO_UNVISITED:
         _zero_unvisited_outputs(out_img, out_visited, coverage, pid_k, so_k, so_t, 1, offs_d, mask_d, L, BT, MERGE)
     for k in range(k_lo, k_hi):
-        info = route_info + k * ROUTE_INFO_COLS
-        first_mode = tl.load(info + INFO_FIRST_MODE)
-        base = tl.load(info + INFO_BASE)
-        n_in = tl.load(info + INFO_N_INNER)
-        s_in = tl.load(info + INFO_S_INNER)
-        s_out = tl.load(info + INFO_S_OUTER)
-        walk = (tl.load(info + INFO_AFFINE) != 0) & (n_in >= TT)
-        # A is pre-scaled by log2(e): decay = 2^(dt·A·log2 e).
-        A_k = (tl.load(A + k * sA_k + offs_d * sA_d, mask=mask_d, other=0.0).to(tl.float32) * LOG2E)[None, None, :]
-        D_k = tl.zeros([1, 1, BD], dtype=tl.float32)
-        bias_k = tl.zeros([1, 1, BD], dtype=tl.float32)
-        if HAS_D:
-            D_k = tl.load(D + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
-        if HAS_BIAS:
-            bias_k = tl.load(delta_bias + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+        first_mode, walk, base, n_in, s_in, s_out = _route_walk(route_info, k, TT)
+        A_k, D_k, bias_k = _channel_params(A, D, delta_bias, k, sA_k, sA_d, sD_k, offs_d, mask_d, HAS_D, HAS_BIAS)
+        A_log2 = A_k * LOG2E  # decay = 2^(dt·A·log2 e)
         h = tl.zeros([1, 1, BD], dtype=tl.float32)
         # Software pipelining: chunk c + 1 is requested before chunk c is computed.
         t0 = seg * TT
@@ -189,21 +235,8 @@ def route_scan_n1_fwd_kernel(
                     so_t, first_visit, k, t1, step, Lr, p1, valid1, d3, md3, first_mode, MERGE)
             m = valid & md3
             xf = xv.to(tl.float32)
-            delta_t = dt.to(tl.float32)
-            if HAS_BIAS:
-                delta_t = delta_t + bias_k
-            if SOFTPLUS:
-                delta_t = _softplus(delta_t, FAST_MATH)
-            delta_t = tl.where(m, delta_t, 0.0)  # padded steps leave the state unchanged
-            decay = tl.math.exp2(delta_t * A_k)
-            drive = delta_t * xf * Bv.to(tl.float32)
-            # In-thread scan of each segment, then one scan over the segments' maps.
-            a_in, b_in = tl.associative_scan((decay, drive), 0, _affine_combine)
-            seg_a = tl.sum(tl.where(step == TT - 1, a_in, 0.0), axis=0, keep_dims=True)
-            seg_b = tl.sum(tl.where(step == TT - 1, b_in, 0.0), axis=0, keep_dims=True)
-            incl_a, incl_b, excl_a, excl_b = tl.associative_scan(
-                (seg_a, seg_b, tl.full(seg_a.shape, 1.0, tl.float32), tl.zeros(seg_a.shape, tl.float32)), 1,
-                _prefix_combine)
+            _, _, _, _, a_in, b_in, incl_a, incl_b, excl_a, excl_b = _chunk_recurrence(
+                dt.to(tl.float32), xf, Bv.to(tl.float32), m, A_log2, bias_k, step, HAS_BIAS, SOFTPLUS, FAST_MATH)
             h_start = excl_a * h + excl_b
             if SAVE_CHUNKS:  # the state before every SAVE_T-th step, for the backward
                 saved = chunk_states + ((b64 * K + k) * n_saved + t0 // SAVE_T) * CPG + d3
@@ -268,11 +301,7 @@ def route_scan_n1_bwd_kernel(
     BT: tl.constexpr = TT * LT
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
-    offs_d = pid_d * BD + tl.max_contiguous(tl.arange(0, BD), VEC)
-    if EVEN_D:
-        mask_d = tl.full([BD], 1, tl.int1)
-    else:
-        mask_d = offs_d < CPG
+    offs_d, mask_d = _channel_block(pid_d, CPG, BD, VEC, EVEN_D)
     d3 = offs_d[None, None, :]
     md3 = mask_d[None, None, :]
     step = tl.arange(0, TT)[:, None, None]
@@ -296,21 +325,9 @@ def route_scan_n1_bwd_kernel(
         if ZERO_UNVISITED:
             if tl.load(coverage + 2) == 0:
                 _zero_unvisited(dd_img + k * sdd_k, param_visited + k * L, sdd_t, 1, offs_d, mask_d, L, BT)
-        info = route_info + k * ROUTE_INFO_COLS
-        first_mode = tl.load(info + INFO_FIRST_MODE)
-        base = tl.load(info + INFO_BASE)
-        n_in = tl.load(info + INFO_N_INNER)
-        s_in = tl.load(info + INFO_S_INNER)
-        s_out = tl.load(info + INFO_S_OUTER)
-        walk = (tl.load(info + INFO_AFFINE) != 0) & (n_in >= TT)
-        A_raw = tl.load(A + k * sA_k + offs_d * sA_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
-        A_k = A_raw * LOG2E
-        D_k = tl.zeros([1, 1, BD], dtype=tl.float32)
-        bias_k = tl.zeros([1, 1, BD], dtype=tl.float32)
-        if HAS_D:
-            D_k = tl.load(D + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
-        if HAS_BIAS:
-            bias_k = tl.load(delta_bias + k * sD_k + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, None, :]
+        first_mode, walk, base, n_in, s_in, s_out = _route_walk(route_info, k, TT)
+        A_raw, D_k, bias_k = _channel_params(A, D, delta_bias, k, sA_k, sA_d, sD_k, offs_d, mask_d, HAS_D, HAS_BIAS)
+        A_log2 = A_raw * LOG2E
         carry = tl.zeros([1, 1, BD], dtype=tl.float32)  # decay·g entering the chunk from the next one
         # Per-(segment, channel) sums over steps, reduced once per route.
         acc_dA = tl.zeros([1, LT, BD], dtype=tl.float32)
@@ -322,38 +339,26 @@ def route_scan_n1_bwd_kernel(
             t = t0 + step
             p, valid = _segment_positions(routes, k, t0, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
             m = valid & md3
-            dt_pre = tl.load(dt_img + k * sdt_k + p * sdt_t + d3, mask=m, other=0.0).to(tl.float32)
+            dt_raw = tl.load(dt_img + k * sdt_k + p * sdt_t + d3, mask=m, other=0.0).to(tl.float32)
             xv = tl.load(x_img + k * sx_k + p * sx_t + d3, mask=m, other=0.0).to(tl.float32)
             Bv = tl.load(B_img + k * sB_k + p * sB_t, mask=valid, other=0.0).to(tl.float32)
             Cv = tl.load(C_img + k * sC_k + p * sC_t, mask=valid, other=0.0).to(tl.float32)
             dy = tl.load(g_img + k * sg_k + p * sg_t + d3, mask=m, other=0.0).to(tl.float32)
             h0 = tl.load(chunk_states + ((b64 * K + k) * n_chunks + c) * CPG + offs_d, mask=mask_d,
                          other=0.0)[None, None, :]
-            if HAS_BIAS:
-                dt_pre = dt_pre + bias_k
-            if SOFTPLUS:
-                dt = _softplus(dt_pre, FAST_MATH)
-            else:
-                dt = dt_pre
-            dt = tl.where(m, dt, 0.0)
-            decay = tl.math.exp2(dt * A_k)
-            drive = dt * xv * Bv
             # The chunk's states, recomputed from the saved one as in the forward.
-            a_in, b_in = tl.associative_scan((decay, drive), 0, _affine_combine)
-            seg_a = tl.sum(tl.where(step == TT - 1, a_in, 0.0), axis=0, keep_dims=True)
-            seg_b = tl.sum(tl.where(step == TT - 1, b_in, 0.0), axis=0, keep_dims=True)
-            ones = tl.full(seg_a.shape, 1.0, tl.float32)
-            zeros = tl.zeros(seg_a.shape, tl.float32)
-            _, _, excl_a, excl_b = tl.associative_scan((seg_a, seg_b, ones, zeros), 1, _prefix_combine)
+            dt_pre, dt, decay, drive, a_in, b_in, _, _, excl_a, excl_b = _chunk_recurrence(
+                dt_raw, xv, Bv, m, A_log2, bias_k, step, HAS_BIAS, SOFTPLUS, FAST_MATH)
             hs = a_in * (excl_a * h0 + excl_b) + b_in
             # The adjoint, from the chunk's end: in-thread, then over segments (later segments first).
             gout = dy * Cv
-            a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay, decay * gout, tl.full(decay.shape, 1.0, tl.float32),
-                                                              gout), 0, _adjoint_combine, reverse=True)
+            a_adj, b_adj, g_adj, d_adj = tl.associative_scan(
+                (decay, decay * gout, tl.full(decay.shape, 1.0, tl.float32), gout), 0, _adjoint_combine, reverse=True)
             seg_ra = tl.sum(tl.where(step == 0, a_adj, 0.0), axis=0, keep_dims=True)
             seg_rb = tl.sum(tl.where(step == 0, b_adj, 0.0), axis=0, keep_dims=True)
-            incl_ra, incl_rb, excl_ra, excl_rb = tl.associative_scan((seg_ra, seg_rb, ones, zeros), 1,
-                                                                     _prefix_combine, reverse=True)
+            incl_ra, incl_rb, excl_ra, excl_rb = tl.associative_scan(
+                (seg_ra, seg_rb, tl.full(seg_ra.shape, 1.0, tl.float32), tl.zeros(seg_ra.shape, tl.float32)), 1,
+                _prefix_combine, reverse=True)
             v = excl_ra * carry + excl_rb  # decay·g entering each segment from its end
             g = g_adj * v + d_adj
             carry = tl.sum(tl.where(seg == 0, incl_ra * carry + incl_rb, 0.0), axis=1, keep_dims=True)
