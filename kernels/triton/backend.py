@@ -167,9 +167,19 @@ _n1_tuned = triton.autotune(
     scan_n1.route_scan_n1_fwd_kernel))
 
 
+# The tile under the interpreter (TT·LT = its chunk_size); BD is capped by the channels.
+INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": True}
+
+
+def _interpret_n1_tile(CPG):
+    return dict(INTERPRET_N1_TILE, BD=min(INTERPRET_N1_TILE["BD"], _pow2(CPG)))
+
+
 def _launch_n1(grid, **kw):
     if _INTERPRET:
-        kw.update(TT=2, LT=2, BD=min(8, _pow2(kw["CPG"])), VEC=1, num_warps=1,
+        tile = _interpret_n1_tile(kw["CPG"])
+        del tile["FLIP"]  # the backward's
+        kw.update(tile, num_warps=1,
                   PREFETCH=os.environ.get("VMAMBA_KERNELS_PREFETCH", "1") == "1")
         kw.update(_even_n1(kw))
         scan_n1.route_scan_n1_fwd_kernel[grid(kw)](**kw)
@@ -177,11 +187,12 @@ def _launch_n1(grid, **kw):
         _n1_tuned[grid](**kw)
 
 
-# d_state-1 backward tiles: (TT, LT, BD, VEC, num_warps), chunks of TT·LT = chunk_size(1) steps (the saving
-# interval of the chunk states). Triton 3.6 fails to compile (8, 8, 32, 4, 2), (4, 16, 16, 4, 2) and
-# (8, 8, 16, 4, 1) with the serial dx merge, so they are left out.
-_N1_BWD_TILES = [(4, 16, 32, 4, 4), (2, 32, 32, 4, 8), (2, 32, 16, 4, 4), (2, 32, 16, 2, 8), (2, 32, 8, 2, 4),
-                 (4, 16, 16, 2, 4)]
+# d_state-1 backward tiles: (TT, LT, BD, VEC, num_warps, FLIP), chunks of TT·LT = chunk_size(1) steps (the
+# saving interval of the chunk states). FLIP: the adjoint's reverse scans run as flips and forward scans (see
+# the kernel); which is faster depends on the Triton version.
+_N1_BWD_TILES = [(4, 16, 32, 4, 4, f) for f in (True, False)] + [
+    (2, 32, 32, 4, 8, True), (2, 32, 16, 4, 4, True), (2, 32, 16, 2, 8, True), (2, 32, 8, 2, 4, True),
+    (4, 16, 16, 2, 4, True), (2, 32, 8, 2, 4, False)]
 
 
 def _prune_n1_bwd(configs, named_args, **kwargs):
@@ -194,13 +205,13 @@ def _prune_n1_bwd(configs, named_args, **kwargs):
 @functools.lru_cache(maxsize=None)
 def n1_bwd_block_d_candidates(CPG: int):
     if _INTERPRET:
-        return (min(8, _pow2(CPG)),)
+        return (_interpret_n1_tile(CPG)["BD"],)
     return tuple(sorted({c.kwargs["BD"] for c in _prune_n1_bwd(_n1_bwd_tuned.configs, {}, CPG=CPG)}))
 
 
 _n1_bwd_tuned = triton.autotune(
-    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec}, num_warps=w)
-             for tt, lt, bd, vec, w in _N1_BWD_TILES],
+    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec, "FLIP": flip}, num_warps=w)
+             for tt, lt, bd, vec, w, flip in _N1_BWD_TILES],
     key=["CPG", "K", "DX_MERGE", "HAS_D", "HAS_BIAS", "SOFTPLUS"],
     prune_configs_by={"early_config_prune": _prune_n1_bwd},
 )(triton.heuristics({"EVEN_D": lambda a: _even_n1(a)["EVEN_D"], "EVEN_T": lambda a: _even_n1(a)["EVEN_T"]})(
@@ -210,7 +221,7 @@ _n1_bwd_tuned = triton.autotune(
 def _launch_n1_bwd(grid, **kw) -> int:
     """Launch the d_state-1 backward; returns the channel block it ran with."""
     if _INTERPRET:
-        kw.update(TT=2, LT=2, BD=n1_bwd_block_d_candidates(kw["CPG"])[0], VEC=1, num_warps=1)
+        kw.update(_interpret_n1_tile(kw["CPG"]), num_warps=1)
         kw.update(_even_n1(kw))
         scan_n1.route_scan_n1_bwd_kernel[grid(kw)](**kw)
         return kw["BD"]

@@ -260,6 +260,30 @@ def route_scan_n1_fwd_kernel(
 
 
 @triton.jit
+def _segment_maps_from_end(seg_a, seg_b, seg, FLIP: tl.constexpr):
+    """The adjoint's maps over segments, applied from the chunk's end: for each segment the maps of the later
+    segments (exclusive), and the whole chunk's. With FLIP (segments on the lanes of one warp) the segments are
+    flipped and scanned forward, which takes fewer lane shuffles than Triton's reverse scan; across warps a
+    flip goes through shared memory, and the reverse scan is cheaper."""
+    LT: tl.constexpr = seg_a.shape[1]
+    one = tl.full(seg_a.shape, 1.0, tl.float32)
+    zero = tl.zeros(seg_a.shape, tl.float32)
+    if FLIP:
+        incl_a, incl_b, excl_a, excl_b = tl.associative_scan((tl.flip(seg_a, 1), tl.flip(seg_b, 1), one, zero), 1,
+                                                             _prefix_combine)
+        excl_a = tl.flip(excl_a, 1)
+        excl_b = tl.flip(excl_b, 1)
+        whole = seg == LT - 1
+    else:
+        incl_a, incl_b, excl_a, excl_b = tl.associative_scan((seg_a, seg_b, one, zero), 1, _prefix_combine,
+                                                             reverse=True)
+        whole = seg == 0
+    total_a = tl.sum(tl.where(whole, incl_a, 0.0), axis=1, keep_dims=True)
+    total_b = tl.sum(tl.where(whole, incl_b, 0.0), axis=1, keep_dims=True)
+    return excl_a, excl_b, total_a, total_b
+
+
+@triton.jit
 def _sigmoid(x, FAST_MATH: tl.constexpr):
     if FAST_MATH:
         out = tl.math.fdiv(1.0, 1.0 + tl.math.exp2(-x * LOG2E), ieee_rounding=False)
@@ -286,8 +310,8 @@ def route_scan_n1_bwd_kernel(
     sP_j, sP_b, sP_k,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DX_MERGE: tl.constexpr,
     ZERO_UNVISITED: tl.constexpr, FAST_MATH: tl.constexpr,
-    TT: tl.constexpr, LT: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_T: tl.constexpr,
+    TT: tl.constexpr, LT: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr, FLIP: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """Gradients of one (image, channel block) over routes [k_lo, k_hi), chunks of TT·LT steps from last to
     first; the chunk is the saving interval of the forward's chunk states, which start each chunk's recompute.
@@ -299,6 +323,7 @@ def route_scan_n1_bwd_kernel(
     program's channels into dB_part/dC_part[pid_d], and dA, dD, delta_bias summed over steps per image.
     """
     BT: tl.constexpr = TT * LT
+    SEGMENTS_IN_WARP: tl.constexpr = LT * (BD // VEC) <= 32  # channels take BD / VEC lanes, segments the rest
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
     offs_d, mask_d = _channel_block(pid_d, CPG, BD, VEC, EVEN_D)
@@ -350,18 +375,31 @@ def route_scan_n1_bwd_kernel(
             dt_pre, dt, decay, drive, a_in, b_in, _, _, excl_a, excl_b = _chunk_recurrence(
                 dt_raw, xv, Bv, m, A_log2, bias_k, step, HAS_BIAS, SOFTPLUS, FAST_MATH)
             hs = a_in * (excl_a * h0 + excl_b) + b_in
-            # The adjoint, from the chunk's end: in-thread, then over segments (later segments first).
+            # The adjoint, from the chunk's end: in-thread, then over segments (later segments first). Triton
+            # lowers a reverse scan through lane shuffles even along an axis held in one thread; with FLIP the
+            # steps are flipped and scanned forward instead, which Triton 3.8 compiles to register renaming
+            # (older versions still shuffle, so the tuner tries both).
             gout = dy * Cv
-            a_adj, b_adj, g_adj, d_adj = tl.associative_scan(
-                (decay, decay * gout, tl.full(decay.shape, 1.0, tl.float32), gout), 0, _adjoint_combine, reverse=True)
-            seg_ra = tl.sum(tl.where(step == 0, a_adj, 0.0), axis=0, keep_dims=True)
-            seg_rb = tl.sum(tl.where(step == 0, b_adj, 0.0), axis=0, keep_dims=True)
-            incl_ra, incl_rb, excl_ra, excl_rb = tl.associative_scan(
-                (seg_ra, seg_rb, tl.full(seg_ra.shape, 1.0, tl.float32), tl.zeros(seg_ra.shape, tl.float32)), 1,
-                _prefix_combine, reverse=True)
+            ones = tl.full(decay.shape, 1.0, tl.float32)
+            if FLIP:
+                decay_r = tl.flip(decay, 0)
+                gout_r = tl.flip(gout, 0)
+                a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay_r, decay_r * gout_r, ones, gout_r), 0,
+                                                                 _adjoint_combine)
+                last = TT - 1
+            else:
+                a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay, decay * gout, ones, gout), 0,
+                                                                 _adjoint_combine, reverse=True)
+                last = 0
+            seg_ra = tl.sum(tl.where(step == last, a_adj, 0.0), axis=0, keep_dims=True)
+            seg_rb = tl.sum(tl.where(step == last, b_adj, 0.0), axis=0, keep_dims=True)
+            excl_ra, excl_rb, total_ra, total_rb = _segment_maps_from_end(seg_ra, seg_rb, seg,
+                                                                          FLIP and SEGMENTS_IN_WARP)
             v = excl_ra * carry + excl_rb  # decay·g entering each segment from its end
             g = g_adj * v + d_adj
-            carry = tl.sum(tl.where(seg == 0, incl_ra * carry + incl_rb, 0.0), axis=1, keep_dims=True)
+            if FLIP:
+                g = tl.flip(g, 0)
+            carry = total_ra * carry + total_rb
 
             gB = g * Bv
             d_arg = g * (hs - drive)  # gradient of dt·A inside exp: g_t·decay_t·h_{t-1}
@@ -377,12 +415,11 @@ def route_scan_n1_bwd_kernel(
             acc_dbias += tl.sum(ddt, axis=0, keep_dims=True)
             tl.store(dd_img + k * sdd_k + p * sdd_t + d3, ddt.to(ddelta.dtype.element_ty), mask=m)
             dx_ptr = dx_img + k * sdx_k + p * sdx_t + d3
-            if DX_MERGE == 1:
-                if first_mode == FIRST_NONE:
-                    dxv += tl.load(dx_ptr, mask=m, other=0.0).to(tl.float32)
-                elif first_mode == FIRST_MIXED:
-                    first = tl.load(first_visit + k * Lr + t, mask=valid, other=1)
-                    dxv += tl.load(dx_ptr, mask=m & (first == 0), other=0.0).to(tl.float32)
+            if DX_MERGE == 1:  # masks, not branches: Triton 3.6 fails to compile a branch here for some tiles
+                mixed = first_mode == FIRST_MIXED
+                first = tl.load(first_visit + k * Lr + t, mask=valid & mixed, other=1)
+                later = (first_mode == FIRST_NONE) | (mixed & (first == 0))
+                dxv += tl.load(dx_ptr, mask=m & later, other=0.0).to(tl.float32)
             tl.store(dx_ptr, dxv.to(dx.dtype.element_ty), mask=m)
             # B/C gradients per step (route order), summed over this program's channels; padded steps store
             # their zeros (dt and dy are zero there).

@@ -73,11 +73,11 @@ def test_single_state_forward_compiles_for_sm90(merge, save_chunks):
 def test_single_state_backward_compiles_for_sm90(dx_merge):
     from vmamba_kernels.triton import backend, scan_n1
 
-    for TT, LT, BD, VEC, warps in backend._N1_BWD_TILES:
+    for TT, LT, BD, VEC, warps, flip in backend._N1_BWD_TILES:
         constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, DX_MERGE=dx_merge, ZERO_UNVISITED=True,
-                         FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC, EVEN_D=True, EVEN_T=False)
+                         FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip, EVEN_D=True, EVEN_T=False)
         usage = resource_usage(compile_kernel(scan_n1.route_scan_n1_bwd_kernel, constants, warps))
-        assert 0 < usage["registers"] <= 255, (TT, LT, BD, VEC, warps, usage)
+        assert 0 < usage["registers"] <= 255, (TT, LT, BD, VEC, warps, flip, usage)
 
 
 def test_launch_arguments_give_the_kernel_its_vector_loads():

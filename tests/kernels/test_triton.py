@@ -302,6 +302,13 @@ def _child(group):
         through_op("n1_cross_3x3", vk.scan_routes("cross", 3, 3), 3, 3, 1, 4, 1)
         same_chunk_states("n1_cross_4x6", vk.scan_routes("cross", 4, 6), 4, 6, 2, 10, f32, "sum")
         same_chunk_states("n1_snake_3x3", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 4, f32, "sum")
+        # The backward's adjoint with reverse scans instead of flips; then with segments spread over more lanes
+        # than a warp has, which it flips steps but scans segments in reverse (4 segments, 16 channel lanes).
+        tri.INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": False}
+        scan_2d("n1_reverse_scans", vk.scan_routes("cross", 3, 5), 3, 5, 2, 12, 1, f32, "sum")
+        tri.INTERPRET_N1_TILE = {"TT": 1, "LT": 4, "BD": 16, "VEC": 1, "FLIP": True}
+        tri.n1_bwd_block_d_candidates.cache_clear()
+        scan_2d("n1_segments_over_warps", vk.scan_routes("cross", 3, 5), 3, 5, 2, 12, 1, f32, "sum")
     else:
         raise SystemExit(f"unknown group {group!r}")
 
