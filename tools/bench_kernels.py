@@ -448,9 +448,10 @@ def register_report(names):
 
 
 def sweep_configs():
-    """The d_state-1 tiles a sweep times: the forward tuner's, and for the backward a wider grid than its tuner
-    holds: chunks of TT·LT = chunk_size(1) steps, BD / VEC channel lanes, segments on the other lanes of 1 to 8
-    warps, each with and without the adjoint's flips."""
+    """The d_state-1 tiles a sweep times, wider grids than the tuners hold. Forward: TT steps per thread, LT
+    segments and BD / VEC channel lanes on 1 to 8 warps, up to 16 values per thread. Backward: chunks of
+    TT·LT = chunk_size(1) steps, likewise, each with and without the adjoint's flips; and its tuned tiles
+    without prefetching."""
     import triton
 
     from vmamba_kernels.triton import backend as tri
@@ -463,10 +464,20 @@ def sweep_configs():
                 lanes = BD // VEC * LT
                 if VEC > BD or (TT == 8 and VEC == 4) or not 32 <= lanes <= 256:  # TT 8 × VEC 4 spills
                     continue
-                bwd += [triton.Config(dict(TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip), num_warps=lanes // 32)
-                        for flip in (True, False)]
-    return {"forward": list(tri._n1_tuned.configs), "forward saving states": list(tri._n1_tuned.configs),
-            "backward": bwd}
+                bwd += [triton.Config(dict(TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip, PREFETCH=True),
+                                      num_warps=lanes // 32) for flip in (True, False)]
+    # and the backward's tuned tiles without prefetching, to see what it buys
+    bwd += [triton.Config(dict(c.kwargs, PREFETCH=False), num_warps=c.num_warps) for c in tri._n1_bwd_tuned.configs]
+    fwd = list(tri._n1_tuned.configs)
+    for TT in (2, 4, 8):
+        for LT in (4, 8, 16):
+            for BD, VEC in ((16, 2), (16, 4), (32, 2), (32, 4)):
+                lanes = BD // VEC * LT
+                cfg = triton.Config(dict(TT=TT, LT=LT, BD=BD, VEC=VEC, PREFETCH=True), num_warps=lanes // 32)
+                if TT * VEC <= 16 and 32 <= lanes <= 256 and not any(
+                        c.kwargs == cfg.kwargs and c.num_warps == cfg.num_warps for c in fwd):
+                    fwd.append(cfg)
+    return {"forward": fwd, "forward saving states": fwd, "backward": bwd}
 
 
 def _sweep_runs(spec, batch, dtype):

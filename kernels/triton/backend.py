@@ -168,7 +168,7 @@ _n1_tuned = triton.autotune(
 
 
 # The tile under the interpreter (TT·LT = its chunk_size); BD is capped by the channels.
-INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": True}
+INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": True}  # PREFETCH from the environment
 
 
 def _interpret_n1_tile(CPG):
@@ -187,12 +187,12 @@ def _launch_n1(grid, **kw):
         _n1_tuned[grid](**kw)
 
 
-# d_state-1 backward tiles: (TT, LT, BD, VEC, num_warps, FLIP), chunks of TT·LT = chunk_size(1) steps (the
-# saving interval of the chunk states). FLIP: the adjoint's reverse scans run as flips and forward scans (see
-# the kernel); which is faster depends on the Triton version.
-_N1_BWD_TILES = [(4, 16, 32, 4, 4, f) for f in (True, False)] + [
-    (2, 32, 32, 4, 8, True), (2, 32, 16, 4, 4, True), (2, 32, 16, 2, 8, True), (2, 32, 8, 2, 4, True),
-    (4, 16, 16, 2, 4, True), (2, 32, 8, 2, 4, False)]
+# d_state-1 backward tiles: (TT, LT, BD, VEC, num_warps, FLIP, PREFETCH), chunks of TT·LT = chunk_size(1) steps
+# (the saving interval of the chunk states). FLIP: the adjoint's reverse scans run as flips and forward scans
+# (see the kernel); which is faster depends on the Triton version.
+_N1_BWD_TILES = [(4, 16, 32, 4, 4, f, True) for f in (True, False)] + [
+    (2, 32, 32, 4, 8, True, True), (2, 32, 16, 4, 4, True, True), (2, 32, 16, 2, 8, True, True),
+    (2, 32, 8, 2, 4, True, True), (4, 16, 16, 2, 4, True, True), (2, 32, 8, 2, 4, False, True)]
 
 
 def _prune_n1_bwd(configs, named_args, **kwargs):
@@ -210,8 +210,8 @@ def n1_bwd_block_d_candidates(CPG: int):
 
 
 _n1_bwd_tuned = triton.autotune(
-    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec, "FLIP": flip}, num_warps=w)
-             for tt, lt, bd, vec, w, flip in _N1_BWD_TILES],
+    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec, "FLIP": flip, "PREFETCH": pf}, num_warps=w)
+             for tt, lt, bd, vec, w, flip, pf in _N1_BWD_TILES],
     key=["CPG", "K", "DX_MERGE", "HAS_D", "HAS_BIAS", "SOFTPLUS"],
     prune_configs_by={"early_config_prune": _prune_n1_bwd},
 )(triton.heuristics({"EVEN_D": lambda a: _even_n1(a)["EVEN_D"], "EVEN_T": lambda a: _even_n1(a)["EVEN_T"]})(
@@ -221,7 +221,8 @@ _n1_bwd_tuned = triton.autotune(
 def _launch_n1_bwd(grid, **kw) -> int:
     """Launch the d_state-1 backward; returns the channel block it ran with."""
     if _INTERPRET:
-        kw.update(_interpret_n1_tile(kw["CPG"]), num_warps=1)
+        kw.update(_interpret_n1_tile(kw["CPG"]), num_warps=1,
+                  PREFETCH=os.environ.get("VMAMBA_KERNELS_PREFETCH", "1") == "1")
         kw.update(_even_n1(kw))
         scan_n1.route_scan_n1_bwd_kernel[grid(kw)](**kw)
         return kw["BD"]
@@ -435,6 +436,37 @@ def _n1_applies(pb: _Problem, routes, param_routes) -> bool:
             and _settings["n1_kernel"])
 
 
+# The d_state-1 kernels' step axis (0 or 1; see scan_n1._tile_ranges); None probes the installed Triton.
+N1_STEP_AXIS = None
+
+
+@functools.lru_cache(maxsize=None)
+def _probed_step_axis(arch: int) -> int:
+    """The tile axis this Triton keeps in one thread: the probe kernel compiled with the steps on each axis,
+    the one whose scan has no lane shuffles (axis 0 where neither compiles)."""
+    from . import offline
+
+    shuffles = []
+    for axis in (0, 1):
+        try:
+            ptx = offline.compile_kernel(scan_n1.step_axis_probe_kernel, {"STEP_AXIS": axis}, 2, arch=arch).asm["ptx"]
+            shuffles.append(ptx.count("shfl.sync"))
+        except Exception:  # a target or Triton the probe cannot compile for
+            return 0
+    return 0 if shuffles[0] <= shuffles[1] else 1
+
+
+def n1_step_axis() -> int:
+    if N1_STEP_AXIS is not None:
+        return N1_STEP_AXIS
+    if _INTERPRET:
+        return 0
+    if torch.cuda.is_available() and torch.version.cuda is not None:
+        major, minor = torch.cuda.get_device_capability()
+        return _probed_step_axis(10 * major + minor)
+    return _probed_step_axis(90)
+
+
 def _n1_common_args(pb: _Problem, plan, softplus: bool):
     """What the d_state-1 forward and backward launches share (``_common_args`` of the general kernels)."""
     dummy = _dummy(pb.x.device)
@@ -450,7 +482,7 @@ def _n1_common_args(pb: _Problem, plan, softplus: bool):
         sC_b=pb.sC[0], sC_k=pb.sC[1], sC_t=pb.sC[2],
         sA_k=pb.sA[0], sA_d=pb.sA[1], sD_k=pb.sD[0],
         HAS_D=pb.D is not None, HAS_BIAS=pb.delta_bias is not None, SOFTPLUS=bool(softplus), ZERO_UNVISITED=True,
-        FAST_MATH=not _INTERPRET,
+        FAST_MATH=not _INTERPRET, STEP_AXIS=n1_step_axis(),
     )
 
 

@@ -22,7 +22,7 @@ none is (read-add-store), or it varies (per-step flags).
 import triton
 import triton.language as tl
 
-from .scan import _adjoint_combine, _affine_combine, _route_range, _zero_unvisited, _zero_unvisited_outputs
+from .scan import _route_range, _zero_unvisited, _zero_unvisited_outputs
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -115,6 +115,33 @@ def _segment_loads(x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C
 
 
 @triton.jit
+def _tile_ranges(TT: tl.constexpr, LT: tl.constexpr, STEP_AXIS: tl.constexpr):
+    """step and seg, the chunk tile's step-in-segment and segment indices, broadcastable against channels [BD]
+    in the last axis; steps on axis STEP_AXIS, segments on the other. Triton lays out the lanes by the memory
+    order it infers, and breaks ties between equally strided axes differently by version (3.6 spreads axis 0
+    over lanes first, 3.8 axis 1): the steps go on the axis it keeps in one thread (``backend.n1_step_axis``)."""
+    if STEP_AXIS == 0:
+        step = tl.arange(0, TT)[:, None, None]
+        seg = tl.arange(0, LT)[None, :, None]
+    else:
+        step = tl.arange(0, TT)[None, :, None]
+        seg = tl.arange(0, LT)[:, None, None]
+    return step, seg
+
+
+@triton.jit
+def step_axis_probe_kernel(x, routes, out, STEP_AXIS: tl.constexpr):
+    """A chunk tile read as the kernels read theirs (positions through an index, channels contiguous), scanned
+    along its steps: of the two axes, the one whose scan compiles without lane shuffles keeps the steps in one
+    thread (``backend.n1_step_axis``)."""
+    step, seg = _tile_ranges(4, 8, STEP_AXIS)
+    d = tl.max_contiguous(tl.arange(0, 32), 4)[None, None, :]
+    p = tl.load(routes + seg * 4 + step)
+    tile = tl.load(x + p * 768 + d).to(tl.float32)
+    tl.store(out + p * 768 + d, tl.cumsum(tile, axis=STEP_AXIS).to(out.dtype.element_ty))
+
+
+@triton.jit
 def _channel_block(pid_d, CPG, BD: tl.constexpr, VEC: tl.constexpr, EVEN_D: tl.constexpr):
     """Channels [BD] of program pid_d and which are real. The contiguity hint sets the vector width, which sets
     how many lanes the channels take."""
@@ -153,12 +180,57 @@ def _channel_params(A, D, delta_bias, k, sA_k, sA_d, sD_k, offs_d, mask_d, HAS_D
 
 
 @triton.jit
+def _step_row(x, step, j, STEP_AXIS: tl.constexpr):
+    """Step j of every segment of a chunk tile, which a thread holds in its registers: the selects fold per
+    register, and adding -0.0 is exact, so this compiles to a register name."""
+    return tl.sum(tl.where(step == j, x, -0.0), axis=STEP_AXIS, keep_dims=True)
+
+
+@triton.jit
+def _scan_steps(decay, drive, step, STEP_AXIS: tl.constexpr):
+    """The in-thread scan of each segment, h ↦ decay·h + drive step after step: the maps (a_in, b_in) from the
+    segment's start through each step, and the whole segment's. Written out step by step: Triton lowers
+    tl.associative_scan through lane shuffles (before 3.8) even along an axis a thread holds."""
+    TT: tl.constexpr = step.numel
+    seg_a = _step_row(decay, step, 0, STEP_AXIS)
+    seg_b = _step_row(drive, step, 0, STEP_AXIS)
+    a_in = tl.where(step == 0, seg_a, decay)
+    b_in = tl.where(step == 0, seg_b, drive)
+    for j in tl.static_range(1, TT):
+        d_j = _step_row(decay, step, j, STEP_AXIS)
+        seg_a = d_j * seg_a
+        seg_b = d_j * seg_b + _step_row(drive, step, j, STEP_AXIS)
+        a_in = tl.where(step == j, seg_a, a_in)
+        b_in = tl.where(step == j, seg_b, b_in)
+    return a_in, b_in, seg_a, seg_b
+
+
+@triton.jit
+def _adjoint_steps(decay, gout, step, STEP_AXIS: tl.constexpr):
+    """The adjoint g_t = gout_t + decay_{t+1}·g_{t+1} over each segment from its end, as maps of v = decay·g
+    entering from after the segment: g_t = g_a·v + g_d at every step, and the segment's map v ↦ seg_a·v + seg_b
+    (decay·g carried into the state before it). Step by step from the last, like ``_scan_steps``."""
+    TT: tl.constexpr = step.numel
+    seg_a = _step_row(tl.full(decay.shape, 1.0, tl.float32), step, 0, STEP_AXIS)
+    seg_b = _step_row(tl.zeros(decay.shape, tl.float32), step, 0, STEP_AXIS)
+    g_a = tl.zeros(decay.shape, tl.float32)
+    g_d = tl.zeros(decay.shape, tl.float32)
+    for j in tl.static_range(TT - 1, -1, -1):
+        gd_j = _step_row(gout, step, j, STEP_AXIS) + seg_b
+        g_a = tl.where(step == j, seg_a, g_a)
+        g_d = tl.where(step == j, gd_j, g_d)
+        d_j = _step_row(decay, step, j, STEP_AXIS)
+        seg_a = d_j * seg_a
+        seg_b = d_j * gd_j
+    return g_a, g_d, seg_a, seg_b
+
+
+@triton.jit
 def _chunk_recurrence(dt_raw, xv, Bv, m, A_log2, bias_k, step, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                      FAST_MATH: tl.constexpr):
+                      FAST_MATH: tl.constexpr, STEP_AXIS: tl.constexpr):
     """The recurrence of one chunk, relative to its starting state: dt before and after softplus (zero at
     padded steps, which leave the state unchanged), decay = 2^(dt·A·log2 e) and drive = dt·x·B, the in-thread
     scan of each segment (a_in, b_in), and the inclusive and exclusive maps over the segments."""
-    TT: tl.constexpr = step.shape[0]
     dt_pre = dt_raw
     if HAS_BIAS:
         dt_pre = dt_pre + bias_k
@@ -168,11 +240,9 @@ def _chunk_recurrence(dt_raw, xv, Bv, m, A_log2, bias_k, step, HAS_BIAS: tl.cons
     dt = tl.where(m, dt, 0.0)
     decay = tl.math.exp2(dt * A_log2)
     drive = dt * xv * Bv
-    a_in, b_in = tl.associative_scan((decay, drive), 0, _affine_combine)
-    seg_a = tl.sum(tl.where(step == TT - 1, a_in, 0.0), axis=0, keep_dims=True)
-    seg_b = tl.sum(tl.where(step == TT - 1, b_in, 0.0), axis=0, keep_dims=True)
+    a_in, b_in, seg_a, seg_b = _scan_steps(decay, drive, step, STEP_AXIS)
     incl_a, incl_b, excl_a, excl_b = tl.associative_scan(
-        (seg_a, seg_b, tl.full(seg_a.shape, 1.0, tl.float32), tl.zeros(seg_a.shape, tl.float32)), 1,
+        (seg_a, seg_b, tl.full(seg_a.shape, 1.0, tl.float32), tl.zeros(seg_a.shape, tl.float32)), 1 - STEP_AXIS,
         _prefix_combine)
     return dt_pre, dt, decay, drive, a_in, b_in, incl_a, incl_b, excl_a, excl_b
 
@@ -192,7 +262,7 @@ def route_scan_n1_fwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, MERGE: tl.constexpr,
     ZERO_UNVISITED: tl.constexpr, SAVE_CHUNKS: tl.constexpr, SAVE_T: tl.constexpr, FAST_MATH: tl.constexpr,
     TT: tl.constexpr, LT: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr, PREFETCH: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
+    STEP_AXIS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """y at every step of routes [k_lo, k_hi) of one (image, channel block); channels are contiguous
     (stride 1) in x, delta and out. MERGE as in ``scan.py`` (store or serial read-add-store)."""
@@ -202,8 +272,7 @@ def route_scan_n1_fwd_kernel(
     offs_d, mask_d = _channel_block(pid_d, CPG, BD, VEC, EVEN_D)
     d3 = offs_d[None, None, :]
     md3 = mask_d[None, None, :]
-    step = tl.arange(0, TT)[:, None, None]
-    seg = tl.arange(0, LT)[None, :, None]
+    step, seg = _tile_ranges(TT, LT, STEP_AXIS)
 
     x_img = x + b64 * sx_b
     dt_img = delta + b64 * sdt_b
@@ -236,13 +305,14 @@ def route_scan_n1_fwd_kernel(
             m = valid & md3
             xf = xv.to(tl.float32)
             _, _, _, _, a_in, b_in, incl_a, incl_b, excl_a, excl_b = _chunk_recurrence(
-                dt.to(tl.float32), xf, Bv.to(tl.float32), m, A_log2, bias_k, step, HAS_BIAS, SOFTPLUS, FAST_MATH)
+                dt.to(tl.float32), xf, Bv.to(tl.float32), m, A_log2, bias_k, step, HAS_BIAS, SOFTPLUS, FAST_MATH,
+                STEP_AXIS)
             h_start = excl_a * h + excl_b
             if SAVE_CHUNKS:  # the state before every SAVE_T-th step, for the backward
                 saved = chunk_states + ((b64 * K + k) * n_saved + t0 // SAVE_T) * CPG + d3
                 tl.store(saved, h_start, mask=(t0 % SAVE_T == 0) & (t0 < Lr) & md3)
             hs = a_in * h_start + b_in
-            h = tl.sum(tl.where(seg == LT - 1, incl_a * h + incl_b, 0.0), axis=1, keep_dims=True)
+            h = tl.sum(tl.where(seg == LT - 1, incl_a * h + incl_b, 0.0), axis=1 - STEP_AXIS, keep_dims=True)
             y = hs * Cv.to(tl.float32)
             if HAS_D:
                 y += D_k * xf
@@ -260,27 +330,54 @@ def route_scan_n1_fwd_kernel(
 
 
 @triton.jit
-def _segment_maps_from_end(seg_a, seg_b, seg, FLIP: tl.constexpr):
+def _segment_maps_from_end(seg_a, seg_b, seg, FLIP: tl.constexpr, SEG_AXIS: tl.constexpr):
     """The adjoint's maps over segments, applied from the chunk's end: for each segment the maps of the later
-    segments (exclusive), and the whole chunk's. With FLIP (segments on the lanes of one warp) the segments are
-    flipped and scanned forward, which takes fewer lane shuffles than Triton's reverse scan; across warps a
-    flip goes through shared memory, and the reverse scan is cheaper."""
-    LT: tl.constexpr = seg_a.shape[1]
+    segments (exclusive), and the whole chunk's. Triton lowers a reverse scan through many lane shuffles; with
+    FLIP the segments are flipped and scanned forward, fewer shuffles while they share a warp (across warps a
+    flip goes through shared memory). The tuner picks."""
+    LT: tl.constexpr = seg.numel
     one = tl.full(seg_a.shape, 1.0, tl.float32)
     zero = tl.zeros(seg_a.shape, tl.float32)
     if FLIP:
-        incl_a, incl_b, excl_a, excl_b = tl.associative_scan((tl.flip(seg_a, 1), tl.flip(seg_b, 1), one, zero), 1,
-                                                             _prefix_combine)
-        excl_a = tl.flip(excl_a, 1)
-        excl_b = tl.flip(excl_b, 1)
+        incl_a, incl_b, excl_a, excl_b = tl.associative_scan(
+            (tl.flip(seg_a, SEG_AXIS), tl.flip(seg_b, SEG_AXIS), one, zero), SEG_AXIS, _prefix_combine)
+        excl_a = tl.flip(excl_a, SEG_AXIS)
+        excl_b = tl.flip(excl_b, SEG_AXIS)
         whole = seg == LT - 1
     else:
-        incl_a, incl_b, excl_a, excl_b = tl.associative_scan((seg_a, seg_b, one, zero), 1, _prefix_combine,
+        incl_a, incl_b, excl_a, excl_b = tl.associative_scan((seg_a, seg_b, one, zero), SEG_AXIS, _prefix_combine,
                                                              reverse=True)
         whole = seg == 0
-    total_a = tl.sum(tl.where(whole, incl_a, 0.0), axis=1, keep_dims=True)
-    total_b = tl.sum(tl.where(whole, incl_b, 0.0), axis=1, keep_dims=True)
+    total_a = tl.sum(tl.where(whole, incl_a, 0.0), axis=SEG_AXIS, keep_dims=True)
+    total_b = tl.sum(tl.where(whole, incl_b, 0.0), axis=SEG_AXIS, keep_dims=True)
     return excl_a, excl_b, total_a, total_b
+
+
+@triton.jit
+def _bwd_chunk_loads(x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, g_img, sg_k, sg_t,
+                     dx_img, sdx_k, sdx_t, states_k, routes, first_visit, k, c, step, seg, Lr, CPG, walk, base, n_in,
+                     s_in, s_out, first_mode, d3, md3, DX_MERGE: tl.constexpr, EVEN_T: tl.constexpr):
+    """What the backward reads for chunk c of route k, as stored: positions p and which steps are real, delta,
+    x, dout [TT, LT, BD], B, C [TT, LT, 1], the chunk's saved starting state [1, 1, BD], and for a serial dx
+    merge the sums of the earlier routes at p (zero at first visits). A route visits a pixel once, so these
+    may be read before the route's later chunks are stored."""
+    TT: tl.constexpr = step.numel
+    t0 = c * (TT * seg.numel) + seg * TT
+    p, valid = _segment_positions(routes, k, t0, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+    m = valid & md3
+    dt = tl.load(dt_img + k * sdt_k + p * sdt_t + d3, mask=m, other=0.0)
+    xv = tl.load(x_img + k * sx_k + p * sx_t + d3, mask=m, other=0.0)
+    Bv = tl.load(B_img + k * sB_k + p * sB_t, mask=valid, other=0.0)
+    Cv = tl.load(C_img + k * sC_k + p * sC_t, mask=valid, other=0.0)
+    dy = tl.load(g_img + k * sg_k + p * sg_t + d3, mask=m, other=0.0)
+    h0 = tl.load(states_k + c * CPG + d3, mask=md3, other=0.0)
+    dx_old = xv  # a stand-in of the same type where unused
+    if DX_MERGE == 1:  # masks, not branches: Triton 3.6 fails to compile a branch here for some tiles
+        mixed = first_mode == FIRST_MIXED
+        first = tl.load(first_visit + k * Lr + t0 + step, mask=valid & mixed, other=1)
+        later = (first_mode == FIRST_NONE) | (mixed & (first == 0))
+        dx_old = tl.load(dx_img + k * sdx_k + p * sdx_t + d3, mask=m & later, other=0.0)
+    return p, valid, dt, xv, Bv, Cv, dy, h0, dx_old
 
 
 @triton.jit
@@ -311,26 +408,24 @@ def route_scan_n1_bwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DX_MERGE: tl.constexpr,
     ZERO_UNVISITED: tl.constexpr, FAST_MATH: tl.constexpr,
     TT: tl.constexpr, LT: tl.constexpr, BD: tl.constexpr, VEC: tl.constexpr, FLIP: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
+    PREFETCH: tl.constexpr, STEP_AXIS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """Gradients of one (image, channel block) over routes [k_lo, k_hi), chunks of TT·LT steps from last to
     first; the chunk is the saving interval of the forward's chunk states, which start each chunk's recompute.
 
-    The adjoint g_t = dy_t·C_t + decay_{t+1}·g_{t+1} runs as a reverse scan of the maps of ``scan.py``'s
-    ``_adjoint_combine`` (no shift along steps is needed): in-thread over a segment, then over the segments
-    with the exclusive prefix of ``_prefix_combine`` (applied from the chunk's end). Outputs as in the general
+    The adjoint g_t = dy_t·C_t + decay_{t+1}·g_{t+1} runs from the chunk's end as affine maps of what enters
+    from later steps: step by step within a segment (``_adjoint_steps``), then over the segments with the
+    exclusive prefix of ``_prefix_combine`` applied from the chunk's end. Outputs as in the general
     backward: ddelta, dx (read-add-store after first visits for a shared x), per-step dB/dC summed over this
     program's channels into dB_part/dC_part[pid_d], and dA, dD, delta_bias summed over steps per image.
     """
     BT: tl.constexpr = TT * LT
-    SEGMENTS_IN_WARP: tl.constexpr = LT * (BD // VEC) <= 32  # channels take BD / VEC lanes, segments the rest
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
     offs_d, mask_d = _channel_block(pid_d, CPG, BD, VEC, EVEN_D)
     d3 = offs_d[None, None, :]
     md3 = mask_d[None, None, :]
-    step = tl.arange(0, TT)[:, None, None]
-    seg = tl.arange(0, LT)[None, :, None]
+    step, seg = _tile_ranges(TT, LT, STEP_AXIS)
     n_chunks = tl.cdiv(Lr, BT)
 
     x_img = x + b64 * sx_b
@@ -355,77 +450,69 @@ def route_scan_n1_bwd_kernel(
         A_log2 = A_raw * LOG2E
         carry = tl.zeros([1, 1, BD], dtype=tl.float32)  # decay·g entering the chunk from the next one
         # Per-(segment, channel) sums over steps, reduced once per route.
-        acc_dA = tl.zeros([1, LT, BD], dtype=tl.float32)
-        acc_dD = tl.zeros([1, LT, BD], dtype=tl.float32)
-        acc_dbias = tl.zeros([1, LT, BD], dtype=tl.float32)
+        acc_dA = tl.zeros([seg.shape[0], seg.shape[1], BD], dtype=tl.float32)
+        acc_dD = tl.zeros([seg.shape[0], seg.shape[1], BD], dtype=tl.float32)
+        acc_dbias = tl.zeros([seg.shape[0], seg.shape[1], BD], dtype=tl.float32)
+        states_k = chunk_states + (b64 * K + k) * n_chunks * CPG
+        c = n_chunks - 1
+        p, valid, dt_in, x_in, B_in, C_in, dy_in, h0, dx_old = _bwd_chunk_loads(
+            x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, g_img, sg_k, sg_t, dx_img,
+            sdx_k, sdx_t, states_k, routes, first_visit, k, c, step, seg, Lr, CPG, walk, base, n_in, s_in, s_out,
+            first_mode, d3, md3, DX_MERGE, EVEN_T)
         for i in range(0, n_chunks):
-            c = n_chunks - 1 - i
-            t0 = c * BT + seg * TT
-            t = t0 + step
-            p, valid = _segment_positions(routes, k, t0, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+            t = c * BT + seg * TT + step
+            # Software pipelining: the previous chunk (the first again at the last) is requested first.
+            c1 = tl.maximum(c - 1, 0)
+            if PREFETCH:
+                p1, valid1, dt_in1, x_in1, B_in1, C_in1, dy_in1, h01, dx_old1 = _bwd_chunk_loads(
+                    x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, g_img, sg_k,
+                    sg_t, dx_img, sdx_k, sdx_t, states_k, routes, first_visit, k, c1, step, seg, Lr, CPG, walk,
+                    base, n_in, s_in, s_out, first_mode, d3, md3, DX_MERGE, EVEN_T)
             m = valid & md3
-            dt_raw = tl.load(dt_img + k * sdt_k + p * sdt_t + d3, mask=m, other=0.0).to(tl.float32)
-            xv = tl.load(x_img + k * sx_k + p * sx_t + d3, mask=m, other=0.0).to(tl.float32)
-            Bv = tl.load(B_img + k * sB_k + p * sB_t, mask=valid, other=0.0).to(tl.float32)
-            Cv = tl.load(C_img + k * sC_k + p * sC_t, mask=valid, other=0.0).to(tl.float32)
-            dy = tl.load(g_img + k * sg_k + p * sg_t + d3, mask=m, other=0.0).to(tl.float32)
-            h0 = tl.load(chunk_states + ((b64 * K + k) * n_chunks + c) * CPG + offs_d, mask=mask_d,
-                         other=0.0)[None, None, :]
+            dt_raw = dt_in.to(tl.float32)
+            xv = x_in.to(tl.float32)
+            Bv = B_in.to(tl.float32)
+            Cv = C_in.to(tl.float32)
+            dy = dy_in.to(tl.float32)
             # The chunk's states, recomputed from the saved one as in the forward.
             dt_pre, dt, decay, drive, a_in, b_in, _, _, excl_a, excl_b = _chunk_recurrence(
-                dt_raw, xv, Bv, m, A_log2, bias_k, step, HAS_BIAS, SOFTPLUS, FAST_MATH)
+                dt_raw, xv, Bv, m, A_log2, bias_k, step, HAS_BIAS, SOFTPLUS, FAST_MATH, STEP_AXIS)
             hs = a_in * (excl_a * h0 + excl_b) + b_in
-            # The adjoint, from the chunk's end: in-thread, then over segments (later segments first). Triton
-            # lowers a reverse scan through lane shuffles even along an axis held in one thread; with FLIP the
-            # steps are flipped and scanned forward instead, which Triton 3.8 compiles to register renaming
-            # (older versions still shuffle, so the tuner tries both).
-            gout = dy * Cv
-            ones = tl.full(decay.shape, 1.0, tl.float32)
-            if FLIP:
-                decay_r = tl.flip(decay, 0)
-                gout_r = tl.flip(gout, 0)
-                a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay_r, decay_r * gout_r, ones, gout_r), 0,
-                                                                 _adjoint_combine)
-                last = TT - 1
-            else:
-                a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay, decay * gout, ones, gout), 0,
-                                                                 _adjoint_combine, reverse=True)
-                last = 0
-            seg_ra = tl.sum(tl.where(step == last, a_adj, 0.0), axis=0, keep_dims=True)
-            seg_rb = tl.sum(tl.where(step == last, b_adj, 0.0), axis=0, keep_dims=True)
-            excl_ra, excl_rb, total_ra, total_rb = _segment_maps_from_end(seg_ra, seg_rb, seg,
-                                                                          FLIP and SEGMENTS_IN_WARP)
+            # The adjoint, from the chunk's end: in-thread, then over segments (later segments first).
+            g_a, g_d, seg_ra, seg_rb = _adjoint_steps(decay, dy * Cv, step, STEP_AXIS)
+            excl_ra, excl_rb, total_ra, total_rb = _segment_maps_from_end(seg_ra, seg_rb, seg, FLIP, 1 - STEP_AXIS)
             v = excl_ra * carry + excl_rb  # decay·g entering each segment from its end
-            g = g_adj * v + d_adj
-            if FLIP:
-                g = tl.flip(g, 0)
+            g = g_a * v + g_d
             carry = total_ra * carry + total_rb
 
             gB = g * Bv
             d_arg = g * (hs - drive)  # gradient of dt·A inside exp: g_t·decay_t·h_{t-1}
             ddt = gB * xv + d_arg * A_raw
-            acc_dA += tl.sum(d_arg * dt, axis=0, keep_dims=True)
+            acc_dA += tl.sum(d_arg * dt, axis=STEP_AXIS, keep_dims=True)
             dxv = gB * dt
             if HAS_D:
                 dxv += dy * D_k
-                acc_dD += tl.sum(dy * xv, axis=0, keep_dims=True)
+                acc_dD += tl.sum(dy * xv, axis=STEP_AXIS, keep_dims=True)
             if SOFTPLUS:
                 ddt = ddt * _sigmoid(dt_pre, FAST_MATH)
             ddt = tl.where(m, ddt, 0.0)
-            acc_dbias += tl.sum(ddt, axis=0, keep_dims=True)
+            acc_dbias += tl.sum(ddt, axis=STEP_AXIS, keep_dims=True)
             tl.store(dd_img + k * sdd_k + p * sdd_t + d3, ddt.to(ddelta.dtype.element_ty), mask=m)
-            dx_ptr = dx_img + k * sdx_k + p * sdx_t + d3
-            if DX_MERGE == 1:  # masks, not branches: Triton 3.6 fails to compile a branch here for some tiles
-                mixed = first_mode == FIRST_MIXED
-                first = tl.load(first_visit + k * Lr + t, mask=valid & mixed, other=1)
-                later = (first_mode == FIRST_NONE) | (mixed & (first == 0))
-                dxv += tl.load(dx_ptr, mask=m & later, other=0.0).to(tl.float32)
-            tl.store(dx_ptr, dxv.to(dx.dtype.element_ty), mask=m)
+            if DX_MERGE == 1:
+                dxv += dx_old.to(tl.float32)
+            tl.store(dx_img + k * sdx_k + p * sdx_t + d3, dxv.to(dx.dtype.element_ty), mask=m)
             # B/C gradients per step (route order), summed over this program's channels; padded steps store
             # their zeros (dt and dy are zero there).
             in_range = t < Lr
             tl.store(dBp_img + k * sP_k + t, tl.sum(g * dt * xv, axis=2, keep_dims=True), mask=in_range)
             tl.store(dCp_img + k * sP_k + t, tl.sum(hs * dy, axis=2, keep_dims=True), mask=in_range)
+            if not PREFETCH:  # the same loads, issued after the compute
+                p1, valid1, dt_in1, x_in1, B_in1, C_in1, dy_in1, h01, dx_old1 = _bwd_chunk_loads(
+                    x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, g_img, sg_k,
+                    sg_t, dx_img, sdx_k, sdx_t, states_k, routes, first_visit, k, c1, step, seg, Lr, CPG, walk,
+                    base, n_in, s_in, s_out, first_mode, d3, md3, DX_MERGE, EVEN_T)
+            c, p, valid, h0, dx_old = c1, p1, valid1, h01, dx_old1
+            dt_in, x_in, B_in, C_in, dy_in = dt_in1, x_in1, B_in1, C_in1, dy_in1
         part = (b64 * K + k) * CPG + offs_d
         tl.store(dA_part + part, tl.sum(tl.sum(acc_dA, axis=0), axis=0), mask=mask_d)
         if HAS_D:

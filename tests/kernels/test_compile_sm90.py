@@ -62,7 +62,7 @@ def test_single_state_forward_compiles_for_sm90(merge, save_chunks):
     for TT, LT, BD, VEC, warps, prefetch in backend._N1_TILES:
         constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, MERGE=merge, ZERO_UNVISITED=True,
                          SAVE_CHUNKS=save_chunks, SAVE_T=64, FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC,
-                         PREFETCH=prefetch, EVEN_D=True, EVEN_T=False)
+                         PREFETCH=prefetch, STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=False)
         kernel = compile_kernel(scan_n1.route_scan_n1_fwd_kernel, constants, warps)
         assert "lg2.approx.f32" in kernel.asm["ptx"]
         usage = resource_usage(kernel)
@@ -73,11 +73,12 @@ def test_single_state_forward_compiles_for_sm90(merge, save_chunks):
 def test_single_state_backward_compiles_for_sm90(dx_merge):
     from vmamba_kernels.triton import backend, scan_n1
 
-    for TT, LT, BD, VEC, warps, flip in backend._N1_BWD_TILES:
+    for TT, LT, BD, VEC, warps, flip, prefetch in backend._N1_BWD_TILES:
         constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, DX_MERGE=dx_merge, ZERO_UNVISITED=True,
-                         FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip, EVEN_D=True, EVEN_T=False)
+                         FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip, PREFETCH=prefetch,
+                         STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=False)
         usage = resource_usage(compile_kernel(scan_n1.route_scan_n1_bwd_kernel, constants, warps))
-        assert 0 < usage["registers"] <= 255, (TT, LT, BD, VEC, warps, flip, usage)
+        assert 0 < usage["registers"] <= 255, (TT, LT, BD, VEC, warps, flip, prefetch, usage)
 
 
 def test_launch_arguments_give_the_kernel_its_vector_loads():
@@ -88,12 +89,12 @@ def test_launch_arguments_give_the_kernel_its_vector_loads():
 
     import torch
 
-    from vmamba_kernels.triton import scan_n1
+    from vmamba_kernels.triton import backend, scan_n1
 
     fn = scan_n1.route_scan_n1_fwd_kernel
     constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, MERGE=scan.MERGE_SERIAL, ZERO_UNVISITED=True,
                      SAVE_CHUNKS=False, SAVE_T=64, FAST_MATH=True, TT=4, LT=8, BD=32, VEC=4, PREFETCH=True,
-                     EVEN_D=True, EVEN_T=True)
+                     STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=True)
     tensor_types = dict(x=torch.bfloat16, delta=torch.bfloat16, B=torch.bfloat16, C=torch.bfloat16,
                         out=torch.bfloat16, A=torch.float32, D=torch.float32, delta_bias=torch.float32,
                         chunk_states=torch.float32, routes=torch.int32, route_info=torch.int32,
@@ -110,3 +111,18 @@ def test_launch_arguments_give_the_kernel_its_vector_loads():
 
     assert vector_loads(compile_kernel(fn, constants, 2, args=args))
     assert not vector_loads(compile_kernel(fn, constants, 2))
+
+
+def test_step_axis_keeps_the_steps_in_one_thread():
+    """scan_n1 scans each segment's steps inside a thread; which tile axis Triton keeps in one thread depends
+    on its version (how it orders equally strided axes), so the backend probes it. With the probed axis the
+    probe's scan along the steps compiles without lane shuffles, with the other it needs them."""
+    from vmamba_kernels.triton import backend, scan_n1
+
+    axis = backend.n1_step_axis()
+
+    def shuffles(step_axis):
+        kernel = compile_kernel(scan_n1.step_axis_probe_kernel, {"STEP_AXIS": step_axis}, 2)
+        return kernel.asm["ptx"].count("shfl.sync")
+
+    assert shuffles(axis) == 0 < shuffles(1 - axis)

@@ -309,6 +309,17 @@ def _child(group):
         tri.INTERPRET_N1_TILE = {"TT": 1, "LT": 4, "BD": 16, "VEC": 1, "FLIP": True}
         tri.n1_bwd_block_d_candidates.cache_clear()
         scan_2d("n1_segments_over_warps", vk.scan_routes("cross", 3, 5), 3, 5, 2, 12, 1, f32, "sum")
+        # Steps on the tile's second axis (the layout Triton 3.6 keeps in one thread).
+        tri.N1_STEP_AXIS = 1
+        tri.INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": True}
+        tri.n1_bwd_block_d_candidates.cache_clear()
+        scan_2d("n1_step_axis_1_cross", vk.scan_routes("cross", 5, 3), 5, 3, 2, 12, 1, f32, "sum")
+        scan_2d("n1_step_axis_1_mixed", mixed, 3, 4, 1, 4, 1, f32, "sum")
+        scan_2d("n1_step_axis_1_per_route", vk.scan_routes("cross", 3, 3), 3, 3, 1, 8, 1, f32, "none",
+                per_route_x=True)
+        same_chunk_states("n1_step_axis_1_states", vk.scan_routes("cross", 4, 6), 4, 6, 2, 10, f32, "sum")
+        tri.INTERPRET_N1_TILE = {"TT": 4, "LT": 1, "BD": 8, "VEC": 1, "FLIP": False}
+        scan_2d("n1_step_axis_1_one_segment", vk.scan_routes("continuous", 3, 4), 3, 4, 1, 5, 1, f32, "sum")
     else:
         raise SystemExit(f"unknown group {group!r}")
 
