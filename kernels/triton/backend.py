@@ -141,16 +141,22 @@ def _launch_fwd(grid, **kw):
 
 # d_state-1 route scan (scan_n1.py): (TT steps per thread, LT segments, BD channels, VEC channels per thread,
 # num_warps, prefetch). Channels take BD / VEC lanes and segments the other lanes and the warps, so
-# LT = lanes · warps. The loads in flight (tile × programs) set the bandwidth: larger tiles and prefetching
-# raise them at the cost of registers.
-_N1_TILES = [(4, 8, 32, 4, 2, True), (2, 16, 32, 4, 4, True), (2, 16, 16, 4, 2, True), (4, 4, 32, 4, 1, True),
-             (4, 4, 32, 4, 1, False), (8, 4, 32, 2, 2, True), (2, 8, 32, 4, 2, True), (8, 2, 32, 2, 1, True)]
+# (BD / VEC)·LT = 32·num_warps. The loads in flight (tile × programs) set the bandwidth: larger tiles and
+# prefetching raise them at the cost of registers. The list holds the fastest of a sweep on an H200
+# (model_cards/benchmarks/kernels.md), VMamba-T's stage 1 first, then GroupMamba-T's.
+_N1_TILES = [(4, 8, 32, 2, 4, True), (4, 16, 16, 2, 4, True), (4, 16, 32, 2, 8, True), (2, 16, 32, 4, 4, True),
+             (4, 8, 16, 2, 2, True), (2, 16, 16, 4, 2, True), (8, 4, 32, 2, 2, True)]
+
+
+def _fewest_channels(configs):
+    """Tuners must keep a config: where every tile's channel block is wider than the channels, the narrowest."""
+    return [min(configs, key=lambda c: c.kwargs["BD"])]
 
 
 def _prune_n1(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    keep = [c for c in configs if c.kwargs["BD"] <= max(8, _pow2(args["CPG"]))
-            and not (args["SAVE_CHUNKS"] and c.kwargs["TT"] > args["SAVE_T"])]
+    fits = [c for c in configs if not (args["SAVE_CHUNKS"] and c.kwargs["TT"] > args["SAVE_T"])]
+    keep = [c for c in fits if c.kwargs["BD"] <= max(8, _pow2(args["CPG"]))] or _fewest_channels(fits)
     return keep if _TUNE else keep[:1]
 
 
@@ -188,17 +194,17 @@ def _launch_n1(grid, **kw):
 
 
 # d_state-1 backward tiles: (TT, LT, BD, VEC, num_warps, FLIP, PREFETCH), chunks of TT·LT = chunk_size(1) steps
-# (the saving interval of the chunk states). FLIP: the adjoint's reverse scans run as flips and forward scans
-# (see the kernel); which is faster depends on the Triton version.
-_N1_BWD_TILES = [(4, 16, 32, 4, 4, f, True) for f in (True, False)] + [
-    (2, 32, 32, 4, 8, True, True), (2, 32, 16, 4, 4, True, True), (2, 32, 16, 2, 8, True, True),
-    (2, 32, 8, 2, 4, True, True), (4, 16, 16, 2, 4, True, True), (2, 32, 8, 2, 4, False, True)]
+# (the saving interval of the chunk states). FLIP: the adjoint's reverse scan over segments runs as flips and a
+# forward scan (see the kernel). The fastest of the same sweep.
+_N1_BWD_TILES = [(4, 16, 16, 2, 4, False, True), (4, 16, 8, 4, 1, True, True), (4, 16, 8, 4, 1, False, True),
+                 (8, 8, 16, 2, 2, True, True), (8, 8, 16, 2, 2, False, True), (4, 16, 32, 2, 8, False, True),
+                 (2, 32, 16, 4, 4, False, True)]
 
 
 def _prune_n1_bwd(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    keep = [c for c in configs if c.kwargs["TT"] * c.kwargs["LT"] == chunk_size(1)
-            and c.kwargs["BD"] <= max(16, _pow2(args["CPG"]))]
+    chunked = [c for c in configs if c.kwargs["TT"] * c.kwargs["LT"] == chunk_size(1)]
+    keep = [c for c in chunked if c.kwargs["BD"] <= max(16, _pow2(args["CPG"]))] or _fewest_channels(chunked)
     return keep if _TUNE else keep[:1]
 
 

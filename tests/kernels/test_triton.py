@@ -44,6 +44,30 @@ def test_triton_matches_reference(group):
     assert repeats and all(r["bitwise_equal"] for r in repeats), [r for r in repeats if not r["bitwise_equal"]]
 
 
+@pytest.mark.parametrize("CPG", [1, 3, 4, 8, 16, 96, 384, 768])
+def test_single_state_tiles_fit_every_channel_count(CPG):
+    """The d_state-1 tuners keep a tile for any channel count (Triton raises on an empty list), backward tiles
+    span one saved chunk, and the backward's workspaces (sized for the narrowest kept block) fit every tile."""
+    from vmamba_kernels.triton import backend
+
+    for save_chunks in (True, False):
+        kept = backend._prune_n1(backend._n1_tuned.configs, {}, CPG=CPG, SAVE_CHUNKS=save_chunks,
+                                 SAVE_T=backend.chunk_size(1))
+        assert kept, (CPG, save_chunks)
+    kept = backend._prune_n1_bwd(backend._n1_bwd_tuned.configs, {}, CPG=CPG)
+    assert kept and all(c.kwargs["TT"] * c.kwargs["LT"] == backend.chunk_size(1) for c in kept)
+    assert min(c.kwargs["BD"] for c in kept) >= min(backend.n1_bwd_block_d_candidates(CPG))
+
+
+def test_single_state_tiles_fill_their_warps():
+    """Each d_state-1 tile puts BD / VEC channel lanes next to LT segment lanes and fills its warps exactly:
+    more lanes would spread a segment's steps over threads, fewer would repeat work."""
+    from vmamba_kernels.triton import backend
+
+    for TT, LT, BD, VEC, warps, *_ in backend._N1_TILES + backend._N1_BWD_TILES:
+        assert BD // VEC * LT == 32 * warps, (TT, LT, BD, VEC, warps)
+
+
 @pytest.mark.parametrize("N", [1, 2, 3, 4, 8, 16, 32, 64, 256])
 def test_backward_tiles_fit_every_problem(N):
     """The backward's tuner must always keep a config (Triton raises on an empty list), lead with the default
