@@ -447,17 +447,18 @@ N1_STEP_AXIS = None
 
 
 @functools.lru_cache(maxsize=None)
-def _probed_step_axis(arch: int) -> int:
-    """The tile axis this Triton keeps in one thread: the probe kernel compiled with the steps on each axis,
-    the one whose scan has no lane shuffles (axis 0 where neither compiles)."""
+def _probed_step_axis() -> int:
+    """The tile axis this Triton keeps in one thread: the probe kernel compiled (for sm_90: the layout passes
+    that decide it do not depend on the target) with the steps on each axis, the one whose scan has no lane
+    shuffles (axis 0 where neither compiles)."""
     from . import offline
 
     shuffles = []
     for axis in (0, 1):
         try:
-            ptx = offline.compile_kernel(scan_n1.step_axis_probe_kernel, {"STEP_AXIS": axis}, 2, arch=arch).asm["ptx"]
+            ptx = offline.compile_kernel(scan_n1.step_axis_probe_kernel, {"STEP_AXIS": axis}, 2).asm["ptx"]
             shuffles.append(ptx.count("shfl.sync"))
-        except Exception:  # a target or Triton the probe cannot compile for
+        except Exception:  # a Triton the probe cannot compile with
             return 0
     return 0 if shuffles[0] <= shuffles[1] else 1
 
@@ -465,12 +466,7 @@ def _probed_step_axis(arch: int) -> int:
 def n1_step_axis() -> int:
     if N1_STEP_AXIS is not None:
         return N1_STEP_AXIS
-    if _INTERPRET:
-        return 0
-    if torch.cuda.is_available() and torch.version.cuda is not None:
-        major, minor = torch.cuda.get_device_capability()
-        return _probed_step_axis(10 * major + minor)
-    return _probed_step_axis(90)
+    return 0 if _INTERPRET else _probed_step_axis()
 
 
 def _n1_common_args(pb: _Problem, plan, softplus: bool):
