@@ -6,11 +6,13 @@ lanes and warps: at d_state 1 most of its instructions go to shuffles, shared-me
 addresses, not to the recurrence. This kernel keeps the step chain inside a thread instead.
 
 A program owns one image and a block of ``BD`` channels and walks a route in chunks of ``TT·LT`` steps, as
-a [TT, LT, BD] tile: the ``TT`` consecutive steps of a segment sit in one thread's registers, the ``LT``
-segments of a chunk on neighbouring lanes (and warps), channels on the remaining lanes, ``VEC`` per
-thread. Each thread scans its segment sequentially; the segments are joined by one scan over ``LT``
-segment maps, which carries both the inclusive and the exclusive prefix (``_prefix_combine``), so that
-every segment gets its starting state without a shift across lanes.
+a [TT, LT, BD] tile (or [LT, TT, BD]: ``STEP_AXIS``, see ``_tile_ranges``): the ``TT`` consecutive steps of a
+segment sit in one thread's registers, the ``LT`` segments of a chunk on neighbouring lanes (and warps),
+channels on the remaining lanes, ``VEC`` per thread. Each thread scans its segment step by step, written
+out (``_scan_steps``, ``_adjoint_steps``), since Triton lowers ``tl.associative_scan`` through lane shuffles
+in some versions and directions even along an axis a thread holds; the segments are joined by one scan over
+``LT`` segment maps, which carries both the inclusive and the exclusive prefix (``_prefix_combine``), so
+that every segment gets its starting state without a shift across lanes.
 
 Route positions come from ``route_plan``'s ``route_info``: a route that walks the image as
 ``p = base + (t mod n)·s_inner + (t div n)·s_outer`` (raster, column, reversed and atrous orders) has its
