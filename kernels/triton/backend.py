@@ -178,15 +178,15 @@ INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": True}  # PREFE
 
 
 def _interpret_n1_tile(CPG):
-    return dict(INTERPRET_N1_TILE, BD=min(INTERPRET_N1_TILE["BD"], _pow2(CPG)))
+    return dict(INTERPRET_N1_TILE, BD=min(INTERPRET_N1_TILE["BD"], _pow2(CPG)),
+                PREFETCH=os.environ.get("VMAMBA_KERNELS_PREFETCH", "1") == "1")
 
 
 def _launch_n1(grid, **kw):
     if _INTERPRET:
         tile = _interpret_n1_tile(kw["CPG"])
         del tile["FLIP"]  # the backward's
-        kw.update(tile, num_warps=1,
-                  PREFETCH=os.environ.get("VMAMBA_KERNELS_PREFETCH", "1") == "1")
+        kw.update(tile, num_warps=1)
         kw.update(_even_n1(kw))
         scan_n1.route_scan_n1_fwd_kernel[grid(kw)](**kw)
     else:
@@ -227,8 +227,7 @@ _n1_bwd_tuned = triton.autotune(
 def _launch_n1_bwd(grid, **kw) -> int:
     """Launch the d_state-1 backward; returns the channel block it ran with."""
     if _INTERPRET:
-        kw.update(_interpret_n1_tile(kw["CPG"]), num_warps=1,
-                  PREFETCH=os.environ.get("VMAMBA_KERNELS_PREFETCH", "1") == "1")
+        kw.update(_interpret_n1_tile(kw["CPG"]), num_warps=1)
         kw.update(_even_n1(kw))
         scan_n1.route_scan_n1_bwd_kernel[grid(kw)](**kw)
         return kw["BD"]

@@ -384,15 +384,9 @@ def selective_scan_bwd_kernel(
     dCp_img = dC_part + pid_d * sP_j + b64 * sP_b
 
     k_lo, k_hi = _route_range(parallel_ok, pid_k, K, DX_MERGE)
-    if ZERO_UNVISITED:
-        if DX_MERGE == 0:
-            if tl.load(coverage + 0) == 0:
-                _zero_unvisited(dx_img + pid_k * sdx_k, x_visited + pid_k * L, sdx_t, sdx_d, offs_d, mask_d, L,
-                                BT)
-        elif DX_MERGE == 1:
-            if pid_k == 0:
-                if tl.load(coverage + 1) == 0:
-                    _zero_unvisited(dx_img, x_visited, sdx_t, sdx_d, offs_d, mask_d, L, BT)
+    if ZERO_UNVISITED and DX_MERGE != 2:  # not the atomic merge (2), whose dx starts zeroed
+        _zero_unvisited_outputs(dx_img, x_visited, coverage, pid_k, sdx_k, sdx_t, sdx_d, offs_d, mask_d, L, BT,
+                                DX_MERGE)
     for k in range(k_lo, k_hi):
         if ZERO_UNVISITED:
             if tl.load(coverage + 2) == 0:

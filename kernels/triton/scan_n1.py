@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .scan import _route_range, _zero_unvisited, _zero_unvisited_outputs
+from .scan import _softplus as _softplus_exact  # FAST_MATH off (the interpreter)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -64,14 +65,15 @@ def _log2_approx(x):
 
 @triton.jit
 def _softplus(x, FAST_MATH: tl.constexpr):
-    """torch's softplus (threshold 20). FAST_MATH uses the hardware exp2/log2 approximations, and below
-    x = -5, where 1 + e^x would lose e^x's digits, the series e - e²/2 + e³/3 (error below e⁴/4)."""
+    """torch's softplus (threshold 20), as ``scan.py`` computes it. FAST_MATH uses the hardware exp2/log2
+    approximations, and below x = -5, where 1 + e^x would lose e^x's digits, the series e - e²/2 + e³/3 (error
+    below e⁴/4)."""
     if FAST_MATH:
         e = tl.math.exp2(x * LOG2E)
         small = e * (1.0 - e * (0.5 - e * 0.3333333333333333))
         out = tl.where(x > 20.0, x, tl.where(x < -5.0, small, LN2 * _log2_approx(1.0 + e)))
     else:
-        out = tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+        out = _softplus_exact(x)
     return out
 
 
