@@ -13,6 +13,10 @@ with x: Bt·H·W·Dm (·K when each route has its own x), delta: Bt·H·W·K·Dm
 out/dout: Bt·H·W·Dm for merge="sum" (·K for "none"). The states op (Spatial-Mamba) has no C, D and
 writes every state: out = Bt·Dm·N·L fp32. Copy bandwidth = 2·bytes / time of a 1 GiB device copy.
 
+The fused kernels alone (``triton_kernels*`` rows, and the bandwidth figures) are timed as CUDA graph
+replays: GPU time, without the host's launch cost, which exceeds the GPU time of the small shapes. The op
+paths (``triton_op``, ``unfused``, the reference) are timed as called, host included.
+
     python tools/bench_kernels.py --check --out results/   # check at real shapes, then benchmark
     python tools/bench_kernels.py --host-overhead           # CPU: the op's host time around its launches
     python tools/bench_kernels.py --registers               # CPU: registers and spills of every tile, sm_90
@@ -272,9 +276,13 @@ def copy_bandwidth(device="cuda"):
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def time_ms(fn, slow=False):
+def time_ms(fn, slow=False, graph=False):
+    """Median milliseconds of fn. ``graph``: replayed from a CUDA graph, which times the GPU alone (the
+    kernels of small shapes finish before the host has launched the next)."""
     import triton.testing
 
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=150, return_mode="median")
     if slow:  # the reference: a few plain runs
         fn()
         torch.cuda.synchronize()
@@ -300,7 +308,8 @@ def bench_shape(name, batch, dtype_name, copy_bw, with_reference=True):
         if path == "reference" and not with_reference:
             continue
         slow = path == "reference"
-        row["ms"][path] = dict(fwd=time_ms(fwd, slow), fwd_bwd=time_ms(fwd_bwd, slow))
+        graph = path.startswith("triton_kernels")  # the kernels alone; the op paths with their host time
+        row["ms"][path] = dict(fwd=time_ms(fwd, slow, graph), fwd_bwd=time_ms(fwd_bwd, slow, graph))
         torch.cuda.empty_cache()
     main = row["ms"].get("triton_kernels", row["ms"]["triton_op"])
     row["fwd_tb_s"] = fwd_bytes / (main["fwd"] * 1e-3) / 1e12
@@ -449,9 +458,9 @@ def register_report(names):
 
 def sweep_configs():
     """The d_state-1 tiles a sweep times, wider grids than the tuners hold. Forward: TT steps per thread, LT
-    segments and BD / VEC channel lanes on 1 to 8 warps, up to 16 values per thread. Backward: chunks of
-    TT·LT = chunk_size(1) steps, likewise, each with and without the adjoint's flips; and its tuned tiles
-    without prefetching."""
+    segments and BD / VEC channel lanes on 1 to 8 warps, up to 16 values per thread, each also capped at 168
+    registers. Backward: chunks of TT·LT = chunk_size(1) steps, likewise, each with and without the adjoint's
+    flips, uncapped and capped at 168 registers, and capped at 128 without prefetching."""
     import triton
 
     from vmamba_kernels.triton import backend as tri
@@ -464,19 +473,22 @@ def sweep_configs():
                 lanes = BD // VEC * LT
                 if VEC > BD or (TT == 8 and VEC == 4) or not 32 <= lanes <= 256:  # TT 8 × VEC 4 spills
                     continue
-                bwd += [triton.Config(dict(TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip, PREFETCH=True),
-                                      num_warps=lanes // 32) for flip in (True, False)]
-    # and the backward's tuned tiles without prefetching, to see what it buys
-    bwd += [triton.Config(dict(c.kwargs, PREFETCH=False), num_warps=c.num_warps) for c in tri._n1_bwd_tuned.configs]
+                for flip in (True, False):
+                    tile = dict(TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip)
+                    bwd += [triton.Config(dict(tile, PREFETCH=pf), num_warps=lanes // 32, maxnreg=cap)
+                            for pf, cap in ((True, None), (True, 168), (False, 128))]
     fwd = list(tri._n1_tuned.configs)
     for TT in (2, 4, 8):
         for LT in (4, 8, 16):
             for BD, VEC in ((16, 2), (16, 4), (32, 2), (32, 4)):
                 lanes = BD // VEC * LT
-                cfg = triton.Config(dict(TT=TT, LT=LT, BD=BD, VEC=VEC, PREFETCH=True), num_warps=lanes // 32)
-                if TT * VEC <= 16 and 32 <= lanes <= 256 and not any(
-                        c.kwargs == cfg.kwargs and c.num_warps == cfg.num_warps for c in fwd):
-                    fwd.append(cfg)
+                for cap in (None, 168):
+                    cfg = triton.Config(dict(TT=TT, LT=LT, BD=BD, VEC=VEC, PREFETCH=True), num_warps=lanes // 32,
+                                        maxnreg=cap)
+                    if TT * VEC <= 16 and 32 <= lanes <= 256 and not any(
+                            c.kwargs == cfg.kwargs and c.num_warps == cfg.num_warps and c.maxnreg == cap
+                            for c in fwd):
+                        fwd.append(cfg)
     return {"forward": fwd, "forward saving states": fwd, "backward": bwd}
 
 
@@ -553,7 +565,8 @@ def tile_sweep(names, batch, dtype_name, workers=1):
                 err = None if failed else _max_rel_err(got, want)
                 rows.append(dict(shape=name, kernel=kernel, config=str(cfg), ms=None if failed else ms,
                                  rel_err_vs_tuned=err, error=ms if failed else None))
-                print(f"{name:18s} {kernel:22s} {str(cfg)[:90]:90s} "
+                tile = f"{cfg.kwargs} warps {cfg.num_warps} cap {cfg.maxnreg}"
+                print(f"{name:18s} {kernel:22s} {tile:100s} "
                       + (ms if failed else f"{ms:.3f} ms  rel err vs tuned {err:.1e}"), flush=True)
     return rows
 

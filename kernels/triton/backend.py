@@ -140,12 +140,14 @@ def _launch_fwd(grid, **kw):
 
 
 # d_state-1 route scan (scan_n1.py): (TT steps per thread, LT segments, BD channels, VEC channels per thread,
-# num_warps, prefetch). Channels take BD / VEC lanes and segments the other lanes and the warps, so
-# (BD / VEC)·LT = 32·num_warps. The loads in flight (tile × programs) set the bandwidth: larger tiles and
-# prefetching raise them at the cost of registers. The list holds the fastest of a sweep on an H200
-# (model_cards/benchmarks/kernels.md), VMamba-T's stage 1 first, then GroupMamba-T's.
-_N1_TILES = [(4, 8, 32, 2, 4, True), (4, 16, 16, 2, 4, True), (4, 16, 32, 2, 8, True), (2, 16, 32, 4, 4, True),
-             (4, 8, 16, 2, 2, True), (2, 16, 16, 4, 2, True), (8, 4, 32, 2, 2, True)]
+# num_warps, prefetch, register cap). Channels take BD / VEC lanes and segments the other lanes and the warps, so
+# (BD / VEC)·LT = 32·num_warps. The kernel is bound by issuing instructions (model_cards/benchmarks/kernels.md):
+# wider channel vectors share each step's position, B, C and mask work over more channels, and a cap of 168
+# registers lets three 4-warp programs share an SM instead of two, for a few spilled registers. The list holds
+# the fastest of sweeps on an H200: VMamba-T's stage 1, then its later stages, then GroupMamba-T's stage 1.
+_N1_TILES = [(4, 16, 32, 4, 4, True, 168), (4, 8, 32, 4, 2, True, 168), (4, 16, 16, 2, 4, True, None),
+             (4, 8, 32, 2, 4, True, None), (2, 16, 16, 4, 2, True, None), (4, 8, 16, 2, 2, True, None),
+             (8, 4, 32, 2, 2, True, None)]
 
 
 def _fewest_channels(configs):
@@ -165,8 +167,8 @@ def _even_n1(args):
 
 
 _n1_tuned = triton.autotune(
-    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec, "PREFETCH": pf}, num_warps=w)
-             for tt, lt, bd, vec, w, pf in _N1_TILES],
+    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec, "PREFETCH": pf}, num_warps=w, maxnreg=cap)
+             for tt, lt, bd, vec, w, pf, cap in _N1_TILES],
     key=["CPG", "K", "MERGE", "HAS_D", "HAS_BIAS", "SOFTPLUS", "SAVE_CHUNKS"],
     prune_configs_by={"early_config_prune": _prune_n1},
 )(triton.heuristics({"EVEN_D": lambda a: _even_n1(a)["EVEN_D"], "EVEN_T": lambda a: _even_n1(a)["EVEN_T"]})(
@@ -193,12 +195,13 @@ def _launch_n1(grid, **kw):
         _n1_tuned[grid](**kw)
 
 
-# d_state-1 backward tiles: (TT, LT, BD, VEC, num_warps, FLIP, PREFETCH), chunks of TT·LT = chunk_size(1) steps
-# (the saving interval of the chunk states). FLIP: the adjoint's reverse scan over segments runs as flips and a
-# forward scan (see the kernel). The fastest of the same sweep.
-_N1_BWD_TILES = [(4, 16, 16, 2, 4, False, True), (4, 16, 8, 4, 1, True, True), (4, 16, 8, 4, 1, False, True),
-                 (8, 8, 16, 2, 2, True, True), (8, 8, 16, 2, 2, False, True), (4, 16, 32, 2, 8, False, True),
-                 (2, 32, 16, 4, 4, False, True)]
+# d_state-1 backward tiles: (TT, LT, BD, VEC, num_warps, FLIP, PREFETCH, register cap), chunks of TT·LT =
+# chunk_size(1) steps (the saving interval of the chunk states). FLIP: the adjoint's reverse scan over segments
+# runs as flips and a forward scan (see the kernel). The fastest of the same sweeps.
+_N1_BWD_TILES = [(4, 16, 16, 2, 4, False, True, 168), (4, 16, 8, 4, 1, True, True, None),
+                 (4, 16, 16, 2, 4, False, False, 128), (4, 16, 16, 2, 4, False, True, None),
+                 (4, 16, 8, 4, 1, False, True, None), (8, 8, 16, 2, 2, True, True, None),
+                 (2, 32, 16, 4, 4, False, True, None)]
 
 
 def _prune_n1_bwd(configs, named_args, **kwargs):
@@ -216,8 +219,9 @@ def n1_bwd_block_d_candidates(CPG: int):
 
 
 _n1_bwd_tuned = triton.autotune(
-    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec, "FLIP": flip, "PREFETCH": pf}, num_warps=w)
-             for tt, lt, bd, vec, w, flip, pf in _N1_BWD_TILES],
+    configs=[triton.Config({"TT": tt, "LT": lt, "BD": bd, "VEC": vec, "FLIP": flip, "PREFETCH": pf}, num_warps=w,
+                           maxnreg=cap)
+             for tt, lt, bd, vec, w, flip, pf, cap in _N1_BWD_TILES],
     key=["CPG", "K", "DX_MERGE", "HAS_D", "HAS_BIAS", "SOFTPLUS"],
     prune_configs_by={"early_config_prune": _prune_n1_bwd},
 )(triton.heuristics({"EVEN_D": lambda a: _even_n1(a)["EVEN_D"], "EVEN_T": lambda a: _even_n1(a)["EVEN_T"]})(

@@ -78,17 +78,34 @@ def _softplus(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def _segment_positions(routes, k, t0, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T: tl.constexpr):
+def _walk_start(t0, n_in):
+    """Row and column of step t0 on an affine walk with rows of n_in steps (anything for a route that is no
+    walk, whose positions are read instead)."""
+    n = tl.maximum(n_in, 1)
+    row = t0 // n
+    return row, t0 - row * n
+
+
+@triton.jit
+def _walk_move(row, col, d_row, d_col, n_in):
+    """Row and column d_row·n_in + d_col steps on (0 <= d_col < n_in): chunk after chunk without a division,
+    which costs some thirty instructions per thread."""
+    col = col + d_col
+    wrap = col >= n_in
+    return row + d_row + wrap.to(tl.int32), tl.where(wrap, col - n_in, col)
+
+
+@triton.jit
+def _segment_positions(routes, k, t0, row, col, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T: tl.constexpr):
     """Pixels p [TT, LT, 1] of steps t0 + step of route k, and which steps are real. ``walk``: the route
-    is the affine walk (base, n_in, s_in, s_out) and TT <= n_in, so a segment wraps a row at most once."""
+    is the affine walk (base, n_in, s_in, s_out), on which step t0 is at (row, col), and TT <= n_in, so a
+    segment wraps a row at most once."""
     t = t0 + step
     if EVEN_T:  # whole segments are in or out
         valid = (step >= 0) & (t0 < Lr)
     else:
         valid = t < Lr
     if walk:
-        row = t0 // n_in
-        col = t0 - row * n_in
         p = base + col * s_in + row * s_out + step * s_in + tl.where(col + step >= n_in, s_out - n_in * s_in, 0)
     else:
         p = tl.load(routes + k * Lr + t, mask=valid, other=-1)
@@ -166,6 +183,18 @@ def _route_walk(route_info, k, TT: tl.constexpr):
     walk = (tl.load(info + INFO_AFFINE) != 0) & (n_in >= TT)
     return (tl.load(info + INFO_FIRST_MODE), walk, tl.load(info + INFO_BASE), n_in, tl.load(info + INFO_S_INNER),
             tl.load(info + INFO_S_OUTER))
+
+
+@triton.jit
+def _chunk_move(n_in, BT: tl.constexpr, BACK: tl.constexpr):
+    """(d_row, d_col) of a move by BT steps (back with BACK) on a walk with rows of n_in steps."""
+    n = tl.maximum(n_in, 1)
+    d_row = BT // n
+    d_col = BT - d_row * n
+    if BACK:
+        d_row = -d_row - (d_col != 0).to(tl.int32)
+        d_col = tl.where(d_col == 0, 0, n - d_col)
+    return d_row, d_col
 
 
 @triton.jit
@@ -293,16 +322,20 @@ def route_scan_n1_fwd_kernel(
         A_k, D_k, bias_k = _channel_params(A, D, delta_bias, k, sA_k, sA_d, sD_k, offs_d, mask_d, HAS_D, HAS_BIAS)
         A_log2 = A_k * LOG2E  # decay = 2^(dt·A·log2 e)
         h = tl.zeros([1, 1, BD], dtype=tl.float32)
+        d_row, d_col = _chunk_move(n_in, BT, False)
         # Software pipelining: chunk c + 1 is requested before chunk c is computed.
         t0 = seg * TT
-        p, valid = _segment_positions(routes, k, t0, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+        row, col = _walk_start(t0, n_in)
+        p, valid = _segment_positions(routes, k, t0, row, col, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
         dt, xv, Bv, Cv, old = _segment_loads(x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k,
                                              sC_t, out_img, so_k, so_t, first_visit, k, t0, step, Lr, p, valid, d3,
                                              md3, first_mode, MERGE)
         for c in range(0, tl.cdiv(Lr, BT)):
             t1 = t0 + BT
+            row, col = _walk_move(row, col, d_row, d_col, n_in)
             if PREFETCH:
-                p1, valid1 = _segment_positions(routes, k, t1, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+                p1, valid1 = _segment_positions(routes, k, t1, row, col, step, Lr, walk, base, n_in, s_in, s_out,
+                                                EVEN_T)
                 dt1, xv1, Bv1, Cv1, old1 = _segment_loads(
                     x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, out_img, so_k,
                     so_t, first_visit, k, t1, step, Lr, p1, valid1, d3, md3, first_mode, MERGE)
@@ -324,7 +357,8 @@ def route_scan_n1_fwd_kernel(
                 y += old.to(tl.float32)
             tl.store(out_img + k * so_k + p * so_t + d3, y.to(out.dtype.element_ty), mask=m)
             if not PREFETCH:  # the same loads, issued after the compute
-                p1, valid1 = _segment_positions(routes, k, t1, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+                p1, valid1 = _segment_positions(routes, k, t1, row, col, step, Lr, walk, base, n_in, s_in, s_out,
+                                                EVEN_T)
                 dt1, xv1, Bv1, Cv1, old1 = _segment_loads(
                     x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, out_img, so_k,
                     so_t, first_visit, k, t1, step, Lr, p1, valid1, d3, md3, first_mode, MERGE)
@@ -359,15 +393,16 @@ def _segment_maps_from_end(seg_a, seg_b, seg, FLIP: tl.constexpr, SEG_AXIS: tl.c
 
 @triton.jit
 def _bwd_chunk_loads(x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, g_img, sg_k, sg_t,
-                     dx_img, sdx_k, sdx_t, states_k, routes, first_visit, k, c, step, seg, Lr, CPG, walk, base, n_in,
-                     s_in, s_out, first_mode, d3, md3, DX_MERGE: tl.constexpr, EVEN_T: tl.constexpr):
+                     dx_img, sdx_k, sdx_t, states_k, routes, first_visit, k, c, row, col, step, seg, Lr, CPG, walk,
+                     base, n_in, s_in, s_out, first_mode, d3, md3, DX_MERGE: tl.constexpr, EVEN_T: tl.constexpr):
     """What the backward reads for chunk c of route k, as stored: positions p and which steps are real, delta,
     x, dout [TT, LT, BD], B, C [TT, LT, 1], the chunk's saved starting state [1, 1, BD], and for a serial dx
     merge the sums of the earlier routes at p (zero at first visits). A route visits a pixel once, so these
-    may be read before the route's later chunks are stored."""
+    may be read before the route's later chunks are stored. (row, col): where chunk c's segments start on
+    the route's walk."""
     TT: tl.constexpr = step.numel
     t0 = c * (TT * seg.numel) + seg * TT
-    p, valid = _segment_positions(routes, k, t0, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
+    p, valid = _segment_positions(routes, k, t0, row, col, step, Lr, walk, base, n_in, s_in, s_out, EVEN_T)
     m = valid & md3
     dt = tl.load(dt_img + k * sdt_k + p * sdt_t + d3, mask=m, other=0.0)
     xv = tl.load(x_img + k * sx_k + p * sx_t + d3, mask=m, other=0.0)
@@ -459,19 +494,24 @@ def route_scan_n1_bwd_kernel(
         acc_dbias = tl.zeros([seg.shape[0], seg.shape[1], BD], dtype=tl.float32)
         states_k = chunk_states + (b64 * K + k) * n_chunks * CPG
         c = n_chunks - 1
+        back_row, back_col = _chunk_move(n_in, BT, True)
+        row, col = _walk_start(c * BT + seg * TT, n_in)
         p, valid, dt_in, x_in, B_in, C_in, dy_in, h0, dx_old = _bwd_chunk_loads(
             x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, g_img, sg_k, sg_t, dx_img,
-            sdx_k, sdx_t, states_k, routes, first_visit, k, c, step, seg, Lr, CPG, walk, base, n_in, s_in, s_out,
-            first_mode, d3, md3, DX_MERGE, EVEN_T)
+            sdx_k, sdx_t, states_k, routes, first_visit, k, c, row, col, step, seg, Lr, CPG, walk, base, n_in, s_in,
+            s_out, first_mode, d3, md3, DX_MERGE, EVEN_T)
         for i in range(0, n_chunks):
             t = c * BT + seg * TT + step
             # Software pipelining: the previous chunk (the first again at the last) is requested first.
             c1 = tl.maximum(c - 1, 0)
+            row1, col1 = _walk_move(row, col, back_row, back_col, n_in)
+            row1 = tl.where(c > 0, row1, row)
+            col1 = tl.where(c > 0, col1, col)
             if PREFETCH:
                 p1, valid1, dt_in1, x_in1, B_in1, C_in1, dy_in1, h01, dx_old1 = _bwd_chunk_loads(
                     x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, g_img, sg_k,
-                    sg_t, dx_img, sdx_k, sdx_t, states_k, routes, first_visit, k, c1, step, seg, Lr, CPG, walk,
-                    base, n_in, s_in, s_out, first_mode, d3, md3, DX_MERGE, EVEN_T)
+                    sg_t, dx_img, sdx_k, sdx_t, states_k, routes, first_visit, k, c1, row1, col1, step, seg, Lr, CPG,
+                    walk, base, n_in, s_in, s_out, first_mode, d3, md3, DX_MERGE, EVEN_T)
             m = valid & md3
             dt_raw = dt_in.to(tl.float32)
             xv = x_in.to(tl.float32)
@@ -513,9 +553,9 @@ def route_scan_n1_bwd_kernel(
             if not PREFETCH:  # the same loads, issued after the compute
                 p1, valid1, dt_in1, x_in1, B_in1, C_in1, dy_in1, h01, dx_old1 = _bwd_chunk_loads(
                     x_img, sx_k, sx_t, dt_img, sdt_k, sdt_t, B_img, sB_k, sB_t, C_img, sC_k, sC_t, g_img, sg_k,
-                    sg_t, dx_img, sdx_k, sdx_t, states_k, routes, first_visit, k, c1, step, seg, Lr, CPG, walk,
-                    base, n_in, s_in, s_out, first_mode, d3, md3, DX_MERGE, EVEN_T)
-            c, p, valid, h0, dx_old = c1, p1, valid1, h01, dx_old1
+                    sg_t, dx_img, sdx_k, sdx_t, states_k, routes, first_visit, k, c1, row1, col1, step, seg, Lr, CPG,
+                    walk, base, n_in, s_in, s_out, first_mode, d3, md3, DX_MERGE, EVEN_T)
+            c, row, col, p, valid, h0, dx_old = c1, row1, col1, p1, valid1, h01, dx_old1
             dt_in, x_in, B_in, C_in, dy_in = dt_in1, x_in1, B_in1, C_in1, dy_in1
         part = (b64 * K + k) * CPG + offs_d
         tl.store(dA_part + part, tl.sum(tl.sum(acc_dA, axis=0), axis=0), mask=mask_d)
