@@ -19,7 +19,7 @@ paths (``triton_op``, ``unfused``, the reference) are timed as called, host incl
 
     python tools/bench_kernels.py --check --out results/   # check at real shapes, then benchmark
     python tools/bench_kernels.py --host-overhead           # CPU: the op's host time around its launches
-    python tools/bench_kernels.py --registers               # CPU: registers and spills of every tile, sm_90
+    python tools/bench_kernels.py --registers               # CPU: registers, spills, loop instructions, sm_90
     python tools/bench_kernels.py --tile-sweep --out r/     # GPU: the time of every d_state-1 tile
 """
 import argparse
@@ -444,15 +444,20 @@ def register_report(names):
                 args.update({k: rule(args) for k, rule in heuristics.items()})
                 constants = {p.name: args[p.name] for p in fn.params if p.is_constexpr}
                 values = {p.name: args[p.name] for p in fn.params if not p.is_constexpr}
-                usage = offline.resource_usage(offline.compile_kernel(fn, constants, cfg.num_warps,
-                                                                      maxnreg=cfg.maxnreg, args=values))
+                compiled = offline.compile_kernel(fn, constants, cfg.num_warps, maxnreg=cfg.maxnreg, args=values)
+                usage = offline.resource_usage(compiled)
+                loop = sum(offline.inner_loop_instructions(compiled).values())
+                # a d_state-1 thread holds TT steps × VEC channels of each chunk
+                per_thread = cfg.kwargs["TT"] * cfg.kwargs["VEC"] if "TT" in cfg.kwargs else None
                 tile = ", ".join(f"{k} {v}" for k, v in cfg.kwargs.items())
                 cap = f", cap {cfg.maxnreg}" if cfg.maxnreg else ""
                 rows.append(dict(shape=name, kernel=labels[tuner_name], tile=tile, warps=cfg.num_warps,
-                                 maxnreg=cfg.maxnreg, **usage))
+                                 maxnreg=cfg.maxnreg, loop_instructions=loop, elements_per_thread=per_thread,
+                                 **usage))
+                per_element = f" ({loop / per_thread:.0f} per element)" if per_thread else ""
                 print(f"{name:22s} {labels[tuner_name]:19s} {tile}, {cfg.num_warps} warps{cap}: "
-                      f"{usage.get('registers')} registers, {usage.get('spill_stores', 0)} B spill stores",
-                      flush=True)
+                      f"{usage.get('registers')} registers, {usage.get('spill_stores', 0)} B spill stores, "
+                      f"chunk loop {loop} instructions{per_element}", flush=True)
     return rows
 
 
@@ -627,7 +632,8 @@ def main(argv=None):
     parser.add_argument("--host-overhead", action="store_true",
                         help="only measure the host time of the op around its (stubbed) launches, on CPU")
     parser.add_argument("--registers", action="store_true",
-                        help="only compile the tiles the tuners may try for sm_90 (no GPU) and print their registers")
+                        help="only compile the tiles the tuners may try for sm_90 (no GPU) and print their registers, "
+                             "spills and chunk-loop instructions")
     parser.add_argument("--tile-sweep", action="store_true",
                         help="only time every tile of the d_state-1 kernels on the d_state-1 shapes (GPU)")
     parser.add_argument("--out", default=".")

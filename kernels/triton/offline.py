@@ -1,11 +1,13 @@
-"""Compile this library's kernels for an NVIDIA target without a GPU, and read their register use.
+"""Compile this library's kernels for an NVIDIA target without a GPU, and read their register use and loops.
 
 Triton compiles for a given target offline and its wheel ships ptxas, so a CPU-only machine can check that
 every kernel variant compiles for the GPUs users have, and see the registers and spills of each tile: the
 resource that limits these kernels (``model_cards/benchmarks/kernels.md``). Pointer arguments get the
 element types of a bf16 model (fp32 parameters and workspaces); nothing here runs a kernel.
 """
+import collections
 import os
+import re
 import subprocess
 import tempfile
 
@@ -13,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-__all__ = ["POINTER_TYPES", "compile_kernel", "resource_usage"]
+__all__ = ["POINTER_TYPES", "compile_kernel", "inner_loop_instructions", "resource_usage"]
 
 POINTER_TYPES = {
     "x": "bf16", "delta": "bf16", "A": "fp32", "B": "bf16", "C": "bf16", "D": "fp32", "delta_bias": "fp32",
@@ -85,3 +87,28 @@ def resource_usage(compiled, arch: str = "sm_90a") -> dict:
             if word == "spill" and words[i - 2].isdigit():
                 usage[f"spill_{words[i + 1]}"] = int(words[i - 2])
     return usage
+
+
+def inner_loop_instructions(compiled, min_length: int = 150) -> collections.Counter:
+    """Opcode counts of the innermost long loop of a compiled kernel's SASS: the shortest loop (a backward
+    branch and the code it jumps over) of at least ``min_length`` instructions, which in the scan kernels is
+    the chunk loop (shorter loops zero outputs). Empty when there is none."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    code = []  # (address, opcode, operands)
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(?:\.[A-Z0-9_.]+)?\s*(.*)", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    loops = []
+    for address, opcode, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
+        if target and int(target.group(1), 16) < address:
+            body = [op for a, op, _ in code if int(target.group(1), 16) <= a <= address]
+            if len(body) >= min_length:
+                loops.append(body)
+    return collections.Counter(min(loops, key=len)) if loops else collections.Counter()

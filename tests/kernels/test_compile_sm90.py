@@ -126,3 +126,20 @@ def test_step_axis_keeps_the_steps_in_one_thread():
         return kernel.asm["ptx"].count("shfl.sync")
 
     assert shuffles(axis) == 0 < shuffles(1 - axis)
+
+
+def test_chunk_loop_instructions_are_read_from_the_sass():
+    """``inner_loop_instructions`` finds the d_state-1 forward's chunk loop: three transcendentals per element a
+    thread holds (softplus's exp2 and log2, the decay's exp2), with its loads and stores, for two tile shapes;
+    and nothing when no loop is that long."""
+    from vmamba_kernels.triton import backend, offline, scan_n1
+
+    for TT, LT, BD, VEC, warps in [(4, 8, 32, 2, 4), (2, 16, 16, 4, 2)]:
+        constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, MERGE=scan.MERGE_SERIAL, ZERO_UNVISITED=True,
+                         SAVE_CHUNKS=False, SAVE_T=64, FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC, PREFETCH=True,
+                         STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=False)
+        kernel = compile_kernel(scan_n1.route_scan_n1_fwd_kernel, constants, warps)
+        loop = offline.inner_loop_instructions(kernel)
+        assert loop["MUFU"] == 3 * TT * VEC, (TT, VEC, loop)
+        assert loop["LDG"] > 0 and loop["STG"] > 0 and loop["BRA"] > 0, loop
+        assert not offline.inner_loop_instructions(kernel, min_length=100_000)
