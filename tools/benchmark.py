@@ -4,7 +4,9 @@
 For each model, precision (fp32, bf16/fp16 autocast) and memory format (contiguous, channels_last):
 
 - inference img/s at ``--batch-size`` (eval mode, ``torch.inference_mode``);
-- training img/s at ``--batch-size`` (forward + backward + AdamW step on random labels);
+- training img/s at ``--batch-size`` (forward + backward + AdamW step on random labels), with the median time of
+  a step and the host's part of it (until the step's Python returns, before the device finishes): a host time
+  near the step time means the host bounds training;
 - latency at batch 1 (median ms);
 - peak memory of inference and of training (CUDA only).
 
@@ -95,16 +97,22 @@ class Timer:
 
     def run(self, fn, warmup, iters):
         """Seconds per call: median over ``iters`` individually timed calls after ``warmup`` calls."""
+        return self.run_with_host(fn, warmup, iters)[0]
+
+    def run_with_host(self, fn, warmup, iters):
+        """(seconds per call, seconds until the call returns): medians over ``iters`` calls. The second is the
+        host's time to issue the work; where it nears the first, the host, not the device, sets the speed."""
         for _ in range(warmup):
             fn()
         self.sync()
-        times = []
+        times, host = [], []
         for _ in range(iters):
             start = time.perf_counter()
             fn()
+            host.append(time.perf_counter() - start)
             self.sync()
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(times), statistics.median(host)
 
 
 def _autocast(device, amp):
@@ -169,8 +177,10 @@ def bench_model(name, args, device, amp, memory_format):
             else:
                 loss.backward()
                 optimizer.step()
-        sec = timer.run(train_step, max(args.warmup // 2, 1), args.iters)
+        sec, host_sec = timer.run_with_host(train_step, max(args.warmup // 2, 1), args.iters)
         row['train_img_s'] = round(args.batch_size / sec, 1)
+        row['train_step_ms'] = round(1000 * sec, 2)
+        row['train_host_ms'] = round(1000 * host_sec, 2)
         row['train_peak_mib'] = _peak_mib(device)
         optimizer.zero_grad(set_to_none=True)
 
@@ -213,7 +223,8 @@ def bench_model(name, args, device, amp, memory_format):
 
 COLUMNS = [
     ('model', 'model'), ('params_m', 'params (M)'), ('precision', 'precision'), ('memory_format', 'memory format'),
-    ('infer_img_s', 'infer img/s'), ('train_img_s', 'train img/s'), ('latency_ms', 'latency bs1 (ms)'),
+    ('infer_img_s', 'infer img/s'), ('train_img_s', 'train img/s'), ('train_step_ms', 'train step (ms)'),
+    ('train_host_ms', 'train step host (ms)'), ('latency_ms', 'latency bs1 (ms)'),
     ('infer_peak_mib', 'infer peak MiB'), ('train_peak_mib', 'train peak MiB'), ('status', 'status'),
 ]
 

@@ -200,6 +200,8 @@ def test_benchmark_cpu_smoke_writes_tables(tmp_path):
     for r in rows:
         assert r['status'] == 'ok', r
         assert float(r['infer_img_s']) > 0 and float(r['train_img_s']) > 0 and float(r['latency_ms']) > 0
+        # the host's part of a step is part of the step (medians of per-step pairs keep the order)
+        assert 0 < float(r['train_host_ms']) <= float(r['train_step_ms']), r
     md = (out / 'benchmark.md').read_text()
     meta = json.loads((out / 'benchmark.json').read_text())
     assert 'commit abc1234,' in md and meta['commit'] == 'abc1234'
