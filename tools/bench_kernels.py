@@ -544,10 +544,9 @@ def _sweep_warm(job):
 
 
 def tile_sweep(names, batch, dtype_name, workers=1):
-    """Time every tile of ``sweep_configs`` on each d_state-1 2D shape, one tile at a time: the forward without
-    and with saved chunk states, and the backward from saved states. Workers compile the tiles first."""
-    import triton
-
+    """Time every tile of ``sweep_configs`` on each d_state-1 2D shape, one tile at a time and as CUDA graph
+    replays like the fused kernels in ``bench_shape``: the forward without and with saved chunk states, and the
+    backward from saved states. Workers compile the tiles first."""
     configs = sweep_configs()
     names = [n for n in names if SHAPES[n]["op"] == "2d" and SHAPES[n]["N"] == 1]
     jobs = [(n, kernel, i, dtype_name) for n in names for kernel, cfgs in configs.items() for i in range(len(cfgs))]
@@ -564,8 +563,7 @@ def tile_sweep(names, batch, dtype_name, workers=1):
             want = run()  # the tuned tiles' result: every tile must give the same
             for cfg in configs[kernel]:
                 got = _with_config(tuner, cfg, run)
-                ms = got if isinstance(got, str) else _with_config(
-                    tuner, cfg, lambda: triton.testing.do_bench(run, warmup=5, rep=40))
+                ms = got if isinstance(got, str) else _with_config(tuner, cfg, lambda: time_ms(run, graph=True))
                 failed = isinstance(ms, str)
                 err = None if failed else _max_rel_err(got, want)
                 rows.append(dict(shape=name, kernel=kernel, config=str(cfg), ms=None if failed else ms,

@@ -69,9 +69,14 @@ def compile_kernel(fn, constants: dict, num_warps: int, arch: int = 90, maxnreg=
                           target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def _bundled_tool(name: str) -> str:
+    """Path of a CUDA tool that Triton's wheel ships (ptxas, cuobjdump)."""
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
 def resource_usage(compiled, arch: str = "sm_90a") -> dict:
     """Registers per thread and spill bytes of a compiled kernel, as Triton's bundled ptxas reports them."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = _bundled_tool("ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
@@ -93,7 +98,7 @@ def inner_loop_instructions(compiled, min_length: int = 150) -> collections.Coun
     """Opcode counts of the innermost long loop of a compiled kernel's SASS: the shortest loop (a backward
     branch and the code it jumps over) of at least ``min_length`` instructions, which in the scan kernels is
     the chunk loop (shorter loops zero outputs). Empty when there is none."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cuobjdump = _bundled_tool("cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:

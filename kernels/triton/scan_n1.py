@@ -188,12 +188,10 @@ def _route_walk(route_info, k, TT: tl.constexpr):
 @triton.jit
 def _chunk_move(n_in, BT: tl.constexpr, BACK: tl.constexpr):
     """(d_row, d_col) of a move by BT steps (back with BACK) on a walk with rows of n_in steps."""
-    n = tl.maximum(n_in, 1)
-    d_row = BT // n
-    d_col = BT - d_row * n
+    d_row, d_col = _walk_start(BT, n_in)
     if BACK:
         d_row = -d_row - (d_col != 0).to(tl.int32)
-        d_col = tl.where(d_col == 0, 0, n - d_col)
+        d_col = tl.where(d_col == 0, 0, tl.maximum(n_in, 1) - d_col)
     return d_row, d_col
 
 
