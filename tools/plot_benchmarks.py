@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Paper top-1 against measured throughput: the picture for choosing a backbone.
+
+Reads committed benchmark JSON, in either of the two formats this repository writes:
+
+- the side-by-side harness (``{"meta": ..., "results": [{"model": "zoo_vmamba_t", "config": "vmamba_tiny_s1l8",
+  "infer_bf16_img_s": ..., "train_bf16_img_s": ...}, ...]}``, official implementations included);
+- ``tools/benchmark.py`` (``{"rows": [{"model": ..., "precision": "bf16", "infer_img_s": ...}]}``, or a
+  ``{"runs": [{"rows": [...]}]}`` history).
+
+and draws two panels, inference and training img/s (x) against ImageNet-1k top-1 from the papers (y), one
+point per zoo model and baseline, with each family's official code where the file has it. Later files win
+where two give the same model.
+
+    python tools/plot_benchmarks.py model_cards/benchmarks/side_by_side_h100_abc1234.json \
+        --out model_cards/throughput_accuracy.png
+    python tools/plot_benchmarks.py A.json --markdown        # also print the table behind the plot
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cli_common import ToolArgumentParser, UsageError, run_tool  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_DIR = os.path.join(REPO, 'tests', 'data', 'paper')
+# ImageNet-1k top-1 of the baselines at 224², as their papers report them (ConvNeXt arXiv 2201.03545, Table 1;
+# Swin arXiv 2103.14030, Table 1a).
+BASELINE_TOP1 = {'convnext_tiny': 82.1, 'swin_tiny_patch4_window7_224': 81.3}
+# The harness's names of the official implementations, and the zoo model each one is.
+OFFICIAL = {'vmamba_t': 'vmamba_tiny_s1l8', 'groupmamba_t': 'groupmamba_tiny',
+            'efficientvmamba_t': 'efficientvmamba_tiny', 'spatialmamba_t': 'spatialmamba_tiny'}
+FAMILY_COLORS = {'vmamba': 'tab:blue', 'groupmamba': 'tab:green', 'efficientvmamba': 'tab:orange',
+                 'spatialmamba': 'tab:red', 'plainmamba': 'tab:purple', 'vim2': 'tab:brown'}
+
+
+def paper_top1(paper_dir=PAPER_DIR):
+    """Model name -> the paper's top-1, from the per-family JSON the tests check the models against."""
+    top1 = dict(BASELINE_TOP1)
+    for path in sorted(glob.glob(os.path.join(paper_dir, '*.json'))):
+        with open(path) as f:
+            for name, entry in json.load(f).items():
+                if entry.get('top1') is not None:
+                    top1[name] = float(entry['top1'])
+    return top1
+
+
+def read_points(path):
+    """[(model, implementation, infer img/s or None, train img/s or None)] from one benchmark file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f'cannot read benchmark JSON {path}: {e}') from e
+    points = []
+    if isinstance(data, dict) and 'results' in data:  # side-by-side harness
+        for rec in data['results']:
+            name = rec.get('model', '')
+            if name.startswith('zoo_'):
+                model, impl = rec.get('config') or name[4:], 'vmamba_zoo'
+            elif name in OFFICIAL:
+                model, impl = OFFICIAL[name], 'official'
+            else:
+                model, impl = name, 'timm'
+            points.append((model, impl, rec.get('infer_bf16_img_s'), rec.get('train_bf16_img_s')))
+        return points
+    rows = []
+    if isinstance(data, dict) and 'rows' in data:
+        rows = data['rows']
+    elif isinstance(data, dict) and 'runs' in data:
+        rows = [r for run in data['runs'] for r in run.get('rows', [])]
+    else:
+        raise UsageError(f'{path} is neither a side-by-side harness file (results) nor a tools/benchmark.py file '
+                         f'(rows or runs)')
+    for r in rows:
+        if r.get('precision', 'bf16') != 'bf16' or r.get('memory_format', 'contiguous') != 'contiguous':
+            continue
+        impl = 'timm' if r['model'] in BASELINE_TOP1 else 'vmamba_zoo'
+        points.append((r['model'], impl, r.get('infer_img_s'), r.get('train_img_s')))
+    return points
+
+
+def merge(paths):
+    """(model, implementation) -> [infer, train]; later files win, value by value."""
+    table = {}
+    for path in paths:
+        for model, impl, infer, train in read_points(path):
+            cell = table.setdefault((model, impl), [None, None])
+            for i, v in enumerate((infer, train)):
+                if v is not None:
+                    cell[i] = float(v)
+    return table
+
+
+def family(model):
+    for prefix in FAMILY_COLORS:
+        if model.startswith(prefix):
+            return prefix
+    return None
+
+
+def markdown(table, top1):
+    lines = ['| model | implementation | paper top-1 | infer img/s | train img/s |', '|---|---|---|---|---|']
+    for (model, impl), (infer, train) in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        fmt = lambda v: '' if v is None else f'{v:.0f}'  # noqa: E731
+        lines.append(f'| {model} | {impl} | {top1.get(model, "")} | {fmt(infer)} | {fmt(train)} |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot(table, top1, out, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    drawn = 0
+    for ax, index, label in ((axes[0], 0, 'inference'), (axes[1], 1, 'training')):
+        for (model, impl), values in sorted(table.items()):
+            speed = values[index]
+            if speed is None or model not in top1:
+                continue
+            fam = family(model)
+            color = FAMILY_COLORS.get(fam, 'black')
+            marker = {'vmamba_zoo': 'o', 'official': 'x', 'timm': 's'}[impl]
+            ax.scatter(speed, top1[model], c=color, marker=marker, s=55 if impl != 'official' else 70)
+            ax.annotate(model if impl != 'official' else f'{model} (official)', (speed, top1[model]),
+                        textcoords='offset points', xytext=(5, 4), fontsize=7)
+            drawn += 1
+        ax.set_xlabel(f'{label} img/s (bf16, batch 128, 224²)')
+        ax.set_xscale('log')
+        ax.grid(True, which='both', alpha=0.3)
+        ax.set_title(label)
+    axes[0].set_ylabel('ImageNet-1k top-1 (%, paper)')
+    handles = [plt.Line2D([], [], ls='', marker=m, color='gray', label=lab)
+               for m, lab in (('o', 'vmamba_zoo'), ('x', 'official code'), ('s', 'timm baseline'))]
+    axes[1].legend(handles=handles, loc='lower right', fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if drawn == 0:
+        raise UsageError('no model in the benchmark files has both a throughput and a paper top-1')
+    tmp = out + '.tmp.png'
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return drawn
+
+
+def build_parser():
+    p = ToolArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('inputs', nargs='+', help='benchmark JSON files (side-by-side harness or tools/benchmark.py)')
+    p.add_argument('--out', default=os.path.join(REPO, 'model_cards', 'throughput_accuracy.png'))
+    p.add_argument('--paper-dir', default=PAPER_DIR, help="folder of the papers' numbers (<family>.json)")
+    p.add_argument('--title', default=None)
+    p.add_argument('--markdown', action='store_true', help='print the table behind the plot')
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    table = merge(args.inputs)
+    top1 = paper_top1(args.paper_dir)
+    title = args.title or 'Top-1 against throughput; data: ' + ', '.join(os.path.basename(p) for p in args.inputs)
+    drawn = plot(table, top1, args.out, title)
+    missing = sorted({m for m, _ in table if m not in top1})
+    print(f'wrote {args.out}: {drawn} points' + (f'; no paper top-1 for {", ".join(missing)}' if missing else ''))
+    if args.markdown:
+        print(markdown(table, top1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run_tool(main))
