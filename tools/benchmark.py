@@ -8,7 +8,10 @@ For each model, precision (fp32, bf16/fp16 autocast) and memory format (contiguo
   a step and the host's part of it (until the step's Python returns, before the device finishes): a host time
   near the step time means the host bounds training;
 - latency at batch 1 (median ms);
-- peak memory of inference and of training (CUDA only).
+- peak memory of inference and of training (CUDA only);
+- cold start: seconds from building the model to the end of its first training step (``first_step_s``), which
+  holds Triton's compilation and any tile tuning. ``--empty-triton-cache`` gives each run an empty Triton
+  cache, as a new user's first run has; otherwise kernels compiled by earlier runs are reused.
 
     python tools/benchmark.py                                  # zoo T variants + convnext/swin/resnet50/mambaout
     python tools/benchmark.py --models zoo-tiny,baselines --batch-size 128 --amp fp32,bf16 --out-dir DIR
@@ -58,6 +61,8 @@ def build_parser():
     p.add_argument('--warmup', type=int, default=10, help='untimed iterations per measurement')
     p.add_argument('--iters', type=int, default=30, help='timed iterations per measurement')
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
+    p.add_argument('--empty-triton-cache', action='store_true',
+                   help='compile into a new, empty Triton cache (cold start as on a fresh machine)')
     p.add_argument('--device', default='auto')
     p.add_argument('--out-dir', default=None, help='write benchmark.csv / .md / .json here')
     p.add_argument('--commit', default=None, help='commit to record (default: git rev-parse of the working tree)')
@@ -142,6 +147,7 @@ def bench_model(name, args, device, amp, memory_format):
     timer = Timer(device)
     row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'img_size': args.img_size,
            'batch_size': args.batch_size}
+    build_start = time.perf_counter()
     model = create_model(name, img_size=args.img_size)
     row['params_m'] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
     model.to(device)
@@ -177,6 +183,9 @@ def bench_model(name, args, device, amp, memory_format):
             else:
                 loss.backward()
                 optimizer.step()
+        train_step()  # the first step: compilation and tuning, counted as cold start
+        timer.sync()
+        row['first_step_s'] = round(time.perf_counter() - build_start, 2)
         sec, host_sec = timer.run_with_host(train_step, max(args.warmup // 2, 1), args.iters)
         row['train_img_s'] = round(args.batch_size / sec, 1)
         row['train_step_ms'] = round(1000 * sec, 2)
@@ -224,7 +233,7 @@ def bench_model(name, args, device, amp, memory_format):
 COLUMNS = [
     ('model', 'model'), ('params_m', 'params (M)'), ('precision', 'precision'), ('memory_format', 'memory format'),
     ('infer_img_s', 'infer img/s'), ('train_img_s', 'train img/s'), ('train_step_ms', 'train step (ms)'),
-    ('train_host_ms', 'train step host (ms)'), ('latency_ms', 'latency bs1 (ms)'),
+    ('train_host_ms', 'train step host (ms)'), ('first_step_s', 'first step (s)'), ('latency_ms', 'latency bs1 (ms)'),
     ('infer_peak_mib', 'infer peak MiB'), ('train_peak_mib', 'train peak MiB'), ('status', 'status'),
 ]
 
@@ -273,6 +282,9 @@ def main(argv=None):
     if device_name.startswith('cuda') and not torch.cuda.is_available():
         raise UsageError('--device cuda requested but CUDA is not available')
     device = torch.device(device_name)
+    if args.empty_triton_cache:
+        import tempfile
+        os.environ['TRITON_CACHE_DIR'] = tempfile.mkdtemp(prefix='triton-cache-')
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32

@@ -190,7 +190,7 @@ def test_benchmark_cpu_smoke_writes_tables(tmp_path):
     proc = run_script('benchmark.py', '--models', 'test_resnet,efficientvmamba_tiny', '--batch-size', '2',
                       '--img-size', '32', '--iters', '2', '--warmup', '1', '--amp', 'fp32,bf16',
                       '--memory-formats', 'contiguous,channels_last', '--device', 'cpu', '--out-dir', out,
-                      '--commit', 'abc1234')
+                      '--commit', 'abc1234', '--empty-triton-cache')
     assert_ok(proc)
     with open(out / 'benchmark.csv') as f:
         rows = list(csv.DictReader(f))
@@ -202,6 +202,8 @@ def test_benchmark_cpu_smoke_writes_tables(tmp_path):
         assert float(r['infer_img_s']) > 0 and float(r['train_img_s']) > 0 and float(r['latency_ms']) > 0
         # the host's part of a step is part of the step (medians of per-step pairs keep the order)
         assert 0 < float(r['train_host_ms']) <= float(r['train_step_ms']), r
+        # cold start: the build and the first step, which alone takes longer than a steady step's median
+        assert float(r['first_step_s']) * 1000 > float(r['train_step_ms']), r
     md = (out / 'benchmark.md').read_text()
     meta = json.loads((out / 'benchmark.json').read_text())
     assert 'commit abc1234,' in md and meta['commit'] == 'abc1234'
