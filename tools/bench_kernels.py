@@ -426,10 +426,10 @@ def register_report(names):
     chunk states, then the backward), compiled offline for sm_90 with the arguments the launchers pass (their
     strides and pointers specialized as Triton does at launch)."""
     from vmamba_kernels.triton import backend as tri
-    from vmamba_kernels.triton import offline
+    from vmamba_kernels.triton import offline, tiles
 
-    prunes = {"_fwd_tuned": tri._prune_fwd, "_bwd_tuned": tri._prune_bwd, "_n1_tuned": tri._prune_n1,
-              "_n1_bwd_tuned": tri._prune_n1_bwd}
+    prunes = {"_fwd_tuned": tiles._prune_fwd, "_bwd_tuned": tiles._prune_bwd, "_n1_tuned": tiles._prune_n1,
+              "_n1_bwd_tuned": tiles._prune_n1_bwd}
     labels = {"_fwd_tuned": "forward", "_bwd_tuned": "backward", "_n1_tuned": "forward, d_state 1",
               "_n1_bwd_tuned": "backward, d_state 1"}
     rows = []

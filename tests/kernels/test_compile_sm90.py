@@ -57,9 +57,9 @@ def test_missing_constants_are_named():
 def test_single_state_forward_compiles_for_sm90(merge, save_chunks):
     """scan_n1's forward, with the hardware log2 (inline PTX, which the interpreter tests cannot run), for every
     tile its tuner may try."""
-    from vmamba_kernels.triton import backend, scan_n1
+    from vmamba_kernels.triton import backend, scan_n1, tiles
 
-    for TT, LT, BD, VEC, warps, prefetch, cap in backend._N1_TILES:
+    for TT, LT, BD, VEC, warps, prefetch, cap in tiles._N1_TILES:
         constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, MERGE=merge, ZERO_UNVISITED=True,
                          SAVE_CHUNKS=save_chunks, SAVE_T=64, FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC,
                          PREFETCH=prefetch, STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=False)
@@ -71,9 +71,9 @@ def test_single_state_forward_compiles_for_sm90(merge, save_chunks):
 
 @pytest.mark.parametrize("dx_merge", [scan.MERGE_SERIAL, scan.MERGE_STORE], ids=["shared_x", "per_route_x"])
 def test_single_state_backward_compiles_for_sm90(dx_merge):
-    from vmamba_kernels.triton import backend, scan_n1
+    from vmamba_kernels.triton import backend, scan_n1, tiles
 
-    for TT, LT, BD, VEC, warps, flip, prefetch, cap in backend._N1_BWD_TILES:
+    for TT, LT, BD, VEC, warps, flip, prefetch, cap in tiles._N1_BWD_TILES:
         constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, DX_MERGE=dx_merge, ZERO_UNVISITED=True,
                          FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip, PREFETCH=prefetch,
                          STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=False)

@@ -48,23 +48,23 @@ def test_triton_matches_reference(group):
 def test_single_state_tiles_fit_every_channel_count(CPG):
     """The d_state-1 tuners keep a tile for any channel count (Triton raises on an empty list), backward tiles
     span one saved chunk, and the backward's workspaces (sized for the narrowest kept block) fit every tile."""
-    from vmamba_kernels.triton import backend
+    from vmamba_kernels.triton import tiles
 
     for save_chunks in (True, False):
-        kept = backend._prune_n1(backend._n1_tuned.configs, {}, CPG=CPG, SAVE_CHUNKS=save_chunks,
-                                 SAVE_T=backend.chunk_size(1))
+        kept = tiles._prune_n1(tiles._n1_tuned.configs, {}, CPG=CPG, SAVE_CHUNKS=save_chunks,
+                                 SAVE_T=tiles.chunk_size(1))
         assert kept, (CPG, save_chunks)
-    kept = backend._prune_n1_bwd(backend._n1_bwd_tuned.configs, {}, CPG=CPG)
-    assert kept and all(c.kwargs["TT"] * c.kwargs["LT"] == backend.chunk_size(1) for c in kept)
-    assert min(c.kwargs["BD"] for c in kept) >= min(backend.n1_bwd_block_d_candidates(CPG))
+    kept = tiles._prune_n1_bwd(tiles._n1_bwd_tuned.configs, {}, CPG=CPG)
+    assert kept and all(c.kwargs["TT"] * c.kwargs["LT"] == tiles.chunk_size(1) for c in kept)
+    assert min(c.kwargs["BD"] for c in kept) >= min(tiles.n1_bwd_block_d_candidates(CPG))
 
 
 def test_single_state_tiles_fill_their_warps():
     """Each d_state-1 tile puts BD / VEC channel lanes next to LT segment lanes and fills its warps exactly:
     more lanes would spread a segment's steps over threads, fewer would repeat work."""
-    from vmamba_kernels.triton import backend
+    from vmamba_kernels.triton import tiles
 
-    for TT, LT, BD, VEC, warps, *_ in backend._N1_TILES + backend._N1_BWD_TILES:
+    for TT, LT, BD, VEC, warps, *_ in tiles._N1_TILES + tiles._N1_BWD_TILES:
         assert BD // VEC * LT == 32 * warps, (TT, LT, BD, VEC, warps)
 
 
@@ -72,38 +72,38 @@ def test_single_state_tiles_fill_their_warps():
 def test_backward_tiles_fit_every_problem(N):
     """The backward's tuner must always keep a config (Triton raises on an empty list), lead with the default
     tile, and only offer channel blocks and tile sizes the kernel is built for."""
-    from vmamba_kernels.triton import backend
+    from vmamba_kernels.triton import tiles
 
     for CPG in (1, 3, 16, 96, 384, 1024):
-        BT, BN = backend.chunk_size(N), backend._pow2(N)
-        kept = backend._prune_bwd(backend._bwd_tuned.configs, {}, BT=BT, BN=BN, CPG=CPG, N=N)
+        BT, BN = tiles.chunk_size(N), tiles._pow2(N)
+        kept = tiles._prune_bwd(tiles._bwd_tuned.configs, {}, BT=BT, BN=BN, CPG=CPG, N=N)
         assert kept, (CPG, N)
         first = kept[0]
-        assert first.kwargs["BD"] == backend._bwd_block_d(CPG, N) and first.num_warps == 8
+        assert first.kwargs["BD"] == tiles._bwd_block_d(CPG, N) and first.num_warps == 8
         assert first.maxnreg is None
         for cfg in kept:
             BD = cfg.kwargs["BD"]
-            assert BD <= max(1, backend._pow2(CPG)), (CPG, N, BD)
+            assert BD <= max(1, tiles._pow2(CPG)), (CPG, N, BD)
             assert cfg is first or 1024 <= BT * BD * BN <= 4096, (CPG, N, BD)
         assert len({(c.kwargs["BD"], c.num_warps, c.maxnreg) for c in kept}) == len(kept)
-        assert min(backend.bwd_block_d_candidates(CPG, N)) == min(c.kwargs["BD"] for c in kept)
+        assert min(tiles.bwd_block_d_candidates(CPG, N)) == min(c.kwargs["BD"] for c in kept)
 
 
 @pytest.mark.parametrize("N, CPG, save_chunks", [(1, 96, True), (1, 96, False), (1, 16, False), (16, 384, True),
                                                   (16, 1, False)])
 def test_forward_tiles_lead_with_the_main_list_then_the_lean_ones(N, CPG, save_chunks):
-    from vmamba_kernels.triton import backend
+    from vmamba_kernels.triton import tiles
 
-    BN, save_t = backend._pow2(N), backend.chunk_size(N)
-    kept = backend._prune_fwd(backend._fwd_tuned.configs, {}, BN=BN, CPG=CPG, SAVE_T=save_t, SAVE_CHUNKS=save_chunks)
+    BN, save_t = tiles._pow2(N), tiles.chunk_size(N)
+    kept = tiles._prune_fwd(tiles._fwd_tuned.configs, {}, BN=BN, CPG=CPG, SAVE_T=save_t, SAVE_CHUNKS=save_chunks)
     assert kept and kept[0].maxnreg is None
-    assert len(kept) <= 4 + len(backend._FWD_LEAN_TILES)
-    main_list = backend._fwd_tuned.configs[:len(backend._FWD_TILES)]
+    assert len(kept) <= 4 + len(tiles._FWD_LEAN_TILES)
+    main_list = tiles._fwd_tuned.configs[:len(tiles._FWD_TILES)]
     from_main = [c in main_list for c in kept]
     assert from_main == sorted(from_main, reverse=True), "lean tiles come last"
     for cfg in kept:
         BT, BD = cfg.kwargs["BT"], cfg.kwargs["BD"]
-        assert cfg is kept[0] or (BD <= max(8, backend._pow2(CPG)) and 256 <= BT * BD * BN <= 4096), cfg
+        assert cfg is kept[0] or (BD <= max(8, tiles._pow2(CPG)) and 256 <= BT * BD * BN <= 4096), cfg
         assert not (save_chunks and BT > save_t), cfg
 
 
@@ -122,6 +122,7 @@ def _child(group):
     from vmamba_kernels import reference
     from vmamba_kernels.triton import alloc
     from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import tiles
 
     alloc.poison(True)
 
@@ -328,21 +329,21 @@ def _child(group):
         same_chunk_states("n1_snake_3x3", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 4, f32, "sum")
         # The backward's adjoint with reverse scans instead of flips; then with segments spread over more lanes
         # than a warp has, which it flips steps but scans segments in reverse (4 segments, 16 channel lanes).
-        tri.INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": False}
+        tiles.INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": False}
         scan_2d("n1_reverse_scans", vk.scan_routes("cross", 3, 5), 3, 5, 2, 12, 1, f32, "sum")
-        tri.INTERPRET_N1_TILE = {"TT": 1, "LT": 4, "BD": 16, "VEC": 1, "FLIP": True}
+        tiles.INTERPRET_N1_TILE = {"TT": 1, "LT": 4, "BD": 16, "VEC": 1, "FLIP": True}
         tri.n1_bwd_block_d_candidates.cache_clear()
         scan_2d("n1_segments_over_warps", vk.scan_routes("cross", 3, 5), 3, 5, 2, 12, 1, f32, "sum")
         # Steps on the tile's second axis (the layout Triton 3.6 keeps in one thread).
         tri.N1_STEP_AXIS = 1
-        tri.INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": True}
+        tiles.INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": True}
         tri.n1_bwd_block_d_candidates.cache_clear()
         scan_2d("n1_step_axis_1_cross", vk.scan_routes("cross", 5, 3), 5, 3, 2, 12, 1, f32, "sum")
         scan_2d("n1_step_axis_1_mixed", mixed, 3, 4, 1, 4, 1, f32, "sum")
         scan_2d("n1_step_axis_1_per_route", vk.scan_routes("cross", 3, 3), 3, 3, 1, 8, 1, f32, "none",
                 per_route_x=True)
         same_chunk_states("n1_step_axis_1_states", vk.scan_routes("cross", 4, 6), 4, 6, 2, 10, f32, "sum")
-        tri.INTERPRET_N1_TILE = {"TT": 4, "LT": 1, "BD": 8, "VEC": 1, "FLIP": False}
+        tiles.INTERPRET_N1_TILE = {"TT": 4, "LT": 1, "BD": 8, "VEC": 1, "FLIP": False}
         scan_2d("n1_step_axis_1_one_segment", vk.scan_routes("continuous", 3, 4), 3, 4, 1, 5, 1, f32, "sum")
     else:
         raise SystemExit(f"unknown group {group!r}")
