@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import scan_n1
-from .alloc import empty
+from .alloc import capturing, empty, persistent
 
 __all__ = ["RoutePlan", "route_plan"]
 
@@ -130,16 +130,31 @@ def _route_info(routes: torch.Tensor, first_visit: torch.Tensor) -> torch.Tensor
 
 
 # Plans of route tensors seen before, keyed by the identity of the tensor objects (models keep their
-# routes in buffers); an entry dies with its routes tensor.
+# routes in buffers); an entry dies with its routes tensor. Cached plans are allocated outside CUDA graph
+# pools, and none is cached while a graph is captured: that call's plan belongs to the graph.
 _cache: dict = {}
 
 
 def route_plan(routes: torch.Tensor, param_routes: torch.Tensor, L: int) -> RoutePlan:
     """The plan of (routes, param_routes) over L pixels; cached while both tensors are unchanged."""
-    stamp = (param_routes.data_ptr(), routes._version, param_routes._version, L, routes.data_ptr())
+    stamp = (routes.data_ptr(), param_routes.data_ptr(), routes._version, param_routes._version, L)
     hit = _cache.get(id(routes))
     if hit is not None and hit[0]() is routes and hit[1]() is param_routes and hit[2] == stamp:
         return hit[3]
+    if capturing():
+        return _build_plan(routes, param_routes, L)
+    with persistent(routes.device) as keep:
+        plan = _build_plan(routes, param_routes, L)
+        keep(*plan)
+    key = id(routes)
+    try:
+        _cache[key] = (weakref.ref(routes, lambda _: _cache.pop(key, None)), weakref.ref(param_routes), stamp, plan)
+    except TypeError:  # objects that take no weak references are simply not cached
+        pass
+    return plan
+
+
+def _build_plan(routes: torch.Tensor, param_routes: torch.Tensor, L: int) -> RoutePlan:
     K, Lr = routes.shape
     dev = routes.device
     plan = RoutePlan(
@@ -158,10 +173,4 @@ def route_plan(routes: torch.Tensor, param_routes: torch.Tensor, L: int) -> Rout
     route_plan_kernel[(1,)](routes.contiguous(), param_routes.contiguous(), first_key, plan.first_visit,
                             plan.parallel_ok, plan.coverage, plan.x_visited, plan.x_visited_any, plan.param_visited,
                             K, Lr, L, BLOCK=1024, num_warps=8)
-    plan = plan._replace(route_info=_route_info(routes, plan.first_visit))
-    key = id(routes)
-    try:
-        _cache[key] = (weakref.ref(routes, lambda _: _cache.pop(key, None)), weakref.ref(param_routes), stamp, plan)
-    except TypeError:  # objects that take no weak references are simply not cached
-        pass
-    return plan
+    return plan._replace(route_info=_route_info(routes, plan.first_visit))
