@@ -11,6 +11,15 @@ mode with its own large-kernel CUDA conv, whose border handling clamps indices (
 at offset o reads the padded pixel at o whatever the pad width, so both forms are the same function, borders
 included. The merged form costs K² = 121 instead of n·k² = 27 multiply-adds per output for k=3, d=(1, 3, 5)
 and in PyTorch it is no faster on GPU (it is on CPU), so it is opt-in here (``merge_at_eval``).
+
+Layout (``impl``). PyTorch sends a depthwise conv to cuDNN whenever the input's suggested memory format is
+channels_last, but rejects cuDNN for dilated depthwise convs on NCHW-contiguous input and falls back to its own
+slow kernels. The default ``impl="channels_last"`` therefore moves the states to channels_last once, in the same
+copy that casts them to the compute dtype (autocast's, else the parameters'), folds α into the kernels (three
+tiny products instead of three full-size scalings) and returns a channels_last map, which a channels-last
+caller reads as (B, H, W, C) without a copy. ``impl="nchw"`` is the plain form (pad, conv, scale per dilation
+in the input's layout), kept as the baseline for ``tools/bench_layers.py``; ``impl="merged"`` always runs the
+merged 11×11 kernel, channels_last.
 """
 from typing import Sequence, Tuple
 
@@ -18,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["StateFusion", "merge_dilated_kernels"]
+__all__ = ["StateFusion", "merge_dilated_kernels", "FUSION_IMPLS"]
 
 _PADDING_MODES = ("replicate", "zeros", "reflect", "circular")
+FUSION_IMPLS = ("channels_last", "nchw", "merged")
 
 
 def merge_dilated_kernels(weight: torch.Tensor, alpha: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
@@ -59,6 +69,9 @@ class StateFusion(nn.Module):
         padding_mode: border handling of every conv ("replicate" in Spatial-Mamba).
         merge_at_eval: in eval mode run the single merged kernel instead of one conv per dilation (same
             result). The merged kernel is rebuilt from the parameters on every call, so it never goes stale.
+        impl: "channels_last" (default: cuDNN-eligible layout, α folded into the kernels, one cast),
+            "nchw" (pad, conv and scale per dilation in the input's layout) or "merged" (the merged kernel in
+            training too). All compute the same function; see the module docstring.
 
     Parameters: ``weight`` (n, C, 1, k, k) and ``alpha`` (n,), all initialised to ones.
     """
@@ -70,6 +83,7 @@ class StateFusion(nn.Module):
             dilations: Sequence[int] = (1, 3, 5),
             padding_mode: str = "replicate",
             merge_at_eval: bool = False,
+            impl: str = "channels_last",
             device=None,
             dtype=None,
     ):
@@ -80,18 +94,21 @@ class StateFusion(nn.Module):
             raise ValueError(f"dilations must be a non-empty sequence of ints >= 1, got {tuple(dilations)}")
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        if impl not in FUSION_IMPLS:
+            raise ValueError(f"impl must be one of {FUSION_IMPLS}, got {impl!r}")
         dd = {"device": device, "dtype": dtype}
         self.dim = dim
         self.kernel_size = kernel_size
         self.dilations: Tuple[int, ...] = tuple(int(d) for d in dilations)
         self.padding_mode = padding_mode
         self.merge_at_eval = merge_at_eval
+        self.impl = impl
         self.weight = nn.Parameter(torch.ones(len(self.dilations), dim, 1, kernel_size, kernel_size, **dd))
         self.alpha = nn.Parameter(torch.ones(len(self.dilations), **dd))
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, kernel_size={self.kernel_size}, dilations={self.dilations}, "
-                f"padding_mode={self.padding_mode!r}, merge_at_eval={self.merge_at_eval}")
+                f"padding_mode={self.padding_mode!r}, merge_at_eval={self.merge_at_eval}, impl={self.impl!r}")
 
     def merged_kernel(self) -> torch.Tensor:
         """The single (C, 1, K, K) depthwise kernel equivalent to the sum of dilated convs."""
@@ -102,8 +119,35 @@ class StateFusion(nn.Module):
             return F.pad(h, (p, p, p, p))
         return F.pad(h, (p, p, p, p), mode=self.padding_mode)
 
+    def _conv(self, h: torch.Tensor, weight: torch.Tensor, p: int, dilation: int) -> torch.Tensor:
+        if self.padding_mode == "zeros":  # the conv pads with zeros itself, without a padded copy
+            return F.conv2d(h, weight, padding=p, dilation=dilation, groups=self.dim)
+        return F.conv2d(self._pad(h, p), weight, dilation=dilation, groups=self.dim)
+
+    def _channels_last(self, h: torch.Tensor) -> torch.Tensor:
+        """h in the dtype the convs compute in, channels_last: one copy (none if it already is)."""
+        device_type = h.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = self.weight.dtype
+        return h.to(dtype=dtype, memory_format=torch.channels_last)
+
     def forward_dilated(self, h: torch.Tensor) -> torch.Tensor:
         """Training form: one padded depthwise conv per dilation, weighted by alpha."""
+        if self.impl == "nchw":
+            return self._forward_dilated_nchw(h)
+        h = self._channels_last(h)
+        # α scales the kernels, not the outputs; cast once here rather than per conv by autocast
+        weight = (self.alpha.view(-1, 1, 1, 1, 1) * self.weight).to(h.dtype)
+        r = self.kernel_size // 2
+        out = None
+        for i, d in enumerate(self.dilations):
+            y = self._conv(h, weight[i], r * d, d)
+            out = y if out is None else out + y
+        return out
+
+    def _forward_dilated_nchw(self, h: torch.Tensor) -> torch.Tensor:
         r = self.kernel_size // 2
         out = None
         for i, d in enumerate(self.dilations):
@@ -114,13 +158,16 @@ class StateFusion(nn.Module):
     def forward_merged(self, h: torch.Tensor) -> torch.Tensor:
         """Eval form: one padded depthwise conv with the merged kernel."""
         kernel = self.merged_kernel()
-        return F.conv2d(self._pad(h, kernel.shape[-1] // 2), kernel, groups=self.dim)
+        if self.impl != "nchw":
+            h = self._channels_last(h)
+            kernel = kernel.to(h.dtype)
+        return self._conv(h, kernel, kernel.shape[-1] // 2, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.ndim != 4 or h.shape[1] != self.dim:
             raise ValueError(f"expected states (B, {self.dim}, H, W), got {tuple(h.shape)}")
-        if h.dtype != self.weight.dtype:
+        if self.impl == "nchw" and h.dtype != self.weight.dtype:
             h = h.to(self.weight.dtype)
-        if self.merge_at_eval and not self.training:
+        if self.impl == "merged" or (self.merge_at_eval and not self.training):
             return self.forward_merged(h)
         return self.forward_dilated(h)

@@ -24,9 +24,11 @@ from vmamba_kernels import selective_scan_states
 
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
-from vmamba_zoo.layers.state_fusion import StateFusion
+from ..layers.state_fusion import FUSION_IMPLS, StateFusion
 
-__all__ = ["SpatialMamba", "StructureAwareSSM", "SpatialMambaBlock"]
+__all__ = ["SpatialMamba", "StructureAwareSSM", "SpatialMambaBlock", "MIXER_LAYOUTS", "FUSION_IMPLS"]
+
+MIXER_LAYOUTS = ("channels_last", "channels_first")
 
 
 class ConvNormAct(nn.Module):
@@ -59,7 +61,8 @@ class Stem(nn.Module):
         )
 
     def forward(self, x):
-        x = self.conv1(x)
+        # channels_last all the way, so that the (B, H, W, C) view handed to the blocks is contiguous
+        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
         x = self.conv2(x) + x
         x = self.conv3(x)
         return x.permute(0, 2, 3, 1)
@@ -87,6 +90,11 @@ class StructureAwareSSM(nn.Module):
 
     in_proj → (x, z); x ← SiLU(dwconv3×3(x)); one raster scan keeping every hidden state h (d_state 1);
     h ← StateFusion(h) on the image grid; y = C·h + D·x; out_proj(LayerNorm(y) · SiLU(z)).
+
+    ``layout="channels_last"`` (default) keeps x, the fused states and y in (B, H, W, C) memory order: the scan
+    reads x through strides, the convs run channels_last (cuDNN), and y reaches the LayerNorm without a
+    transpose copy or an extra cast. ``layout="channels_first"`` is the NCHW form (x and y as (B, C, L)), kept
+    as the baseline for ``tools/bench_layers.py``. Both compute the same function.
     """
 
     def __init__(
@@ -101,8 +109,13 @@ class StructureAwareSSM(nn.Module):
             dt_init_floor: float = 1e-4,
             proj_drop: float = 0.,
             fusion_merge_at_eval: bool = False,
+            fusion_impl: str = "channels_last",
+            layout: str = "channels_last",
     ):
         super().__init__()
+        if layout not in MIXER_LAYOUTS:
+            raise ValueError(f"layout must be one of {MIXER_LAYOUTS}, got {layout!r}")
+        self.layout = layout
         if d_state != 1:
             # the fused states are laid out one map per channel; C·h over N > 1 states has no official form
             raise ValueError(f"Spatial-Mamba's state fusion needs d_state=1, got {d_state}")
@@ -119,7 +132,8 @@ class StructureAwareSSM(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.state_fusion = StateFusion(
-            d_inner, kernel_size=3, dilations=(1, 3, 5), padding_mode="replicate", merge_at_eval=fusion_merge_at_eval)
+            d_inner, kernel_size=3, dilations=(1, 3, 5), padding_mode="replicate", merge_at_eval=fusion_merge_at_eval,
+            impl=fusion_impl)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -138,6 +152,28 @@ class StructureAwareSSM(nn.Module):
         self.D.fill_(1.)
 
     def forward(self, x):
+        if self.layout == "channels_first":
+            return self._forward_channels_first(x)
+        Bt, H, W, _ = x.shape
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        x = self.act(self.conv(x)).permute(0, 2, 3, 1)  # (Bt, H, W, Di), contiguous
+        xl = x.reshape(Bt, H * W, self.d_inner)
+
+        x_dbl = F.linear(xl, self.x_proj.weight)  # (Bt, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # bias added (then softplus) in the scan
+        h = selective_scan_states(
+            xl.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log), B.transpose(1, 2),
+            delta_bias=self.dt_proj.bias, delta_softplus=True,
+        )  # (Bt, Di, 1, L), fp32 or wider
+        h = self.state_fusion(h.view(Bt, self.d_inner, H, W)).permute(0, 2, 3, 1)  # (Bt, H, W, Di)
+        # D·x + C·h in one more pass; the LayerNorm computes in fp32 under autocast, so no cast in between
+        y = torch.addcmul(x * self.D, h, C.reshape(Bt, H, W, self.d_state))
+        y = self.out_norm(y) * F.silu(z)
+        return self.proj_drop(self.out_proj(y))
+
+    def _forward_channels_first(self, x):
         Bt, H, W, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = self.act(self.conv(x.permute(0, 3, 1, 2)))  # (Bt, Di, H, W)
@@ -168,12 +204,15 @@ class SpatialMambaBlock(nn.Module):
             proj_drop: float = 0.,
             norm_layer=nn.LayerNorm,
             fusion_merge_at_eval: bool = False,
+            fusion_impl: str = "channels_last",
+            mixer_layout: str = "channels_last",
     ):
         super().__init__()
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = norm_layer(dim)
         self.mixer = StructureAwareSSM(
-            dim, d_state=d_state, proj_drop=proj_drop, fusion_merge_at_eval=fusion_merge_at_eval)
+            dim, d_state=d_state, proj_drop=proj_drop, fusion_merge_at_eval=fusion_merge_at_eval,
+            fusion_impl=fusion_impl, layout=mixer_layout)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = norm_layer(dim)
@@ -201,6 +240,8 @@ class SpatialMambaStage(nn.Module):
             proj_drop: float = 0.,
             norm_layer=nn.LayerNorm,
             fusion_merge_at_eval: bool = False,
+            fusion_impl: str = "channels_last",
+            mixer_layout: str = "channels_last",
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -209,7 +250,7 @@ class SpatialMambaStage(nn.Module):
             SpatialMambaBlock(
                 dim_out, mlp_ratio=mlp_ratio, d_state=d_state,
                 drop_path=drop_path[j] if drop_path else 0., proj_drop=proj_drop, norm_layer=norm_layer,
-                fusion_merge_at_eval=fusion_merge_at_eval)
+                fusion_merge_at_eval=fusion_merge_at_eval, fusion_impl=fusion_impl, mixer_layout=mixer_layout)
             for j in range(depth)
         ])
 
@@ -228,6 +269,10 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
     `fusion_merge_at_eval=True` runs each state fusion in eval mode as one merged 11×11 depthwise conv, as the
     official code does; the default keeps the three dilated 3×3 convs, the same function at 27 rather than 121
     multiply-adds per output (the count the paper's FLOPs use).
+
+    `fusion_impl` ("channels_last", "nchw", "merged") and `mixer_layout` ("channels_last", "channels_first")
+    pick among implementations of the same function (see `StateFusion` and `StructureAwareSSM`); the defaults
+    are the fast ones, the others are baselines for `tools/bench_layers.py`. Neither changes the state dict.
     """
 
     def __init__(
@@ -244,6 +289,8 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
             drop_path_rate: float = 0.,
             norm_layer=nn.LayerNorm,
             fusion_merge_at_eval: bool = False,
+            fusion_impl: str = "channels_last",
+            mixer_layout: str = "channels_last",
             img_size: Optional[Union[int, Tuple[int, int]]] = None,  # accepted for timm API; any size works
             **kwargs,
     ):
@@ -270,7 +317,7 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
             self.stages.append(SpatialMambaStage(
                 prev_dim, dims[i], depth, downsample=i > 0, mlp_ratio=mlp_ratio, d_state=d_state,
                 drop_path=dp_rates[i], proj_drop=proj_drop_rate, norm_layer=norm_layer,
-                fusion_merge_at_eval=fusion_merge_at_eval))
+                fusion_merge_at_eval=fusion_merge_at_eval, fusion_impl=fusion_impl, mixer_layout=mixer_layout))
             self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"stages.{i}"))
             prev_dim = dims[i]
         self.norm = norm_layer(self.num_features)
