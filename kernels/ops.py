@@ -28,6 +28,10 @@ BACKENDS = ("auto", "reference", "triton")
 MERGES = ("sum", "none")
 _VALIDATED_ROUTES = WeakIdKeyDictionary()
 _VALIDATED_PADDING = WeakIdKeyDictionary()
+# Signatures (op, options, and each tensor's shape, dtype and device) whose checks passed: a repeated call
+# skips them. Bounded; cleared when full.
+_VALID_SIGNATURES = set()
+_MAX_SIGNATURES = 4096
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -108,6 +112,37 @@ def _backend(name: str):
 # Input validation
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured: value checks (host syncs) are skipped and no cache is filled
+    (the calls before the capture have checked the values)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _signature(op, options, tensors):
+    """What the shape, dtype and device checks of a call depend on; None where an argument is not a tensor."""
+    sig = [op, options]
+    for t in tensors:
+        if t is None:
+            sig.append(None)
+        elif isinstance(t, Tensor):
+            sig.append((t.shape, t.dtype, t.device))
+        else:
+            return None
+    return tuple(sig)
+
+
+def _checked(sig) -> bool:
+    return sig is not None and sig in _VALID_SIGNATURES
+
+
+def _remember(sig) -> None:
+    if sig is None or torch.compiler.is_compiling() or _capturing():
+        return
+    if len(_VALID_SIGNATURES) >= _MAX_SIGNATURES:
+        _VALID_SIGNATURES.clear()
+    _VALID_SIGNATURES.add(sig)
+
+
 def _check_tensor(name, t, dims, shape=None, device=None, optional=False, dtypes=_FLOAT_DTYPES):
     if t is None:
         if optional:
@@ -161,7 +196,8 @@ def _check_1d_inputs(u, delta, A, B, C=None, D=None, z=None, delta_bias=None, wi
     _check_tensor("delta_bias", delta_bias, 1, (Dm,), dev, optional=True)
 
 
-def _check_routes(name, routes, K, H, W, device):
+def _check_routes(name, routes, K, device):
+    """Type, dtype, shape and device of a routes tensor (values: ``_check_route_values``)."""
     if not isinstance(routes, Tensor):
         raise TypeError(f"{name} must be a LongTensor (K, Lr), got {type(routes).__name__}")
     if routes.dtype != torch.long:
@@ -170,11 +206,14 @@ def _check_routes(name, routes, K, H, W, device):
         raise ValueError(f"{name} must have shape (K, Lr) with K={K}, got {tuple(routes.shape)}")
     if routes.device != device:
         raise ValueError(f"{name} must be on {device} like the input, got {routes.device}")
+
+
+def _check_route_values(name, routes, H, W):
     if torch.compiler.is_compiling() or routes.numel() == 0:
         return  # value checks read the data; eager calls have done them
     # Reading values syncs with the device: check each routes tensor once per (version, grid).
     stamp = (_route_stamp(routes), H, W)
-    if _VALIDATED_ROUTES.get(routes) == stamp:
+    if _VALIDATED_ROUTES.get(routes) == stamp or _capturing():
         return
     lo, hi = int(routes.min()), int(routes.max())
     if lo < -1 or hi >= H * W:
@@ -198,7 +237,7 @@ def _check_same_padding(routes, param_routes):
     if torch.compiler.is_compiling():
         return
     stamp = (id(routes), _route_stamp(routes), _route_stamp(param_routes))
-    if _VALIDATED_PADDING.get(param_routes) == stamp:
+    if _VALIDATED_PADDING.get(param_routes) == stamp or _capturing():
         return
     if not torch.equal(param_routes < 0, routes < 0):
         raise ValueError("param_routes must be padded (-1) exactly where routes are")
@@ -383,7 +422,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``return_last_state``, also the final state (Bt, Dm, N) in fp32 (fp64 for fp64 inputs).
     """
     if not torch.jit.is_tracing():  # fvcore traces models whose eager calls were checked
-        _check_1d_inputs(u, delta, A, B, C, D, z, delta_bias)
+        sig = _signature("scan", None, (u, delta, A, B, C, D, z, delta_bias))
+        if not _checked(sig):
+            _check_1d_inputs(u, delta, A, B, C, D, z, delta_bias)
+            _remember(sig)
     out, last_state = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                           resolve_backend(backend, u.device))
     return (out, last_state) if return_last_state else out
@@ -393,7 +435,10 @@ def selective_scan_states(u, delta, A, B, delta_bias=None, delta_softplus=False,
     """Every hidden state h of the scan, (Bt, Dm, N, L) in fp32, for structure-aware state fusion
     (the caller applies C and D after mixing states across space)."""
     if not torch.jit.is_tracing():
-        _check_1d_inputs(u, delta, A, B, delta_bias=delta_bias, with_C=False)
+        sig = _signature("states", None, (u, delta, A, B, delta_bias))
+        if not _checked(sig):
+            _check_1d_inputs(u, delta, A, B, delta_bias=delta_bias, with_C=False)
+            _remember(sig)
     return _selective_scan_states_fwd(u, delta, A, B, delta_bias, bool(delta_softplus),
                                       resolve_backend(backend, u.device))
 
@@ -410,7 +455,12 @@ def selective_scan_2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     if param_routes is None:
         param_routes = routes
     if not torch.jit.is_tracing():
-        _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge)
+        sig = _signature("2d", (merge, param_routes is routes), (x, delta, A, B, C, D, delta_bias, routes,
+                                                                  param_routes))
+        if not _checked(sig):
+            _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge)
+            _remember(sig)
+        _check_2d_route_values(routes, param_routes, delta.shape[1], delta.shape[2])
     # Chunk states are worth writing only when a backward will read them.
     save_chunks = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, delta, A, B, C, D, delta_bias))
@@ -435,10 +485,17 @@ def _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, mer
     _check_tensor("delta_bias", delta_bias, 2, (K, Dm), dev, optional=True)
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    _check_routes("routes", routes, K, H, W, dev)
+    _check_routes("routes", routes, K, dev)
     if param_routes is not routes:
-        _check_routes("param_routes", param_routes, K, H, W, dev)
+        _check_routes("param_routes", param_routes, K, dev)
         if param_routes.shape != routes.shape:
             raise ValueError(f"param_routes must have the shape of routes {tuple(routes.shape)}, "
                              f"got {tuple(param_routes.shape)}")
+
+
+def _check_2d_route_values(routes, param_routes, H, W):
+    """The routes' values (checked once per routes tensor and version: reading them syncs with the device)."""
+    _check_route_values("routes", routes, H, W)
+    if param_routes is not routes:
+        _check_route_values("param_routes", param_routes, H, W)
         _check_same_padding(routes, param_routes)

@@ -14,12 +14,13 @@ fp64 inputs (gradcheck) go to the reference backend. Routes must not visit a pix
 """
 import functools
 import os
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 
-from . import scan, scan_n1
-from .alloc import empty
+from . import scan, scan_n1, tiles
+from .alloc import capturing, empty, persistent
 from .route_plan import route_plan
 from .tiles import (
     _INTERPRET,
@@ -86,7 +87,7 @@ def _launch_fwd(grid, **kw):
         cfg = _prune_fwd(_fwd_tuned.configs, {}, **kw)[0]
         kw.update(cfg.kwargs, num_warps=cfg.num_warps)
     else:
-        _fwd_tuned[grid](**kw)
+        _tuned(_fwd_tuned, grid, kw)
         return
     kw.update(_even(kw))
     scan.selective_scan_fwd_kernel[grid(kw)](**kw)
@@ -100,7 +101,7 @@ def _launch_n1(grid, **kw):
         kw.update(_even_n1(kw))
         scan_n1.route_scan_n1_fwd_kernel[grid(kw)](**kw)
     else:
-        _n1_tuned[grid](**kw)
+        _tuned(_n1_tuned, grid, kw)
 
 
 def _launch_n1_bwd(grid, **kw) -> int:
@@ -110,8 +111,7 @@ def _launch_n1_bwd(grid, **kw) -> int:
         kw.update(_even_n1(kw))
         scan_n1.route_scan_n1_bwd_kernel[grid(kw)](**kw)
         return kw["BD"]
-    _n1_bwd_tuned[grid](**kw)
-    return _n1_bwd_tuned.best_config.kwargs["BD"]
+    return _tuned(_n1_bwd_tuned, grid, kw).kwargs["BD"]
 
 
 def _launch_bwd(grid, **kw) -> int:
@@ -122,11 +122,52 @@ def _launch_bwd(grid, **kw) -> int:
         cfg = _prune_bwd(_bwd_tuned.configs, {}, **kw)[0]
         kw.update(cfg.kwargs, num_warps=cfg.num_warps)
     else:
-        _bwd_tuned[grid](**kw)
-        return _bwd_tuned.best_config.kwargs["BD"]
+        return _tuned(_bwd_tuned, grid, kw).kwargs["BD"]
     kw.update(_even(kw))
     scan.selective_scan_bwd_kernel[grid(kw)](**kw)
     return kw["BD"]
+
+
+_warned_untuned = set()
+
+
+def _tuned(tuner, grid, kw):
+    """Launch through ``tuner``; returns the config it ran with.
+
+    While a CUDA graph is captured a problem the tuner has not seen yet runs with the tile the tuner would
+    pick without timing runs (the table's, or the first fitting one), and is not remembered, so nothing is
+    cached during the capture; where tuning runs are on (which time launches with host syncs, forbidden in a
+    capture) it says so once per kernel and problem. Its first call outside a capture tunes it."""
+    if not capturing():
+        tuner[grid](**kw)
+        return tuner.best_config
+    key = _tuning_key(tuner, kw)
+    config = tuner.cache.get(key)
+    if config is not None:
+        tuner[grid](**kw)  # a known problem: no tuning runs
+        return config
+    if hasattr(tuner, "pick"):
+        config = tuner.pick(kw, key)
+    else:
+        config = tuner.early_config_prune(tuner.configs, {}, **kw)[0]
+    name = getattr(tuner, "base_fn", tuner.fn).__name__
+    if tiles.tuning_runs() and (name, key) not in _warned_untuned:
+        _warned_untuned.add((name, key))
+        warnings.warn(f"{name}: no tuned tile for problem {key} while a CUDA graph is captured; running "
+                      f"{config.all_kwargs()} untuned (run one step before capturing to tune it)", RuntimeWarning,
+                      stacklevel=2)
+    tuner.fn.run(grid=grid, warmup=False, **kw, **config.all_kwargs())
+    return config
+
+
+def _tuning_key(tuner, kw) -> tuple:
+    """The key ``triton.runtime.autotuner.Autotuner.run`` files a problem under: the values of its key
+    arguments, then the dtypes of its tensor arguments in call order."""
+    if hasattr(tuner, "problem_key"):
+        return tuner.problem_key(kw)
+    key = [kw[name] for name in tuner.keys if name in kw]
+    key += [str(v.dtype) for name, v in kw.items() if name in tuner.arg_names and hasattr(v, "dtype")]
+    return tuple(key)
 
 
 _dummies = {}
@@ -134,11 +175,17 @@ _dummies = {}
 
 def _dummy(device) -> torch.Tensor:
     """A one-element buffer for pointer arguments a launch does not use (never an input: a kernel or a
-    tuner must not be able to touch user tensors through an unused argument)."""
-    key = str(device)
-    if key not in _dummies:
-        _dummies[key] = torch.zeros(1, device=device, dtype=torch.float32)
-    return _dummies[key]
+    tuner must not be able to touch user tensors through an unused argument). Kept per device outside CUDA
+    graph pools; while a graph is captured one that is not kept yet is made for the call (the graph's)."""
+    dummy = _dummies.get(device)
+    if dummy is None:
+        if capturing():
+            return torch.zeros(1, device=device, dtype=torch.float32)
+        with persistent(device) as keep:
+            dummy = torch.zeros(1, device=device, dtype=torch.float32)
+            keep(dummy)
+        _dummies[device] = dummy
+    return dummy
 
 
 # --------------------------------------------------------------------------------------------------

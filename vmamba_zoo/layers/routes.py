@@ -24,4 +24,13 @@ def device_routes(name: str, H, W, device: torch.device, **options) -> torch.Ten
     H, W = int(H), int(W)  # sizes are 0-dim tensors under torch.jit.trace (fvcore)
     if torch.compiler.is_compiling():
         return scan_routes(name, H, W, **options).to(device)
-    return _cached_routes(name, H, W, tuple(sorted(options.items())), torch.device(device))
+    key = (name, H, W, tuple(sorted(options.items())), torch.device(device))
+    if key not in _built and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        # Building them copies from host memory, which a CUDA graph capture forbids; so would caching them.
+        raise RuntimeError(f"device_routes{key[:4]} is first asked for while a CUDA graph is captured; run the "
+                           "model once before capturing it (that call builds and caches its routes)")
+    _built.add(key)
+    return _cached_routes(*key)
+
+
+_built = set()  # keys asked for outside a capture (the cache keeps the last 128)
