@@ -14,6 +14,7 @@ steps are formed up front, vectorized over time.
 The 2D form is gather → 1D scan → scatter, routes folded into channels (route k owns channel block k
 and B/C group k), which is what the fused kernels must reproduce.
 """
+import math
 from typing import Optional
 
 import torch
@@ -27,7 +28,12 @@ __all__ = [
     "selective_scan_2d_bwd_ref",
     "selective_scan_states_ref",
     "selective_scan_2d_ref",
+    "linear_scan",
 ]
+
+SCAN_CHUNK = 16  # steps per chunk: 4 doublings inside a chunk
+MAX_TRACED_CHUNKS = 2 ** 20  # chunks the fixed chunk-level scan of an exported graph covers
+BLOCK_ELEMENTS = 1 << 22  # states per eager block (16 MiB in fp32)
 
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -38,37 +44,107 @@ def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float32
 
 
-def _expand_groups(BC: torch.Tensor, Dm: int, dtype: torch.dtype) -> torch.Tensor:
-    """(Bt, N, L) or (Bt, G, N, L) → (Bt, Dm, N, L): channel d reads group d // (Dm // G)."""
+def _grouped_time_major(BC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(Bt, N, L) or (Bt, G, N, L) → (L, Bt, G, 1, N): channel block g of Dm reads group g."""
     BC = BC.to(dtype)
     if BC.dim() == 3:
-        return BC.unsqueeze(1)  # broadcasts over Dm
-    Bt, G, N, L = BC.shape
-    return BC.unsqueeze(2).expand(Bt, G, Dm // G, N, L).reshape(Bt, Dm, N, L)
+        BC = BC.unsqueeze(1)
+    return BC.permute(3, 0, 1, 2).unsqueeze(3)
 
 
-def _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype):
-    Dm = u.shape[1]
-    dt = delta.to(dtype)
+def _delta(delta, delta_bias, delta_softplus, dtype):
+    """(pre, dt): delta (+ bias) before and after the optional softplus, in the compute dtype."""
+    pre = delta.to(dtype)
     if delta_bias is not None:
-        dt = dt + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    # Time-major so that each step reads one contiguous (Bt, Dm, N) block.
-    decay = torch.exp(dt.unsqueeze(2) * A.to(dtype)[None, :, :, None]).permute(3, 0, 1, 2)
-    drive = (dt * u.to(dtype)).unsqueeze(2) * _expand_groups(B, Dm, dtype)
-    drive = drive.permute(3, 0, 1, 2)
-    return decay.contiguous(), drive.contiguous()
+        pre = pre + delta_bias.to(dtype)[:, None]
+    return pre, (F.softplus(pre) if delta_softplus else pre)
 
 
-def _run_recurrence(decay: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
-    """h_t = decay_t * h_{t-1} + drive_t from h_{-1} = 0; inputs and result time-major (L, Bt, Dm, N)."""
-    states = []
-    h = torch.zeros_like(drive[0])
-    for t in range(drive.shape[0]):
-        h = torch.addcmul(drive[t], decay[t], h)
-        states.append(h)
-    return torch.stack(states, dim=0)
+def _shift(x: torch.Tensor, k: int, value: float, dim: int) -> torch.Tensor:
+    """x moved k steps forward along ``dim`` (the first k filled with ``value``), keeping its length.
+
+    Padding then cutting at the original length keeps the length symbolic under export, whether or
+    not k exceeds it."""
+    n = x.shape[dim]
+    pad = [0, 0] * (x.dim() - 1 - dim) + [k, 0]
+    return F.pad(x, pad, value=value).narrow(dim, 0, n)
+
+
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int):
+    """Hillis-Steele scan of the affine maps h -> a_t h + b_t along ``dim``: after ``steps`` doublings, b
+    holds h_t from h = 0 over windows of 2**steps and a their decay products. Every step is one
+    fused multiply-add over the whole tensor, with nothing sequential in time."""
+    k = 1
+    for _ in range(steps):
+        b = torch.addcmul(b, a, _shift(b, k, 0.0, dim))
+        a = a * _shift(a, k, 1.0, dim)
+        k *= 2
+    return a, b
+
+
+def _is_traced() -> bool:
+    """Sizes may not be Python ints (torch.export, jit.trace): the scan then fixes its step counts."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
+def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+    """h_t = exp(log_decay_t) * h_{t-1} + drive_t from h_{-1} = 0, along dim 0 (time-major); returns
+    every h_t, shaped like drive (log_decay broadcasts to it).
+
+    A chunked scan: steps are grouped in chunks of ``chunk``; inside each chunk a doubling scan gives
+    the chunk-local states and decay products; a second doubling scan over the chunks carries the
+    state from chunk to chunk. No Python loop runs over time, so export sees a graph whose size does
+    not depend on the sequence length: with symbolic sizes the chunk-level scan runs a fixed
+    ``log2(MAX_TRACED_CHUNKS)`` doublings, which covers MAX_TRACED_CHUNKS * chunk steps."""
+    L = drive.shape[0]
+    if isinstance(L, int) and L > chunk * MAX_TRACED_CHUNKS:
+        raise ValueError(f"linear_scan covers at most {chunk * MAX_TRACED_CHUNKS} steps, got {L}")
+    log_decay = log_decay.expand_as(drive)
+    n = (L + chunk - 1) // chunk
+    rest = [0, 0] * (drive.dim() - 1)
+    # Padding steps (decay 1, drive 0) keep the state, and are cut off at the end.
+    log_decay = F.pad(log_decay, rest + [0, chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
+    drive = F.pad(drive, rest + [0, chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
+    decay, local = _doubling_scan(log_decay.exp(), drive, int(math.log2(chunk)), dim=1)
+    if isinstance(n, int) and not _is_traced():
+        chunk_steps = max(0, math.ceil(math.log2(n)))
+    else:
+        chunk_steps = int(math.log2(MAX_TRACED_CHUNKS))
+    # State at the end of each chunk, then at the start of each (the end of the one before).
+    _, ends = _doubling_scan(decay[:, -1], local[:, -1], chunk_steps, dim=0)
+    starts = _shift(ends, 1, 0.0, dim=0)
+    return torch.addcmul(local, decay, starts.unsqueeze(1)).flatten(0, 1).narrow(0, 0, L)
+
+
+def _rows_per_block(Bt, per_row: int):
+    """Batch rows scanned together in eager mode, so that the working set stays near
+    BLOCK_ELEMENTS whatever the batch; one block when sizes are symbolic."""
+    if not isinstance(Bt, int) or _is_traced():
+        return Bt
+    return max(1, min(Bt, BLOCK_ELEMENTS // max(1, per_row)))
+
+
+def _states_time_major(u, dt, A, B, dtype):
+    """u, dt (Bt, Dm, L), A (Dm, N), B (Bt, [G,] N, L) → every state, (L, Bt, Dm, N)."""
+    Bt, Dm, L = u.shape
+    Bg = _grouped_time_major(B, dtype)  # (L, Bt, G, 1, N)
+    G = Bg.shape[2]
+    dt_t = dt.permute(2, 0, 1)  # (L, Bt, Dm)
+    log_decay = dt_t.unsqueeze(-1) * A.to(dtype)
+    drive = ((dt_t * u.to(dtype).permute(2, 0, 1)).unflatten(2, (G, Dm // G)).unsqueeze(-1) * Bg).flatten(2, 3)
+    return linear_scan(log_decay, drive)
+
+
+def _contract_C(states, C, dtype):
+    """states (L, Bt, Dm, N), C (Bt, [G,] N, L) → y (Bt, Dm, L) = sum_n C h."""
+    Cg = _grouped_time_major(C, dtype)  # (L, Bt, G, 1, N)
+    G = Cg.shape[2]
+    y = (states.unflatten(2, (G, states.shape[2] // G)) * Cg).sum(-1).flatten(2, 3)
+    return y.permute(1, 2, 0)
+
+
+def _batch_slice(t, start, rows):
+    return None if t is None or t.dim() == 1 else t.narrow(0, start, rows)
 
 
 def selective_scan_states_ref(
@@ -81,8 +157,8 @@ def selective_scan_states_ref(
 ) -> torch.Tensor:
     """Every hidden state h, (Bt, Dm, N, L), in the compute dtype."""
     dtype = compute_dtype(u, delta, A, B)
-    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype)
-    return _run_recurrence(decay, drive).permute(1, 2, 3, 0)
+    _, dt = _delta(delta, delta_bias, delta_softplus, dtype)
+    return _states_time_major(u, dt, A, B, dtype).permute(1, 2, 3, 0)
 
 
 def selective_scan_ref(
@@ -99,45 +175,64 @@ def selective_scan_ref(
     out_dtype: Optional[torch.dtype] = None,
 ):
     """mamba_ssm's selective scan. Returns out (in ``out_dtype``, default u's dtype) and, with
-    ``return_last_state``, the final state (Bt, Dm, N) in the compute dtype."""
+    ``return_last_state``, the final state (Bt, Dm, N) in the compute dtype.
+
+    In eager mode the batch is scanned in blocks of rows, so that memory stays bounded by the
+    output plus about BLOCK_ELEMENTS states, not every state of the whole batch."""
     dtype = compute_dtype(u, delta, A, B, C)
-    Dm = u.shape[1]
-    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype)
-    states = _run_recurrence(decay, drive)  # (L, Bt, Dm, N)
-    C_t = _expand_groups(C, Dm, dtype).permute(3, 0, 1, 2)  # (L, Bt, Dm|1, N)
-    y = (states * C_t).sum(-1).permute(1, 2, 0)  # (Bt, Dm, L)
+    Bt, Dm, L = u.shape
+    rows = _rows_per_block(Bt, Dm * A.shape[1] * L)
+    ys, lasts = [], []
+    for start in range(0, Bt, rows) if isinstance(rows, int) and rows < Bt else [None]:
+        if start is None:
+            u_b, d_b, B_b, C_b = u, delta, B, C
+        else:
+            n = min(rows, Bt - start)
+            u_b, d_b, B_b, C_b = (t.narrow(0, start, n) for t in (u, delta, B, C))
+        _, dt = _delta(d_b, delta_bias, delta_softplus, dtype)
+        states = _states_time_major(u_b, dt, A, B_b, dtype)
+        ys.append(_contract_C(states, C_b, dtype))
+        if return_last_state:
+            lasts.append(states[-1])
+        del states
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, 0)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u.to(dtype)
     if z is not None:
         y = y * F.silu(z.to(dtype))
     out = y.to(u.dtype if out_dtype is None else out_dtype)
     if return_last_state:
-        return out, states[-1].clone()  # its own storage, not a view of all states
+        # its own storage, not a view of all states
+        return out, (lasts[0].clone() if len(lasts) == 1 else torch.cat(lasts, 0))
     return out
 
 
 def _reduce_groups(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Adjoint of ``_expand_groups``: (Bt, Dm, N, L) summed back to B/C's shape."""
+    """(Bt, Dm, N, L) summed back to B/C's shape (Bt, N, L) or (Bt, G, N, L)."""
     if like.dim() == 3:
         return t.sum(1)
     Bt, G, N, L = like.shape
     return t.reshape(Bt, G, -1, N, L).sum(2)
 
 
-def _backward_core(g_out, dt, pre_softplus, u, A, B, decay, states, delta_softplus, dtype):
+def _expand_groups(BC: torch.Tensor, Dm: int, dtype: torch.dtype) -> torch.Tensor:
+    """(Bt, N, L) or (Bt, G, N, L) → (Bt, Dm|1, N, L): channel d reads group d // (Dm // G)."""
+    BC = BC.to(dtype)
+    if BC.dim() == 3:
+        return BC.unsqueeze(1)
+    Bt, G, N, L = BC.shape
+    return BC.unsqueeze(2).expand(Bt, G, Dm // G, N, L).reshape(Bt, Dm, N, L)
+
+
+def _backward_core(g_out, dt, pre_softplus, u, A, B, log_decay, states, delta_softplus, dtype):
     """Shared tail of the backward passes, given g_out (L, Bt, Dm, N): the gradient reaching each state
     from outside the recurrence. Returns du (scan part), ddelta_pre (before softplus/bias), dA, dB."""
     Dm = u.shape[1]
-    L = decay.shape[0]
-    # Reverse recurrence: g_t = g_out_t + decay_{t+1} * g_{t+1}.
-    g = torch.empty_like(g_out)
-    carry = torch.zeros_like(g_out[0])
-    for t in range(L - 1, -1, -1):
-        carry = g_out[t] if t == L - 1 else torch.addcmul(g_out[t], decay[t + 1], carry)
-        g[t] = carry
-    g = g.permute(1, 2, 3, 0)  # (Bt, Dm, N, L)
-    h_prev = torch.cat([torch.zeros_like(states[:1]), states[:-1]]).permute(1, 2, 3, 0)
-    decay = decay.permute(1, 2, 3, 0)
+    # Adjoint recurrence g_t = g_out_t + decay_{t+1} * g_{t+1}: the same scan, run on reversed time.
+    next_log_decay = _shift(log_decay.expand_as(g_out).flip(0), 1, 0.0, dim=0)
+    g = linear_scan(next_log_decay, g_out.flip(0)).flip(0).permute(1, 2, 3, 0)  # (Bt, Dm, N, L)
+    h_prev = _shift(states, 1, 0.0, dim=0).permute(1, 2, 3, 0)
+    decay = log_decay.exp().permute(1, 2, 3, 0)
     B_full = _expand_groups(B, Dm, dtype)  # (Bt, Dm|1, N, L)
     u = u.to(dtype)
     gB = (g * B_full).sum(2)  # (Bt, Dm, L)
@@ -152,12 +247,10 @@ def _backward_core(g_out, dt, pre_softplus, u, A, B, decay, states, delta_softpl
 
 
 def _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype):
-    pre = delta.to(dtype)
-    if delta_bias is not None:
-        pre = pre + delta_bias.to(dtype)[:, None]
-    dt = F.softplus(pre) if delta_softplus else pre
-    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus, dtype)
-    return pre, dt, decay, _run_recurrence(decay, drive)
+    """pre-softplus delta, dt, log-decays (L, Bt, Dm, N) and every state (L, Bt, Dm, N)."""
+    pre, dt = _delta(delta, delta_bias, delta_softplus, dtype)
+    log_decay = dt.permute(2, 0, 1).unsqueeze(-1) * A.to(dtype)
+    return pre, dt, log_decay, _states_time_major(u, dt, A, B, dtype)
 
 
 def selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -166,7 +259,7 @@ def selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D=None, z=None,
     each in its input's dtype (None where the input is None)."""
     dtype = compute_dtype(u, delta, A, B, C)
     Dm = u.shape[1]
-    pre, dt, decay, states = _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype)
+    pre, dt, log_decay, states = _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype)
     C_full = _expand_groups(C, Dm, dtype)  # (Bt, Dm|1, N, L)
     y = (states.permute(1, 2, 3, 0) * C_full).sum(2)
     if D is not None:
@@ -181,7 +274,7 @@ def selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D=None, z=None,
     g_out = (dy.unsqueeze(2) * C_full).permute(3, 0, 1, 2).contiguous()  # (L, Bt, Dm, N)
     if dlast_state is not None:
         g_out[-1] += dlast_state.to(dtype)
-    du, ddt, dA, dB = _backward_core(g_out, dt, pre, u, A, B, decay, states, delta_softplus, dtype)
+    du, ddt, dA, dB = _backward_core(g_out, dt, pre, u, A, B, log_decay, states, delta_softplus, dtype)
     dC = _reduce_groups(states.permute(1, 2, 3, 0) * dy.unsqueeze(2), C)
     dD = None
     if D is not None:
@@ -195,9 +288,9 @@ def selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D=None, z=None,
 def selective_scan_states_bwd_ref(dstates, u, delta, A, B, delta_bias=None, delta_softplus=False):
     """Gradients of ``selective_scan_states_ref`` for u, delta, A, B, delta_bias."""
     dtype = compute_dtype(u, delta, A, B)
-    pre, dt, decay, states = _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype)
+    pre, dt, log_decay, states = _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype)
     g_out = dstates.to(dtype).permute(3, 0, 1, 2).contiguous()
-    du, ddt, dA, dB = _backward_core(g_out, dt, pre, u, A, B, decay, states, delta_softplus, dtype)
+    du, ddt, dA, dB = _backward_core(g_out, dt, pre, u, A, B, log_decay, states, delta_softplus, dtype)
     ddelta_bias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
     return du.to(u.dtype), ddt.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), ddelta_bias
 

@@ -1,0 +1,89 @@
+"""The chunked reference scan (the CPU path and the export path) against the per-step oracle:
+outputs, last states, every state and every gradient, across chunk boundaries and eager blocks."""
+import pytest
+import torch
+
+import vmamba_kernels as vk
+from vmamba_kernels import reference
+from tests.kernels.oracle import per_step_scan
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "NaN/inf in result"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(Bt, Dm, L, N, groups, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape_bc = (Bt, N, L) if groups is None else (Bt, groups, N, L)
+    return dict(
+        u=torch.randn(Bt, Dm, L, generator=g, dtype=dtype),
+        delta=torch.randn(Bt, Dm, L, generator=g, dtype=dtype),
+        A=-torch.rand(Dm, N, generator=g, dtype=dtype) * 2 - 0.05,
+        B=torch.randn(*shape_bc, generator=g, dtype=dtype),
+        C=torch.randn(*shape_bc, generator=g, dtype=dtype),
+        D=torch.randn(Dm, generator=g, dtype=dtype),
+        z=torch.randn(Bt, Dm, L, generator=g, dtype=dtype),
+        delta_bias=torch.randn(Dm, generator=g, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("L", [1, 15, 16, 17, 70, 301])
+def test_linear_scan_matches_a_loop(L):
+    g = torch.Generator().manual_seed(L)
+    log_decay = -torch.rand(L, 3, 5, generator=g, dtype=torch.float64) * 3
+    drive = torch.randn(L, 3, 5, generator=g, dtype=torch.float64)
+    h, want = torch.zeros(3, 5, dtype=torch.float64), []
+    for t in range(L):
+        h = log_decay[t].exp() * h + drive[t]
+        want.append(h)
+    assert _rel(reference.linear_scan(log_decay, drive), torch.stack(want)) < 1e-12
+
+
+def test_linear_scan_survives_vanishing_decays():
+    # decays that underflow to 0 reset the state; nothing turns into inf or NaN
+    log_decay = torch.full((100, 4), -200.0)
+    log_decay[::3] = -1e-3
+    drive = torch.randn(100, 4)
+    h, want = torch.zeros(4), []
+    for t in range(100):
+        h = log_decay[t].exp() * h + drive[t]
+        want.append(h)
+    assert _rel(reference.linear_scan(log_decay, drive), torch.stack(want)) < 1e-6
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("L", [7, 33, 130])
+def test_outputs_and_every_gradient_match_the_oracle_fp32(L, groups, monkeypatch):
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 4 * 3 * L)  # several eager blocks over the batch
+    x = {k: v.requires_grad_() for k, v in _inputs(5, 4, L, 3, groups, torch.float32, seed=L).items()}
+    out, last = vk.selective_scan(**x, delta_softplus=True, return_last_state=True, backend="reference")
+    want, want_last, _ = per_step_scan(**x, delta_softplus=True)
+    assert _rel(out, want) < 1e-4 and _rel(last, want_last) < 1e-4
+    g = torch.Generator().manual_seed(L + 1)
+    dout, dlast = torch.randn(out.shape, generator=g), torch.randn(last.shape, generator=g)
+    got = torch.autograd.grad((out * dout).sum() + (last * dlast).sum(), list(x.values()))
+    ref = torch.autograd.grad((want * dout).sum() + (want_last * dlast).sum(), list(x.values()))
+    for name, a, b in zip(x, got, ref):
+        assert _rel(a, b) < 1e-3, name
+
+
+def test_states_and_their_gradients_match_the_oracle():
+    x = _inputs(2, 6, 40, 4, 3, torch.float64, seed=3)
+    args = {k: x[k].requires_grad_() for k in ("u", "delta", "A", "B", "delta_bias")}
+    states = vk.selective_scan_states(**args, delta_softplus=True, backend="reference")
+    _, _, want = per_step_scan(**args, delta_softplus=True)
+    assert _rel(states, want) < 1e-10
+    w = torch.randn(states.shape, dtype=torch.float64)
+    got = torch.autograd.grad((states * w).sum(), list(args.values()))
+    ref = torch.autograd.grad((want * w).sum(), list(args.values()))
+    for name, a, b in zip(args, got, ref):
+        assert _rel(a, b) < 1e-10, name
+
+
+def test_eager_blocks_bound_the_working_set(monkeypatch):
+    x = _inputs(6, 4, 50, 3, None, torch.float32, seed=0)
+    whole = vk.selective_scan(**x, delta_softplus=True, backend="reference")
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 1)  # one batch row at a time
+    assert _rel(vk.selective_scan(**x, delta_softplus=True, backend="reference"), whole) < 1e-6
