@@ -142,9 +142,11 @@ class StateFusion(nn.Module):
         weight = (self.alpha.view(-1, 1, 1, 1, 1) * self.weight).to(h.dtype)
         r = self.kernel_size // 2
         out = None
-        for i, d in enumerate(self.dilations):
-            y = self._conv(h, weight[i], r * d, d)
-            out = y if out is None else out + y
+        # inputs are cast already; CPU autocast would also run the padding in fp32, with two more casts
+        with torch.autocast(h.device.type, enabled=False):
+            for i, d in enumerate(self.dilations):
+                y = self._conv(h, weight[i], r * d, d)
+                out = y if out is None else out + y
         return out
 
     def _forward_dilated_nchw(self, h: torch.Tensor) -> torch.Tensor:
@@ -158,10 +160,11 @@ class StateFusion(nn.Module):
     def forward_merged(self, h: torch.Tensor) -> torch.Tensor:
         """Eval form: one padded depthwise conv with the merged kernel."""
         kernel = self.merged_kernel()
-        if self.impl != "nchw":
-            h = self._channels_last(h)
-            kernel = kernel.to(h.dtype)
-        return self._conv(h, kernel, kernel.shape[-1] // 2, 1)
+        if self.impl == "nchw":
+            return self._conv(h, kernel, kernel.shape[-1] // 2, 1)
+        h = self._channels_last(h)
+        with torch.autocast(h.device.type, enabled=False):
+            return self._conv(h, kernel.to(h.dtype), kernel.shape[-1] // 2, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.ndim != 4 or h.shape[1] != self.dim:
