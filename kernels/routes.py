@@ -29,55 +29,73 @@ DIRECTION_IDS = {"start": 0, "right": 1, "left": 2, "up": 3, "down": 4}
 MULTIHEAD_PATTERNS = ("C", "X", "S", "Z")
 
 
-def _grid(H: int, W: int) -> torch.Tensor:
-    return torch.arange(H * W, dtype=torch.long).view(H, W)
+# Every builder computes indices from arange with tensor ops, so that the sizes H and W may be Python
+# ints, symbolic sizes (torch.export) or 0-dim tensors (torch.jit.trace): an exported or traced graph
+# then builds the routes of whatever grid it is given.
 
 
-def _row_snake(H: int, W: int) -> torch.Tensor:
-    grid = _grid(H, W)
-    odd_rows = (torch.arange(H) % 2 == 1)[:, None]
-    return torch.where(odd_rows, grid.flip(1), grid).reshape(-1)
+def _steps(n) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.long)
 
 
-def _column_snake(H: int, W: int) -> torch.Tensor:
-    grid = _grid(H, W).t()
-    odd_cols = (torch.arange(W) % 2 == 1)[:, None]
-    return torch.where(odd_cols, grid.flip(1), grid).reshape(-1)
+def _at_least_one(n):
+    """max(n, 1) for an int, a symbolic int or a 0-dim tensor (a divisor for empty sub-grids)."""
+    if isinstance(n, torch.Tensor):
+        return n.clamp_min(1)
+    return torch.sym_max(n, 1)
 
 
-def _antidiagonal_zigzag(H: int, W: int) -> torch.Tensor:
+def _row_major(H, W) -> torch.Tensor:
+    return _steps(H * W)
+
+
+def _column_major(H, W) -> torch.Tensor:
+    t = _steps(H * W)
+    return (t % H) * W + t // H
+
+
+def _row_snake(H, W) -> torch.Tensor:
+    t = _steps(H * W)
+    h, c = t // W, t % W
+    return h * W + torch.where(h % 2 == 1, W - 1 - c, c)
+
+
+def _column_snake(H, W) -> torch.Tensor:
+    t = _steps(H * W)
+    w, c = t // H, t % H
+    return torch.where(w % 2 == 1, H - 1 - c, c) * W + w
+
+
+def _antidiagonal_zigzag(H, W) -> torch.Tensor:
     # MHS-VM's diag_scan(cw=True): walk the anti-diagonals i + j = k in order; even k run from the
     # bottom (large i) up, odd k from the top down.
-    i = torch.arange(H)[:, None].expand(H, W)
-    j = torch.arange(W)[None, :].expand(H, W)
+    t = _steps(H * W)
+    i, j = t // W, t % W
     k = i + j
     within = torch.where(k % 2 == 0, H - 1 - i, i)
-    order = torch.argsort((k * H + within).reshape(-1))
-    return _grid(H, W).reshape(-1)[order]
+    return torch.argsort(k * H + within)
 
 
-def _clockwise_spiral(H: int, W: int) -> torch.Tensor:
-    # MHS-VM's spiral_scan, ring by ring from the outside; its last ring may repeat pixels, which the
-    # truncation to H*W removes, exactly as in the original.
-    rows, cols = [], []
-    top, left, bottom, right = 0, 0, H - 1, W - 1
-    while True:
-        rows += [top] * (right - left) + list(range(top, bottom)) + [bottom] * (right - left)
-        rows += list(range(bottom, top, -1))
-        cols += list(range(left, right)) + [right] * (bottom - top) + list(range(right, left, -1))
-        cols += [left] * (bottom - top)
-        top, left, bottom, right = top + 1, left + 1, bottom - 1, right - 1
-        if top > bottom or left > right:
-            break
-        if top == bottom and left == right:
-            rows.append(top)
-            cols.append(left)
-    rows, cols = torch.tensor(rows[: H * W]), torch.tensor(cols[: H * W])
-    return rows * W + cols
+def _clockwise_spiral(H, W) -> torch.Tensor:
+    # MHS-VM's spiral_scan, ring by ring from the outside, each ring clockwise from its top-left corner;
+    # a ring one pixel high runs left to right, one pixel wide top to bottom (the original's loop
+    # revisits pixels there, which its truncation to H*W removes). Closed form: each pixel's position is
+    # the pixels of the outer rings plus its place on its own ring; the route is the inverse.
+    t = _steps(H * W)
+    i, j = t // W, t % W
+    r = torch.minimum(torch.minimum(i, j), torch.minimum(H - 1 - i, W - 1 - j))
+    top, bottom, right = r, H - 1 - r, W - 1 - r
+    across, down = right - r, bottom - top  # ring width - 1, ring height - 1
+    place = torch.where(
+        (i == top) & ((j < right) | (down == 0)), j - r,
+        torch.where((j == right) & ((i < bottom) | (across == 0)), across + i - top,
+                    torch.where(i == bottom, across + down + right - j,
+                                2 * across + down + bottom - i)))
+    position = H * W - (across + 1) * (down + 1) + place
+    return torch.zeros_like(t).scatter(0, position, t)
 
 
-def _pattern_pair(pattern: str, H: int, W: int):
-    grid = _grid(H, W)
+def _pattern_pair(pattern: str, H, W):
     if pattern == "C":
         return _row_snake(H, W), _column_snake(H, W)
     if pattern == "X":
@@ -89,27 +107,30 @@ def _pattern_pair(pattern: str, H: int, W: int):
         flipped = (H - 1 - spiral // W) * W + spiral % W
         return spiral, flipped
     if pattern == "Z":
-        return grid.reshape(-1), grid.t().reshape(-1)
+        return _row_major(H, W), _column_major(H, W)
     raise ValueError(f"multihead pattern must be one of {MULTIHEAD_PATTERNS}, got {pattern!r}")
 
 
-def _pad_stack(routes: Sequence[torch.Tensor]) -> torch.Tensor:
-    length = max(r.numel() for r in routes)
-    out = torch.full((len(routes), length), -1, dtype=torch.long)
-    for k, r in enumerate(routes):
-        out[k, : r.numel()] = r
-    return out
-
-
-def _atrous(H: int, W: int, step: int) -> torch.Tensor:
+def _atrous(H, W, step: int) -> torch.Tensor:
     if step != 2:
         raise ValueError(f"atrous routes are defined for step=2 (EfficientVMamba's 4 sub-grids), got step={step}")
-    grid = _grid(H, W)
-    return _pad_stack([
-        grid[0::2, 0::2].reshape(-1),
-        grid[1::2, 0::2].t().reshape(-1),
-        grid[0::2, 1::2].reshape(-1),
-        grid[1::2, 1::2].t().reshape(-1),
+    # Sub-grids (even h, even w) row-major, (odd h, even w) column-major, (even h, odd w) row-major,
+    # (odd h, odd w) column-major; the first is the largest, the others are padded (-1) to its length.
+    even_h, odd_h, even_w, odd_w = (H + 1) // 2, H // 2, (W + 1) // 2, W // 2
+    t = _steps(even_h * even_w)
+
+    def sub_grid(rows, cols, h0, w0, column_major):
+        if column_major:
+            q, c = t % _at_least_one(rows), t // _at_least_one(rows)
+        else:
+            q, c = t // _at_least_one(cols), t % _at_least_one(cols)
+        return torch.where(t < rows * cols, (2 * q + h0) * W + 2 * c + w0, -1)
+
+    return torch.stack([
+        sub_grid(even_h, even_w, 0, 0, False),
+        sub_grid(odd_h, even_w, 1, 0, True),
+        sub_grid(even_h, odd_w, 0, 1, False),
+        sub_grid(odd_h, odd_w, 1, 1, True),
     ])
 
 
@@ -121,18 +142,21 @@ def scan_routes(name: str, H: int, W: int, **options) -> torch.Tensor:
     if not isinstance(name, str) or name not in ROUTE_NAMES:
         raise ValueError(f"route name must be one of {ROUTE_NAMES}, got {name!r}")
     for dim_name, dim in (("H", H), ("W", W)):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, (int, torch.SymInt, torch.Tensor)):
+            raise ValueError(f"{dim_name} must be a positive int, got {dim!r}")
+        if isinstance(dim, torch.Tensor) and (dim.dim() != 0 or dim.is_floating_point()):
+            raise ValueError(f"{dim_name} must be an int or a 0-dim integer tensor (a traced size), got {dim!r}")
+        if isinstance(dim, int) and dim < 1:
             raise ValueError(f"{dim_name} must be a positive int, got {dim!r}")
     allowed = {"atrous": {"step"}, "multihead": {"patterns"}}.get(name, set())
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"route {name!r} takes options {sorted(allowed)}, got unknown {sorted(unknown)}")
 
-    grid = _grid(H, W)
     if name == "raster":
-        return grid.reshape(1, -1)
+        return _row_major(H, W).unsqueeze(0)
     if name == "cross":
-        rows, cols = grid.reshape(-1), grid.t().reshape(-1)
+        rows, cols = _row_major(H, W), _column_major(H, W)
         return torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
     if name == "continuous":
         rows, cols = _row_snake(H, W), _column_snake(H, W)
@@ -159,9 +183,7 @@ def scan_directions(name: str, H: int, W: int, **options) -> torch.Tensor:
     h, w = routes // W, routes % W
     dh, dw = h[:, 1:] - h[:, :-1], w[:, 1:] - w[:, :-1]
     moves = torch.zeros_like(dh)
-    moves[dw == 1] = DIRECTION_IDS["right"]
-    moves[dw == -1] = DIRECTION_IDS["left"]
-    moves[dh == -1] = DIRECTION_IDS["up"]
-    moves[dh == 1] = DIRECTION_IDS["down"]
+    for step, move in (((dw == 1), "right"), ((dw == -1), "left"), ((dh == -1), "up"), ((dh == 1), "down")):
+        moves = torch.where(step, DIRECTION_IDS[move], moves)
     start = torch.full((routes.shape[0], 1), DIRECTION_IDS["start"], dtype=torch.long)
     return torch.cat([start, moves], dim=1)
