@@ -46,21 +46,41 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def block_diagonal(weight: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """(K, O, I) weights → the (K·O, K·I) block-diagonal matrix with ``weight[k]`` as block k.
+
+    ``eye`` is the (K, K) identity (a buffer, so building the matrix is one elementwise kernel)."""
+    K, O, I = weight.shape
+    return (weight.unsqueeze(2) * eye.view(K, 1, K, 1)).reshape(K * O, K * I)
+
+
 class GroupedLinear(nn.Module):
-    """K independent linear maps applied to the K groups of a (..., K, in_features) tensor."""
+    """K independent linear maps applied to the K groups of a (..., K, in_features) tensor.
+
+    It runs as one GEMM with the block-diagonal weight over the flattened (..., K·in_features) input. The
+    groups are narrow (16-112 channels per group in GroupMamba-T), so that GEMM stays memory-bound although
+    it multiplies K times as many weights, while K GEMMs (``per_route_linear``) cost K launches forward, 2K
+    backward, plus the stacking and its casts under autocast: the step is bound by launches, not GEMM time.
+    Traced (fvcore, ONNX), it runs the K GEMMs, so FLOP counts exclude the zero blocks.
+    """
 
     def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(groups, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(groups, out_features)) if bias else None
+        self.register_buffer('eye', torch.eye(groups), persistent=False)
         bound = 1 / math.sqrt(in_features)  # nn.Linear's default init, as the official scan parameters keep it
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x):
-        x = per_route_linear(x, self.weight)
-        if self.bias is not None:
-            x = x + self.bias
-        return x
+        K, O, I = self.weight.shape
+        if x.shape[-2:] != (K, I):
+            raise ValueError(f"GroupedLinear expects (..., {K}, {I}) inputs, got {tuple(x.shape)}")
+        if torch.jit.is_tracing():
+            x = per_route_linear(x, self.weight)
+            return x if self.bias is None else x + self.bias
+        bias = None if self.bias is None else self.bias.flatten()
+        return F.linear(x.flatten(-2), block_diagonal(self.weight, self.eye), bias).unflatten(-1, (K, O))
 
 
 class GroupedLayerNorm(nn.Module):
@@ -73,7 +93,8 @@ class GroupedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(groups, num_channels))
 
     def forward(self, x):
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+        # no affine inside layer_norm (its weight cannot differ per group); one addcmul applies it
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:], eps=self.eps), self.weight)
 
 
 class GroupedSingleScan2d(nn.Module):
@@ -119,6 +140,7 @@ class GroupedSingleScan2d(nn.Module):
         self.A_log = nn.Parameter(
             torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(groups, d_inner, 1))
         self.D = nn.Parameter(torch.ones(groups, d_inner))
+        self.register_buffer('eye', torch.eye(groups), persistent=False)
         self.out_norm = GroupedLayerNorm(d_inner, groups)
         self.out_proj = GroupedLinear(d_inner, d_model, groups)
         # nn.Linear modules upstream, so its model-wide trunc_normal_ init reaches them (not x_proj)
@@ -130,20 +152,29 @@ class GroupedSingleScan2d(nn.Module):
         Bt, H, W, K, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
         z = self.act(z)
-        x = x.reshape(Bt, H, W, K * self.d_inner).permute(0, 3, 1, 2)
+        x = x.reshape(Bt, H, W, K * self.d_inner).permute(0, 3, 1, 2)  # one copy: the conv reads channels-last
         x = self.act(self.conv2d(x)).permute(0, 2, 3, 1).reshape(Bt, H, W, K, self.d_inner)
 
-        dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = per_route_linear(dt, self.dt_proj_weight)
-        routes = cross_routes(H, W, x.device)
+        x_dbl = self.x_proj(x)
         # the official scan runs in fp32 (force_fp32) and normalizes its fp32 output
         f32 = _at_least_fp32
+        dt = self._dt_proj(x_dbl)
+        b, c = f32(x_dbl[..., self.dt_rank:]).split(self.d_state, dim=-1)
         y = selective_scan_2d(
-            f32(x), f32(dt), -torch.exp(f32(self.A_log)), f32(b), f32(c), f32(self.D),
-            delta_bias=f32(self.dt_proj_bias), delta_softplus=True, routes=routes, merge='none',
+            f32(x), f32(dt), -torch.exp(f32(self.A_log)), b, c, f32(self.D),
+            delta_bias=f32(self.dt_proj_bias), delta_softplus=True, routes=cross_routes(H, W, x.device),
+            merge='none',
         )
         y = self.out_norm(y).to(z.dtype) * z
         return self.out_proj(y)
+
+    def _dt_proj(self, x_dbl):
+        """Group k's dt_proj on the dt_rank leading features of its x_proj output (..., K, R + 2N) → (..., K, d_inner)."""
+        if torch.jit.is_tracing():
+            return per_route_linear(x_dbl[..., :self.dt_rank], self.dt_proj_weight)
+        # one GEMM over all of x_dbl: zero columns for B and C, so no copy of the dt features is made
+        weight = block_diagonal(F.pad(self.dt_proj_weight, (0, 2 * self.d_state)), self.eye)
+        return F.linear(x_dbl.flatten(-2), weight).unflatten(-1, (self.groups, self.d_inner))
 
 
 class ChannelAffinity(nn.Module):
@@ -173,13 +204,11 @@ class GroupMambaMixer(nn.Module):
     def forward(self, x):
         Bt, H, W, C = x.shape
         x = self.norm(x)
-        affinity = self.affinity(x)
-        y = self.ssm(x.reshape(Bt, H, W, NUM_GROUPS, C // NUM_GROUPS)).reshape(Bt, H, W, C)
         # upstream quirks: the scan output is multiplied by the *normalized* input (not added to it), and
         # the same LayerNorm (shared weights) normalizes again after the channel modulation
-        y = y * self.skip_scale * x
-        y = y * affinity[:, None, None, :]
-        return self.proj(self.norm(y))
+        scale = (self.affinity(x) * self.skip_scale).view(Bt, 1, 1, C)
+        y = self.ssm(x.view(Bt, H, W, NUM_GROUPS, C // NUM_GROUPS)).view(Bt, H, W, C)
+        return self.proj(self.norm(y * x * scale))
 
 
 class ConvMlp(nn.Module):
