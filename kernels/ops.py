@@ -421,6 +421,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     D, delta_bias: (Dm,); z: (Bt, Dm, L). Computes in fp32; returns out in u's dtype and, with
     ``return_last_state``, also the final state (Bt, Dm, N) in fp32 (fp64 for fp64 inputs).
     """
+    if reference.exporting():  # exporters cannot translate the custom ops: the same math in standard ops
+        return reference.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                            return_last_state=return_last_state)
     if not torch.jit.is_tracing():  # fvcore traces models whose eager calls were checked
         sig = _signature("scan", None, (u, delta, A, B, C, D, z, delta_bias))
         if not _checked(sig):
@@ -434,6 +437,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def selective_scan_states(u, delta, A, B, delta_bias=None, delta_softplus=False, *, backend="auto"):
     """Every hidden state h of the scan, (Bt, Dm, N, L) in fp32, for structure-aware state fusion
     (the caller applies C and D after mixing states across space)."""
+    if reference.exporting():
+        return reference.selective_scan_states_ref(u, delta, A, B, delta_bias, bool(delta_softplus))
     if not torch.jit.is_tracing():
         sig = _signature("states", None, (u, delta, A, B, delta_bias))
         if not _checked(sig):
@@ -454,6 +459,9 @@ def selective_scan_2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     """
     if param_routes is None:
         param_routes = routes
+    if reference.exporting():
+        return reference.selective_scan_2d_ref(x, delta, A, B, C, D, delta_bias, bool(delta_softplus), routes,
+                                               param_routes, merge)
     if not torch.jit.is_tracing():
         sig = _signature("2d", (merge, param_routes is routes), (x, delta, A, B, C, D, delta_bias, routes,
                                                                   param_routes))

@@ -29,6 +29,7 @@ __all__ = [
     "selective_scan_states_ref",
     "selective_scan_2d_ref",
     "linear_scan",
+    "exporting",
 ]
 
 SCAN_CHUNK = 16  # steps per chunk: 4 doublings inside a chunk
@@ -80,6 +81,13 @@ def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int):
         a = a * _shift(a, k, 1.0, dim)
         k *= 2
     return a, b
+
+
+def exporting() -> bool:
+    """True while torch.export or an ONNX exporter traces the model: the public ops then run this
+    module's math, which is standard operators only, instead of the custom ops (which exporters
+    cannot translate). A plain torch.jit.trace (fvcore's FLOP count) keeps the custom ops."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 def _is_traced() -> bool:

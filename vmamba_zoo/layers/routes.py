@@ -5,6 +5,7 @@ from typing import Tuple
 import torch
 
 from vmamba_kernels import scan_routes
+from vmamba_kernels.reference import exporting
 
 __all__ = ["device_routes"]
 
@@ -21,7 +22,11 @@ def device_routes(name: str, H, W, device: torch.device, **options) -> torch.Ten
     """``scan_routes(name, H, W, **options)`` on ``device``, cached; the scan ops never modify routes.
 
     Inside a compiled graph the routes are built in the graph (constants there), not looked up."""
-    H, W = int(H), int(W)  # sizes are 0-dim tensors under torch.jit.trace (fvcore)
+    if exporting() or torch.jit.is_tracing():
+        # Built in the graph from the traced sizes (0-dim tensors under jit.trace, symbolic under
+        # torch.export), so that an exported or traced model follows its input's size.
+        return scan_routes(name, H, W, **options).to(device)
+    H, W = int(H), int(W)
     if torch.compiler.is_compiling():
         return scan_routes(name, H, W, **options).to(device)
     key = (name, H, W, tuple(sorted(options.items())), torch.device(device))
