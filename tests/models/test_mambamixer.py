@@ -182,3 +182,64 @@ def test_checkpoint_filter_fn_unwraps_and_strips_prefixes():
         model.load_state_dict(mm.checkpoint_filter_fn(wrapped, model), strict=True)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(v, source[k])
+
+
+def _saved_bytes(fn, params) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn() runs (parameters excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_channel_mixer_saves_no_per_token_state_sized_tensors():
+    # delta, B and C of a channel step are rank one in the step's value: the scan gets B and C as broadcasts, so
+    # what is saved per token is a few (K, L) sequences, independent of d_state (per-token (K, N, L) B and C were
+    # 70% of ViM2-T's activation memory)
+    T, L, dim = 64, 24, 6
+    saved = {}
+    for N in (4, 32):
+        m = mm.SelectiveChannelMixer(dim, width=L, d_state=N)
+        x = torch.randn(T, dim, requires_grad=True)
+        saved[N] = _saved_bytes(lambda: m(x), list(m.parameters()))
+    assert abs(saved[32] - saved[4]) <= 4 * 2 * (32 - 4) * 4  # only (K, N)-sized tensors (A) may differ
+    assert saved[32] <= T * 4 * (16 * 2 * L + 2 * dim)  # ~16 (K, L) fp32 sequences per token; B and C were 2·K·N·L
+
+
+def test_channel_mixer_runs_of_tokens_match_one_run():
+    m = mm.SelectiveChannelMixer(6, width=10, d_state=5)
+    _randomize(m, 4)
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    wrt = [x, m.in_proj.weight, m.conv1d.weight, m.x_proj_weight, m.dt_projs_weight, m.dt_projs_bias, m.A_logs, m.Ds]
+    g = torch.randn(3, 7, 6)
+    results = []
+    for chunk in (2 ** 30, 4 * 2 * 5 * 10 * 4):  # one run; runs of 4 tokens (the last one shorter)
+        m.grad_chunk_bytes = chunk
+        out = m(x)
+        results.append((out, torch.autograd.grad(out, wrt, g)))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o2, o1, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_vim2_saved_activations_do_not_grow_with_the_channel_d_state():
+    # whole-model guard: with per-token (K, N, L) channel-scan B and C saved, going from 4 to 32 channel states
+    # added 2·K·(32 - 4)·width·4 bytes per token of every stage (about 7x this model's other activations);
+    # now only (K, N) tensors may differ
+    x = torch.randn(2, 3, 64, 64)
+    saved = {}
+    for N in (4, 32):
+        torch.manual_seed(0)
+        model = mm.MambaMixer(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_classes=10, channel_d_state=N)
+        saved[N] = _saved_bytes(lambda: model(x).sum(), list(model.parameters()))
+    per_token_bc = 2 * 2 * (32 - 4) * 4 * (32 * 16 * 16 + 64 * 8 * 8 + 2 * 96 * 4 * 4 + 64 * 2 * 2) * 2
+    assert abs(saved[32] - saved[4]) < 0.01 * per_token_bc, (saved, per_token_bc)
