@@ -3,40 +3,21 @@
 mmengine's own loader cannot be used for the zoo's checkpoints: it reads neither
 safetensors nor EMA weights, it trips on torch's ``weights_only=True`` default for
 checkpoints holding numpy or config objects, and it cannot rename official keys.
-Loading here goes through each family's timm ``checkpoint_filter_fn`` instead.
+Reading and finding the weights are :mod:`vmamba_zoo.checkpoint`'s (safe: no code from the
+file runs; the same EMA keys as the tools); loading goes through each family's timm
+``checkpoint_filter_fn``.
 """
-import os
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
-from timm.models import clean_state_dict
+
+from ..checkpoint import read_checkpoint, select_state_dict, strip_prefix
 
 __all__ = [
     'read_checkpoint', 'select_state_dict', 'strip_prefix', 'family_filter_fn',
     'format_key_mismatch', 'convert_dense_checkpoint', 'official_weights_location',
 ]
-
-_EMA_KEYS = ('state_dict_ema', 'model_ema')
-_PLAIN_KEYS = ('state_dict', 'model', 'module')
-
-
-def read_checkpoint(path: str) -> Any:
-    """Load a checkpoint file or URL to CPU, whatever objects it holds besides tensors."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f'checkpoint must be a path or URL string, got {type(path).__name__}')
-    path = str(path)
-    if path.startswith(('http://', 'https://')):
-        if path.endswith('.safetensors'):
-            raise ValueError(f'download {path} first: safetensors are read from local files only')
-        return torch.hub.load_state_dict_from_url(path, map_location='cpu', weights_only=False, check_hash=False)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
-    if path.endswith('.safetensors'):
-        import safetensors.torch
-        return safetensors.torch.load_file(path, device='cpu')
-    # Official checkpoints hold argparse namespaces, numpy scalars and configs next to the weights.
-    return torch.load(path, map_location='cpu', weights_only=False)
 
 
 def official_weights_location(model_name: str) -> str:
@@ -60,42 +41,6 @@ def official_weights_location(model_name: str) -> str:
                          f'automatically: download the file and set init_cfg.checkpoint to its path')
     raise ValueError(f'{model_name} has no official ImageNet weights: set init_cfg.checkpoint to a zoo '
                      f'checkpoint, or init_cfg=None to train from scratch')
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def select_state_dict(checkpoint: Any, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Pick the weights out of a checkpoint wrapper ({'model': ...}, {'state_dict': ...}, EMA, bare)."""
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f'checkpoint must hold a dict, got {type(checkpoint).__name__}')
-    keys = (_EMA_KEYS + _PLAIN_KEYS) if use_ema else _PLAIN_KEYS
-    for key in keys:
-        if _is_state_dict(checkpoint.get(key)):
-            return clean_state_dict(checkpoint[key])
-    if _is_state_dict(checkpoint):
-        return clean_state_dict(checkpoint)
-    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    if tensors and len(tensors) >= len(checkpoint) // 2:
-        # A bare state dict with a few non-tensor extras (e.g. an 'epoch' entry).
-        return clean_state_dict(tensors)
-    raise ValueError(
-        f'no state dict found in checkpoint; looked for {list(keys)} or a bare dict of tensors, '
-        f'top-level keys are {sorted(checkpoint)[:20]}')
-
-
-def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: Optional[str]) -> Dict[str, torch.Tensor]:
-    """Keep only keys under ``prefix`` (e.g. 'backbone.') and drop it, like mmengine's Pretrained(prefix=...)."""
-    if not prefix:
-        return dict(state_dict)
-    if not prefix.endswith('.'):
-        prefix += '.'
-    out = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not out:
-        raise ValueError(f'no key in the checkpoint starts with prefix {prefix!r}; '
-                         f'first keys: {list(state_dict)[:10]}')
-    return out
 
 
 def family_filter_fn(model: torch.nn.Module) -> Callable[[Dict[str, torch.Tensor], torch.nn.Module], Dict]:

@@ -3,24 +3,29 @@ import argparse
 import os
 import os.path as osp
 
-import torch
 from mmengine.config import Config, DictAction
 from mmengine.runner.checkpoint import CheckpointLoader
 
 
-def trust_local_checkpoints():
-    """Let mmengine load local checkpoints that hold more than tensors (torch >= 2.6 refuses them).
+def safe_local_checkpoints():
+    """Let mmengine load local checkpoints that hold more than tensors, without running code from them.
 
-    mmengine's own checkpoints store its message hub (HistoryBuffer objects) and numpy values, so
-    under torch's ``weights_only=True`` default neither ``--resume`` nor testing a trained model
-    works. The tools load files the user names, so they lift the restriction for local paths.
+    mmengine's own checkpoints store its message hub (HistoryBuffer objects holding numpy arrays) and numpy
+    values, which torch's ``weights_only=True`` default refuses, so neither ``--resume`` nor testing a trained
+    model would work. They are read by :func:`vmamba_zoo.checkpoint.read_checkpoint` with those classes rebuilt
+    for real; any other class a file pickles becomes inert, so a downloaded file cannot run code.
     """
+    from mmengine.logging import HistoryBuffer
+
+    from ..checkpoint import numpy_trusted, read_checkpoint
+
+    trusted = (HistoryBuffer,) + numpy_trusted()
 
     def load_from_local(filename, map_location):
         filename = osp.expanduser(filename)
         if not osp.isfile(filename):
             raise FileNotFoundError(f'{filename} can not be found.')
-        return torch.load(filename, map_location=map_location, weights_only=False)
+        return read_checkpoint(filename, map_location=map_location, trusted=trusted)
 
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
 
@@ -49,7 +54,7 @@ def build_parser(description: str, test: bool = False) -> argparse.ArgumentParse
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config and apply the command-line overrides in mmdet's/mmseg's order."""
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    trust_local_checkpoints()
+    safe_local_checkpoints()
     import vmamba_zoo.mm  # noqa: F401  registers the backbones even where a config lacks custom_imports
 
     cfg = Config.fromfile(args.config)
