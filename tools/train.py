@@ -18,9 +18,21 @@ gradient clipping); the configs spell each family's recipe out with its source.
 
 Interrupted runs: ``--resume auto`` (with the same ``--output``) continues from the newest checkpoint, epoch-end or
 mid-epoch (every ``--checkpoint-interval`` updates): model, optimizer, scheduler, EMA, AMP scaler, epoch, position
-in the epoch and random states. Checkpoints are written to a temporary file and renamed. The data order is a
-function of (seed, epoch) alone, so the resumed run sees the same batches; with ``--workers 0`` (the embedded dataset's
-default) it reproduces the uninterrupted run bit for bit, while loader processes re-draw their augmentations.
+in the epoch and random states. The data order is a function of (seed, epoch) alone, so the resumed run sees the
+same batches; with ``--workers 0`` (the embedded dataset's default) it reproduces the uninterrupted run bit for bit,
+while loader processes re-draw their augmentations.
+
+Training state is kept safe (README, "Guarantees"):
+- every checkpoint is written to a temporary file, fsynced, then renamed: a crash or a full disk leaves the previous
+  file intact; ``last``, ``checkpoint-N`` and ``model_best`` are independent copies, never hard links;
+- ``--resume auto`` takes the newest checkpoint that reads back whole, and names in one warning line each file it
+  skipped and why; if none reads, it stops rather than start afresh over the run's history;
+- an explicit ``--resume FILE`` that cannot be read is a one-line error (exit 2);
+- summary.jsonl, summary.csv and train.log are only ever appended to: an epoch redone after a resume gets a second
+  row, the later one counts;
+- a NaN or inf loss follows ``--nan-policy``: ``stop`` (default) ends the run with one line naming the epoch, step
+  and update, before any checkpoint holds the damaged weights; ``skip`` drops that update (no optimizer step, no EMA
+  update) and counts the skipped updates in the progress lines and in summary.jsonl (``skipped_steps``).
 """
 import argparse
 import csv
@@ -160,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--checkpoint-interval', type=int, default=500,
                    help='also checkpoint every N updates within an epoch (0 = only at epoch ends)')
     g.add_argument('--keep-checkpoints', type=int, default=3, help='epoch checkpoints kept (best metric first)')
+    g.add_argument('--nan-policy', default='stop', choices=['stop', 'skip'],
+                   help="a NaN/inf loss: 'stop' ends the run naming the epoch and step (no checkpoint holds the "
+                        "damaged weights); 'skip' drops that update and counts the skipped updates in the log")
     g.add_argument('--val-interval', type=int, default=1, help='validate every N epochs (and after the last)')
     g.add_argument('--log-interval', type=int, default=50, help='progress line every N updates')
     g.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast dtype')
@@ -171,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--debug-kill-after-update', type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument('--debug-dump-weights', default=None, help=argparse.SUPPRESS)
     g.add_argument('--debug-max-updates', type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument('--debug-nan-at-update', type=int, nargs='*', default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -227,11 +243,14 @@ def _make_saver_class():
     from timm.utils import CheckpointSaver
     from timm.utils.model import get_state_dict
 
-    from checkpoint_io import TRAIN_FORMAT
+    from vmamba_zoo.checkpoint import TRAIN_FORMAT, atomic_copy, atomic_save
 
     class TrainingCheckpointSaver(CheckpointSaver):
-        """timm's CheckpointSaver (ranked epoch checkpoints, ``last``, ``model_best``, recovery files, temp + rename),
-        writing in addition what an exact resume needs: scheduler, position in the epoch, update count, random states.
+        """timm's CheckpointSaver (ranked epoch checkpoints, ``last``, ``model_best``, recovery files), writing in
+        addition what an exact resume needs: scheduler, position in the epoch, update count, random states.
+
+        Every file is written atomically (temporary file, fsync, rename) and ``last`` / ``checkpoint-N`` /
+        ``model_best`` are independent copies: timm hard-links them, so one damaged file would damage all three.
         """
 
         def __init__(self, *args, extra_state, **kwargs):
@@ -256,10 +275,14 @@ def _make_saver_class():
                 state['metric'] = metric
             state['saver'] = self.state_dict(epoch, metric)
             state.update(self.extra_state())
-            with open(save_path, 'wb') as f:  # save_path is a temporary name: the caller renames it
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            atomic_save(state, save_path)  # save_path is itself a temporary name that the caller renames
+
+        def _replace(self, src, dst):
+            # timm unlinks dst first (for Windows), which leaves no ``last`` at all if the process dies in between
+            os.replace(src, dst)
+
+        def _duplicate(self, src, dst):
+            atomic_copy(src, dst)
 
         # timm 1.0.31 keeps the checkpoint ranking across a resume (state_dict/load_state_dict); older savers
         # (setup.cfg allows timm >= 1.0.29) have the same fields, which these fallbacks save and restore.
@@ -291,31 +314,70 @@ def _make_saver_class():
     return TrainingCheckpointSaver
 
 
-def _checkpoint_metadata(path: str):
-    """A training checkpoint without reading its tensors (memory-mapped), as timm >= 1.0.31's
-    load_checkpoint_metadata."""
-    return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+_RESUME_CANDIDATES = ('last.pth.tar', 'recovery-*.pth.tar', 'checkpoint-*.pth.tar', 'model_best.pth.tar')
 
 
-def find_resume_checkpoint(resume: str, output_dir: str):
-    """The checkpoint to resume: a path, or for 'auto' the one with the most updates in ``output_dir`` (or None)."""
+def _read_training_checkpoint(path: str, mmap: bool = False):
+    """A checkpoint of tools/train.py, read safely; CheckpointError (one line) if it is unreadable or another kind."""
+    from vmamba_zoo.checkpoint import CheckpointError, is_training_checkpoint, read_checkpoint
+    ckpt = read_checkpoint(path, mmap=mmap)
+    if not is_training_checkpoint(ckpt):
+        raise CheckpointError(f'{path} is not a training checkpoint of tools/train.py')
+    if not isinstance(ckpt.get('num_updates'), int) or not isinstance(ckpt.get('state_dict'), dict):
+        raise CheckpointError(f'{path} is incomplete (no num_updates / state_dict)')
+    return ckpt
+
+
+def find_resume_checkpoint(resume: str, output_dir: str, warn=None):
+    """``(path, checkpoint)`` to resume: the named file, or for 'auto' the newest checkpoint in ``output_dir`` that
+    reads back whole (most updates; ``last``, ``recovery-*``, ``checkpoint-*``, ``model_best``), or ``(None, None)``
+    when the folder holds none. Files skipped on the way are named, with the reason, in one ``warn`` line.
+    """
+    from vmamba_zoo.checkpoint import CheckpointError
+
     if resume != 'auto':
         if not os.path.isfile(resume):
             raise UsageError(f'--resume checkpoint not found: {resume}')
-        return resume
-    best, best_updates = None, -1
-    for path in sorted(glob.glob(os.path.join(output_dir, '*.pth.tar'))):
-        name = os.path.basename(path)
-        if not (name == 'last.pth.tar' or name.startswith('recovery-')):
-            continue
         try:
-            meta = _checkpoint_metadata(path)
-        except Exception:  # noqa: BLE001  (a file being written by another run: ignore it)
+            return resume, _read_training_checkpoint(resume)
+        except CheckpointError as e:
+            raise UsageError(f'cannot resume from {resume}: {_reason(e, resume)}') from None
+    paths = []
+    for pattern in _RESUME_CANDIDATES:
+        paths += sorted(glob.glob(os.path.join(glob.escape(output_dir), pattern)))
+    skipped, ranked = [], []
+    for order, path in enumerate(paths):
+        try:  # the metadata only (tensors memory-mapped): cheap, and it orders the candidates
+            updates = _read_training_checkpoint(path, mmap=True)['num_updates']
+        except CheckpointError as e:
+            skipped.append((path, _reason(e, path)))
             continue
-        updates = meta.get('num_updates', -1) if isinstance(meta, dict) else -1
-        if updates > best_updates:
-            best, best_updates = path, updates
-    return best
+        ranked.append((-updates, order, path))
+    found = (None, None)
+    for _, _, path in sorted(ranked):
+        try:
+            found = path, _read_training_checkpoint(path)
+            break
+        except CheckpointError as e:
+            skipped.append((path, _reason(e, path)))
+    if skipped and warn is not None:
+        names = '; '.join(f'{os.path.basename(p)} ({why})' for p, why in skipped)
+        target = f'resuming from {os.path.basename(found[0])}' if found[0] else 'no readable checkpoint left'
+        warn(f'--resume auto: skipped {names}; {target}')
+    if found[0] is None and skipped:
+        raise UsageError(f'--resume auto: no readable checkpoint in {output_dir} (skipped '
+                         f'{", ".join(os.path.basename(p) for p, _ in skipped)}); starting afresh would run over '
+                         f'its history: move the run folder or its checkpoints away first')
+    return found
+
+
+def _reason(error: Exception, path: str) -> str:
+    """The one-line reason of a CheckpointError, without the path it already names."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    for prefix in (f'cannot read checkpoint {path}: ', f'{path} '):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text
 
 
 def _rng_state():
@@ -477,36 +539,45 @@ def _fmt_time(seconds):
 
 
 class EpochLog:
-    """summary.csv and summary.jsonl: one row per epoch; a resumed run first drops rows of epochs it will redo."""
+    """summary.jsonl and summary.csv: one row per epoch, only ever appended to.
 
-    def __init__(self, output_dir, start_epoch):
+    A resumed run keeps every earlier row, even of epochs it redoes (the later row of an epoch is the one that
+    counts): a resume from an older checkpoint never erases history. summary.jsonl is appended line by line (a line
+    torn by a crash is closed and skipped); summary.csv is rebuilt from it through a temporary file.
+    """
+
+    def __init__(self, output_dir):
         self.csv_path = os.path.join(output_dir, 'summary.csv')
         self.json_path = os.path.join(output_dir, 'summary.jsonl')
-        rows = []
+        self.rows = []
         if os.path.exists(self.json_path):
-            with open(self.json_path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        self.rows = [r for r in rows if r.get('epoch', 0) < start_epoch]
-        self._rewrite()
+            with open(self.json_path, 'rb') as f:
+                data = f.read()
+            for line in data.decode('utf-8', 'replace').splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    self.rows.append(row)
+            if data and not data.endswith(b'\n'):
+                with open(self.json_path, 'ab') as f:
+                    f.write(b'\n')
 
-    def _rewrite(self):
-        with open(self.json_path + '.tmp', 'w') as f:
-            for r in self.rows:
-                f.write(json.dumps(r) + '\n')
-        os.replace(self.json_path + '.tmp', self.json_path)
+    def append(self, row):
+        self.rows.append(row)
+        with open(self.json_path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
         keys = []
         for r in self.rows:
             keys.extend(k for k in r if k not in keys)
         with open(self.csv_path + '.tmp', 'w', newline='') as f:
-            if keys:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(self.rows)
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
         os.replace(self.csv_path + '.tmp', self.csv_path)
-
-    def append(self, row):
-        self.rows.append(row)
-        self._rewrite()
 
 
 # ----------------------------------------------------------------------------------------------------------- main
@@ -535,6 +606,18 @@ def main(argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+class NonFiniteLossError(UsageError):
+    """A NaN/inf loss under ``--nan-policy stop``: reported as one line (exit status 2), like a usage error."""
+
+    def __init__(self, update: int, steps_per_epoch: int, epochs: int):
+        epoch, step = (update - 1) // steps_per_epoch, (update - 1) % steps_per_epoch + 1
+        self.update, self.epoch, self.step = update, epoch, step
+        super().__init__(
+            f'loss is not finite (nan or inf) at epoch {epoch + 1}/{epochs}, step {step}/{steps_per_epoch} '
+            f'(update {update}); stopped under --nan-policy stop before any checkpoint held the damaged weights: '
+            f'--resume auto continues from the newest checkpoint (consider a lower --lr, or --nan-policy skip)')
 
 
 def _leave_after_failure(error: BaseException):
@@ -701,11 +784,11 @@ def _train(args, rt, autocast_context, evaluate):
 
     start_epoch, start_batch, num_updates = 0, 0, 0
     resume_rng = None
-    resume_path = find_resume_checkpoint(args.resume, output_dir) if args.resume else None
+    resume_path, ckpt = None, None
+    if args.resume:
+        resume_path, ckpt = find_resume_checkpoint(args.resume, output_dir,
+                                                   warn=_logger.warning if rt.is_main else None)
     if resume_path:
-        ckpt = torch.load(resume_path, map_location='cpu', weights_only=True)
-        if ckpt.get('format') != 'vmamba_zoo.train':
-            raise UsageError(f'{resume_path} is not a training checkpoint of tools/train.py')
         if ckpt['arch'] != args.model:
             raise UsageError(f"{resume_path} is a {ckpt['arch']} run, not {args.model}")
         if ckpt['global_batch'] != args.batch_size or ckpt['steps_per_epoch'] != steps_per_epoch:
@@ -754,11 +837,37 @@ def _train(args, rt, autocast_context, evaluate):
         import yaml
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             yaml.safe_dump(args_dict, f, sort_keys=False)
-    epoch_log = EpochLog(output_dir, start_epoch) if rt.is_main else None
+    epoch_log = EpochLog(output_dir) if rt.is_main else None
 
     total_updates = args.epochs * steps_per_epoch
     run_start, run_start_updates = time.time(), num_updates
     last_metrics = None
+
+    # A NaN/inf loss. 'stop': the first bad update is kept on the device (no host sync per step) and checked where
+    # the loop syncs anyway (progress lines) and before every checkpoint, so no checkpoint holds damaged weights.
+    # 'skip': each micro-batch's loss is checked at once (one sync per micro-batch, all ranks agree) and a bad one
+    # drops the whole update.
+    no_bad_update = 2 ** 62
+    first_bad_update = torch.full((), no_bad_update, device=rt.device, dtype=torch.int64)
+    skipped_total = 0
+
+    def stop_if_nonfinite():
+        if args.nan_policy != 'stop':
+            return
+        first = first_bad_update.clone()
+        if rt.distributed:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first.item())
+        if first != no_bad_update:
+            raise NonFiniteLossError(first, steps_per_epoch, args.epochs)
+
+    def any_rank_nonfinite(value):
+        bad = (~torch.isfinite(value)).to(torch.int32)
+        if rt.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item())
+
+    nan_at = set(args.debug_nan_at_update or ())
 
     def gather_rng():
         state = _rng_state()
@@ -779,6 +888,7 @@ def _train(args, rt, autocast_context, evaluate):
         loss_count = 0
         window_loss = torch.zeros((), device=rt.device, dtype=torch.float64)
         window_count, window_start = 0, time.time()
+        skipped_epoch = window_skipped = 0
         # Random states are restored where the interrupted run saved them: before the epoch's loader iterator
         # (which draws a seed) for an epoch-end checkpoint, after it for a mid-epoch one.
         if resume_rng is not None and first_batch == 0:
@@ -789,6 +899,7 @@ def _train(args, rt, autocast_context, evaluate):
             _set_rng_state(resume_rng)
             resume_rng = None
         for batch_idx in range(first_batch, steps_per_epoch):
+            update_skipped = False
             for micro in range(args.grad_accum_steps):
                 images, targets = next(data_iter)
                 images = images.to(rt.device, non_blocking=True)
@@ -806,7 +917,16 @@ def _train(args, rt, autocast_context, evaluate):
                             ema_out = model_ema.module(images)
                         main_out = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
                         loss = loss + args.mesa * soft_ce(main_out, ema_out.float().softmax(dim=-1))
+                if num_updates + 1 in nan_at:
+                    loss = loss * float('nan')
                 loss_value = loss.detach()
+                if args.nan_policy == 'skip':
+                    update_skipped = update_skipped or any_rank_nonfinite(loss_value)
+                    if update_skipped:  # no backward: the update is dropped on every rank
+                        continue
+                else:
+                    first_bad_update = torch.where(torch.isfinite(loss_value), first_bad_update,
+                                                   first_bad_update.clamp(max=num_updates + 1))
                 loss = loss / args.grad_accum_steps
 
                 def backward_and_step():
@@ -832,20 +952,23 @@ def _train(args, rt, autocast_context, evaluate):
 
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
-            if model_ema is not None:
+            if update_skipped:
+                skipped_epoch += 1
+                window_skipped += 1
+                skipped_total += 1
+            elif model_ema is not None:
                 model_ema.update(model, step=num_updates)
             lr_scheduler.step_update(num_updates=num_updates)
             position.update(next_epoch=epoch, next_batch=batch_idx + 1, num_updates=num_updates)
 
             last_in_epoch = batch_idx + 1 == steps_per_epoch
             if (batch_idx + 1) % args.log_interval == 0 or last_in_epoch:
+                stop_if_nonfinite()
                 stats = torch.stack([window_loss, torch.tensor(float(window_count), device=rt.device,
                                                                dtype=torch.float64)])
                 if rt.distributed:
                     dist.all_reduce(stats)
                 avg = (stats[0] / stats[1].clamp(min=1)).item()
-                if not math.isfinite(avg):
-                    raise RuntimeError(f'loss is {avg} at update {num_updates} (epoch {epoch}); stopping')
                 now = time.time()
                 done_this_run = num_updates - run_start_updates
                 sec_per_update = (now - run_start) / max(done_this_run, 1)
@@ -854,11 +977,14 @@ def _train(args, rt, autocast_context, evaluate):
                     f'[train] epoch {epoch + 1}/{args.epochs} step {batch_idx + 1}/{steps_per_epoch} '
                     f'loss {avg:.4f} lr {optimizer.param_groups[0]["lr"]:.3e} {imgs_per_s:.1f} img/s '
                     f'eta epoch {_fmt_time((steps_per_epoch - batch_idx - 1) * sec_per_update)} '
-                    f'total {_fmt_time((total_updates - num_updates) * sec_per_update)}')
+                    f'total {_fmt_time((total_updates - num_updates) * sec_per_update)}'
+                    + (f' | skipped {window_skipped} update(s) with a non-finite loss ({skipped_total} in all)'
+                       if window_skipped else ''))
                 window_loss.zero_()
-                window_count, window_start = 0, time.time()
+                window_count, window_start, window_skipped = 0, time.time(), 0
 
             if args.checkpoint_interval > 0 and num_updates % args.checkpoint_interval == 0 and not last_in_epoch:
+                stop_if_nonfinite()
                 position['rng'] = gather_rng()
                 if saver is not None:
                     saver.save_recovery(epoch, batch_idx + 1)
@@ -869,6 +995,7 @@ def _train(args, rt, autocast_context, evaluate):
                 break
 
         # ---- end of epoch: validate, log, checkpoint
+        stop_if_nonfinite()
         stats = torch.stack([loss_sum, torch.tensor(float(loss_count), device=rt.device, dtype=torch.float64)])
         if rt.distributed:
             dist.all_reduce(stats)
@@ -877,6 +1004,8 @@ def _train(args, rt, autocast_context, evaluate):
         row = {'epoch': epoch, 'num_updates': num_updates, 'train_loss': round(train_loss, 6),
                'lr': optimizer.param_groups[0]['lr'], 'epoch_time_s': round(epoch_time, 2),
                'img_per_s': round((steps_per_epoch - first_batch) * args.batch_size / max(epoch_time, 1e-9), 2)}
+        if args.nan_policy == 'skip':
+            row['skipped_steps'] = skipped_epoch
         metric = None
         if (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs:
             m = evaluate(model, val_loader, rt, amp=args.amp, channels_last=args.channels_last)

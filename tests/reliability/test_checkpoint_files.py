@@ -1,0 +1,203 @@
+"""Checkpoint files: one safe reader everywhere, the same EMA keys everywhere, atomic and independent writes."""
+import errno
+import os
+import pickle
+
+import pytest
+import torch
+
+from vmamba_zoo import checkpoint as ckpt
+
+from ..tools.tool_runner import load_tool
+
+
+# ------------------------------------------------------------------------------------------------- unsafe pickles
+class RunsCode:
+    """Unpickling this calls os.system: a reader that lets it run creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def _readers():
+    """Every way the project reads a checkpoint file: name -> callable(path)."""
+    checkpoint_io = load_tool('checkpoint_io')
+    train = load_tool('train')
+    readers = {
+        'vmamba_zoo.checkpoint': ckpt.read_checkpoint,
+        'tools.checkpoint_io': checkpoint_io.read_checkpoint,
+        'tools.checkpoint_io.load_into_model': lambda p: checkpoint_io.load_into_model(torch.nn.Linear(2, 2), p),
+        'train --resume FILE': lambda p: train.find_resume_checkpoint(str(p), os.path.dirname(p)),
+        'train --resume auto': lambda p: train.find_resume_checkpoint('auto', os.path.dirname(p)),
+    }
+    try:
+        from mmengine.runner.checkpoint import CheckpointLoader
+
+        from vmamba_zoo.mm import cli as mm_cli
+        from vmamba_zoo.mm import checkpoint as mm_checkpoint
+    except ImportError:  # the mm extras are optional
+        return readers
+    mm_cli.safe_local_checkpoints()
+    readers['vmamba_zoo.mm.checkpoint'] = mm_checkpoint.read_checkpoint
+    readers['mm tools (mmengine CheckpointLoader)'] = lambda p: CheckpointLoader.load_checkpoint(str(p), 'cpu')
+    return readers
+
+
+@pytest.mark.parametrize('layout', ['nested', 'top_level', 'plain_pickle'])
+def test_a_pickle_that_would_run_code_never_runs_in_any_reader(tmp_path, layout):
+    marker = tmp_path / 'code_ran'
+    path = tmp_path / 'last.pth.tar'
+    evil = RunsCode(marker)
+    if layout == 'nested':  # official-looking: weights plus a pickled object
+        torch.save({'model': {'w': torch.ones(2, 2)}, 'config': evil}, path)
+    elif layout == 'top_level':
+        torch.save(evil, path)
+    else:  # not a torch zip file at all
+        path.write_bytes(pickle.dumps({'state_dict': evil}))
+    assert not marker.exists()
+    for name, read in _readers().items():
+        try:
+            out = read(path)
+        except Exception:  # noqa: BLE001  (refusing the file is fine; running its code is not)
+            out = None
+        assert not marker.exists(), f'{name} ran code from the checkpoint ({layout})'
+        if layout == 'nested' and name in ('vmamba_zoo.checkpoint', 'vmamba_zoo.mm.checkpoint'):
+            assert isinstance(out['config'], ckpt.InertObject), name  # an inert stand-in, weights intact
+            assert torch.equal(out['model']['w'], torch.ones(2, 2)), name
+
+
+def test_official_objects_are_read_inert_and_mm_history_for_real(tmp_path):
+    import argparse
+
+    import numpy as np
+    path = tmp_path / 'official.pth'
+    torch.save({'model': {'w': torch.arange(4.)}, 'args': argparse.Namespace(lr=1.0), 'epoch': np.int64(3)}, path)
+    out = ckpt.read_checkpoint(path)
+    assert torch.equal(out['model']['w'], torch.arange(4.))
+    assert isinstance(out['args'], ckpt.InertObject) and isinstance(out['epoch'], ckpt.InertObject)
+    with pytest.raises(ckpt.CheckpointError, match='cannot read checkpoint'):
+        (tmp_path / 'torn.pth').write_bytes(path.read_bytes()[:100])
+        ckpt.read_checkpoint(tmp_path / 'torn.pth')
+
+
+# --------------------------------------------------------------------------------------------------------- EMA keys
+@pytest.mark.parametrize('ema_key', ckpt.EMA_KEYS)
+def test_tools_and_mm_accept_the_same_ema_keys(tmp_path, ema_key):
+    checkpoint_io = load_tool('checkpoint_io')
+    model = torch.nn.Linear(3, 2)
+    plain = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    ema = {f'module.{k}': torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
+    path = tmp_path / 'weights.pth'
+    torch.save({'model': plain, ema_key: ema}, path)
+    got = {}
+    checkpoint_io.load_into_model(model, str(path), use_ema=True)
+    got['tools'] = model.state_dict()
+    got['vmamba_zoo.checkpoint'] = ckpt.select_state_dict(ckpt.read_checkpoint(path), use_ema=True)
+    try:
+        from vmamba_zoo.mm import checkpoint as mm_checkpoint
+        got['mm'] = mm_checkpoint.select_state_dict(mm_checkpoint.read_checkpoint(path), use_ema=True)
+    except ImportError:
+        pass
+    for where, sd in got.items():
+        assert set(sd) == {'weight', 'bias'}, where
+        assert all(torch.equal(v, torch.full_like(v, 7.0)) for v in sd.values()), f'{where} missed {ema_key}'
+        assert not ckpt.select_state_dict(ckpt.read_checkpoint(path))['weight'].any()  # plain weights without EMA
+
+
+def test_ema_requested_but_absent_is_an_error_everywhere(tmp_path):
+    checkpoint_io = load_tool('checkpoint_io')
+    path = tmp_path / 'weights.pth'
+    torch.save({'model': torch.nn.Linear(3, 2).state_dict()}, path)
+    with pytest.raises(checkpoint_io.UsageError, match='no EMA weights'):
+        checkpoint_io.load_into_model(torch.nn.Linear(3, 2), str(path), use_ema=True)
+    with pytest.raises(ckpt.CheckpointError, match='no EMA weights'):
+        ckpt.select_state_dict(ckpt.read_checkpoint(path), use_ema=True)
+    try:
+        from vmamba_zoo.mm import checkpoint as mm_checkpoint
+    except ImportError:
+        return
+    with pytest.raises(ValueError, match='no EMA weights'):  # never a silent fall back to the plain weights
+        mm_checkpoint.select_state_dict(mm_checkpoint.read_checkpoint(path), use_ema=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+def _full_disk_after(nbytes):
+    """A write that puts ``nbytes`` bytes on disk and then fails as a full disk does."""
+
+    def write(obj, f, *args, **kwargs):
+        f.write(b'x' * nbytes)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write
+
+
+def test_atomic_save_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / 'weights.pth'
+    ckpt.atomic_save({'w': torch.ones(3)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, 'save', _full_disk_after(1000))
+    with pytest.raises(OSError) as err:
+        ckpt.atomic_save({'w': torch.zeros(3)}, path)
+    assert err.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ['weights.pth'], 'temporary file left behind'
+
+
+def _saver(train, tmp_path):
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = train._make_saver_class()(
+        model=model, optimizer=optimizer, args={'model': 'linear'}, checkpoint_dir=str(tmp_path),
+        recovery_dir=str(tmp_path), max_history=3, extra_state=lambda: {'num_updates': 0})
+    return model, saver
+
+
+def _load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_last_checkpoint_n_and_best_are_independent_files(tmp_path):
+    train = load_tool('train')
+    model, saver = _saver(train, tmp_path)
+    saver.save_checkpoint(0, metric=50.0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    saver.save_checkpoint(1, metric=60.0)
+    names = ['last.pth.tar', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'model_best.pth.tar']
+    stats = {n: os.stat(tmp_path / n) for n in names}
+    assert all(st.st_nlink == 1 for st in stats.values()), {n: st.st_nlink for n, st in stats.items()}
+    assert len({st.st_ino for st in stats.values()}) == len(names)
+    (tmp_path / 'last.pth.tar').write_bytes(b'corrupt')  # damage one file in place
+    assert _load(tmp_path / 'checkpoint-0.pth.tar')['epoch'] == 0
+    for name in ('checkpoint-1.pth.tar', 'model_best.pth.tar'):
+        loaded = _load(tmp_path / name)
+        assert loaded['epoch'] == 1 and torch.equal(loaded['state_dict']['weight'], model.weight.detach()), name
+
+
+@pytest.mark.parametrize('failing', ['torch.save', 'copy'])
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoints(tmp_path, monkeypatch, failing):
+    import shutil
+    train = load_tool('train')
+    model, saver = _saver(train, tmp_path)
+    saver.save_checkpoint(0, metric=50.0)
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    if failing == 'torch.save':  # writing the new state
+        monkeypatch.setattr(torch, 'save', _full_disk_after(4096))
+    else:  # copying it to checkpoint-1 / model_best
+        def copy(src, dst, *args):
+            dst.write(src.read(100))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(shutil, 'copyfileobj', copy)
+    with pytest.raises(OSError):
+        saver.save_checkpoint(1, metric=60.0)
+    for name, data in before.items():
+        if failing == 'copy' and name == 'last.pth.tar':
+            assert _load(tmp_path / name)['epoch'] == 1  # the new last was complete before the copy failed
+        else:
+            assert (tmp_path / name).read_bytes() == data, name
+    leftovers = set(os.listdir(tmp_path)) - set(before)
+    assert not leftovers, f'partial files left behind: {leftovers}'
