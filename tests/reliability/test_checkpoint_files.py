@@ -81,6 +81,21 @@ def test_official_objects_are_read_inert_and_mm_history_for_real(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match='cannot read checkpoint'):
         (tmp_path / 'torn.pth').write_bytes(path.read_bytes()[:100])
         ckpt.read_checkpoint(tmp_path / 'torn.pth')
+    try:  # mmengine's own checkpoints: the message hub's HistoryBuffer (numpy arrays) is rebuilt for real
+        from mmengine.logging import HistoryBuffer
+        from mmengine.runner.checkpoint import CheckpointLoader
+
+        from vmamba_zoo.mm.cli import safe_local_checkpoints
+    except ImportError:
+        return
+    history = HistoryBuffer()
+    history.update(3.0)
+    history.update(np.float64(2.0))
+    torch.save({'message_hub': {'log_scalars': {'loss': history}}, 'meta': {'seed': np.int64(1)}}, path)
+    safe_local_checkpoints()
+    loaded = CheckpointLoader.load_checkpoint(str(path), 'cpu')
+    assert isinstance(loaded['message_hub']['log_scalars']['loss'], HistoryBuffer)
+    assert loaded['message_hub']['log_scalars']['loss'].mean() == 2.5 and loaded['meta']['seed'] == 1
 
 
 # --------------------------------------------------------------------------------------------------------- EMA keys
