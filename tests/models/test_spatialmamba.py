@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vmamba_zoo.layers.state_fusion import StateFusion, merge_dilated_kernels
-from vmamba_zoo.models.spatialmamba import StructureAwareSSM, checkpoint_filter_fn, spatialmamba_tiny
+from vmamba_zoo.layers.state_fusion import FUSION_IMPLS, StateFusion, merge_dilated_kernels
+from vmamba_zoo.models.spatialmamba import (
+    MIXER_LAYOUTS, SpatialMambaBlock, StructureAwareSSM, checkpoint_filter_fn, spatialmamba_tiny)
 
 KEYS_DIR = Path(__file__).resolve().parents[1] / "data" / "official_keys"
 DILATIONS = (1, 3, 5)
@@ -91,6 +92,44 @@ def test_state_fusion_train_form_equals_eval_merged_form_with_grads():
     assert rel_err(f(h), 2 * eval_out) < 1e-5
 
 
+def plain_fusion(h, weight, alpha, dilations):
+    """The official training form: replicate pad, dilated depthwise F.conv2d, scale by α, per dilation, NCHW."""
+    out = 0
+    for i, d in enumerate(dilations):
+        out = out + alpha[i] * F.conv2d(F.pad(h, (d,) * 4, mode="replicate"), weight[i], dilation=d, groups=h.shape[1])
+    return out
+
+
+@pytest.mark.parametrize("impl", FUSION_IMPLS)
+@pytest.mark.parametrize("train", [True, False])
+def test_state_fusion_impls_match_plain_nchw_convs_with_grads(impl, train):
+    f = random_fusion(6, seed=4)
+    f.impl = impl
+    f.train(train)
+    h = torch.randn(2, 6, 11, 8, requires_grad=True)
+    out = f(h)
+    expected = plain_fusion(h, f.weight, f.alpha, DILATIONS)
+    assert out.shape == expected.shape and out.dtype == torch.float32
+    assert rel_err(out, expected) < 1e-5
+    g = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, [h, f.weight, f.alpha], g)
+    ref_grads = torch.autograd.grad(expected, [h, f.weight, f.alpha], g)
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < 1e-5
+    if impl == "channels_last":  # a channels-last caller reads the result as (B, H, W, C) without a copy
+        assert out.permute(0, 2, 3, 1).is_contiguous()
+
+
+def test_state_fusion_channels_last_casts_once_to_the_autocast_dtype():
+    f = random_fusion(4, seed=5)
+    h = torch.randn(1, 4, 7, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = f(h)
+    assert out.dtype == torch.bfloat16
+    expected = plain_fusion(h.bfloat16().double(), f.weight.double(), f.alpha.double(), DILATIONS)
+    assert rel_err(out.double(), expected) < 2e-2
+
+
 def test_state_fusion_init_and_validation():
     f = StateFusion(4)
     assert torch.equal(f.weight, torch.ones(3, 4, 1, 3, 3)) and torch.equal(f.alpha, torch.ones(3))
@@ -138,6 +177,43 @@ def test_structure_aware_ssm_matches_per_step_recurrence():
 def test_structure_aware_ssm_rejects_other_state_sizes():
     with pytest.raises(ValueError):
         StructureAwareSSM(16, d_state=4)
+    with pytest.raises(ValueError):
+        StructureAwareSSM(16, layout="nhwc")
+    with pytest.raises(ValueError):
+        StateFusion(16, impl="unfold")
+
+
+@pytest.mark.parametrize("layout", MIXER_LAYOUTS)
+def test_structure_aware_ssm_layouts_match_per_step_recurrence(layout):
+    torch.manual_seed(1)
+    m = StructureAwareSSM(16, layout=layout).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 4, 7, 16, dtype=torch.float64)
+    assert rel_err(m(x), sassm_oracle(m, x)) < 1e-10
+
+
+def test_block_default_matches_nchw_baseline_outputs_and_gradients():
+    torch.manual_seed(2)
+    base = SpatialMambaBlock(16, mixer_layout="channels_first", fusion_impl="nchw")
+    fast = SpatialMambaBlock(16)
+    assert fast.mixer.layout == "channels_last" and fast.mixer.state_fusion.impl == "channels_last"
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert base.state_dict().keys() == fast.state_dict().keys()
+    fast.load_state_dict(base.state_dict())
+    x = torch.randn(2, 6, 5, 16, requires_grad=True)
+    outs, grads = [], []
+    for m in (base, fast):
+        out = m(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), [x] + list(m.parameters())))
+    assert rel_err(outs[1], outs[0]) < 1e-5
+    for (name, _), gb, gf in zip(base.named_parameters(), grads[0][1:], grads[1][1:]):
+        assert rel_err(gf, gb) < 1e-4, name
+    assert rel_err(grads[1][0], grads[0][0]) < 1e-5
 
 
 @pytest.fixture(scope="module")

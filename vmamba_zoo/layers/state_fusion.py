@@ -139,13 +139,14 @@ class StateFusion(nn.Module):
             return self._forward_dilated_nchw(h)
         h = self._channels_last(h)
         # α scales the kernels, not the outputs; cast once here rather than per conv by autocast
-        weight = (self.alpha.view(-1, 1, 1, 1, 1) * self.weight).to(h.dtype)
+        # unbind, not indexing: its backward is one stack instead of a zero-filled copy per dilation
+        weights = (self.alpha.view(-1, 1, 1, 1, 1) * self.weight).to(h.dtype).unbind(0)
         r = self.kernel_size // 2
         out = None
         # inputs are cast already; CPU autocast would also run the padding in fp32, with two more casts
         with torch.autocast(h.device.type, enabled=False):
             for i, d in enumerate(self.dilations):
-                y = self._conv(h, weight[i], r * d, d)
+                y = self._conv(h, weights[i], r * d, d)
                 out = y if out is None else out + y
         return out
 
