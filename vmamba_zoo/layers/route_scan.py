@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["RouteScanParams", "dt_projection_init", "per_route_linear"]
+__all__ = ["LowPrecisionLayerNorm", "RouteScanParams", "dt_projection_init", "per_route_linear", "route_projections"]
 
 
 def per_route_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,32 @@ def per_route_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.shape[-2] != weight.shape[0] or x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"x (..., K, I) = {tuple(x.shape)} does not match weight (K, O, I) = {tuple(weight.shape)}")
     return torch.stack([F.linear(xk, wk) for xk, wk in zip(x.unbind(-2), weight.unbind(0))], dim=-2)
+
+
+def route_projections(
+        x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight: torch.Tensor, route_eye: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every route's x_proj (K, R + 2N, C) then dt_proj (K, C, R) of x (..., C) → delta (..., K, C),
+    B (..., K, N), C (..., K, N); ``route_eye`` is the (K, K) identity (a buffer of the caller).
+
+    Four kernels forward where per-route GEMMs take K + 4 (2K + 5 backward) under autocast, a step bound by
+    launches: the x_proj rows are reordered feature-major (every route's dt ranks, then B, then C) and cast to
+    x's dtype in one copy, so dt, B and C are plain slices of one GEMM's output; the K dt projections are one
+    GEMM with the block-diagonal (K·C, R·K) weight (K times the FLOPs of a projection that is a small part of
+    the block, and a plain GEMM for the weight gradient). B and C are strided views, which the scan reads.
+    """
+    K, P, C = x_proj_weight.shape
+    R = dt_projs_weight.shape[-1]
+    N = (P - R) // 2
+    if x.shape[-1] != C or dt_projs_weight.shape != (K, C, R) or P != R + 2 * N or route_eye.shape != (K, K):
+        raise ValueError(f"x (..., C) = {tuple(x.shape)}, x_proj_weight (K, R + 2N, C) = {tuple(x_proj_weight.shape)}, "
+                         f"dt_projs_weight (K, C, R) = {tuple(dt_projs_weight.shape)} and route_eye (K, K) = "
+                         f"{tuple(route_eye.shape)} do not match")
+    w_x = x_proj_weight.transpose(0, 1).to(dtype=x.dtype, copy=True, memory_format=torch.contiguous_format)
+    dts, Bs, Cs = F.linear(x, w_x.view(P * K, C)).split([R * K, N * K, N * K], dim=-1)
+    w_dt = (dt_projs_weight.unsqueeze(-1) * route_eye.view(K, 1, 1, K)).to(x.dtype)
+    delta = F.linear(dts, w_dt.view(K * C, R * K)).unflatten(-1, (K, C))
+    return delta, Bs.unflatten(-1, (N, K)).transpose(-1, -2), Cs.unflatten(-1, (N, K)).transpose(-1, -2)
 
 
 def dt_projection_init(
@@ -37,6 +63,21 @@ def dt_projection_init(
     ).clamp(min=dt_init_floor)
     bias = dt + torch.log(-torch.expm1(-dt))
     return weight, bias
+
+
+class LowPrecisionLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters) for an input already in autocast's dtype, such as a scan's output:
+    normalized in that dtype (the kernel still accumulates in fp32) instead of autocast's fp32 copy in and fp32
+    result out, which the next GEMM casts back. Weight and bias are rounded to that dtype; outside autocast, or
+    for other inputs, it is ``nn.LayerNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device) \
+                and not torch.jit.is_scripting():
+            with torch.autocast(device, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
 
 
 class RouteScanParams(nn.Module):
@@ -54,6 +95,7 @@ class RouteScanParams(nn.Module):
         self.dt_projs_bias = nn.Parameter(torch.empty(num_routes, channels))
         self.A_logs = nn.Parameter(torch.empty(num_routes * channels, d_state))
         self.Ds = nn.Parameter(torch.empty(num_routes * channels))
+        self.register_buffer('route_eye', torch.eye(num_routes), persistent=False)
         self.reset_scan_parameters()
 
     @torch.no_grad()
@@ -66,6 +108,19 @@ class RouteScanParams(nn.Module):
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
         self.A_logs.copy_(torch.log(A).expand(self.num_routes * self.channels, -1))
         self.Ds.fill_(1.0)
+
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (..., C), read by every route → delta (..., K, C), B (..., K, N), C (..., K, N): the values of
+        ``scan_inputs`` on ``F.linear(x, x_proj_weight.view(-1, C))``, through ``route_projections``."""
+        if torch.jit.is_tracing():  # FLOP counters see the K dt GEMMs, not the zero blocks
+            K, C = self.num_routes, self.channels
+            return self.scan_inputs(F.linear(x, self.x_proj_weight.reshape(-1, C)).unflatten(-1, (K, -1)))[:3]
+        return route_projections(x, self.x_proj_weight, self.dt_projs_weight, self.route_eye)
+
+    def scan_params(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A (K, C, N), D (K, C) and delta_bias (K, C) in fp32, as ``scan_inputs`` returns them."""
+        A = -torch.exp(self.A_logs.float()).view(self.num_routes, self.channels, self.d_state)
+        return A, self.Ds.float().view(self.num_routes, self.channels), self.dt_projs_bias.float()
 
     def scan_inputs(self, x_dbl: torch.Tensor):
         """x_dbl (..., K, R + 2N) → delta (..., K, C), B (..., K, N), C (..., K, N), and A, D, delta_bias."""

@@ -36,6 +36,7 @@ from vmamba_kernels import selective_scan_2d
 
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
+from ..layers.route_scan import LowPrecisionLayerNorm, route_projections
 from ..layers.routes import device_routes
 
 __all__ = ['EfficientVMamba']
@@ -98,7 +99,8 @@ class EfficientScan2d(nn.Module):
         self.dt_projs_bias = nn.Parameter(torch.empty(K, d_inner, **dd))
         self.A_logs = nn.Parameter(torch.empty(K * d_inner, d_state, **dd))
         self.Ds = nn.Parameter(torch.empty(K * d_inner, **dd))
-        self.out_norm = nn.LayerNorm(d_inner, **dd)
+        self.register_buffer('route_eye', torch.eye(K, **dd), persistent=False)
+        self.out_norm = LowPrecisionLayerNorm(d_inner, **dd)
         self.out_proj = nn.Linear(d_inner, dim, bias=False, **dd)
         self.reset_parameters()
 
@@ -143,13 +145,16 @@ class EfficientScan2d(nn.Module):
         z = self.act(z)
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
-        delta, B, C = self._project(x)
+        if torch.jit.is_tracing():  # FLOP counters see the projections of each pixel's own route only
+            delta, B, C = self._project(x)
+            delta = delta.unsqueeze(3).expand(Bt, H, W, K, Di)
+            B, C = B.unsqueeze(3).expand(Bt, H, W, K, N), C.unsqueeze(3).expand(Bt, H, W, K, N)
+        else:
+            # Every route's projections of every pixel: two GEMMs instead of eight on strided sub-grid copies,
+            # scattered back (the step is bound by launches); route k reads only its own pixels' values.
+            delta, B, C = route_projections(x, self.x_proj_weight, self.dt_projs_weight, self.route_eye)
         y = selective_scan_2d(
-            x,
-            delta.unsqueeze(3).expand(Bt, H, W, K, Di),
-            -torch.exp(_at_least_fp32(self.A_logs)).view(K, Di, N),
-            B.unsqueeze(3).expand(Bt, H, W, K, N),
-            C.unsqueeze(3).expand(Bt, H, W, K, N),
+            x, delta, -torch.exp(_at_least_fp32(self.A_logs)).view(K, Di, N), B, C,
             D=_at_least_fp32(self.Ds).view(K, Di),
             delta_bias=_at_least_fp32(self.dt_projs_bias),
             delta_softplus=True,

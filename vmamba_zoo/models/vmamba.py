@@ -28,7 +28,7 @@ from vmamba_kernels import selective_scan_2d
 
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
-from ..layers.route_scan import RouteScanParams, per_route_linear
+from ..layers.route_scan import LowPrecisionLayerNorm, RouteScanParams, per_route_linear
 from ..layers.routes import device_routes
 
 __all__ = ['VMamba', 'SS2D', 'MultiHeadScan', 'ScanRouteAttention']
@@ -64,7 +64,7 @@ class SS2D(RouteScanParams):
             d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias,
         ) if d_conv > 1 else None
         self.act = act_layer()
-        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_norm = LowPrecisionLayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +73,8 @@ class SS2D(RouteScanParams):
             x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = self.act(x)
         Bt, H, W, C = x.shape
-        x_dbl = F.linear(x, self.x_proj_weight.reshape(-1, C)).view(Bt, H, W, self.num_routes, -1)
-        delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
+        delta, Bs, Cs = self.project(x)
+        A, D, delta_bias = self.scan_params()
         y = selective_scan_2d(
             x, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True,
             routes=_routes('cross', H, W, x.device), merge='sum',
