@@ -64,11 +64,16 @@ def _delta(delta, delta_bias, delta_softplus, dtype):
 def _shift(x: torch.Tensor, k: int, value: float, dim: int) -> torch.Tensor:
     """x moved k steps forward along ``dim`` (the first k filled with ``value``), keeping its length.
 
-    Padding then cutting at the original length keeps the length symbolic under export, whether or
-    not k exceeds it."""
+    With a known length, a pad then a cut; otherwise (export, tracing) a gather from arange(n) - k, whose
+    cost does not grow with k and whose length stays symbolic whether or not k exceeds it."""
     n = x.shape[dim]
-    pad = [0, 0] * (x.dim() - 1 - dim) + [k, 0]
-    return F.pad(x, pad, value=value).narrow(dim, 0, n)
+    if isinstance(n, int) and k <= n and not _is_traced():
+        pad = [0, 0] * (x.dim() - 1 - dim) + [k, 0]
+        return F.pad(x, pad, value=value).narrow(dim, 0, n)
+    source = torch.arange(n, device=x.device) - k
+    moved = x.index_select(dim, source.clamp_min(0))
+    inside = (source >= 0).view([-1] + [1] * (x.dim() - 1 - dim))
+    return torch.where(inside, moved, torch.full((), value, dtype=x.dtype, device=x.device))
 
 
 def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int):
@@ -108,11 +113,16 @@ def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_
     if isinstance(L, int) and L > chunk * MAX_TRACED_CHUNKS:
         raise ValueError(f"linear_scan covers at most {chunk * MAX_TRACED_CHUNKS} steps, got {L}")
     log_decay = log_decay.expand_as(drive)
-    n = (L + chunk - 1) // chunk
+    if isinstance(L, int) and not _is_traced():
+        n = (L + chunk - 1) // chunk
+    else:
+        # At least two chunks, whatever the length: export would otherwise specialize the graph on
+        # whether the traced input had one chunk (size-1 dimensions broadcast).
+        n = L // chunk + 2
     rest = [0, 0] * (drive.dim() - 1)
     # Padding steps (decay 1, drive 0) keep the state, and are cut off at the end.
-    log_decay = F.pad(log_decay, rest + [0, chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
-    drive = F.pad(drive, rest + [0, chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
+    log_decay = F.pad(log_decay, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
+    drive = F.pad(drive, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
     decay, local = _doubling_scan(log_decay.exp(), drive, int(math.log2(chunk)), dim=1)
     if isinstance(n, int) and not _is_traced():
         chunk_steps = max(0, math.ceil(math.log2(n)))

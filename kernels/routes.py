@@ -38,50 +38,47 @@ def _steps(n) -> torch.Tensor:
     return torch.arange(n, dtype=torch.long)
 
 
+def _index_value(n):
+    """A size for index arithmetic: symbolic sizes become 0-dim tensors, since the ONNX exporter
+    translates arithmetic between tensors but not with a symbolic scalar."""
+    return torch.scalar_tensor(n, dtype=torch.long) if isinstance(n, torch.SymInt) else n
+
+
 def _at_least_one(n):
-    """max(n, 1) for an int, a symbolic int or a 0-dim tensor (a divisor for empty sub-grids)."""
+    """max(n, 1) for an int or a 0-dim tensor (a divisor for empty sub-grids)."""
     if isinstance(n, torch.Tensor):
         return n.clamp_min(1)
-    return torch.sym_max(n, 1)
+    return max(n, 1)
 
 
-def _row_major(H, W) -> torch.Tensor:
-    return _steps(H * W)
-
-
-def _column_major(H, W) -> torch.Tensor:
-    t = _steps(H * W)
+def _column_major(t: torch.Tensor, H, W) -> torch.Tensor:
     return (t % H) * W + t // H
 
 
-def _row_snake(H, W) -> torch.Tensor:
-    t = _steps(H * W)
+def _row_snake(t: torch.Tensor, H, W) -> torch.Tensor:
     h, c = t // W, t % W
     return h * W + torch.where(h % 2 == 1, W - 1 - c, c)
 
 
-def _column_snake(H, W) -> torch.Tensor:
-    t = _steps(H * W)
+def _column_snake(t: torch.Tensor, H, W) -> torch.Tensor:
     w, c = t // H, t % H
     return torch.where(w % 2 == 1, H - 1 - c, c) * W + w
 
 
-def _antidiagonal_zigzag(H, W) -> torch.Tensor:
+def _antidiagonal_zigzag(t: torch.Tensor, H, W) -> torch.Tensor:
     # MHS-VM's diag_scan(cw=True): walk the anti-diagonals i + j = k in order; even k run from the
     # bottom (large i) up, odd k from the top down.
-    t = _steps(H * W)
     i, j = t // W, t % W
     k = i + j
     within = torch.where(k % 2 == 0, H - 1 - i, i)
     return torch.argsort(k * H + within)
 
 
-def _clockwise_spiral(H, W) -> torch.Tensor:
+def _clockwise_spiral(t: torch.Tensor, H, W) -> torch.Tensor:
     # MHS-VM's spiral_scan, ring by ring from the outside, each ring clockwise from its top-left corner;
     # a ring one pixel high runs left to right, one pixel wide top to bottom (the original's loop
     # revisits pixels there, which its truncation to H*W removes). Closed form: each pixel's position is
     # the pixels of the outer rings plus its place on its own ring; the route is the inverse.
-    t = _steps(H * W)
     i, j = t // W, t % W
     r = torch.minimum(torch.minimum(i, j), torch.minimum(H - 1 - i, W - 1 - j))
     top, bottom, right = r, H - 1 - r, W - 1 - r
@@ -95,19 +92,19 @@ def _clockwise_spiral(H, W) -> torch.Tensor:
     return torch.zeros_like(t).scatter(0, position, t)
 
 
-def _pattern_pair(pattern: str, H, W):
+def _pattern_pair(pattern: str, t: torch.Tensor, H, W):
     if pattern == "C":
-        return _row_snake(H, W), _column_snake(H, W)
+        return _row_snake(t, H, W), _column_snake(t, H, W)
     if pattern == "X":
-        zigzag = _antidiagonal_zigzag(H, W)
+        zigzag = _antidiagonal_zigzag(t, H, W)
         mirrored = (zigzag // W) * W + (W - 1 - zigzag % W)
         return zigzag, mirrored
     if pattern == "S":
-        spiral = _clockwise_spiral(H, W)
+        spiral = _clockwise_spiral(t, H, W)
         flipped = (H - 1 - spiral // W) * W + spiral % W
         return spiral, flipped
     if pattern == "Z":
-        return _row_major(H, W), _column_major(H, W)
+        return t, _column_major(t, H, W)
     raise ValueError(f"multihead pattern must be one of {MULTIHEAD_PATTERNS}, got {pattern!r}")
 
 
@@ -116,8 +113,9 @@ def _atrous(H, W, step: int) -> torch.Tensor:
         raise ValueError(f"atrous routes are defined for step=2 (EfficientVMamba's 4 sub-grids), got step={step}")
     # Sub-grids (even h, even w) row-major, (odd h, even w) column-major, (even h, odd w) row-major,
     # (odd h, odd w) column-major; the first is the largest, the others are padded (-1) to its length.
+    t = _steps(((H + 1) // 2) * ((W + 1) // 2))
+    H, W = _index_value(H), _index_value(W)
     even_h, odd_h, even_w, odd_w = (H + 1) // 2, H // 2, (W + 1) // 2, W // 2
-    t = _steps(even_h * even_w)
 
     def sub_grid(rows, cols, h0, w0, column_major):
         if column_major:
@@ -153,22 +151,24 @@ def scan_routes(name: str, H: int, W: int, **options) -> torch.Tensor:
     if unknown:
         raise ValueError(f"route {name!r} takes options {sorted(allowed)}, got unknown {sorted(unknown)}")
 
-    if name == "raster":
-        return _row_major(H, W).unsqueeze(0)
-    if name == "cross":
-        rows, cols = _row_major(H, W), _column_major(H, W)
-        return torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
-    if name == "continuous":
-        rows, cols = _row_snake(H, W), _column_snake(H, W)
-        return torch.stack([rows, rows.flip(0), cols, cols.flip(0)])
     if name == "atrous":
         return _atrous(H, W, options.get("step", 2))
+    t = _steps(H * W)  # raster order; the count stays an int or a symbolic size
+    H, W = _index_value(H), _index_value(W)
+    if name == "raster":
+        return t.unsqueeze(0)
+    if name == "cross":
+        rows, cols = t, _column_major(t, H, W)
+        return torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
+    if name == "continuous":
+        rows, cols = _row_snake(t, H, W), _column_snake(t, H, W)
+        return torch.stack([rows, rows.flip(0), cols, cols.flip(0)])
     patterns = options.get("patterns", MULTIHEAD_PATTERNS)
     if isinstance(patterns, str) or not patterns:
         raise ValueError(f"patterns must be a non-empty sequence of {MULTIHEAD_PATTERNS}, got {patterns!r}")
     routes = []
     for pattern in patterns:
-        r0, r1 = _pattern_pair(pattern, H, W)
+        r0, r1 = _pattern_pair(pattern, t, H, W)
         routes += [r0, r0.flip(0), r1, r1.flip(0)]
     return torch.stack(routes)
 
@@ -180,6 +180,7 @@ def scan_directions(name: str, H: int, W: int, **options) -> torch.Tensor:
     if name != "continuous":
         raise ValueError(f"scan_directions is defined for 'continuous' routes, got {name!r}")
     routes = scan_routes(name, H, W, **options)
+    W = _index_value(W)
     h, w = routes // W, routes % W
     dh, dw = h[:, 1:] - h[:, :-1], w[:, 1:] - w[:, :-1]
     moves = torch.zeros_like(dh)
