@@ -411,10 +411,7 @@ _n1_bwd_tuned = _tuner(
 
 # Backward tiles: the chunk BT is fixed by the saved chunk states, so the channel block BD and the warps
 # are tuned, 8-warp tiles also capped at 128 registers (2 blocks per SM instead of 1). The first config
-# that fits (a problem the table lacks runs it) is _bwd_block_d's, with 8 warps, or with 4 where d_state >= 16
-# and 8 warps would spread a chunk's steps over threads: with 4, each thread holds every step of its channels
-# and states, and the kernel takes its step-by-step adjoint (scan.py; 62 instead of 190 chunk-loop
-# instructions per element at d_state 16, BD 8). (BD, num_warps, register cap)
+# that fits is _bwd_block_d's with 8 warps (a problem the table lacks runs it). (BD, num_warps, register cap)
 _BWD_TILES = [(bd, w, cap) for bd in (1, 2, 4, 8, 16, 32, 64, 128) for w, cap in ((8, None), (4, None), (8, 128))]
 
 
@@ -423,8 +420,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     BT, BN, CPG = args["BT"], args["BN"], args["CPG"]
     nominal = _bwd_block_d(CPG, args["N"])
     fits = [c for c in configs if c.kwargs["BD"] <= max(1, _pow2(CPG)) and 1024 <= BT * c.kwargs["BD"] * BN <= 4096]
-    warps = 4 if BN >= 16 and nominal * BN < 32 * 8 else 8
-    first = [c for c in configs if c.kwargs["BD"] == nominal and c.num_warps == warps and c.maxnreg is None]
+    first = [c for c in configs if c.kwargs["BD"] == nominal and c.num_warps == 8 and c.maxnreg is None]
     keep = first + [c for c in fits if c not in first]
     return keep
 
