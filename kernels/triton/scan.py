@@ -18,11 +18,8 @@ routes of its (image, channel block) in order and adds into the output; the firs
 stores, later visits read, add and store, and a barrier separates routes. ``route_plan`` precomputes the
 first-visit flags, the "no pixel visited twice" flag and the visit maps used to zero unvisited pixels.
 """
-import inspect
-
 import triton
 import triton.language as tl
-from triton.language import core
 
 # Output modes of the forward kernel.
 OUT_NONE = 0  # only the saved chunk states (backward recomputation)
@@ -33,24 +30,6 @@ OUT_STATES = 2  # every state h, fp32
 MERGE_STORE = 0  # no overlap: plain stores
 MERGE_SERIAL = 1  # deterministic: routes in order in one program, read-add-store after the first visit
 MERGE_ATOMIC = 2  # fp32 atomic adds into a zeroed buffer (opt-in, not deterministic)
-
-LOG2E = tl.constexpr(1.4426950408889634)
-# A program holds every step of a chunk in each thread when its [BT, BD, BN] tiles have at least this many
-# (channel, state) pairs per warp: Triton's default layout gives lanes, then warps, to the states and channels
-# before the steps. Such tiles run their scans step by step in registers (``_state_steps``, ``_adjoint_steps``);
-# smaller ones, whose steps span threads, keep ``tl.associative_scan``.
-STEP_LOOP_PAIRS_PER_WARP = tl.constexpr(32)
-
-
-def _num_warps(_semantic=None, _builder=None):
-    """The warps of the program being compiled; 1 under the interpreter, where layouts do not exist (a builtin
-    that, unlike ``core.builtin``'s, may be called there without the compiler's arguments)."""
-    builder = _semantic.builder if _semantic is not None else _builder
-    return core.constexpr(getattr(getattr(builder, "options", None), "num_warps", 1))
-
-
-setattr(_num_warps, core.TRITON_BUILTIN, True)
-_num_warps.signature = inspect.signature(_num_warps)
 
 
 @triton.jit
@@ -68,43 +47,6 @@ def _adjoint_combine(al, bl, gl, dl, ae, be, ge, de):
     (g, d): v ↦ g·v + d = g_t, the gradient of h_t (it excludes decay_t).
     """
     return ae * al, ae * bl + be, ge * al, ge * bl + de
-
-
-@triton.jit
-def _row(x, rows3, j):
-    """Step j of a [BT, BD, BN] tile as [1, BD, BN]. A thread holds all steps, so the selects fold per register
-    and adding -0.0 is exact: this compiles to a register name."""
-    return tl.sum(tl.where(rows3 == j, x, -0.0), axis=0, keep_dims=True)
-
-
-@triton.jit
-def _state_steps(decay, drive, h, rows3):
-    """h_t = decay_t·h_{t-1} + drive_t over the chunk from h ([1, BD, BN]), one fused multiply-add per element:
-    every state, every state before its step (h_{t-1}), and the last."""
-    BT: tl.constexpr = decay.shape[0]
-    hs = tl.zeros(decay.shape, tl.float32)
-    hprev = tl.zeros(decay.shape, tl.float32)
-    for j in tl.static_range(BT):
-        hprev = tl.where(rows3 == j, h, hprev)
-        h = _row(decay, rows3, j) * h + _row(drive, rows3, j)
-        hs = tl.where(rows3 == j, h, hs)
-    return hs, hprev, h
-
-
-@triton.jit
-def _adjoint_steps(decay, gout, v, rows3):
-    """The adjoint g_t = gout_t + decay_{t+1}·g_{t+1} from the chunk's last step, where v ([1, BD, BN]) is the
-    decay·g entering from the next chunk: g, u = decay·g (carried into h_{t-1}) per step, and the u of the
-    first step (the carry into the previous chunk)."""
-    BT: tl.constexpr = decay.shape[0]
-    g = tl.zeros(decay.shape, tl.float32)
-    u = tl.zeros(decay.shape, tl.float32)
-    for j in tl.static_range(BT - 1, -1, -1):
-        g_j = _row(gout, rows3, j) + v
-        v = _row(decay, rows3, j) * g_j
-        g = tl.where(rows3 == j, g_j, g)
-        u = tl.where(rows3 == j, v, u)
-    return g, u, v
 
 
 @triton.jit
@@ -223,10 +165,9 @@ def _over_states(v, BN: tl.constexpr):
 
 
 @triton.jit
-def _discretize(xv, dt_raw, Bv, m, A_log2, bias_k, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _discretize(xv, dt_raw, Bv, m, A_k, bias_k, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """fp32 x, dt before softplus (with bias), dt (zero at padded steps, which leave the state unchanged),
-    B, and the recurrence coefficients decay = exp(dt·A) = 2^(dt·A·log2 e) (A_log2 = A·log2 e, formed once per
-    route), drive = dt·x·B as [BT, BD, BN] tiles."""
+    B, and the recurrence coefficients decay = exp(dt·A), drive = dt·x·B as [BT, BD, BN] tiles."""
     xv = xv.to(tl.float32)
     Bv = Bv.to(tl.float32)
     dt_pre = dt_raw.to(tl.float32)
@@ -237,8 +178,8 @@ def _discretize(xv, dt_raw, Bv, m, A_log2, bias_k, HAS_BIAS: tl.constexpr, SOFTP
     else:
         dt = dt_pre
     dt = tl.where(m, dt, 0.0)
-    decay = tl.math.exp2(dt[:, :, None] * A_log2[None, :, :])
-    drive = (dt * xv)[:, :, None] * _over_states(Bv, A_log2.shape[1])
+    decay = tl.exp(dt[:, :, None] * A_k[None, :, :])
+    drive = (dt * xv)[:, :, None] * _over_states(Bv, A_k.shape[1])
     return xv, dt_pre, dt, Bv, decay, drive
 
 
@@ -310,8 +251,6 @@ def selective_scan_fwd_kernel(
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
     rows = tl.arange(0, BT)
-    rows3 = rows[:, None, None]
-    STEP_LOOP: tl.constexpr = BD * BN >= STEP_LOOP_PAIRS_PER_WARP * _num_warps()
 
     x_img = x + b64 * sx_b
     dt_img = delta + b64 * sdt_b
@@ -327,7 +266,6 @@ def selective_scan_fwd_kernel(
     for k in range(k_lo, k_hi):
         A_k, D_k, bias_k = _route_params(A, D, delta_bias, k, sA_k, sA_d, sA_n, sD_k, sD_d, offs_d, offs_n,
                                          mask_d, mask_dn, HAS_D, HAS_BIAS)
-        A_log2 = A_k * LOG2E
         h = tl.zeros([BD, BN], dtype=tl.float32)
         # Software pipelining: the tiles of chunk c + 1 and the route positions of chunk c + 2 are
         # requested before chunk c is computed, so that memory latency overlaps the scan.
@@ -346,18 +284,14 @@ def selective_scan_fwd_kernel(
                     k, c, Lr, p1, q1, v1, rows, offs_d, offs_n, mask_d, mask_n, OUT_MODE, HAS_Z, MERGE, GATHER,
                     EVEN_T)
 
-            xv, dt_pre, dt, Bv, decay, drive = _discretize(x0, d0, B0, m0, A_log2, bias_k, HAS_BIAS, SOFTPLUS)
+            xv, dt_pre, dt, Bv, decay, drive = _discretize(x0, d0, B0, m0, A_k, bias_k, HAS_BIAS, SOFTPLUS)
             if SAVE_CHUNKS:
                 if (c * BT) % SAVE_T == 0:
                     ptr = chunk_states + (((b64 * K + k) * n_saved + (c * BT) // SAVE_T) * CPG) * BN
                     tl.store(ptr + offs_d[:, None] * BN + offs_n[None, :], h, mask=mask_d[:, None])
-            if STEP_LOOP:
-                hs, _, h_last = _state_steps(decay, drive, h[None, :, :], rows3)
-                h = tl.sum(h_last, axis=0)
-            else:
-                a_run, b_run = tl.associative_scan((decay, drive), 0, _affine_combine)
-                hs = a_run * h[None, :, :] + b_run
-                h = tl.sum(tl.where((rows == BT - 1)[:, None, None], hs, 0.0), axis=0)
+            a_run, b_run = tl.associative_scan((decay, drive), 0, _affine_combine)
+            hs = a_run * h[None, :, :] + b_run
+            h = tl.sum(tl.where((rows == BT - 1)[:, None, None], hs, 0.0), axis=0)
             if OUT_MODE == 1:
                 y = tl.sum(hs * _over_states(C0.to(tl.float32), BN), axis=2)
                 if HAS_D:
@@ -435,8 +369,6 @@ def selective_scan_bwd_kernel(
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
     rows = tl.arange(0, BT)
-    rows3 = rows[:, None, None]
-    STEP_LOOP: tl.constexpr = BD * BN >= STEP_LOOP_PAIRS_PER_WARP * _num_warps()
     n_chunks = tl.cdiv(Lr, BT)
 
     x_img = x + b64 * sx_b
@@ -461,7 +393,6 @@ def selective_scan_bwd_kernel(
                 _zero_unvisited(dd_img + k * sdd_k, param_visited + k * L, sdd_t, sdd_d, offs_d, mask_d, L, BT)
         A_k, D_k, bias_k = _route_params(A, D, delta_bias, k, sA_k, sA_d, sA_n, sD_k, sD_d, offs_d, offs_n,
                                          mask_d, mask_dn, HAS_D, HAS_BIAS)
-        A_log2 = A_k * LOG2E
         if HAS_DLAST:
             carry = tl.load(dlast_state + ((b64 * K + k) * CPG) * N + offs_d[:, None] * N + offs_n[None, :],
                             mask=mask_dn, other=0.0).to(tl.float32)
@@ -477,14 +408,11 @@ def selective_scan_bwd_kernel(
             p, q, valid = _positions(routes, param_routes, k, c * BT, rows, Lr, GATHER, EVEN_T)
             m, mn, xv, dt, Bv = _chunk_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k,
                                              sB_t, sB_n, k, p, q, valid, offs_d, offs_n, mask_d, mask_n)
-            xv, dt_pre, dt, Bv, decay, drive = _discretize(xv, dt, Bv, m, A_log2, bias_k, HAS_BIAS, SOFTPLUS)
+            xv, dt_pre, dt, Bv, decay, drive = _discretize(xv, dt, Bv, m, A_k, bias_k, HAS_BIAS, SOFTPLUS)
             h0 = tl.load(chunk_states + (((b64 * K + k) * n_chunks + c) * CPG) * BN
                          + offs_d[:, None] * BN + offs_n[None, :], mask=mask_d[:, None], other=0.0)
-            if STEP_LOOP:
-                hs, hprev, _ = _state_steps(decay, drive, h0[None, :, :], rows3)
-            else:
-                a_run, b_run = tl.associative_scan((decay, drive), 0, _affine_combine)
-                hs = a_run * h0[None, :, :] + b_run
+            a_run, b_run = tl.associative_scan((decay, drive), 0, _affine_combine)
+            hs = a_run * h0[None, :, :] + b_run
 
             if IN_MODE == 1:
                 Cv = _state_tile(C_img + k * sC_k, q, sC_t, sC_n, offs_d, offs_n, m, mn).to(tl.float32)
@@ -506,20 +434,15 @@ def selective_scan_bwd_kernel(
                 gout = tl.load(g_img + k * sg_k + p[:, None, None] * sg_t + offs_d[None, :, None] * sg_d
                                + offs_n[None, None, :] * sg_n, mask=m[:, :, None] & mask_n[None, None, :],
                                other=0.0).to(tl.float32)
-            if STEP_LOOP:
-                g, u, v = _adjoint_steps(decay, gout, carry[None, :, :], rows3)
-                carry = tl.sum(v, axis=0)
-                d_arg = u * hprev  # gradient of dt·A inside exp: g_t·decay_t·h_{t-1}
-            else:
-                ones = tl.full(decay.shape, 1.0, tl.float32)
-                a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay, decay * gout, ones, gout), 0,
-                                                                 _adjoint_combine, reverse=True)
-                g = g_adj * carry[None, :, :] + d_adj
-                carry = tl.sum(tl.where((rows == 0)[:, None, None], a_adj * carry[None, :, :] + b_adj, 0.0),
-                               axis=0)
-                d_arg = g * (hs - drive)
+            ones = tl.full(decay.shape, 1.0, tl.float32)
+            a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay, decay * gout, ones, gout), 0,
+                                                             _adjoint_combine, reverse=True)
+            g = g_adj * carry[None, :, :] + d_adj
+            carry = tl.sum(tl.where((rows == 0)[:, None, None], a_adj * carry[None, :, :] + b_adj, 0.0),
+                           axis=0)
 
             gB = tl.sum(g * _over_states(Bv, BN), axis=2)
+            d_arg = g * (hs - drive)  # gradient of dt·A inside exp: g_t·decay_t·h_{t-1}
             ddt = gB * xv + tl.sum(d_arg * A_k[None, :, :], axis=2)
             acc_dA += d_arg * dt[:, :, None]
             dxv = gB * dt
