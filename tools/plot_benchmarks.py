@@ -15,6 +15,7 @@ where two give the same model.
     python tools/plot_benchmarks.py model_cards/benchmarks/side_by_side_h100_abc1234.json \
         --out model_cards/throughput_accuracy.png
     python tools/plot_benchmarks.py A.json --markdown        # also print the table behind the plot
+    python tools/plot_benchmarks.py A.json --superseded plainmamba_l1,vim2_tiny   # hollow: code since replaced
 """
 import argparse
 import glob
@@ -36,6 +37,12 @@ OFFICIAL = {'vmamba_t': 'vmamba_tiny_s1l8', 'groupmamba_t': 'groupmamba_tiny',
             'efficientvmamba_t': 'efficientvmamba_tiny', 'spatialmamba_t': 'spatialmamba_tiny'}
 FAMILY_COLORS = {'vmamba': 'tab:blue', 'groupmamba': 'tab:green', 'efficientvmamba': 'tab:orange',
                  'spatialmamba': 'tab:red', 'plainmamba': 'tab:purple', 'vim2': 'tab:brown'}
+# Short names on the plot; a model not listed is labelled by its registry name.
+DISPLAY = {'vmamba_tiny_s1l8': 'VMamba-T', 'groupmamba_tiny': 'GroupMamba-T', 'efficientvmamba_tiny': 'EffVMamba-T',
+           'spatialmamba_tiny': 'Spatial-Mamba-T', 'plainmamba_l1': 'PlainMamba-L1', 'vim2_tiny': 'ViM2-T',
+           'convnext_tiny': 'ConvNeXt-T', 'swin_tiny_patch4_window7_224': 'Swin-T'}
+# Families whose T models sit close together (83.3 and 83.5 top-1): labels above and below the point.
+LABEL_OFFSET = {'spatialmamba': (6, 5), 'groupmamba': (6, -11)}
 
 
 def paper_top1(paper_dir=PAPER_DIR):
@@ -103,42 +110,63 @@ def family(model):
     return None
 
 
-def markdown(table, top1):
+def markdown(table, top1, superseded=()):
     lines = ['| model | implementation | paper top-1 | infer img/s | train img/s |', '|---|---|---|---|---|']
     for (model, impl), (infer, train) in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         fmt = lambda v: '' if v is None else f'{v:.0f}'  # noqa: E731
-        lines.append(f'| {model} | {impl} | {top1.get(model, "")} | {fmt(infer)} | {fmt(train)} |')
+        mark = ' (superseded)' if impl == 'vmamba_zoo' and model in superseded else ''
+        lines.append(f'| {model} | {impl}{mark} | {top1.get(model, "")} | {fmt(infer)} | {fmt(train)} |')
     return '\n'.join(lines) + '\n'
 
 
-def plot(table, top1, out, title):
+def plot(table, top1, out, title, superseded=(), superseded_label='measured with kernels since replaced'):
+    """Zoo points filled (hollow where ``superseded``), official code as crosses joined to the zoo point of the
+    same model, timm baselines as squares; one colour per family."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    from matplotlib.ticker import FuncFormatter
+    superseded = set(superseded)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
     drawn = 0
     for ax, index, label in ((axes[0], 0, 'inference'), (axes[1], 1, 'training')):
         for (model, impl), values in sorted(table.items()):
             speed = values[index]
             if speed is None or model not in top1:
                 continue
-            fam = family(model)
-            color = FAMILY_COLORS.get(fam, 'black')
-            marker = {'vmamba_zoo': 'o', 'official': 'x', 'timm': 's'}[impl]
-            ax.scatter(speed, top1[model], c=color, marker=marker, s=55 if impl != 'official' else 70)
-            ax.annotate(model if impl != 'official' else f'{model} (official)', (speed, top1[model]),
-                        textcoords='offset points', xytext=(5, 4), fontsize=7)
+            color = FAMILY_COLORS.get(family(model), 'black')
+            y = top1[model]
+            if impl == 'official':
+                ax.scatter(speed, y, c=color, marker='x', s=70)
+                zoo = table.get((model, 'vmamba_zoo'), [None, None])[index]
+                if zoo is not None:
+                    ax.annotate('', (zoo, y), xytext=(speed, y),
+                                arrowprops=dict(arrowstyle='->', color=color, lw=0.8, alpha=0.6))
+            else:
+                hollow = impl == 'vmamba_zoo' and model in superseded
+                ax.scatter(speed, y, marker='o' if impl == 'vmamba_zoo' else 's', s=55,
+                           facecolors='none' if hollow else color, edgecolors=color, linewidths=1.5)
+                ax.annotate(DISPLAY.get(model, model), (speed, y), textcoords='offset points',
+                            xytext=LABEL_OFFSET.get(family(model), (6, 4)), fontsize=8)
             drawn += 1
-        ax.set_xlabel(f'{label} img/s (bf16, batch 128, 224²)')
+        ax.set_xlabel(f'{label} img/s (bf16, batch 128, 224², log scale)')
         ax.set_xscale('log')
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:.0f}'))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f'{v:.0f}' if str(int(v))[0] in '25' else ''))
+        ax.tick_params(axis='x', which='minor', labelsize=7)
         ax.grid(True, which='both', alpha=0.3)
         ax.set_title(label)
+        ax.margins(x=0.12, y=0.08)
     axes[0].set_ylabel('ImageNet-1k top-1 (%, paper)')
-    handles = [plt.Line2D([], [], ls='', marker=m, color='gray', label=lab)
-               for m, lab in (('o', 'vmamba_zoo'), ('x', 'official code'), ('s', 'timm baseline'))]
-    axes[1].legend(handles=handles, loc='lower right', fontsize=8)
+    handles = [plt.Line2D([], [], ls='', marker='o', color='gray', label='vmamba_zoo'),
+               plt.Line2D([], [], ls='', marker='x', color='gray', label='official code (arrow: to vmamba_zoo)'),
+               plt.Line2D([], [], ls='', marker='s', color='black', label='timm baseline')]
+    if superseded & {m for m, impl in table if impl == 'vmamba_zoo'}:
+        handles.append(plt.Line2D([], [], ls='', marker='o', markerfacecolor='none', color='gray',
+                                  label=f'vmamba_zoo, {superseded_label}'))
+    fig.legend(handles=handles, loc='lower center', ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     if drawn == 0:
         raise UsageError('no model in the benchmark files has both a throughput and a paper top-1')
     tmp = out + '.tmp.png'
@@ -155,6 +183,11 @@ def build_parser():
     p.add_argument('--paper-dir', default=PAPER_DIR, help="folder of the papers' numbers (<family>.json)")
     p.add_argument('--title', default=None)
     p.add_argument('--markdown', action='store_true', help='print the table behind the plot')
+    p.add_argument('--superseded', default='', metavar='MODELS',
+                   help='comma-separated zoo models whose numbers came from code that is no longer the default: '
+                        'drawn hollow, marked in the table')
+    p.add_argument('--superseded-label', default='measured with kernels since replaced',
+                   help='legend text for the hollow points')
     return p
 
 
@@ -163,11 +196,15 @@ def main(argv=None):
     table = merge(args.inputs)
     top1 = paper_top1(args.paper_dir)
     title = args.title or 'Top-1 against throughput; data: ' + ', '.join(os.path.basename(p) for p in args.inputs)
-    drawn = plot(table, top1, args.out, title)
+    superseded = [m for m in args.superseded.split(',') if m]
+    unknown = sorted(set(superseded) - {m for m, impl in table if impl == 'vmamba_zoo'})
+    if unknown:
+        raise UsageError(f'--superseded names models with no zoo row in the inputs: {", ".join(unknown)}')
+    drawn = plot(table, top1, args.out, title, superseded, args.superseded_label)
     missing = sorted({m for m, _ in table if m not in top1})
     print(f'wrote {args.out}: {drawn} points' + (f'; no paper top-1 for {", ".join(missing)}' if missing else ''))
     if args.markdown:
-        print(markdown(table, top1))
+        print(markdown(table, top1, superseded))
     return 0
 
 

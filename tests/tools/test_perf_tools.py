@@ -51,6 +51,23 @@ def test_plot_rejects_unknown_json_in_one_line(tmp_path):
     assert 'Traceback' not in proc.stderr and not (tmp_path / 'x.png').exists()
 
 
+def test_plot_marks_superseded_zoo_points_and_rejects_unknown_ones(tmp_path, capsys):
+    plot = load_tool('plot_benchmarks')
+    data = tmp_path / 'a.json'
+    _side_by_side(data, 4800.0)
+    out = tmp_path / 'plot.png'
+    assert plot.run_tool(plot.main, [str(data), '--out', str(out), '--markdown', '--superseded', 'vim2_tiny']) == 0
+    text = capsys.readouterr().out
+    assert '| vim2_tiny | vmamba_zoo (superseded) | 82.7 | 400 |  |' in text
+    assert '| vmamba_tiny_s1l8 | vmamba_zoo | 82.6 | 4800 | 1300 |' in text  # others unmarked
+    assert '| vmamba_tiny_s1l8 | official | 82.6 | 2800 | 1000 |' in text
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+    proc = run_script('plot_benchmarks.py', data, '--out', tmp_path / 'y.png', '--superseded', 'plainmamba_l1')
+    assert proc.returncode == 2 and 'plainmamba_l1' in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'y.png').exists()
+
+
 @pytest.mark.parametrize('name,kind', [
     ('void route_scan_n1_fwd_kernel', 'scan'),
     ('nvjet_tst_128x64_64x8_2x1_v_bz_TNT', 'gemm'),
