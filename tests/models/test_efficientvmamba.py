@@ -86,7 +86,7 @@ def test_atrous_routes_are_the_parity_subgrids():
 
 
 @pytest.mark.parametrize('H,W', [(6, 8), (7, 5)])
-def test_es2d_matches_subgrid_oracle(H, W):
+def test_es2d_matches_subgrid_oracle(projection_form, H, W):
     """Even maps: the official split/merge exactly. Odd maps: our exact partition of the grid."""
     m = randomize_(EfficientScan2d(8, d_state=4).double())
     x = torch.randn(2, H, W, 8, dtype=torch.float64, requires_grad=True)

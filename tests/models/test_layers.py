@@ -57,7 +57,7 @@ def test_route_projections_match_plain_per_route_projections(K, C, R, N, dtype, 
         assert (a - b).norm() <= tol * b.norm()
 
 
-def test_route_scan_params_project_matches_scan_inputs():
+def test_route_scan_params_project_matches_scan_inputs(projection_form):
     """The grouped projections of RouteScanParams give what its per-route ``scan_inputs`` gives."""
     torch.manual_seed(0)
     params = RouteScanParams(num_routes=4, channels=16, d_state=1, dt_rank=2).double()

@@ -58,7 +58,7 @@ def _ss2d_oracle(m: vm.SS2D, x):
     return m.out_proj(m.out_norm(y.permute(0, 2, 3, 1)))
 
 
-def test_ss2d_cross_scan_matches_flip_transpose_oracle():
+def test_ss2d_cross_scan_matches_flip_transpose_oracle(projection_form):
     torch.manual_seed(0)
     m = vm.SS2D(12, d_state=2, ssm_ratio=1.0)
     _randomize(m, 1)
@@ -120,7 +120,7 @@ def _mhs_oracle(m: vm.MultiHeadScan, x):
     return m.out_norm(m.y_proj(m.cat_norm(y)))
 
 
-def test_multihead_scan_matches_per_head_oracle():
+def test_multihead_scan_matches_per_head_oracle(projection_form):
     torch.manual_seed(0)
     m = vm.MultiHeadScan(16, num_heads=4, d_state=3, gfu_t=0.1)
     _randomize(m, 2)

@@ -4,14 +4,39 @@ A mixer subclasses ``RouteScanParams``, projects each pixel for every route (``x
 ``scan_inputs(...)`` to ``vmamba_kernels.selective_scan_2d`` with its route set: the same block serves the
 cross scan, the multi-head scan and the token mixers built on them.
 """
+import contextlib
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LowPrecisionLayerNorm", "RouteScanParams", "dt_projection_init", "per_route_linear", "route_projections"]
+__all__ = ["LowPrecisionLayerNorm", "RouteScanParams", "dt_projection_init", "fewer_launches", "fused_projections",
+           "per_route_linear", "route_projections"]
+
+_fused = {"forced": None}
+
+
+def fewer_launches(x: torch.Tensor) -> bool:
+    """Whether a mixer trades arithmetic for launches (block-diagonal GEMMs, every route's projections of every
+    pixel) on ``x``: on CUDA, where a training step is bound by its launches; not on CPU, where time follows the
+    arithmetic, nor when traced (fvcore, ONNX), so that FLOP counts are the model's own. Both forms compute the
+    same function; ``fused_projections`` forces one (tests of the other device's form)."""
+    if torch.jit.is_tracing():
+        return False
+    forced = _fused["forced"]
+    return x.is_cuda if forced is None else forced
+
+
+@contextlib.contextmanager
+def fused_projections(enabled: Optional[bool]):
+    """Within the block, ``fewer_launches`` answers ``enabled`` on every device (None: by device again)."""
+    previous, _fused["forced"] = _fused["forced"], enabled
+    try:
+        yield
+    finally:
+        _fused["forced"] = previous
 
 
 def per_route_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -112,7 +137,7 @@ class RouteScanParams(nn.Module):
     def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (..., C), read by every route → delta (..., K, C), B (..., K, N), C (..., K, N): the values of
         ``scan_inputs`` on ``F.linear(x, x_proj_weight.view(-1, C))``, through ``route_projections``."""
-        if torch.jit.is_tracing():  # FLOP counters see the K dt GEMMs, not the zero blocks
+        if not fewer_launches(x):  # the K dt GEMMs, without the zero blocks
             K, C = self.num_routes, self.channels
             return self.scan_inputs(F.linear(x, self.x_proj_weight.reshape(-1, C)).unflatten(-1, (K, -1)))[:3]
         return route_projections(x, self.x_proj_weight, self.dt_projs_weight, self.route_eye)

@@ -36,7 +36,7 @@ from vmamba_kernels import selective_scan_2d
 
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
-from ..layers.route_scan import LowPrecisionLayerNorm, route_projections
+from ..layers.route_scan import LowPrecisionLayerNorm, fewer_launches, route_projections
 from ..layers.routes import device_routes
 
 __all__ = ['EfficientVMamba']
@@ -145,7 +145,7 @@ class EfficientScan2d(nn.Module):
         z = self.act(z)
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
-        if torch.jit.is_tracing():  # FLOP counters see the projections of each pixel's own route only
+        if not fewer_launches(x):  # each pixel's own route's projections only (CPU, FLOP counters)
             delta, B, C = self._project(x)
             delta = delta.unsqueeze(3).expand(Bt, H, W, K, Di)
             B, C = B.unsqueeze(3).expand(Bt, H, W, K, N), C.unsqueeze(3).expand(Bt, H, W, K, N)

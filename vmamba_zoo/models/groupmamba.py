@@ -31,7 +31,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from vmamba_kernels import selective_scan_2d
 
 from ..layers.init import init_linear_and_norm
-from ..layers.route_scan import per_route_linear
+from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
 
 __all__ = ['GroupMamba']
@@ -61,7 +61,8 @@ class GroupedLinear(nn.Module):
     groups are narrow (16-112 channels per group in GroupMamba-T), so that GEMM stays memory-bound although
     it multiplies K times as many weights, while K GEMMs (``per_route_linear``) cost K launches forward, 2K
     backward, plus the stacking and its casts under autocast: the step is bound by launches, not GEMM time.
-    Traced (fvcore, ONNX), it runs the K GEMMs, so FLOP counts exclude the zero blocks.
+    Off CUDA and when traced (fvcore, ONNX) it runs the K GEMMs (``fewer_launches``), so CPU time and FLOP counts
+    exclude the zero blocks.
     """
 
     def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = False):
@@ -76,7 +77,7 @@ class GroupedLinear(nn.Module):
         K, O, I = self.weight.shape
         if x.shape[-2:] != (K, I):
             raise ValueError(f"GroupedLinear expects (..., {K}, {I}) inputs, got {tuple(x.shape)}")
-        if torch.jit.is_tracing():
+        if not fewer_launches(x):
             x = per_route_linear(x, self.weight)
             return x if self.bias is None else x + self.bias
         bias = None if self.bias is None else self.bias.flatten()
@@ -170,7 +171,7 @@ class GroupedSingleScan2d(nn.Module):
 
     def _dt_proj(self, x_dbl):
         """Group k's dt_proj on the dt_rank leading features of its x_proj output (..., K, R + 2N) → (..., K, d_inner)."""
-        if torch.jit.is_tracing():
+        if not fewer_launches(x_dbl):
             return per_route_linear(x_dbl[..., :self.dt_rank], self.dt_proj_weight)
         # one GEMM over all of x_dbl: zero columns for B and C, so no copy of the dt features is made
         weight = block_diagonal(F.pad(self.dt_proj_weight, (0, 2 * self.d_state)), self.eye)
