@@ -185,7 +185,7 @@ def main(argv=None):
                 base.weight.normal_()
                 base.alpha.normal_()
             candidates = {}
-            for impl in ("nchw",) + tuple(i for i in FUSION_IMPLS if i != "nchw"):
+            for impl in ("nchw",) + tuple(i for i in FUSION_IMPLS if i not in ("nchw", "auto")):  # auto: by mode
                 m = StateFusion(2 * dim, impl=impl)
                 m.load_state_dict(base.state_dict())
                 candidates[impl] = m

@@ -116,8 +116,9 @@ def test_state_fusion_impls_match_plain_nchw_convs_with_grads(impl, train):
     ref_grads = torch.autograd.grad(expected, [h, f.weight, f.alpha], g)
     for got, want in zip(grads, ref_grads):
         assert rel_err(got, want) < 1e-5
-    if impl == "channels_last":  # a channels-last caller reads the result as (B, H, W, C) without a copy
+    if f.resolved_impl() == "channels_last":  # a channels-last caller reads the result as (B, H, W, C), no copy
         assert out.permute(0, 2, 3, 1).is_contiguous()
+    assert f.resolved_impl() == (("nchw" if train else "channels_last") if impl == "auto" else impl)
 
 
 def test_state_fusion_channels_last_casts_once_to_the_autocast_dtype():
@@ -194,11 +195,15 @@ def test_structure_aware_ssm_layouts_match_per_step_recurrence(layout):
     assert rel_err(m(x), sassm_oracle(m, x)) < 1e-10
 
 
-def test_block_default_matches_nchw_baseline_outputs_and_gradients():
+@pytest.mark.parametrize("layouts", [dict(mixer_layout="channels_last", fusion_impl="channels_last"), dict()],
+                         ids=["channels_last", "auto"])
+@pytest.mark.parametrize("train", [True, False])
+def test_block_matches_nchw_baseline_outputs_and_gradients(layouts, train):
     torch.manual_seed(2)
-    base = SpatialMambaBlock(16, mixer_layout="channels_first", fusion_impl="nchw")
-    fast = SpatialMambaBlock(16)
-    assert fast.mixer.layout == "channels_last" and fast.mixer.state_fusion.impl == "channels_last"
+    base = SpatialMambaBlock(16, mixer_layout="channels_first", fusion_impl="nchw").train(train)
+    fast = SpatialMambaBlock(16, **layouts).train(train)
+    assert fast.mixer.layout == layouts.get("mixer_layout", "auto")
+    assert fast.mixer.state_fusion.impl == layouts.get("fusion_impl", "auto")
     with torch.no_grad():
         for p in base.parameters():
             p.add_(0.1 * torch.randn_like(p))
