@@ -13,6 +13,12 @@ For each model, precision (fp32, bf16/fp16 autocast) and memory format (contiguo
   holds Triton's compilation and any tile tuning. ``--empty-triton-cache`` gives each run an empty Triton
   cache, as a new user's first run has; otherwise kernels compiled by earlier runs are reused.
 
+On CUDA, inference, training and latency are timed as replays of CUDA graphs (tools/cuda_graphs.py: the whole
+step captured once, the optimizer built with ``capturable=True``), the faster path for host-bound models;
+``--no-cuda-graphs`` times eager steps instead. The cold start stays an eager step. A measurement whose capture
+fails (or an fp16 training step, whose GradScaler reads the host) runs eager and the row's ``status`` says why;
+the row's ``cuda_graphs`` is true only when every measurement in it replayed a graph. On CPU nothing is captured.
+
     python tools/benchmark.py                                  # zoo T variants + convnext/swin/resnet50/mambaout
     python tools/benchmark.py --models zoo-tiny,baselines --batch-size 128 --amp fp32,bf16 --out-dir DIR
     python tools/benchmark.py --models test_resnet --batch-size 2 --img-size 32 --iters 2 --device cpu   # smoke
@@ -42,6 +48,7 @@ from cli_common import (  # noqa: E402
     ToolArgumentParser, UsageError, create_model, git_commit, import_zoo, parse_csv_list, require_model, run_tool,
     zoo_families, zoo_model_names,
 )
+from cuda_graphs import cross_entropy_loss, graphed_inference, graphed_train_step  # noqa: E402
 
 BASELINES = ['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50', 'mambaout_tiny']
 AMP = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -61,6 +68,8 @@ def build_parser():
     p.add_argument('--warmup', type=int, default=10, help='untimed iterations per measurement')
     p.add_argument('--iters', type=int, default=30, help='timed iterations per measurement')
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
+    p.add_argument('--no-cuda-graphs', dest='cuda_graphs', action='store_false',
+                   help='on CUDA, time eager steps instead of CUDA graph replays (graphs: %(default)s)')
     p.add_argument('--empty-triton-cache', action='store_true',
                    help='compile into a new, empty Triton cache (cold start as on a fresh machine)')
     p.add_argument('--device', default='auto')
@@ -140,6 +149,30 @@ def _peak_mib(device):
     return None
 
 
+def graphs_wanted(args, device):
+    """Whether this run times CUDA graph replays: on CUDA unless --no-cuda-graphs."""
+    return bool(args.cuda_graphs) and device.type == 'cuda'
+
+
+def train_optimizer(model, capturable):
+    """The timed training step's optimizer; ``capturable`` keeps its step count on the device, as capture needs."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=capturable)
+
+
+def _reason(e):
+    msg = str(e).splitlines()[0][:100] if str(e) else ''
+    return f'{type(e).__name__}: {msg}'
+
+
+def try_capture(mode, capture, notes):
+    """``capture()`` (a replay callable), or None after noting in ``notes`` why ``mode`` runs eager instead."""
+    try:
+        return capture()
+    except Exception as e:  # noqa: BLE001  (any capture failure: time the eager step, and say so)
+        notes.append(f'{mode}: eager, CUDA graph capture failed ({_reason(e)})')
+        return None
+
+
 def bench_model(name, args, device, amp, memory_format):
     """One table row. Each mode is measured on its own; a mode that fails or runs out of memory says so in
     ``status`` and the others still run. Training runs first: models that cache tensors (e.g. scan routes) then
@@ -156,7 +189,8 @@ def bench_model(name, args, device, amp, memory_format):
     run_model = torch.compile(model) if args.compile else model
     modes = parse_csv_list(args.modes)
     n_classes = model.num_classes if getattr(model, 'num_classes', 0) else 1000
-    problems = []
+    graphs = graphs_wanted(args, device)
+    problems, notes, graphed = [], [], []  # failures; eager fallbacks; modes timed as graph replays
 
     def batch(n):
         return torch.randn(n, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
@@ -165,16 +199,16 @@ def bench_model(name, args, device, amp, memory_format):
         model.train()
         x = batch(args.batch_size)
         y = torch.randint(0, n_classes, (args.batch_size,), device=device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        capture = graphs and amp != 'fp16'
+        if graphs and not capture:
+            notes.append("train: eager, fp16's GradScaler step reads the host and cannot be captured")
+        optimizer = train_optimizer(model, capturable=capture)
         scaler = torch.amp.GradScaler(device.type) if amp == 'fp16' else None
         _peak_reset(device)
 
         def train_step():
             with _autocast(device, amp):
-                out = run_model(x)
-                if isinstance(out, (tuple, list)):
-                    out = sum(out) / len(out)
-                loss = F.cross_entropy(out.float(), y)
+                loss = cross_entropy_loss(run_model(x), y)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -186,55 +220,74 @@ def bench_model(name, args, device, amp, memory_format):
         train_step()  # the first step: compilation and tuning, counted as cold start
         timer.sync()
         row['first_step_s'] = round(time.perf_counter() - build_start, 2)
-        sec, host_sec = timer.run_with_host(train_step, max(args.warmup // 2, 1), args.iters)
+        step = None
+        if capture:
+            step = try_capture('train', lambda: graphed_train_step(run_model, optimizer, x, y, amp), notes)
+            if step is None:  # time the same eager step as --no-cuda-graphs does
+                optimizer.zero_grad(set_to_none=True)
+                optimizer = train_optimizer(model, capturable=False)
+            else:
+                graphed.append('train')
+        sec, host_sec = timer.run_with_host(step or train_step, max(args.warmup // 2, 1), args.iters)
         row['train_img_s'] = round(args.batch_size / sec, 1)
         row['train_step_ms'] = round(1000 * sec, 2)
         row['train_host_ms'] = round(1000 * host_sec, 2)
         row['train_peak_mib'] = _peak_mib(device)
         optimizer.zero_grad(set_to_none=True)
 
+    def infer_fn(mode, x):
+        """The timed inference call: a graph replay, or the eager step if not capturing or capture failed."""
+        def infer():
+            with torch.inference_mode(), _autocast(device, amp):
+                run_model(x)
+        replay = try_capture(mode, lambda: graphed_inference(run_model, x, amp), notes) if graphs else None
+        if replay is not None:
+            graphed.append(mode)
+        return replay or infer
+
     def measure_infer():
         model.eval()
         x = batch(args.batch_size)
         _peak_reset(device)
-
-        def infer():
-            with torch.inference_mode(), _autocast(device, amp):
-                run_model(x)
-        sec = timer.run(infer, args.warmup, args.iters)
+        sec = timer.run(infer_fn('infer', x), args.warmup, args.iters)
         row['infer_img_s'] = round(args.batch_size / sec, 1)
         row['infer_peak_mib'] = _peak_mib(device)
 
     def measure_latency():
         model.eval()
         x1 = batch(1)
+        row['latency_ms'] = round(1000 * timer.run(infer_fn('latency', x1), args.warmup, max(args.iters, 3)), 3)
 
-        def infer1():
-            with torch.inference_mode(), _autocast(device, amp):
-                run_model(x1)
-        row['latency_ms'] = round(1000 * timer.run(infer1, args.warmup, max(args.iters, 3)), 3)
-
+    measured = []
     for mode, fn in (('train', measure_train), ('infer', measure_infer), ('latency', measure_latency)):
         if mode not in modes:
             continue
         try:
             fn()
+            measured.append(mode)
         except torch.OutOfMemoryError:
             problems.append(f'{mode}: OOM')
         except Exception as e:  # noqa: BLE001  (one failing mode must not stop the table)
-            msg = str(e).splitlines()[0][:100] if str(e) else ''
-            problems.append(f'{mode}: error {type(e).__name__}: {msg}')
+            problems.append(f'{mode}: error {_reason(e)}')
         if device.type == 'cuda':
             torch.cuda.empty_cache()
-    row['status'] = '; '.join(problems) if problems else 'ok'
+    row['cuda_graphs'] = graphs and bool(measured) and all(m in graphed for m in measured)
+    row['status'] = '; '.join(problems + notes) if problems or notes else 'ok'
     return row
+
+
+def failed(status):
+    """Whether a row's status reports an error (an eager fallback is a note, not a failure)."""
+    return any(part.split(': ', 1)[-1].startswith('error ') or part.startswith('error ')
+               for part in status.split('; '))
 
 
 COLUMNS = [
     ('model', 'model'), ('params_m', 'params (M)'), ('precision', 'precision'), ('memory_format', 'memory format'),
     ('infer_img_s', 'infer img/s'), ('train_img_s', 'train img/s'), ('train_step_ms', 'train step (ms)'),
     ('train_host_ms', 'train step host (ms)'), ('first_step_s', 'first step (s)'), ('latency_ms', 'latency bs1 (ms)'),
-    ('infer_peak_mib', 'infer peak MiB'), ('train_peak_mib', 'train peak MiB'), ('status', 'status'),
+    ('infer_peak_mib', 'infer peak MiB'), ('train_peak_mib', 'train peak MiB'), ('cuda_graphs', 'CUDA graphs'),
+    ('status', 'status'),
 ]
 
 
@@ -290,6 +343,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
         torch.backends.cudnn.allow_tf32 = False
     names = resolve_models(args.models)
+    graphs = graphs_wanted(args, device)
     commit = args.commit or git_commit()
 
     device_desc = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
@@ -301,6 +355,10 @@ def main(argv=None):
         f'torch {torch.__version__}, timm {__import__("timm").__version__}; input {args.img_size}x{args.img_size}, '
         f'throughput batch {args.batch_size}, latency batch 1; median of {args.iters} timed iterations after '
         f'{args.warmup} warm-up; training = forward + backward + AdamW step; TF32 off.',
+        'CUDA graphs: ' + (
+            'on: steps timed as graph replays where a row says cuda_graphs True, eager elsewhere (status says why); '
+            'the first step is eager.' if graphs else
+            'off (--no-cuda-graphs): eager steps.' if device.type == 'cuda' else 'off (CPU): eager steps.'),
         f'Command: `{command}`',
     ]
     print('\n'.join(header), flush=True)
@@ -317,7 +375,8 @@ def main(argv=None):
                     msg = str(e).splitlines()[0][:120] if str(e) else ''
                     row = {'model': name, 'precision': amp, 'memory_format': memory_format,
                            'status': f'error {type(e).__name__}: {msg}'}
-                failures += 'error' in row['status']
+                row.setdefault('cuda_graphs', False)
+                failures += failed(row['status'])
                 if device.type == 'cuda':
                     torch.cuda.empty_cache()
                 rows.append(row)
@@ -336,7 +395,7 @@ def main(argv=None):
             f.write(markdown(rows, header))
         with open(os.path.join(args.out_dir, 'benchmark.json'), 'w') as f:
             json.dump({'header': header, 'device': device_desc, 'date': stamp, 'commit': commit,
-                       'command': command, 'rows': rows}, f, indent=2)
+                       'command': command, 'cuda_graphs': graphs, 'rows': rows}, f, indent=2)
         print(f'wrote {args.out_dir}/benchmark.csv, benchmark.md, benchmark.json')
     return 1 if failures else 0
 

@@ -3,9 +3,9 @@
 
 For each model (dropout and drop-path off, so eager and graphs compute the same thing):
 
-- ``manual``: PyTorch's whole-network recipe: warm-up on a side stream, then ``torch.cuda.CUDAGraph`` capture on
-  static tensors of (a) inference and (b) a full training step (zero_grad, forward under autocast, CE loss,
-  backward, AdamW with ``capturable=True``);
+- ``manual``: PyTorch's whole-network recipe as tools/cuda_graphs.py writes it (the one tools/benchmark.py
+  times): warm-up on a side stream, then ``torch.cuda.CUDAGraph`` capture on static tensors of (a) inference and
+  (b) a full training step (zero_grad, forward under autocast, CE loss, backward, AdamW with ``capturable=True``);
 - ``compiled``: ``torch.compile(model, mode="reduce-overhead")`` (cudagraph trees), inference and forward+backward.
 
 Each replay's outputs, loss and gradients are compared with an eager twin holding the same parameters (norm-relative
@@ -27,6 +27,9 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_graphs import graphed_inference, graphed_train_step  # noqa: E402
 
 DEFAULT_MODELS = ("vmamba_tiny_s1l8", "groupmamba_tiny", "efficientvmamba_tiny", "spatialmamba_tiny",
                   "plainmamba_l1", "vim2_tiny")
@@ -139,66 +142,33 @@ def check_eager(name, model, eager, data, args, device):
 
 
 def check_manual(model, eager, data, args, device):
-    """torch.cuda.CUDAGraph capture of inference and of a full training step, replayed with two inputs."""
+    """torch.cuda.CUDAGraph capture (tools/cuda_graphs.py) of inference and of a full training step, replayed
+    with two inputs."""
     (x1, y1), (x2, y2) = data
     tol = TOLERANCE[args.amp]
     res = {}
     # (a) inference
     model.eval()
-    static_x = x1.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad(), _autocast(args, device):
-        for _ in range(3):
-            model(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.no_grad(), _autocast(args, device):
-        static_out = model(static_x)
+    infer = graphed_inference(model, x1, args.amp)
     state = _state(model)
-    errs = []
-    for x in (x1, x2):
-        static_x.copy_(x)
-        g.replay()
-        errs.append(rel_err(static_out.float(), eager.infer(state, x)))
+    errs = [rel_err(infer(x).float(), eager.infer(state, x)) for x in (x1, x2)]
     res.update(infer_err=errs, infer_ok=max(errs) <= tol,
-               graph_infer_img_s=_img_s(g.replay, args.batch_size, args.iters, device))
-    del g
+               graph_infer_img_s=_img_s(infer, args.batch_size, args.iters, device))
+    del infer
     # (b) training step
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
-    static_x, static_y = x1.clone(), y1.clone()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with _autocast(args, device):
-            loss = F.cross_entropy(model(static_x).float(), static_y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(g):
-        static_loss = step()
+    train = graphed_train_step(model, opt, x1, y1, args.amp)
     errs, changed = [], []
     for x, y in ((x1, y1), (x2, y2)):
-        static_x.copy_(x)
-        static_y.copy_(y)
         state = _state(model)  # the parameters the replay starts from
         before = [p.detach().clone() for p in model.parameters()]
-        g.replay()
+        loss = train(x, y)
         ref_loss, ref_grads = eager.train(state, x, y)
-        errs.append(max(rel_err(static_loss, ref_loss), _grad_err(model, ref_grads)))
+        errs.append(max(rel_err(loss, ref_loss), _grad_err(model, ref_grads)))
         changed.append(any(not torch.equal(b, p) for b, p in zip(before, model.parameters())))
     res.update(train_err=errs, train_ok=max(errs) <= tol and all(changed), params_updated=all(changed),
-               graph_train_img_s=_img_s(g.replay, args.batch_size, args.iters, device))
+               graph_train_img_s=_img_s(train, args.batch_size, args.iters, device))
     return res
 
 

@@ -198,7 +198,7 @@ def test_benchmark_cpu_smoke_writes_tables(tmp_path):
         (m, p, f) for m in ('test_resnet', 'efficientvmamba_tiny') for p in ('fp32', 'bf16')
         for f in ('contiguous', 'channels_last')]
     for r in rows:
-        assert r['status'] == 'ok', r
+        assert r['status'] == 'ok' and r['cuda_graphs'] == 'False', r  # nothing is captured on CPU
         assert float(r['infer_img_s']) > 0 and float(r['train_img_s']) > 0 and float(r['latency_ms']) > 0
         # the host's part of a step is part of the step (medians of per-step pairs keep the order)
         assert 0 < float(r['train_host_ms']) <= float(r['train_step_ms']), r
@@ -208,6 +208,7 @@ def test_benchmark_cpu_smoke_writes_tables(tmp_path):
     meta = json.loads((out / 'benchmark.json').read_text())
     assert 'commit abc1234,' in md and meta['commit'] == 'abc1234'
     assert 'Command: `python tools/benchmark.py --models test_resnet' in md
+    assert 'CUDA graphs: off (CPU)' in md and meta['cuda_graphs'] is False and '| CUDA graphs |' in md
     assert md.count('| efficientvmamba_tiny |') == 4 and meta['rows'] == json.loads(json.dumps(meta['rows']))
 
 
