@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
+from .graphs import capturing
 
 __all__ = [
     "BACKENDS",
@@ -112,12 +113,6 @@ def _backend(name: str):
 # Input validation
 
 
-def _capturing() -> bool:
-    """Whether a CUDA graph is being captured: value checks (host syncs) are skipped and no cache is filled
-    (the calls before the capture have checked the values)."""
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-
-
 def _signature(op, options, tensors):
     """What the shape, dtype and device checks of a call depend on; None where an argument is not a tensor."""
     sig = [op, options]
@@ -136,7 +131,7 @@ def _checked(sig) -> bool:
 
 
 def _remember(sig) -> None:
-    if sig is None or torch.compiler.is_compiling() or _capturing():
+    if sig is None or torch.compiler.is_compiling() or capturing():
         return
     if len(_VALID_SIGNATURES) >= _MAX_SIGNATURES:
         _VALID_SIGNATURES.clear()
@@ -213,7 +208,7 @@ def _check_route_values(name, routes, H, W):
         return  # value checks read the data; eager calls have done them
     # Reading values syncs with the device: check each routes tensor once per (version, grid).
     stamp = (_route_stamp(routes), H, W)
-    if _VALIDATED_ROUTES.get(routes) == stamp or _capturing():
+    if _VALIDATED_ROUTES.get(routes) == stamp or capturing():
         return
     lo, hi = int(routes.min()), int(routes.max())
     if lo < -1 or hi >= H * W:
@@ -237,7 +232,7 @@ def _check_same_padding(routes, param_routes):
     if torch.compiler.is_compiling():
         return
     stamp = (id(routes), _route_stamp(routes), _route_stamp(param_routes))
-    if _VALIDATED_PADDING.get(param_routes) == stamp or _capturing():
+    if _VALIDATED_PADDING.get(param_routes) == stamp or capturing():
         return
     if not torch.equal(param_routes < 0, routes < 0):
         raise ValueError("param_routes must be padded (-1) exactly where routes are")

@@ -18,6 +18,7 @@ from typing import Dict, Iterable, Optional
 import triton
 from triton.runtime.autotuner import Autotuner
 
+from ..graphs import capturing
 from . import scan, scan_n1
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -213,7 +214,7 @@ class TableTuner(Autotuner):
         key = self.problem_key(all_args)
         config = self.cache.get(key)
         if config is None:
-            if _mode["tune"] == "tune" and not _capturing():
+            if _mode["tune"] == "tune" and not capturing():
                 return super().run(*args, **kwargs)
             config = self.pick(all_args, key)
             if _mode["tune"] != "tune":  # a tile picked during a capture is tuned at the next call outside one
@@ -242,12 +243,6 @@ class TableTuner(Autotuner):
                 if label is not None and config_label(cfg) == label:
                     return cfg
         return fitting[0]
-
-
-def _capturing() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _tuner(configs, key, prune_configs_by):

@@ -6,6 +6,7 @@ import torch
 
 from vmamba_kernels import scan_routes
 from vmamba_kernels.reference import exporting
+from vmamba_kernels.graphs import capturing
 
 __all__ = ["device_routes"]
 
@@ -30,7 +31,7 @@ def device_routes(name: str, H, W, device: torch.device, **options) -> torch.Ten
     if torch.compiler.is_compiling():
         return scan_routes(name, H, W, **options).to(device)
     key = (name, H, W, tuple(sorted(options.items())), torch.device(device))
-    if key not in _built and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+    if key not in _built and capturing():
         # Building them copies from host memory, which a CUDA graph capture forbids; so would caching them.
         raise RuntimeError(f"device_routes{key[:4]} is first asked for while a CUDA graph is captured; run the "
                            "model once before capturing it (that call builds and caches its routes)")
