@@ -150,9 +150,9 @@ class SelectiveChannelMixer(RouteScanParams):
         step = max(1, self.grad_chunk_bytes // (4 * K * N * L)) if torch.is_grad_enabled() else T
         # split (one concatenation of the runs' gradients in backward), and each run broadcasts b and c itself:
         # a slice of one (T, ...) broadcast would send a full-size gradient back per run
-        ys = [selective_scan(ui, di, A, b.expand(len(ui), K, N, L), c.expand(len(ui), K, N, L), None,
+        ys = [selective_scan(ui, di, A, b.expand(ui.shape[0], K, N, L), c.expand(ui.shape[0], K, N, L), None,
                              delta_bias=delta_bias, delta_softplus=True)
-              for ui, di in zip(uu.split(step), delta.split(step))]
+              for ui, di in (zip(uu.split(step), delta.split(step)) if step < T else [(uu, delta)])]
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
         y = u * (y + self.Ds.view(K, 1).to(y.dtype))
         return y[:, 0] + y[:, 1].flip(-1)

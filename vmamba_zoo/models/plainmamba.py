@@ -29,6 +29,7 @@ from timm.models._manipulate import checkpoint
 from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import scan_directions, scan_routes, selective_scan_2d
+from vmamba_kernels.reference import exporting
 
 from ..layers.init import init_linear_and_norm
 
@@ -38,11 +39,19 @@ register_notrace_function(selective_scan_2d)
 __all__ = ['PlainMamba', 'PlainMamba2D', 'PlainMambaLayer', 'ConvPatchEmbed']
 
 
+def _traced() -> bool:
+    """Exporting or tracing: sizes are symbolic, so size-dependent branches take their general form."""
+    return exporting() or torch.jit.is_tracing()
+
+
 @register_notrace_function
 def corner_pad(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
     """Zero-pad the bottom/right of an NCHW map so a (kernel_size, stride) conv covers every pixel
     (mmcv's ``AdaptivePadding(padding='corner')``)."""
     H, W = x.shape[-2:]
+    if _traced() and kernel_size >= stride:  # the pad is never negative: pad by it whatever the size
+        return F.pad(x, [0, ((W + stride - 1) // stride - 1) * stride + kernel_size - W,
+                         0, ((H + stride - 1) // stride - 1) * stride + kernel_size - H])
     pad_h = max((math.ceil(H / stride) - 1) * stride + kernel_size - H, 0)
     pad_w = max((math.ceil(W / stride) - 1) * stride + kernel_size - W, 0)
     if pad_h > 0 or pad_w > 0:
@@ -53,7 +62,7 @@ def corner_pad(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
 def resize_pos_embed(pos_embed: torch.Tensor, src_size: Tuple[int, int], dst_size: Tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of a (1, H*W, C) position embedding, as the official ``resize_pos_embed``
     (``align_corners=False``, no antialias)."""
-    if tuple(src_size) == tuple(dst_size):
+    if not _traced() and tuple(src_size) == tuple(dst_size):  # traced: resized to any size (identity at its own)
         return pos_embed
     if pos_embed.ndim != 3 or pos_embed.shape[1] != src_size[0] * src_size[1]:
         raise ValueError(f'pos_embed must be (1, {src_size[0] * src_size[1]}, C) for grid {tuple(src_size)}, '
@@ -85,7 +94,7 @@ def routes_for(x: torch.Tensor, grid_size: Tuple[int, int], routes: torch.Tensor
                directions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cached routes when x (B, H, W, C) is on the model's default grid, else freshly built ones."""
     H, W = x.shape[1:3]
-    if (H, W) == tuple(grid_size):
+    if not _traced() and (H, W) == tuple(grid_size):  # traced: built in the graph for any size
         return routes, param_routes, directions
     return tuple(t.to(routes.device) for t in build_routes(H, W))
 
