@@ -135,6 +135,36 @@ def _download(url: str) -> str:
     return path
 
 
+def check_pretrained_source(model_name: str, pretrained: bool, kwargs: Dict[str, Any],
+                            default_cfg: Optional[Dict[str, Any]] = None) -> None:
+    """Fail at once, with one line, when ``pretrained=True`` cannot be honoured (called before the model is built).
+
+    ``kwargs``: the model's keyword arguments (``pretrained_cfg_overlay=dict(file=...)`` or ``pretrained_cfg``);
+    ``default_cfg``: the model's pretrained cfg as a dict (``url``, ``hf_hub_id``, ``notes``).
+    A local file that does not exist raises FileNotFoundError naming the path (timm would raise an empty one); a cfg
+    with nothing downloadable and no file given raises ValueError naming where to get the weights (``notes``)
+    instead of silently keeping random weights.
+    """
+    if not pretrained:
+        return
+    sources = {}
+    for given in (kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')):
+        if given is not None and not isinstance(given, str):
+            sources.update({k: v for k, v in (given if isinstance(given, dict) else vars(given)).items()
+                            if v not in (None, '')})
+    if sources.get('state_dict') is not None:
+        return
+    file = sources.get('file')
+    if file is not None:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f'{model_name}: pretrained file not found: {file}')
+        return
+    merged = {**(default_cfg or {}), **sources}
+    if not (merged.get('url') or merged.get('hf_hub_id')):
+        notes = ' '.join(merged.get('notes') or ()) or 'this model has no published weights'
+        raise ValueError(f'{model_name} has no downloadable weights: {notes}')
+
+
 def read_checkpoint(path, map_location='cpu', trusted: Iterable = (), mmap: bool = False) -> Any:
     """The content of a checkpoint file (``.safetensors``, ``.pth``, ``.pt``, ``.ckpt``, ``.bin``) or http(s) URL,
     read without running code from it.

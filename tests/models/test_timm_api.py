@@ -5,6 +5,7 @@ official checkpoint layouts in tests/data/official_keys/<model>.json (names and 
 """
 import json
 import pathlib
+import re
 import sys
 
 import pytest
@@ -231,3 +232,50 @@ def test_trains_after_an_inference_mode_forward(name):
         model.eval()(x)
     model.train()(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", EXPECTED_MODELS)
+def test_unpooled_headless_model_returns_the_nhwc_feature_map(name):
+    """timm's `num_classes=0, global_pool=''`: the model returns its (normed) last map, channels-last like
+    forward_features in every family, and `reset_classifier(0, '')` gives the same."""
+    model = _create(name, num_classes=0, global_pool="").eval()
+    reduction = model.feature_info[-1]["reduction"]
+    x = torch.randn(1, 3, 2 * reduction, 3 * reduction)  # non-square, so H and W cannot be confused
+    with torch.no_grad():
+        features = model.forward_features(x)
+        out = model(x)
+    assert features.shape == (1, 2, 3, model.num_features), "forward_features is (B, H, W, C)"
+    assert getattr(model, "output_fmt", "NHWC") == "NHWC"
+    assert out.shape == features.shape
+    torch.testing.assert_close(out, model.forward_head(features))
+
+    pooled = _create(name, num_classes=5).eval()
+    pooled.reset_classifier(0, "")
+    with torch.no_grad():
+        assert pooled(x).shape == features.shape
+
+
+# The families whose _create_* checks the pretrained source before building (plainmamba and mambamixer: not yet).
+CHECKED_PRETRAINED_SOURCE = ["efficientvmamba_tiny", "groupmamba_tiny", "spatialmamba_tiny", "vmamba_tiny_s1l8"]
+
+
+@pytest.mark.parametrize("name", CHECKED_PRETRAINED_SOURCE)
+def test_a_missing_pretrained_file_fails_at_once_naming_the_path(name, tmp_path):
+    missing = tmp_path / "not_downloaded.pth"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"pretrained file not found: {missing}")):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+
+
+@pytest.mark.parametrize("name", EXPECTED_MODELS)
+def test_pretrained_urls_are_direct_files(name):
+    url = timm.get_pretrained_cfg(name).to_dict().get("url") or ""
+    assert "drive.google.com" not in url and not url.endswith("/view"), f"{url} is a web page, not a file"
+
+
+@pytest.mark.parametrize("name, says", [
+    ("spatialmamba_tiny", r"drive\.google\.com/file/d/19kX.*pretrained_cfg_overlay=dict\(file=PATH\)"),
+    ("vmamba_tiny_mhs", r"no published weights"),
+])
+def test_pretrained_without_downloadable_weights_fails_at_once_saying_where(name, says):
+    with pytest.raises(ValueError, match=f"{name} has no downloadable weights: .*{says}"):
+        timm.create_model(name, pretrained=True)

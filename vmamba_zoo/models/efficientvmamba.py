@@ -28,12 +28,13 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from timm.models._features_fx import register_notrace_module
 
 from vmamba_kernels import selective_scan_2d
 
+from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import LowPrecisionLayerNorm, fewer_launches, route_projections
@@ -331,6 +332,7 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.drop_rate = drop_rate
+        self.output_fmt = 'NHWC'  # forward_features' layout (the stages run channels-last)
         self.dims = list(dims)
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
@@ -493,6 +495,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_efficientvmamba(variant: str, pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
         EfficientVMamba, variant, pretrained,

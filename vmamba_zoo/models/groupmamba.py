@@ -26,10 +26,11 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs, register_model
+from timm.models._registry import generate_default_cfgs, get_pretrained_cfg, register_model
 
 from vmamba_kernels import selective_scan_2d
 
+from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
@@ -344,7 +345,8 @@ class GroupMamba(nn.Module):
     Args:
         in_chans: input channels.
         num_classes: classes of ``head`` and ``dist_head``.
-        global_pool: 'token' (upstream: the token mean passes a mixer+MLP block) or 'avg' (token mean only).
+        global_pool: 'token' (upstream: the token mean passes a mixer+MLP block), 'avg' (token mean only) or ''
+            (no pooling: the head sees the (B, H, W, C) map, as timm's ``global_pool=''``).
         stem_hidden_dim: channels of the stem's convolutions.
         embed_dims: channels per stage (each divisible by 4, the number of scan groups).
         depths: blocks per stage.
@@ -372,8 +374,8 @@ class GroupMamba(nn.Module):
         super().__init__()
         if kwargs:
             raise TypeError(f"GroupMamba got unexpected arguments {sorted(kwargs)}")
-        if global_pool not in ('token', 'avg'):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool not in ('token', 'avg', ''):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         num_stages = len(depths)
         if not (len(embed_dims) == len(mlp_ratios) == num_stages):
             raise ValueError(f"embed_dims, depths, mlp_ratios need one entry per stage, got "
@@ -446,8 +448,8 @@ class GroupMamba(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ('token', 'avg'):
-                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            if global_pool not in ('token', 'avg', ''):
+                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if self.dist_head is not None:
@@ -518,7 +520,10 @@ class GroupMamba(nn.Module):
         return self.stages(x)
 
     def forward_head(self, x, pre_logits: bool = False):
-        x = self.cls_block(x) if self.global_pool == 'token' else x.mean(dim=(1, 2))
+        if self.global_pool == 'token':
+            x = self.cls_block(x)
+        elif self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2))
         x = self.head_drop(self.norm(x))
         if pre_logits:
             return x
@@ -630,6 +635,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_groupmamba(variant, pretrained=False, **kwargs):
+    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
     return build_model_with_cfg(
         GroupMamba, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -17,11 +17,13 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, register_notrace_module
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import register_notrace_module
 from timm.models._features import feature_take_indices
 
 from vmamba_kernels import selective_scan_states
 
+from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.state_fusion import FUSION_IMPLS, StateFusion
@@ -443,7 +445,7 @@ def checkpoint_filter_fn(state_dict, model):
     return out
 
 
-def _cfg(url="", **kwargs):
+def _cfg(url="", drive_page="", **kwargs):
     return {
         "url": url,
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
@@ -454,25 +456,27 @@ def _cfg(url="", **kwargs):
         "paper_ids": "arXiv:2410.15091",
         "paper_name": "Spatial-Mamba: Effective Visual State Space Models via Structure-Aware State Fusion",
         "origin_url": "https://github.com/EdwardChasel/Spatial-Mamba",
-        "notes": ("official weights are a Google Drive link: download the file, then load it with "
-                  "pretrained_cfg_overlay=dict(file=path)",),
+        "notes": (f"the official weights are on a Google Drive page ({drive_page}, linked from "
+                  "https://github.com/EdwardChasel/Spatial-Mamba): download the file by hand, then pass "
+                  "pretrained_cfg_overlay=dict(file=PATH)",),
         **kwargs,
     }
 
 
-# Official weights are on Google Drive (not directly downloadable by timm): fetch them, then
-# timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path)).
+# The official weights are Google Drive pages (HTML, no direct file), so no url: pretrained=True without a
+# file fails at once with the page to download from (vmamba_zoo.checkpoint.check_pretrained_source).
 default_cfgs = generate_default_cfgs({
     "spatialmamba_tiny.in1k": _cfg(
-        url="https://drive.google.com/file/d/19kXoqGSTuKKs4AHbdUSrdKZTwTWenLIW/view"),
+        drive_page="https://drive.google.com/file/d/19kXoqGSTuKKs4AHbdUSrdKZTwTWenLIW/view"),
     "spatialmamba_small.in1k": _cfg(
-        url="https://drive.google.com/file/d/1Wb3sYoWLpgmWrmHMYKwdgDwGPZaqM28O/view"),
+        drive_page="https://drive.google.com/file/d/1Wb3sYoWLpgmWrmHMYKwdgDwGPZaqM28O/view"),
     "spatialmamba_base.in1k": _cfg(
-        url="https://drive.google.com/file/d/1k8dHp2QRCOqBSgAi36YkhZp_O8LqOPjM/view"),
+        drive_page="https://drive.google.com/file/d/1k8dHp2QRCOqBSgAi36YkhZp_O8LqOPjM/view"),
 })
 
 
 def _create_spatialmamba(variant, pretrained=False, **kwargs):
+    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
     return build_model_with_cfg(
         SpatialMamba, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
