@@ -258,7 +258,8 @@ def test_unpooled_headless_model_returns_the_nhwc_feature_map(name):
 
 
 # The families whose _create_* checks the pretrained source before building (plainmamba and mambamixer: not yet).
-CHECKED_PRETRAINED_SOURCE = ["efficientvmamba_tiny", "groupmamba_tiny", "spatialmamba_tiny", "vmamba_tiny_s1l8"]
+CHECKED_PRETRAINED_SOURCE = ["efficientvmamba_tiny", "groupmamba_tiny", "plainmamba_l1", "spatialmamba_tiny",
+                             "vim2_tiny", "vmamba_tiny_s1l8"]
 
 
 @pytest.mark.parametrize("name", CHECKED_PRETRAINED_SOURCE)

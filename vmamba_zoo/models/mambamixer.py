@@ -34,10 +34,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._manipulate import checkpoint
+from timm.models._registry import get_pretrained_cfg
 from timm.models.swin_transformer import PatchMerging
 
 from vmamba_kernels import selective_scan, selective_scan_2d
 
+from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import RouteScanParams
@@ -361,6 +363,7 @@ class MambaMixer(ChannelsLastStagesMixin, nn.Module):
         self.drop_rate = drop_rate
         self.dims = dims
         self.num_features = self.head_hidden_size = dims[-1]
+        self.output_fmt = 'NHWC'  # forward_features' layout (the stages run channels-last)
 
         self.stem = Stem(in_chans, dims[0], patch_size=patch_size, norm_layer=norm_layer)
 
@@ -470,6 +473,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_mambamixer(variant: str, pretrained: bool = False, **kwargs) -> MambaMixer:
+    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
         MambaMixer, variant, pretrained,

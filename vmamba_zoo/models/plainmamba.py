@@ -26,11 +26,12 @@ from timm.layers import ClassifierHead, DropPath, register_notrace_function, to_
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
-from timm.models._registry import generate_default_cfgs, register_model
+from timm.models._registry import generate_default_cfgs, get_pretrained_cfg, register_model
 
 from vmamba_kernels import scan_directions, scan_routes, selective_scan_2d
 from vmamba_kernels.reference import exporting
 
+from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
 
 # shape-dependent steps stay opaque to torch.fx (timm's feature extraction by graph)
@@ -438,6 +439,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_plainmamba(variant, pretrained=False, **kwargs):
+    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
     depth = kwargs.get('depth', 24)
     out_indices = kwargs.pop('out_indices', tuple(depth // 4 * (i + 1) - 1 for i in range(4)))
     return build_model_with_cfg(
