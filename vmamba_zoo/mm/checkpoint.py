@@ -39,6 +39,9 @@ def official_weights_location(model_name: str) -> str:
     if url:
         raise ValueError(f'the official weights of {model_name} are on {url}, which cannot be fetched '
                          f'automatically: download the file and set init_cfg.checkpoint to its path')
+    notes = ' '.join(cfg.notes or ())
+    if notes:  # weights published where nothing can fetch them (e.g. a Google Drive page), named in the notes
+        raise ValueError(f'{model_name}: {notes}; download the file and set init_cfg.checkpoint to its path')
     raise ValueError(f'{model_name} has no official ImageNet weights: set init_cfg.checkpoint to a zoo '
                      f'checkpoint, or init_cfg=None to train from scratch')
 
