@@ -126,11 +126,13 @@ def _signature(op, options, tensors):
     return tuple(sig)
 
 
-def _checked(sig) -> bool:
-    return sig is not None and sig in _VALID_SIGNATURES
-
-
-def _remember(sig) -> None:
+def _check_once(op, options, tensors, check) -> None:
+    """Run ``check()`` unless a call with the same signature passed it; remember a pass (never while compiling
+    or capturing a CUDA graph, when nothing may be cached)."""
+    sig = _signature(op, options, tensors)
+    if sig is not None and sig in _VALID_SIGNATURES:
+        return
+    check()
     if sig is None or torch.compiler.is_compiling() or capturing():
         return
     if len(_VALID_SIGNATURES) >= _MAX_SIGNATURES:
@@ -420,10 +422,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return reference.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                             return_last_state=return_last_state)
     if not torch.jit.is_tracing():  # fvcore traces models whose eager calls were checked
-        sig = _signature("scan", None, (u, delta, A, B, C, D, z, delta_bias))
-        if not _checked(sig):
-            _check_1d_inputs(u, delta, A, B, C, D, z, delta_bias)
-            _remember(sig)
+        _check_once("scan", None, (u, delta, A, B, C, D, z, delta_bias),
+                    lambda: _check_1d_inputs(u, delta, A, B, C, D, z, delta_bias))
     out, last_state = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                           resolve_backend(backend, u.device))
     return (out, last_state) if return_last_state else out
@@ -435,10 +435,8 @@ def selective_scan_states(u, delta, A, B, delta_bias=None, delta_softplus=False,
     if reference.exporting():
         return reference.selective_scan_states_ref(u, delta, A, B, delta_bias, bool(delta_softplus))
     if not torch.jit.is_tracing():
-        sig = _signature("states", None, (u, delta, A, B, delta_bias))
-        if not _checked(sig):
-            _check_1d_inputs(u, delta, A, B, delta_bias=delta_bias, with_C=False)
-            _remember(sig)
+        _check_once("states", None, (u, delta, A, B, delta_bias),
+                    lambda: _check_1d_inputs(u, delta, A, B, delta_bias=delta_bias, with_C=False))
     return _selective_scan_states_fwd(u, delta, A, B, delta_bias, bool(delta_softplus),
                                       resolve_backend(backend, u.device))
 
@@ -458,11 +456,8 @@ def selective_scan_2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus
         return reference.selective_scan_2d_ref(x, delta, A, B, C, D, delta_bias, bool(delta_softplus), routes,
                                                param_routes, merge)
     if not torch.jit.is_tracing():
-        sig = _signature("2d", (merge, param_routes is routes), (x, delta, A, B, C, D, delta_bias, routes,
-                                                                  param_routes))
-        if not _checked(sig):
-            _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge)
-            _remember(sig)
+        _check_once("2d", (merge, param_routes is routes), (x, delta, A, B, C, D, delta_bias, routes, param_routes),
+                    lambda: _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge))
         _check_2d_route_values(routes, param_routes, delta.shape[1], delta.shape[2])
     # Chunk states are worth writing only when a backward will read them.
     save_chunks = torch.is_grad_enabled() and any(

@@ -5,16 +5,14 @@ dtypes), so that an element a kernel fails to write shows up instead of passing 
 
 CUDA graphs: a buffer kept across calls (a route plan, a placeholder argument) must not come from a graph's
 memory pool, or the graph's owner finds a live allocation it does not track ("tensor(s) in the cudagraph pool
-not tracked as outputs"). While a graph is captured nothing is cached (``capturing``); otherwise kept buffers
-are made under ``persistent``, on a stream of their own, which no graph pool claims: PyTorch routes to a pool
-only the allocations of the stream being captured or, in ``torch.compile(mode="reduce-overhead")``'s eager
-warm-up run, of the stream that run uses.
+not tracked as outputs"). While a graph is captured (``vmamba_kernels.graphs.capturing``) nothing is cached;
+otherwise kept buffers are made under ``persistent``, on a stream of their own, which no graph pool claims:
+PyTorch routes to a pool only the allocations of the stream being captured or, in
+``torch.compile(mode="reduce-overhead")``'s eager warm-up run, of the stream that run uses.
 """
 import contextlib
 
 import torch
-
-from ..graphs import capturing  # noqa: F401  (the launchers take it from here)
 
 _poison = {"on": False}
 _side_streams = {}
@@ -35,8 +33,9 @@ def empty(*shape, dtype, device) -> torch.Tensor:
 def persistent(device):
     """Allocate buffers that outlive the call (caches) outside any CUDA graph memory pool: on CUDA the block
     runs on a side stream that first waits for the current one, and the current stream then waits for it.
-    Callers must not be capturing (``capturing``). The block's tensors are for the current stream: pass them to
-    the yielded ``keep``, which marks them used there, so that freeing one waits for that stream's work."""
+    Callers must not be capturing (``vmamba_kernels.graphs.capturing``). The block's tensors are for the current
+    stream: pass them to the yielded ``keep``, which marks them used there, so that freeing one waits for that
+    stream's work."""
     device = torch.device(device)
     if device.type != "cuda":
         yield lambda *tensors: None

@@ -19,8 +19,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..graphs import capturing
 from . import scan, scan_n1, tiles
-from .alloc import capturing, empty, persistent
+from .alloc import empty, persistent
 from .route_plan import route_plan
 from .tiles import (
     _INTERPRET,
@@ -141,16 +142,13 @@ def _tuned(tuner, grid, kw):
     if not capturing():
         tuner[grid](**kw)
         return tuner.best_config
-    key = _tuning_key(tuner, kw)
+    key = tuner.problem_key(kw)
     config = tuner.cache.get(key)
     if config is not None:
         tuner[grid](**kw)  # a known problem: no tuning runs
         return config
-    if hasattr(tuner, "pick"):
-        config = tuner.pick(kw, key)
-    else:
-        config = tuner.early_config_prune(tuner.configs, {}, **kw)[0]
-    name = getattr(tuner, "base_fn", tuner.fn).__name__
+    config = tuner.pick(kw, key)
+    name = tuner.base_fn.__name__
     if tiles.tuning_runs() and (name, key) not in _warned_untuned:
         _warned_untuned.add((name, key))
         warnings.warn(f"{name}: no tuned tile for problem {key} while a CUDA graph is captured; running "
@@ -158,16 +156,6 @@ def _tuned(tuner, grid, kw):
                       stacklevel=2)
     tuner.fn.run(grid=grid, warmup=False, **kw, **config.all_kwargs())
     return config
-
-
-def _tuning_key(tuner, kw) -> tuple:
-    """The key ``triton.runtime.autotuner.Autotuner.run`` files a problem under: the values of its key
-    arguments, then the dtypes of its tensor arguments in call order."""
-    if hasattr(tuner, "problem_key"):
-        return tuner.problem_key(kw)
-    key = [kw[name] for name in tuner.keys if name in kw]
-    key += [str(v.dtype) for name, v in kw.items() if name in tuner.arg_names and hasattr(v, "dtype")]
-    return tuple(key)
 
 
 _dummies = {}

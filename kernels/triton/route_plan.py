@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..graphs import capturing
 from . import scan_n1
-from .alloc import capturing, empty, persistent
+from .alloc import empty, persistent
 
 __all__ = ["RoutePlan", "route_plan"]
 
