@@ -26,10 +26,9 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cuda_graphs import graphed_inference, graphed_train_step  # noqa: E402
+from cuda_graphs import cross_entropy_loss, graphed_inference, graphed_train_step  # noqa: E402
 
 DEFAULT_MODELS = ("vmamba_tiny_s1l8", "groupmamba_tiny", "efficientvmamba_tiny", "spatialmamba_tiny",
                   "plainmamba_l1", "vim2_tiny")
@@ -95,7 +94,7 @@ class Eager:
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         with _autocast(self.args, self.device):
-            loss = F.cross_entropy(self.model(x).float(), y)
+            loss = cross_entropy_loss(self.model(x), y)
         loss.backward()
         return loss.detach().float(), _grads(self.model)
 
@@ -132,7 +131,7 @@ def check_eager(name, model, eager, data, args, device):
     model.train()
     model.zero_grad(set_to_none=True)
     with _autocast(args, device):
-        loss = F.cross_entropy(model(x1).float(), y1)
+        loss = cross_entropy_loss(model(x1), y1)
     loss.backward()
     ref_loss, ref_grads = eager.train(state, x1, y1)
     train_err = max(rel_err(loss, ref_loss), _grad_err(model, ref_grads))
@@ -199,7 +198,7 @@ def check_compiled(model, eager, data, args, device):
     def train(x, y):
         model.zero_grad(set_to_none=True)
         with _autocast(args, device):
-            loss = F.cross_entropy(cm(x).float(), y)
+            loss = cross_entropy_loss(cm(x), y)
         loss.backward()
         return loss.detach().clone()
 

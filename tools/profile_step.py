@@ -81,9 +81,9 @@ def _sync(device):
 def profile_model(name, args):
     """One model, in this process: cold start, steady state, profile."""
     import torch
-    import torch.nn.functional as F
 
     from cli_common import create_model
+    from cuda_graphs import cross_entropy_loss
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -110,10 +110,7 @@ def profile_model(name, args):
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(**amp):
-            out = model(x)
-            if isinstance(out, (tuple, list)):
-                out = sum(out) / len(out)
-            loss = F.cross_entropy(out.float(), y)
+            loss = cross_entropy_loss(model(x), y)
         loss.backward()
         optimizer.step()
 
