@@ -36,10 +36,6 @@ def read_checkpoint(path: str, map_location='cpu') -> Any:
         raise UsageError(str(e)) from e
 
 
-def _strip_wrappers(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    return _ckpt.clean_keys(state_dict)
-
-
 def extract_state_dict(obj: Any, model: Optional[torch.nn.Module] = None, use_ema: bool = False,
                        ) -> Tuple[Dict[str, torch.Tensor], str]:
     """A state dict for ``model`` from a raw checkpoint, and a word on how it was found.
@@ -54,7 +50,7 @@ def extract_state_dict(obj: Any, model: Optional[torch.nn.Module] = None, use_em
         key = 'state_dict_ema' if use_ema else 'state_dict'
         if obj.get(key) is None:
             raise UsageError(f"training checkpoint has no '{key}'" + (' (trained without EMA)' if use_ema else ''))
-        return _strip_wrappers(obj[key]), f'zoo training checkpoint [{key}]'
+        return _ckpt.clean_keys(obj[key]), f'zoo training checkpoint [{key}]'
     if not isinstance(obj, dict):
         raise UsageError(f'checkpoint holds a {type(obj).__name__}, expected a dict of tensors')
     how = None
@@ -67,7 +63,7 @@ def extract_state_dict(obj: Any, model: Optional[torch.nn.Module] = None, use_em
     filter_fn = getattr(module, 'checkpoint_filter_fn', None)
     if filter_fn is not None:
         state_dict = filter_fn(obj, model)
-        return _strip_wrappers(state_dict), f'{module.__name__}.checkpoint_filter_fn' + (f' of {how}' if how else '')
+        return _ckpt.clean_keys(state_dict), f'{module.__name__}.checkpoint_filter_fn' + (f' of {how}' if how else '')
     try:
         return _ckpt.select_state_dict(obj), how or 'plain weights'
     except _ckpt.CheckpointError as e:
