@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,26 +71,22 @@ def build_parser():
     return p
 
 
-def _sync(device):
-    import torch
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def profile_model(name, args):
     """One model, in this process: cold start, steady state, profile."""
     import torch
 
+    from benchmark import Timer
     from cli_common import create_model
     from cuda_graphs import cross_entropy_loss
     device = torch.device(args.device)
+    timer = Timer(device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     rec = {'model': name, 'batch_size': args.batch_size, 'img_size': args.img_size, 'amp': args.amp}
     start = time.perf_counter()
     model = create_model(name, img_size=args.img_size).to(device)
-    _sync(device)
+    timer.sync()
     rec['cold_build_s'] = round(time.perf_counter() - start, 2)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16')
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -101,7 +96,7 @@ def profile_model(name, args):
     model.eval()
     with torch.inference_mode(), torch.autocast(**amp):
         model(x)
-    _sync(device)
+    timer.sync()
     rec['cold_first_infer_s'] = round(time.perf_counter() - start, 2)
 
     model.train()
@@ -115,21 +110,12 @@ def profile_model(name, args):
         optimizer.step()
 
     step()
-    _sync(device)
+    timer.sync()
     rec['cold_first_step_s'] = round(time.perf_counter() - start, 2)
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    times, host = [], []
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        step()
-        host.append(time.perf_counter() - t0)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    rec['step_ms'] = round(1000 * statistics.median(times), 2)
-    rec['host_ms'] = round(1000 * statistics.median(host), 2)
-    rec['train_img_s'] = round(args.batch_size / statistics.median(times), 1)
+    step_s, host_s = timer.run_with_host(step, args.warmup, args.iters)
+    rec['step_ms'] = round(1000 * step_s, 2)
+    rec['host_ms'] = round(1000 * host_s, 2)
+    rec['train_img_s'] = round(args.batch_size / step_s, 1)
     if device.type == 'cuda':
         rec['train_peak_gib'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
     rec.update(kernel_split(step, args, device))
@@ -139,12 +125,13 @@ def profile_model(name, args):
 def kernel_split(step, args, device):
     """GPU kernel time per step by kind, launches per step and the top kernels, from torch.profiler."""
     import torch
+    from benchmark import Timer
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with profile(activities=activities) as prof:
         for _ in range(args.profile_steps):
             step()
-        _sync(device)
+        Timer(device).sync()
     per_kernel = defaultdict(lambda: [0.0, 0])
     for evt in prof.events():
         if device.type == 'cuda' and evt.device_type == torch.autograd.DeviceType.CUDA:
