@@ -14,6 +14,8 @@ thousands of kernels, which is where host-bound models gain.
 The returned tensors are the graph's own outputs: the next replay overwrites them, so clone what must be kept.
 The caller chooses ``model.train()`` / ``model.eval()`` before capture; the graph keeps the mode it saw.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -146,9 +148,8 @@ def graphed_train_step(model, optimizer, x, y, amp=None, loss_fn=cross_entropy_l
         raise TypeError(f'loss_fn must be callable, got {type(loss_fn).__name__}')
     _require_capturable(optimizer)
     _require_cuda(model, {'x': x, 'y': y})
-    static_x, static_y = x.clone(), y.clone()
 
-    def step():
+    def step(static_x, static_y):
         optimizer.zero_grad(set_to_none=True)
         with _autocast(dtype):
             loss = loss_fn(model(static_x), static_y)
@@ -156,10 +157,102 @@ def graphed_train_step(model, optimizer, x, y, amp=None, loss_fn=cross_entropy_l
         optimizer.step()
         return loss
 
-    _warm_up(step, warmup)
-    graph = torch.cuda.CUDAGraph()
-    # Gradients are allocated inside the capture, from the graph's pool, so that replays write them in place.
-    optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_loss = step()
-    return GraphedStep(graph, (static_x, static_y), static_loss)
+    return capture_train_step(step, model, optimizer, x, y, warmup=warmup)
+
+
+def capture_train_step(step, model, optimizer, *inputs, warmup=WARMUP_STEPS, undo_warmup=False):
+    """Capture ``step(*static_inputs)``, a function that runs one whole update of ``model`` with ``optimizer``
+    (zero_grad, forward, loss, backward, optimizer step) and returns the loss tensor.
+
+    ``undo_warmup``: put the parameters, buffers and optimizer state back as they were before the warm-up steps,
+    so that the first replay is the run's first update (what a training run needs; a benchmark does not care).
+    Returns a GraphedStep; with ``undo_warmup`` its learning rates follow the optimizer's param groups (see
+    LearningRateTensors), so a scheduler keeps working."""
+    _require_capturable(optimizer)
+    _require_cuda(model, {f'input {i}': t for i, t in enumerate(inputs)})
+    static_inputs = tuple(t.clone() for t in inputs)
+    learning_rates = LearningRateTensors(optimizer, inputs[0].device)
+    snapshot = TrainingState(model, optimizer) if undo_warmup else None
+    with learning_rates.installed():
+        _warm_up(lambda: step(*static_inputs), warmup)
+        if snapshot is not None:
+            snapshot.restore()
+        graph = torch.cuda.CUDAGraph()
+        # Gradients are allocated inside the capture, from the graph's pool, so that replays write them in place.
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            static_loss = step(*static_inputs)
+    return GraphedTrainStep(graph, static_inputs, static_loss, learning_rates)
+
+
+class GraphedTrainStep(GraphedStep):
+    """A captured training step that copies the optimizer's current learning rates in before each replay."""
+
+    def __init__(self, graph, static_inputs, static_output, learning_rates):
+        super().__init__(graph, static_inputs, static_output)
+        self.learning_rates = learning_rates
+
+    def __call__(self, *inputs):
+        self.learning_rates.update()
+        return super().__call__(*inputs)
+
+
+class LearningRateTensors:
+    """A captured optimizer step reads a float learning rate as a constant of the graph, so a scheduler's later
+    values would never reach it. While capturing, each param group's ``lr`` is a one-element device tensor
+    (Adam-style optimizers accept a tensor lr when capturable); afterwards the groups hold floats again, as
+    schedulers, logs and checkpoints expect, and ``update()`` copies those floats into the tensors the graph
+    reads (a fill kernel per group, no host synchronisation)."""
+
+    def __init__(self, optimizer, device):
+        self.optimizer = optimizer
+        self.tensors = [torch.tensor(float(g['lr']), device=device, dtype=torch.float32)
+                        for g in optimizer.param_groups]
+
+    @contextlib.contextmanager
+    def installed(self):
+        floats = [g['lr'] for g in self.optimizer.param_groups]
+        self.update()
+        for g, t in zip(self.optimizer.param_groups, self.tensors):
+            g['lr'] = t
+        try:
+            yield
+        finally:
+            for g, lr in zip(self.optimizer.param_groups, floats):
+                g['lr'] = lr
+
+    def update(self):
+        for g, t in zip(self.optimizer.param_groups, self.tensors):
+            t.fill_(float(g['lr']))
+
+
+class TrainingState:
+    """Copies of a model's parameters and buffers and of its optimizer's state, taken at construction;
+    ``restore()`` writes them back in place (the captured graph keeps reading the same storage). Optimizer state
+    that did not exist yet (the first steps of a run) is zeroed, which for Adam-style moments and step counts
+    is exactly a fresh optimizer's state."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        with torch.no_grad():
+            self.tensors = {name: t.detach().clone() for name, t in self._model_tensors()}
+            self.optimizer_state = {id(p): {k: v.detach().clone() for k, v in s.items()
+                                            if isinstance(v, torch.Tensor)}
+                                    for p, s in optimizer.state.items()}
+
+    def _model_tensors(self):
+        yield from self.model.named_parameters()
+        yield from self.model.named_buffers()
+
+    @torch.no_grad()
+    def restore(self):
+        for name, t in self._model_tensors():
+            t.copy_(self.tensors[name])
+        for p, state in self.optimizer.state.items():
+            saved = self.optimizer_state.get(id(p), {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    if k in saved:
+                        v.copy_(saved[k])
+                    else:
+                        v.zero_()

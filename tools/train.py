@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
+    g.add_argument('--cuda-graphs', action=argparse.BooleanOptionalAction, default=None,
+                   help='replay each update (forward, backward, clipping, optimizer step) as one captured CUDA graph. '
+                        'Default: on wherever the run allows it (the log says which and why not); --cuda-graphs '
+                        'makes a run that does not allow it an error')
     g.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=False)
 
     g = p.add_argument_group('data')
@@ -459,6 +463,33 @@ def _validate_args(args, world_size):
         _logger.warning('fp16 autocast on CPU is slow; bf16 is the usual CPU choice')
 
 
+CAPTURABLE_OPTIMIZERS = ('adam', 'adamw')  # torch's, which keep their step counts on the device when capturable
+
+
+def cuda_graph_blocker(args, device: torch.device, world_size: int):
+    """Why the updates of this run cannot replay as one captured CUDA graph each, or None when they can.
+    A captured update is one fixed sequence of kernels: anything that decides on the host mid-update rules it out."""
+    if device.type != 'cuda':
+        return f'the device is {device.type}'
+    if world_size > 1:
+        return 'distributed training (DDP synchronises gradients outside the graph)'
+    if args.compile:
+        return '--compile (torch.compile(mode="reduce-overhead") captures graphs of its own)'
+    if args.grad_accum_steps > 1:
+        return f'--grad-accum-steps {args.grad_accum_steps} (one update is several forward/backward passes)'
+    if args.amp == 'fp16':
+        return '--amp fp16 (the loss scaler checks for inf gradients on the host)'
+    if args.nan_policy == 'skip':
+        return '--nan-policy skip (each loss is checked on the host before its backward)'
+    if args.mesa > 0:
+        return '--mesa (the EMA teacher changes from epoch to epoch)'
+    if args.opt.lower() not in CAPTURABLE_OPTIMIZERS:
+        return f'--opt {args.opt} (capturable optimizers: {", ".join(CAPTURABLE_OPTIMIZERS)})'
+    if args.debug_nan_at_update:
+        return 'a NaN is injected into chosen updates'
+    return None
+
+
 def resolve_lr(args) -> str:
     """Fill args.lr / warmup_lr / min_lr from the global batch; returns how lr was obtained."""
     if args.lr is None:
@@ -712,7 +743,13 @@ def _train(args, rt, autocast_context, evaluate):
     lr_note = resolve_lr(args)
     warmup_lr, min_lr = args.warmup_lr, args.min_lr
 
+    graph_blocker = cuda_graph_blocker(args, rt.device, rt.world_size)
+    if args.cuda_graphs and graph_blocker:
+        raise UsageError(f'--cuda-graphs cannot capture this run: {graph_blocker}')
+    use_graphs = args.cuda_graphs is not False and graph_blocker is None
     opt_kwargs = {}
+    if use_graphs:
+        opt_kwargs['capturable'] = True
     if args.opt.lower().endswith(('adam', 'adamw', 'lamb', 'lion', 'nadamw')):
         opt_kwargs.update(eps=args.opt_eps, betas=tuple(args.opt_betas))
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
@@ -796,6 +833,9 @@ def _train(args, rt, autocast_context, evaluate):
                              f"({ckpt['steps_per_epoch']} updates/epoch); resume with the same --batch-size")
         model.load_state_dict(ckpt['state_dict'])
         optimizer.load_state_dict(ckpt['optimizer'])
+        for group in optimizer.param_groups:  # the saving run's choice must not carry over (CPU has no capturable)
+            if 'capturable' in group:
+                group['capturable'] = use_graphs
         lr_scheduler.load_state_dict(ckpt['scheduler'])
         if model_ema is not None:
             if ckpt.get('state_dict_ema') is None:
@@ -826,12 +866,27 @@ def _train(args, rt, autocast_context, evaluate):
         train_model = torch.compile(train_model)
     params_for_clip = [p for p in model.parameters() if p.requires_grad]
 
+    def graph_update(static_images, static_targets):
+        """One whole update as the captured graph runs it (the eager loop below does the same steps)."""
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(rt.device, args.amp):
+            loss = train_loss_fn(static_images, train_model(static_images), static_targets)
+        loss.backward()
+        if args.clip_grad > 0:
+            dispatch_clip_grad(params_for_clip, args.clip_grad, mode=args.clip_mode)
+        optimizer.step()
+        return loss.detach()
+
+    graphed_update = None  # captured on the first batch, when the shapes are known
+
     n_params = sum(p.numel() for p in model.parameters())
     _logger.info(f'model {args.model}: {n_params / 1e6:.2f}M params, {num_classes} classes, input {img_size}px')
     _logger.info(f'data {data_desc}: {len(train_set)} train / {len(val_set)} val images')
     _logger.info(f'{rt.world_size} process(es) on {rt.device.type}; global batch {args.batch_size} = '
                  f'{rt.world_size} x {micro_batch} x {args.grad_accum_steps} accumulation; {steps_per_epoch} '
                  f'updates/epoch; {lr_note}; warmup {args.warmup_epochs:g} epochs; amp {args.amp}')
+    _logger.info('CUDA graphs: ' + ('on (each update replays one captured graph)' if use_graphs else
+                                    'off (--no-cuda-graphs)' if args.cuda_graphs is False else f'off ({graph_blocker})'))
     _logger.info(f'output {output_dir}')
     if rt.is_main:
         import yaml
@@ -909,48 +964,56 @@ def _train(args, rt, autocast_context, evaluate):
                 if args.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 last_micro = micro == args.grad_accum_steps - 1
-                with autocast_context(rt.device, args.amp):
-                    outputs = train_model(images)
-                    loss = train_loss_fn(images, outputs, targets)
-                    if use_mesa:
-                        with torch.no_grad():
-                            ema_out = model_ema.module(images)
-                        main_out = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-                        loss = loss + args.mesa * soft_ce(main_out, ema_out.float().softmax(dim=-1))
-                if num_updates + 1 in nan_at:
-                    loss = loss * float('nan')
-                loss_value = loss.detach()
-                if args.nan_policy == 'skip':
-                    update_skipped = update_skipped or any_rank_nonfinite(loss_value)
-                    if update_skipped:  # no backward: the update is dropped on every rank
-                        continue
+                if use_graphs:  # the whole update replays as one graph, captured on the first batch
+                    if graphed_update is None:
+                        from cuda_graphs import capture_train_step
+                        graphed_update = capture_train_step(graph_update, train_model, optimizer, images, targets,
+                                                            undo_warmup=True)
+                    loss_value = graphed_update(images, targets).clone()  # the next replay overwrites its output
                 else:
+                    with autocast_context(rt.device, args.amp):
+                        outputs = train_model(images)
+                        loss = train_loss_fn(images, outputs, targets)
+                        if use_mesa:
+                            with torch.no_grad():
+                                ema_out = model_ema.module(images)
+                            main_out = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+                            loss = loss + args.mesa * soft_ce(main_out, ema_out.float().softmax(dim=-1))
+                    if num_updates + 1 in nan_at:
+                        loss = loss * float('nan')
+                    loss_value = loss.detach()
+                    if args.nan_policy == 'skip':
+                        update_skipped = update_skipped or any_rank_nonfinite(loss_value)
+                        if update_skipped:  # no backward: the update is dropped on every rank
+                            continue
+                    loss = loss / args.grad_accum_steps
+
+                    def backward_and_step():
+                        if loss_scaler is not None:
+                            loss_scaler(loss, optimizer, clip_grad=args.clip_grad if args.clip_grad > 0 else None,
+                                        clip_mode=args.clip_mode, parameters=params_for_clip, need_update=last_micro)
+                        else:
+                            loss.backward()
+                            if last_micro:
+                                if args.clip_grad > 0:
+                                    dispatch_clip_grad(params_for_clip, args.clip_grad, mode=args.clip_mode)
+                                optimizer.step()
+
+                    if rt.distributed and not last_micro:
+                        with ddp_model.no_sync():
+                            backward_and_step()
+                    else:
+                        backward_and_step()
+                if args.nan_policy == 'stop':
                     first_bad_update = torch.where(torch.isfinite(loss_value), first_bad_update,
                                                    first_bad_update.clamp(max=num_updates + 1))
-                loss = loss / args.grad_accum_steps
-
-                def backward_and_step():
-                    if loss_scaler is not None:
-                        loss_scaler(loss, optimizer, clip_grad=args.clip_grad if args.clip_grad > 0 else None,
-                                    clip_mode=args.clip_mode, parameters=params_for_clip, need_update=last_micro)
-                    else:
-                        loss.backward()
-                        if last_micro:
-                            if args.clip_grad > 0:
-                                dispatch_clip_grad(params_for_clip, args.clip_grad, mode=args.clip_mode)
-                            optimizer.step()
-
-                if rt.distributed and not last_micro:
-                    with ddp_model.no_sync():
-                        backward_and_step()
-                else:
-                    backward_and_step()
                 loss_sum += loss_value
                 window_loss += loss_value
                 loss_count += 1
                 window_count += 1
 
-            optimizer.zero_grad(set_to_none=True)
+            if not use_graphs:  # a captured update zeroes the gradients it owns itself
+                optimizer.zero_grad(set_to_none=True)
             num_updates += 1
             if update_skipped:
                 skipped_epoch += 1

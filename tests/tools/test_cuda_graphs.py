@@ -177,3 +177,58 @@ def test_benchmark_times_replays_when_capture_succeeds(bench, monkeypatch):
                             'contiguous')
     assert built == [True, False] and row['cuda_graphs'] is False and row['train_img_s'] > 0
     assert row['status'] == 'train: eager, CUDA graph capture failed (RuntimeError: no graph)'
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+def _adamw_run(steps, seed=0, capturable=False, state=None):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(steps)]
+    return model, opt, batches
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_training_state_undoes_warm_up_steps_exactly(graphs):
+    """A run that warms up (three real updates) and restores must continue exactly like a run that never did,
+    both from a fresh optimizer (state created during the warm-up is zeroed) and from one with state (resume)."""
+    for pre_steps in (0, 2):
+        model, opt, batches = _adamw_run(5)
+        ref_model, ref_opt, _ = _adamw_run(5)
+        _train(model, opt, batches[:pre_steps])
+        _train(ref_model, ref_opt, batches[:pre_steps])
+        snapshot = graphs.TrainingState(model, opt)
+        _train(model, opt, [batches[-1]] * 3)  # the warm-up: moves weights, BN statistics and moments
+        assert not torch.equal(model[0].weight, ref_model[0].weight)
+        snapshot.restore()
+        _train(model, opt, batches[pre_steps:])
+        _train(ref_model, ref_opt, batches[pre_steps:])
+        for (name, a), b in zip(model.state_dict().items(), ref_model.state_dict().values()):
+            assert torch.equal(a, b), (pre_steps, name)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            for k in ('exp_avg', 'exp_avg_sq', 'step'):
+                assert torch.equal(opt.state[p][k], ref_opt.state[q][k]), (pre_steps, k)
+
+
+def test_learning_rate_tensors_follow_the_scheduler(graphs):
+    """While installed the groups read device tensors (what a capture bakes in); afterwards they hold the
+    scheduler's floats again, and update() copies those floats into the tensors."""
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW([{'params': [model.weight], 'lr': 0.1}, {'params': [model.bias], 'lr': 0.2}])
+    rates = graphs.LearningRateTensors(opt, torch.device('cpu'))
+    with rates.installed():
+        assert [g['lr'] for g in opt.param_groups] == rates.tensors
+    assert [g['lr'] for g in opt.param_groups] == [0.1, 0.2]
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step()
+    sched.step()
+    rates.update()
+    assert [t.item() for t in rates.tensors] == pytest.approx([0.05, 0.1])
+

@@ -23,6 +23,7 @@ def test_embedded_default_learns(digits_run):
     assert rows[-1]['train_loss'] < rows[0]['train_loss']
     assert 'final validation accuracy' in proc.stdout
     assert '[train] epoch 1/2 step 10/44' in proc.stdout and 'img/s' in proc.stdout and 'eta' in proc.stdout
+    assert 'CUDA graphs: off (the device is cpu)' in proc.stdout
     with open(os.path.join(out, 'summary.csv')) as f:
         assert f.readline().startswith('epoch,num_updates,train_loss')
         assert len(f.readlines()) == 2
@@ -155,6 +156,8 @@ def test_bad_argument_is_one_line_exit_2_subprocess():
     (['--epochs', '1'], {}, '--model is required'),
     (['--model', 'resnet18', '--epochs', 'two'], {}, "invalid int value: 'two'"),
     (['--model', 'resnet18', '--mesa', '1.0', '--no-model-ema'], {}, '--mesa needs --model-ema'),
+    (['--model', 'test_resnet', '--img-size', '16', '--device', 'cpu', '--cuda-graphs'], {},
+     '--cuda-graphs cannot capture this run: the device is cpu'),
 ])
 def test_bad_arguments_in_process(argv, env, message, capsys, monkeypatch):
     for k, v in env.items():
@@ -163,6 +166,25 @@ def test_bad_arguments_in_process(argv, env, message, capsys, monkeypatch):
     assert train.run_tool(train.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_cuda_graphs_are_used_wherever_the_run_allows():
+    """The default training run on a GPU replays captured updates; each feature that decides on the host
+    mid-update turns them off, and the reason is what the log line shows."""
+    train = load_tool('train')
+    args = train.build_parser().parse_args(['--model', 'test_resnet'])
+    cuda = torch.device('cuda')
+    assert train.cuda_graph_blocker(args, cuda, 1) is None
+    assert train.cuda_graph_blocker(args, torch.device('cpu'), 1) == 'the device is cpu'
+    for change, reason in [({}, 'distributed'), ({'compile': True}, '--compile'),
+                           ({'grad_accum_steps': 4}, '--grad-accum-steps 4'), ({'amp': 'fp16'}, '--amp fp16'),
+                           ({'nan_policy': 'skip'}, '--nan-policy skip'), ({'mesa': 1.0}, '--mesa'),
+                           ({'opt': 'lamb'}, '--opt lamb'), ({'debug_nan_at_update': [3]}, 'NaN is injected')]:
+        changed = train.build_parser().parse_args(['--model', 'test_resnet'])
+        for k, v in change.items():
+            setattr(changed, k, v)
+        blocker = train.cuda_graph_blocker(changed, cuda, 2 if not change else 1)
+        assert blocker is not None and reason in blocker, (change, blocker)
 
 
 def test_bad_config_key(tmp_path, capsys):
