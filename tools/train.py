@@ -16,6 +16,12 @@ The built-in defaults are the recipe shared by the zoo's families (Swin-style: A
 weight decay 0.05, 20 warmup epochs, cosine, RandAugment, Mixup/CutMix, random erasing, label smoothing, EMA,
 gradient clipping); the configs spell each family's recipe out with its source.
 
+On a GPU each update (forward, loss, backward, gradient clipping, optimizer step) is captured once as a CUDA graph
+and then replayed, one launch instead of thousands, which is where host-bound models gain (``--no-cuda-graphs``
+trains eagerly). A run that decides on the host in mid-update trains eagerly instead, and its ``CUDA graphs:`` log
+line says why: DDP, gradient accumulation, fp16 loss scaling, ``--nan-policy skip``, MESA, ``--compile``, or an
+optimizer other than adam/adamw.
+
 Interrupted runs: ``--resume auto`` (with the same ``--output``) continues from the newest checkpoint, epoch-end or
 mid-epoch (every ``--checkpoint-interval`` updates): model, optimizer, scheduler, EMA, AMP scaler, epoch, position
 in the epoch and random states. The data order is a function of (seed, epoch) alone, so the resumed run sees the
