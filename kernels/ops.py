@@ -7,6 +7,7 @@ with a fake implementation, so that ``torch.compile(fullgraph=True)`` traces thr
 """
 import functools
 import importlib
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -102,6 +103,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' needs the triton package and vmamba_kernels.triton; "
                          "use backend='reference' or 'auto'")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        # Triton itself would only say "0 active drivers"
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or any device under TRITON_INTERPRET=1), "
+                         f"got tensors on {device}; use backend='reference' or 'auto' there")
     return backend
 
 

@@ -125,7 +125,7 @@ def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_
     drive = F.pad(drive, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
     decay, local = _doubling_scan(log_decay.exp(), drive, int(math.log2(chunk)), dim=1)
     if isinstance(n, int) and not _is_traced():
-        chunk_steps = max(0, math.ceil(math.log2(n)))
+        chunk_steps = math.ceil(math.log2(max(n, 1)))  # no chunk (L = 0) needs no doubling
     else:
         chunk_steps = int(math.log2(MAX_TRACED_CHUNKS))
     # State at the end of each chunk, then at the start of each (the end of the one before).
@@ -210,8 +210,8 @@ def selective_scan_ref(
         _, dt = _delta(d_b, delta_bias, delta_softplus, dtype)
         states = _states_time_major(u_b, dt, A, B_b, dtype)
         ys.append(_contract_C(states, C_b, dtype))
-        if return_last_state:
-            lasts.append(states[-1])
+        if return_last_state:  # h_{-1} = 0 is the last state of an empty sequence
+            lasts.append(states[-1] if L else states.new_zeros(states.shape[1:]))
         del states
     y = ys[0] if len(ys) == 1 else torch.cat(ys, 0)
     if D is not None:
@@ -229,8 +229,7 @@ def _reduce_groups(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(Bt, Dm, N, L) summed back to B/C's shape (Bt, N, L) or (Bt, G, N, L)."""
     if like.dim() == 3:
         return t.sum(1)
-    Bt, G, N, L = like.shape
-    return t.reshape(Bt, G, -1, N, L).sum(2)
+    return t.unflatten(1, (like.shape[1], -1)).sum(2)  # not reshape(..., -1): an empty t infers nothing
 
 
 def _expand_groups(BC: torch.Tensor, Dm: int, dtype: torch.dtype) -> torch.Tensor:
@@ -290,7 +289,7 @@ def selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D=None, z=None,
         dz = (dy * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
         dy = dy * zf * sig
     g_out = (dy.unsqueeze(2) * C_full).permute(3, 0, 1, 2).contiguous()  # (L, Bt, Dm, N)
-    if dlast_state is not None:
+    if dlast_state is not None and g_out.shape[0]:  # an empty sequence's last state is the constant 0
         g_out[-1] += dlast_state.to(dtype)
     du, ddt, dA, dB = _backward_core(g_out, dt, pre, u, A, B, log_decay, states, delta_softplus, dtype)
     dC = _reduce_groups(states.permute(1, 2, 3, 0) * dy.unsqueeze(2), C)

@@ -545,9 +545,13 @@ def selective_scan_states_bwd(dstates, u, delta, A, B, delta_bias, delta_softplu
 
 
 def _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, save_chunks):
-    pb = _problem_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     Bt, H, W, K, Dm = delta.shape
     L = H * W
+    if L == 0:  # an empty grid: nothing to scan (the kernels would read a route's first step)
+        out = x.new_empty((Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm))
+        states = x.new_empty(chunk_states_shape(x, delta, A, B, C, D, delta_bias, routes), dtype=torch.float32)
+        return out, states
+    pb = _problem_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     plan = route_plan(pb.routes, pb.param_routes, L)
     if _n1_applies(pb, routes, param_routes):
         if merge == "none":
@@ -576,8 +580,10 @@ def _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softpl
 
 
 def _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, chunk_states):
-    pb = _problem_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     Bt, H, W, K, Dm = delta.shape
+    if H * W == 0:  # an empty grid: empty gradients, and the parameters' sums over no step are 0
+        return tuple(None if t is None else torch.zeros_like(t) for t in (x, delta, A, B, C, D, delta_bias))
+    pb = _problem_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     L, N = H * W, pb.N
     plan = route_plan(pb.routes, pb.param_routes, L)
     if chunk_states is None:
@@ -612,7 +618,7 @@ def _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_
 
     def place(g, like):
         full = torch.zeros(Bt, L * K, N, device=x.device, dtype=torch.float32)
-        full.scatter_add_(1, target, g.reshape(Bt, -1, N))
+        full.scatter_add_(1, target, g.flatten(1, 2))  # (Bt, K·Lr, N), whatever Bt (reshape's -1 fails on 0)
         return full.reshape(like.shape).to(like.dtype)
 
     return (dx.to(x.dtype), ddelta, dA.reshape(A.shape).to(A.dtype), place(dB, B), place(dC, C),

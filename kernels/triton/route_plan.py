@@ -107,6 +107,8 @@ def _route_info(routes: torch.Tensor, first_visit: torch.Tensor) -> torch.Tensor
     """Per route: the affine walk that reproduces it, if one does, and its first-visit mode (device ops
     only, no host sync)."""
     K, Lr = routes.shape
+    if Lr == 0:  # routes of an empty grid take no step: nothing to describe
+        return torch.zeros(K, scan_n1.ROUTE_INFO_COLS.value, dtype=torch.int32, device=routes.device)
     r = routes.to(torch.int64)
     t = torch.arange(Lr, device=r.device)
     base = r[:, 0]

@@ -69,14 +69,25 @@ def test_pretrained_cfg(name):
 
 
 @pytest.mark.parametrize("name", EXPECTED_MODELS)
-def test_forward_params_and_flops_match_the_paper(name):
+def test_forward_params_and_flops_match_the_paper_and_an_empty_batch_gives_empty_outputs(name):
     paper = PAPER[name]
     model = _create(name).eval()
     size = timm.get_pretrained_cfg(name).input_size
     x = torch.randn(1, *size)
     with torch.no_grad():
         logits = model(x)
+        features = model.forward_features(x)
+        final, intermediates = model.forward_intermediates(x)
     assert logits.shape == (1, model.num_classes) and torch.isfinite(logits).all()
+    # Batch 0 (checked here, where each registered model is built anyway): every output is the batch-1 one's
+    # shape with 0 images.
+    with torch.no_grad():
+        empty = torch.empty(0, *size)
+        assert model(empty).shape == (0, model.num_classes)
+        assert model.forward_features(empty).shape == (0, *features.shape[1:])
+        empty_final, empty_intermediates = model.forward_intermediates(empty)
+    assert empty_final.shape == (0, *final.shape[1:])
+    assert [t.shape for t in empty_intermediates] == [(0, *t.shape[1:]) for t in intermediates]
 
     params = sum(p.numel() for p in model.parameters())
     if paper.get("params_exclude_head"):

@@ -177,6 +177,53 @@ def test_checkpoint_filter_official_tiny_layout():
     assert torch.equal(w, ema['layers.0.blocks.0.op.in_proj.weight'])
 
 
+def _module_layout(flat, bias_in_module):
+    """The current official SS2D's keys for a released (stacked) state dict: x_proj and dt_projs are grouped
+    Linear modules whose weights are the stacked ones flattened over the routes (the official
+    _load_from_state_dict views one as the other); dt_projs_bias stays a parameter, or a module bias."""
+    out = {}
+    for k, v in flat.items():
+        if k.endswith('.op.x_proj_weight'):  # (K, R + 2N, C) → (K·(R + 2N), C)
+            out[k.replace('x_proj_weight', 'x_proj.weight')] = v.reshape(-1, v.shape[-1])
+        elif k.endswith('.op.dt_projs_weight'):  # (K, C, R) → (K·C, R)
+            out[k.replace('dt_projs_weight', 'dt_projs.weight')] = v.reshape(-1, v.shape[-1])
+        elif k.endswith('.op.dt_projs_bias') and bias_in_module:  # (K, C) → (K·C,)
+            out[k.replace('dt_projs_bias', 'dt_projs.bias')] = v.reshape(-1)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize('bias_in_module', [False, True])
+def test_checkpoint_filter_reads_both_official_ss2d_layouts(bias_in_module):
+    flat = _official_state_dict('vmamba_tiny_s1l8', 2)
+    modules = _module_layout(flat, bias_in_module)
+    assert 'layers.0.blocks.0.op.x_proj.weight' in modules and 'layers.0.blocks.0.op.x_proj_weight' not in modules
+    x = torch.randn(2, 3, 64, 64)
+    loaded = []
+    for layout in (flat, modules):
+        model = vm.vmamba_tiny_s1l8().eval()
+        model.load_state_dict(vm.checkpoint_filter_fn({'model': layout}, model), strict=True)
+        with torch.no_grad():
+            loaded.append((model.state_dict(), model(x)))
+    (from_flat, logits_flat), (from_modules, logits_modules) = loaded
+    assert from_flat.keys() == from_modules.keys()
+    for k in from_flat:
+        assert torch.equal(from_flat[k], from_modules[k]), k
+    assert torch.equal(from_flat['stages.2.blocks.7.mixer.dt_projs_weight'],
+                       flat['layers.2.blocks.7.op.dt_projs_weight'])
+    assert torch.equal(logits_flat, logits_modules)
+
+
+def test_checkpoint_filter_refuses_an_x_proj_bias_it_cannot_hold():
+    """The official x_proj may carry a bias; this SS2D has none, so strict loading must say so, not drop it."""
+    model = vm.vmamba_tiny_s1l8()
+    modules = _module_layout(_official_state_dict('vmamba_tiny_s1l8', 3), False)
+    modules['layers.0.blocks.0.op.x_proj.bias'] = torch.randn(32)
+    with pytest.raises(RuntimeError, match=r'Unexpected key.*stages\.0\.blocks\.0\.mixer\.x_proj\.bias'):
+        model.load_state_dict(vm.checkpoint_filter_fn({'model': modules}, model), strict=True)
+
+
 def test_checkpoint_filter_detection_backbone_drops_outnorms():
     model = vm.vmamba_tiny_s1l8(num_classes=0)
     sd = {k: v for k, v in _official_state_dict('vmamba_tiny_s1l8', 1).items() if not k.startswith('classifier.head')}

@@ -4,6 +4,7 @@ from .routes import device_routes
 from .route_scan import RouteScanParams, dt_projection_init, per_route_linear
 from .stages import ChannelsLastStagesMixin
 from .init import init_linear_and_norm
+from .input_size import check_images
 
-__all__ = ["ChannelsLastStagesMixin", "RouteScanParams", "StateFusion", "device_routes", "dt_projection_init",
-           "init_linear_and_norm", "merge_dilated_kernels", "per_route_linear"]
+__all__ = ["ChannelsLastStagesMixin", "RouteScanParams", "StateFusion", "check_images", "device_routes",
+           "dt_projection_init", "init_linear_and_norm", "merge_dilated_kernels", "per_route_linear"]

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 from timm.models._features import feature_take_indices
 
+from .input_size import check_images
+
 __all__ = ["ChannelsLastStagesMixin"]
 
 
@@ -58,7 +60,7 @@ class ChannelsLastStagesMixin:
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
 
         intermediates = []
-        x = self.stem(x)
+        x = self.stem(check_images(self, x))
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
             if feat_idx in take_indices:

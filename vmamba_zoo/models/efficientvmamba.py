@@ -36,6 +36,7 @@ from vmamba_kernels import selective_scan_2d
 
 from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
+from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import LowPrecisionLayerNorm, fewer_launches, route_projections
 from ..layers.routes import device_routes
@@ -395,7 +396,7 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
             if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(check_images(self, x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x)
         else:

@@ -32,6 +32,7 @@ from vmamba_kernels import selective_scan_2d
 
 from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
+from ..layers.input_size import check_images
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
 
@@ -485,7 +486,7 @@ class GroupMamba(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
 
-        x = self.stem(x)
+        x = self.stem(check_images(self, x))
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
@@ -516,7 +517,7 @@ class GroupMamba(nn.Module):
 
     def forward_features(self, x):
         """(B, C, H, W) images → (B, H/32, W/32, C) last-stage map (channels-last)."""
-        x = self.stem(x)
+        x = self.stem(check_images(self, x))
         return self.stages(x)
 
     def forward_head(self, x, pre_logits: bool = False):

@@ -28,7 +28,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
@@ -41,6 +40,7 @@ from vmamba_kernels import selective_scan, selective_scan_2d
 
 from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
+from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import RouteScanParams
 from ..layers.routes import device_routes
@@ -82,9 +82,9 @@ class SelectiveTokenMixer(RouteScanParams):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-        Bt, H, W, Di = x.shape
-        x_dbl = F.linear(x, self.x_proj_weight.reshape(-1, Di)).view(Bt, H, W, self.num_routes, -1)
-        delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
+        H, W = x.shape[1:3]
+        delta, Bs, Cs = self.project(x)
+        A, D, delta_bias = self.scan_params()
         y = selective_scan_2d(
             x, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True,
             routes=device_routes('cross', H, W, x.device), merge='sum',
@@ -163,7 +163,7 @@ class SelectiveChannelMixer(RouteScanParams):
         shape = x.shape[:-1]
         seq, gate = self.in_proj(x).reshape(-1, 2 * self.width).chunk(2, dim=-1)
         y = self.scan(seq) * self.act(gate)
-        return self.out_proj(y).view(*shape, -1)
+        return self.out_proj(y).unflatten(0, shape)
 
 
 class MixerLayer(nn.Module):
@@ -418,7 +418,7 @@ class MambaMixer(ChannelsLastStagesMixin, nn.Module):
             if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.stem(x)))
+        return self.norm(self.stages(self.stem(check_images(self, x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':

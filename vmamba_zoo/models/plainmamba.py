@@ -33,6 +33,7 @@ from vmamba_kernels.reference import exporting
 
 from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
+from ..layers.input_size import check_images
 
 # shape-dependent steps stay opaque to torch.fx (timm's feature extraction by graph)
 register_notrace_function(selective_scan_2d)
@@ -312,7 +313,7 @@ class PlainMamba(nn.Module):
         self.head.reset(num_classes, pool_type=global_pool)
 
     def _embed(self, x: torch.Tensor):
-        x = self.pos_drop(add_pos_embed(self.patch_embed(x), self.pos_embed, self.grid_size))
+        x = self.pos_drop(add_pos_embed(self.patch_embed(check_images(self, x)), self.pos_embed, self.grid_size))
         return x, routes_for(x, self.grid_size, self.routes, self.param_routes, self.route_directions)
 
     def _run_layer(self, layer: nn.Module, x: torch.Tensor, routes) -> torch.Tensor:

@@ -25,6 +25,7 @@ from vmamba_kernels import selective_scan_states
 
 from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
+from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.state_fusion import FUSION_IMPLS, StateFusion
 
@@ -380,7 +381,7 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
         return take_indices
 
     def forward_features(self, x):
-        x = self.stem(x)
+        x = self.stem(check_images(self, x))
         x = self.stages(x)
         return self.norm(x)
 

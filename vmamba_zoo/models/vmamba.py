@@ -28,6 +28,7 @@ from vmamba_kernels import selective_scan_2d
 
 from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
+from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import LowPrecisionLayerNorm, RouteScanParams, per_route_linear
 from ..layers.routes import device_routes
@@ -143,7 +144,8 @@ class MultiHeadScan(RouteScanParams):
         Bt, H, W, _ = x.shape
         n, S = self.num_heads, self.head_dim
         xh = self.x_ssproj(x).view(Bt, H, W, n, S)
-        x_dbl = per_route_linear(xh, self.x_proj_weight.view(n, -1, S)).reshape(Bt, H, W, 4 * n, -1)
+        # unflatten, not view(..., -1): an empty batch leaves -1 nothing to infer from
+        x_dbl = per_route_linear(xh, self.x_proj_weight.view(n, -1, S)).unflatten(-1, (4, -1)).flatten(-3, -2)
         delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
         # route k belongs to head k // 4 and reads that head's channels
         xs = xh.unsqueeze(4).expand(Bt, H, W, n, 4, S).reshape(Bt, H, W, 4 * n, S)
@@ -292,7 +294,7 @@ class VMamba(ChannelsLastStagesMixin, nn.Module):
         self.head.reset(num_classes, pool_type=global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(check_images(self, x))
         x = self.stages(x)
         return self.norm(x)
 
@@ -325,12 +327,28 @@ def _official_to_ours(key: str) -> Optional[str]:
     return None
 
 
+# The current official SS2D keeps x_proj and dt_projs as (grouped) Linear modules, where the released checkpoints
+# have stacked parameters; the official code loads both, viewing one as the other (its _load_from_state_dict).
+_SCAN_MODULE_KEYS = {'x_proj.weight': 'x_proj_weight', 'x_proj.bias': 'x_proj_bias',
+                     'dt_projs.weight': 'dt_projs_weight', 'dt_projs.bias': 'dt_projs_bias'}
+
+
+def _stacked_scan_key(key: str) -> str:
+    """``...x_proj.weight`` (K·(R + 2N), C) and the other module keys → the stacked names we store."""
+    for module_key, stacked in _SCAN_MODULE_KEYS.items():
+        if key.endswith('.' + module_key):
+            return key[:-len(module_key)] + stacked
+    return key
+
+
 def checkpoint_filter_fn(state_dict: dict, model: VMamba) -> dict:
     """Official VMamba checkpoint (``{'model': ..., 'model_ema': ...}``, or a bare / mm ``state_dict``) → ours.
 
     Prefers the ``model`` weights, then ``model_ema``. Strips ``module.`` / ``backbone.``, renames keys,
-    drops keys we do not have (``outnorm{i}`` of the detection backbone), and reshapes 1x1-conv-shaped
-    Linear2d weights to Linear.
+    drops keys we do not have (``outnorm{i}`` of the detection backbone), reshapes 1x1-conv-shaped
+    Linear2d weights to Linear, and reads both official SS2D layouts: stacked ``x_proj_weight`` /
+    ``dt_projs_weight`` / ``dt_projs_bias`` parameters, or ``x_proj`` / ``dt_projs`` modules (same values,
+    flattened over the routes).
     """
     for wrapper in ('model', 'model_ema', 'state_dict'):
         if isinstance(state_dict.get(wrapper), dict):
@@ -346,6 +364,9 @@ def checkpoint_filter_fn(state_dict: dict, model: VMamba) -> dict:
             k = _official_to_ours(k)
             if k is None:
                 continue
+        stacked = _stacked_scan_key(k)
+        if stacked != k and stacked in ours and v.numel() == ours[stacked].numel():
+            k, v = stacked, v.reshape(ours[stacked].shape)
         if k in ours and v.ndim == 4 and ours[k].ndim == 2:
             v = v.flatten(1)
         out[k] = v
