@@ -141,7 +141,9 @@ def check_pretrained_source(model_name: str, pretrained: bool, kwargs: Dict[str,
 
     ``kwargs``: the model's keyword arguments (``pretrained_cfg_overlay=dict(file=...)`` or ``pretrained_cfg``);
     ``default_cfg``: the model's pretrained cfg as a dict (``url``, ``hf_hub_id``, ``notes``).
-    A local file that does not exist raises FileNotFoundError naming the path (timm would raise an empty one); a cfg
+    A local file that does not exist raises FileNotFoundError naming the path (timm would raise an empty one); one
+    that exists is read here with :func:`read_checkpoint` (no code runs from it; :data:`EMA_KEYS` preferred) and
+    its weights replace it in ``kwargs['pretrained_cfg_overlay']``, so timm loads them through the family's filter. A cfg
     with nothing downloadable and no file given raises ValueError naming where to get the weights (``notes``)
     instead of silently keeping random weights.
     """
@@ -158,6 +160,14 @@ def check_pretrained_source(model_name: str, pretrained: bool, kwargs: Dict[str,
     if file is not None:
         if not os.path.isfile(file):
             raise FileNotFoundError(f'{model_name}: pretrained file not found: {file}')
+        # timm would read the file itself (plain torch.load, its own two EMA keys): read it here instead, with the
+        # project's one reader, and hand timm the weights (its highest-priority source). Like timm, EMA weights are
+        # preferred where the file has them; the family's checkpoint_filter_fn still maps official layouts.
+        checkpoint = read_checkpoint(file)
+        use_ema = isinstance(checkpoint, dict) and ema_weights(checkpoint) is not None
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+        overlay['state_dict'] = select_state_dict(checkpoint, use_ema=use_ema)
+        kwargs['pretrained_cfg_overlay'] = overlay
         return
     merged = {**(default_cfg or {}), **sources}
     if not (merged.get('url') or merged.get('hf_hub_id')):

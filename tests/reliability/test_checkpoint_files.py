@@ -22,6 +22,13 @@ class RunsCode:
         return os.system, (f'touch {self.marker}',)
 
 
+def _timm_pretrained(path, name='efficientvmamba_tiny'):
+    import timm
+
+    import vmamba_zoo  # noqa: F401  (registers the models)
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
 def _readers():
     """Every way the project reads a checkpoint file: name -> callable(path)."""
     checkpoint_io = load_tool('checkpoint_io')
@@ -32,6 +39,7 @@ def _readers():
         'tools.checkpoint_io.load_into_model': lambda p: checkpoint_io.load_into_model(torch.nn.Linear(2, 2), p),
         'train --resume FILE': lambda p: train.find_resume_checkpoint(str(p), os.path.dirname(p)),
         'train --resume auto': lambda p: train.find_resume_checkpoint('auto', os.path.dirname(p)),
+        'timm.create_model(pretrained=True, file=...)': lambda p: _timm_pretrained(p),
     }
     try:
         from mmengine.runner.checkpoint import CheckpointLoader
@@ -216,3 +224,20 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoints(tmp_path, 
             assert (tmp_path / name).read_bytes() == data, name
     leftovers = set(os.listdir(tmp_path)) - set(before)
     assert not leftovers, f'partial files left behind: {leftovers}'
+
+
+@pytest.mark.parametrize('ema_key', ckpt.EMA_KEYS)
+def test_timm_pretrained_file_prefers_ema_weights_under_every_ema_key(tmp_path, ema_key):
+    """timm's own reader knows two EMA keys; a zoo model's ``pretrained=True`` file goes through the project's
+    reader and takes the EMA weights under any of :data:`EMA_KEYS`, as the tools and mm do."""
+    import timm
+
+    import vmamba_zoo  # noqa: F401
+    base = timm.create_model('efficientvmamba_tiny').state_dict()
+    path = tmp_path / 'weights.pth'
+    torch.save({'model': {k: v + 1 for k, v in base.items()}, ema_key: {k: v + 2 for k, v in base.items()},
+                'args': RunsCode(tmp_path / 'code_ran')}, path)
+    loaded = _timm_pretrained(path).state_dict()
+    assert not (tmp_path / 'code_ran').exists()
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    assert floats and all(torch.equal(loaded[k], base[k] + 2) for k in floats), ema_key
