@@ -1,9 +1,11 @@
 """Reusable blocks of the zoo: family-agnostic, built on vmamba_kernels."""
 from .state_fusion import StateFusion, merge_dilated_kernels
 from .routes import device_routes
-from .route_scan import RouteScanParams, dt_projection_init, per_route_linear
+from .route_scan import RouteScanParams, per_route_linear
+from .scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_
 from .stages import ChannelsLastStagesMixin
 from .init import init_linear_and_norm
 
-__all__ = ["ChannelsLastStagesMixin", "RouteScanParams", "StateFusion", "device_routes", "dt_projection_init",
-           "init_linear_and_norm", "merge_dilated_kernels", "per_route_linear"]
+__all__ = ["ChannelsLastStagesMixin", "RouteScanParams", "StateFusion", "at_least_fp32", "device_routes",
+           "init_A_log_and_D_", "init_dt_projection_", "init_linear_and_norm", "merge_dilated_kernels",
+           "per_route_linear"]

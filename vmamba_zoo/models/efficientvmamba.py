@@ -39,17 +39,13 @@ from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import LowPrecisionLayerNorm, fewer_launches, route_projections
 from ..layers.routes import device_routes
+from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_
 
 __all__ = ['EfficientVMamba']
 
 # Sub-grid (h parity, w parity) that atrous route k visits: [(0, 0) row-major, (1, 0) column-major,
 # (0, 1) row-major, (1, 1) column-major], the order of ``scan_routes("atrous", H, W, step=2)``.
 ATROUS_PARITIES = ((0, 0), (1, 0), (0, 1), (1, 1))
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """SSM parameters enter the scan in fp32 (fp64 stays fp64), as upstream keeps A, D and dt bias in fp32."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 @register_notrace_module  # routes depend on the runtime map size
@@ -109,21 +105,10 @@ class EfficientScan2d(nn.Module):
     def reset_parameters(self):
         """Mamba's initialization, as upstream: x_proj like nn.Linear, dt_proj uniform ±R^-0.5 with a bias that
         puts softplus(bias) log-uniformly in [dt_min, dt_max], S4D-real A, D = 1."""
-        K, Di, N = self.num_routes, self.d_inner, self.d_state
-        bound = 1. / math.sqrt(Di)
+        bound = 1. / math.sqrt(self.d_inner)
         self.x_proj_weight.uniform_(-bound, bound)
-        self.dt_projs_weight.uniform_(-self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        dt = torch.exp(
-            torch.rand(K, Di, device=self.dt_projs_bias.device) * (math.log(self.dt_max) - math.log(self.dt_min))
-            + math.log(self.dt_min)
-        ).clamp(min=self.dt_init_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        A = torch.arange(1, N + 1, dtype=torch.float32, device=self.A_logs.device)
-        self.A_logs.copy_(torch.log(A).expand(K * Di, N))
-        self.Ds.fill_(1.)
-
-    def routes(self, H: int, W: int, device: torch.device) -> torch.Tensor:
-        return device_routes('atrous', H, W, device, step=2)
+        init_dt_projection_(self.dt_projs_weight, self.dt_projs_bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_A_log_and_D_(self.A_logs, self.Ds)
 
     def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per pixel dt (B, H, W, Di), B and C (B, H, W, N) with the weights of the route owning the pixel."""
@@ -155,11 +140,11 @@ class EfficientScan2d(nn.Module):
             # scattered back (the step is bound by launches); route k reads only its own pixels' values.
             delta, B, C = route_projections(x, self.x_proj_weight, self.dt_projs_weight, self.route_eye)
         y = selective_scan_2d(
-            x, delta, -torch.exp(_at_least_fp32(self.A_logs)).view(K, Di, N), B, C,
-            D=_at_least_fp32(self.Ds).view(K, Di),
-            delta_bias=_at_least_fp32(self.dt_projs_bias),
+            x, delta, -torch.exp(at_least_fp32(self.A_logs)).view(K, Di, N), B, C,
+            D=at_least_fp32(self.Ds).view(K, Di),
+            delta_bias=at_least_fp32(self.dt_projs_bias),
             delta_softplus=True,
-            routes=self.routes(H, W, x.device),
+            routes=device_routes('atrous', H, W, x.device, step=2),
             merge='sum',
         )
         y = self.out_norm(y).to(z.dtype) * z

@@ -34,19 +34,11 @@ from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
+from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_
 
 __all__ = ['GroupMamba']
 
 NUM_GROUPS = 4  # one scan route per channel group: row-major, column-major, both reversed
-def cross_routes(H: int, W: int, device: torch.device) -> torch.Tensor:
-    """``scan_routes('cross', H, W)`` on ``device``: route k is group k's scan order."""
-    return device_routes('cross', H, W, device)
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def block_diagonal(weight: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
     """(K, O, I) weights → the (K·O, K·I) block-diagonal matrix with ``weight[k]`` as block k.
 
@@ -133,15 +125,12 @@ class GroupedSingleScan2d(nn.Module):
         self.act = nn.SiLU()
         self.x_proj = GroupedLinear(d_inner, dt_rank + 2 * d_state, groups)
         # dt_proj's bias is the scan's delta_bias (added inside the scan before the softplus)
-        dt_std = dt_rank ** -0.5
-        self.dt_proj_weight = nn.Parameter(torch.empty(groups, d_inner, dt_rank).uniform_(-dt_std, dt_std))
-        dt = torch.exp(
-            torch.rand(groups, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        ).clamp(min=dt_init_floor)
-        self.dt_proj_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log = nn.Parameter(
-            torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(groups, d_inner, 1))
-        self.D = nn.Parameter(torch.ones(groups, d_inner))
+        self.dt_proj_weight = nn.Parameter(torch.empty(groups, d_inner, dt_rank))
+        self.dt_proj_bias = nn.Parameter(torch.empty(groups, d_inner))
+        init_dt_projection_(self.dt_proj_weight, self.dt_proj_bias, dt_min, dt_max, dt_init_floor)
+        self.A_log = nn.Parameter(torch.empty(groups, d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(groups, d_inner))
+        init_A_log_and_D_(self.A_log, self.D)
         self.register_buffer('eye', torch.eye(groups), persistent=False)
         self.out_norm = GroupedLayerNorm(d_inner, groups)
         self.out_proj = GroupedLinear(d_inner, d_model, groups)
@@ -159,13 +148,13 @@ class GroupedSingleScan2d(nn.Module):
 
         x_dbl = self.x_proj(x)
         # the official scan runs in fp32 (force_fp32) and normalizes its fp32 output
-        f32 = _at_least_fp32
+        f32 = at_least_fp32
         dt = self._dt_proj(x_dbl)
         b, c = f32(x_dbl[..., self.dt_rank:]).split(self.d_state, dim=-1)
         y = selective_scan_2d(
             f32(x), f32(dt), -torch.exp(f32(self.A_log)), b, c, f32(self.D),
-            delta_bias=f32(self.dt_proj_bias), delta_softplus=True, routes=cross_routes(H, W, x.device),
-            merge='none',
+            delta_bias=f32(self.dt_proj_bias), delta_softplus=True,
+            routes=device_routes('cross', H, W, x.device), merge='none',  # route k is group k's scan order
         )
         y = self.out_norm(y).to(z.dtype) * z
         return self.out_proj(y)

@@ -26,6 +26,7 @@ from vmamba_kernels import selective_scan_states
 from ..checkpoint import check_pretrained_source
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
+from ..layers.scan_params import init_A_log_and_D_, init_dt_projection_
 from ..layers.state_fusion import FUSION_IMPLS, StateFusion
 
 __all__ = ["SpatialMamba", "StructureAwareSSM", "SpatialMambaBlock", "MIXER_LAYOUTS", "FUSION_IMPLS"]
@@ -147,13 +148,8 @@ class StructureAwareSSM(nn.Module):
     def reset_ssm_parameters(self):
         """Mamba's init for x_proj, dt_proj (softplus(bias) log-uniform in [dt_min, dt_max]), A (S4D real), D."""
         self.x_proj.reset_parameters()
-        std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min))
-                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_log))
-        self.D.fill_(1.)
+        init_dt_projection_(self.dt_proj.weight, self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_A_log_and_D_(self.A_log, self.D)
 
     def forward(self, x):
         layout = self.layout if self.layout != "auto" else ("channels_first" if self.training else "channels_last")

@@ -35,11 +35,6 @@ from ..layers.routes import device_routes
 __all__ = ['VMamba', 'SS2D', 'MultiHeadScan', 'ScanRouteAttention']
 
 
-def _routes(name: str, H: int, W: int, device: torch.device, patterns: Optional[Tuple[str, ...]] = None):
-    return device_routes(name, H, W, device) if patterns is None else \
-        device_routes(name, H, W, device, patterns=patterns)
-
-
 @register_notrace_module
 class SS2D(RouteScanParams):
     """VMamba's SS2D, forward_type ``v05_noz`` (no z gate), channels-last (B, H, W, C).
@@ -78,7 +73,7 @@ class SS2D(RouteScanParams):
         A, D, delta_bias = self.scan_params()
         y = selective_scan_2d(
             x, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True,
-            routes=_routes('cross', H, W, x.device), merge='sum',
+            routes=device_routes('cross', H, W, x.device), merge='sum',
         )
         return self.out_proj(self.out_norm(y))
 
@@ -147,7 +142,7 @@ class MultiHeadScan(RouteScanParams):
         delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
         # route k belongs to head k // 4 and reads that head's channels
         xs = xh.unsqueeze(4).expand(Bt, H, W, n, 4, S).reshape(Bt, H, W, 4 * n, S)
-        routes = _routes('multihead', H, W, x.device, patterns=self.patterns)
+        routes = device_routes('multihead', H, W, x.device, patterns=self.patterns)
         ys = selective_scan_2d(xs, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True, routes=routes, merge='none')
         y = self.gfu(ys.view(Bt, H, W, n, 4, S)).reshape(Bt, H, W, n * S)
         return self.out_norm(self.y_proj(self.cat_norm(y)))
