@@ -35,6 +35,7 @@ from timm.models._features_fx import register_notrace_module
 from vmamba_kernels import selective_scan_2d
 
 from ..checkpoint import check_pretrained_source
+from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import LowPrecisionLayerNorm, fewer_launches, route_projections
@@ -282,7 +283,7 @@ class EfficientVMambaStage(nn.Module):
         return x
 
 
-class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
+class EfficientVMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """EfficientVMamba: EVSS stages (atrous selective scan + conv branch) then inverted-residual stages."""
 
     def __init__(
@@ -312,8 +313,7 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
             dims = [dims * 2 ** i for i in range(num_stages)]
         if len(dims) != num_stages or len(block_types) != num_stages:
             raise ValueError(f'dims {dims}, depths {depths} and block_types {block_types} must have one entry per stage')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.drop_rate = drop_rate
@@ -339,8 +339,7 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
 
         self.norm = norm_layer(self.num_features, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head = channels_last_head(self.num_features, num_classes, global_pool, drop_rate, **dd)
 
         self.apply(init_linear_and_norm)
 
@@ -365,20 +364,6 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
         self.grad_checkpointing = enable
         super().set_grad_checkpointing(enable)
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        device, dtype = self.stem.conv.weight.device, self.stem.conv.weight.dtype
-        self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) \
-            if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -386,12 +371,6 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
         else:
             x = self.stages(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -445,13 +424,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EfficientVM
             if not k.startswith('backbone.'):
                 continue
             k = k[len('backbone.'):]
-        if k.startswith(('stem.', 'stages.')) or k in ('norm.weight', 'norm.bias', 'head.weight', 'head.bias'):
+        if k.startswith(('stem.', 'stages.', 'norm.', 'head.')):
             out[k] = v  # already ours
             continue
         k = _official_to_ours(k)
         if k is not None:
             out[k] = v
-    return out
+    return linear_head_keys_to_fc(out)
 
 
 def _cfg(url: str = '', **kwargs):
@@ -460,7 +439,7 @@ def _cfg(url: str = '', **kwargs):
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv', 'classifier': 'head',
+        'first_conv': 'stem.conv', 'classifier': 'head.fc',
         'license': 'apache-2.0',
         'paper_ids': 'arXiv:2403.09977',
         'paper_name': 'EfficientVMamba: Atrous Selective Scan for Light Weight Visual Mamba',

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -32,6 +32,7 @@ from vmamba_kernels import selective_scan_2d
 from vmamba_kernels.reference import exporting
 
 from ..checkpoint import check_pretrained_source
+from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.routes import device_routes
 from ..layers.scan_params import init_A_log_and_D_
@@ -218,7 +219,7 @@ class PlainMambaLayer(nn.Module):
         return x
 
 
-class PlainMamba(nn.Module):
+class PlainMamba(ClassifierHeadMixin, nn.Module):
     """PlainMamba classifier: conv patch embed (stride 16) + position embedding, a stack of
     ``PlainMambaLayer``, final LayerNorm, token mean, linear head. Channels-last throughout."""
 
@@ -242,8 +243,7 @@ class PlainMamba(nn.Module):
             norm_eps: float = 1e-6,
     ):
         super().__init__()
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -266,8 +266,7 @@ class PlainMamba(nn.Module):
         ])
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'layers.{i}') for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt='NHWC')
+        self.head = channels_last_head(embed_dim, num_classes, global_pool, drop_rate)
 
         # the official training init (mmcls init_cfg): every Linear, dt_proj included, is
         # trunc_normal(.02) with zero bias; LayerNorm is (1, 0); convs keep PyTorch's default
@@ -289,16 +288,6 @@ class PlainMamba(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable=True):
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
 
     def _embed(self, x: torch.Tensor):
         x = self.pos_drop(add_pos_embed(self.patch_embed(x), self.pos_embed, self.grid_size))
@@ -367,9 +356,6 @@ class PlainMamba(nn.Module):
         for layer in self.layers:
             x = self._run_layer(layer, x, routes)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

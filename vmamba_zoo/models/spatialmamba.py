@@ -24,6 +24,7 @@ from timm.models._features import feature_take_indices
 from vmamba_kernels import selective_scan_states
 
 from ..checkpoint import check_pretrained_source
+from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.scan_params import init_A_log_and_D_, init_dt_projection_
@@ -264,7 +265,7 @@ class SpatialMambaStage(nn.Module):
         return x
 
 
-class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
+class SpatialMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """Spatial-Mamba, channels-last; `forward_features` returns normalized (B, H, W, C) tokens.
 
     `fusion_merge_at_eval=True` runs each state fusion in eval mode as one merged 11×11 depthwise conv, as the
@@ -276,6 +277,7 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
     `StructureAwareSSM`); the defaults ("auto") take the measured faster one for eval and for training, the others
     are for comparisons (`tools/bench_layers.py`). Neither changes the state dict.
     """
+    global_pools = ("avg", "max", "")
 
     def __init__(
             self,
@@ -299,8 +301,7 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
         super().__init__()
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-        if global_pool not in ("avg", "max", ""):
-            raise ValueError(f"global_pool must be 'avg', 'max' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         if isinstance(dims, int):
             dims = tuple(dims * 2 ** i for i in range(len(depths)))
         self.num_classes = num_classes
@@ -323,8 +324,7 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"stages.{i}"))
             prev_dim = dims[i]
         self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = channels_last_head(self.num_features, num_classes, global_pool, drop_rate)
 
         self.apply(init_linear_and_norm)
         for m in self.modules():
@@ -347,18 +347,6 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", "max", ""):
-                raise ValueError(f"global_pool must be 'avg', 'max' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def prune_intermediate_layers(
             self,
             indices: Union[int, List[int]] = 1,
@@ -379,14 +367,6 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
         x = self.stem(x)
         x = self.stages(x)
         return self.norm(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        elif self.global_pool == "max":
-            x = x.amax(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
@@ -417,7 +397,7 @@ def checkpoint_filter_fn(state_dict, model):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     if "stem.conv1.conv.weight" in state_dict:
-        return state_dict
+        return linear_head_keys_to_fc(state_dict)
 
     import re
     out, fusion = {}, {}
@@ -438,7 +418,7 @@ def checkpoint_filter_fn(state_dict, model):
         out[k] = v
     for prefix, kernels in fusion.items():
         out[prefix + "weight"] = torch.stack([kernels[name] for name in _FUSION_KERNELS])
-    return out
+    return linear_head_keys_to_fc(out)
 
 
 def _cfg(url="", drive_page="", **kwargs):
@@ -447,7 +427,7 @@ def _cfg(url="", drive_page="", **kwargs):
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.875, "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1.conv", "classifier": "head",
+        "first_conv": "stem.conv1.conv", "classifier": "head.fc",
         "license": "apache-2.0",
         "paper_ids": "arXiv:2410.15091",
         "paper_name": "Spatial-Mamba: Effective Visual State Space Models via Structure-Aware State Fusion",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp
+from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models import register_notrace_module
 from timm.models.mambaout import Downsample, Stem
@@ -27,6 +27,7 @@ from timm.models.mambaout import Downsample, Stem
 from vmamba_kernels import selective_scan_2d
 
 from ..checkpoint import check_pretrained_source
+from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import LowPrecisionLayerNorm, RouteScanParams, per_route_linear
@@ -203,7 +204,7 @@ class VMambaStage(nn.Module):
         return x
 
 
-class VMamba(ChannelsLastStagesMixin, nn.Module):
+class VMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """VMamba v2 (VSSM with patchembed v2, downsample v3, LayerNorm), channels-last internally.
 
     Args:
@@ -235,7 +236,9 @@ class VMamba(ChannelsLastStagesMixin, nn.Module):
     ):
         super().__init__()
         norm_layer = nn.LayerNorm  # eps 1e-5 as the official LayerNorm2d
+        self.check_global_pool(global_pool)
         self.num_classes = num_classes
+        self.global_pool = global_pool
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.output_fmt = 'NHWC'
@@ -258,7 +261,7 @@ class VMamba(ChannelsLastStagesMixin, nn.Module):
 
         self.num_features = self.head_hidden_size = dims[-1]
         self.norm = norm_layer(dims[-1])
-        self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC')
+        self.head = channels_last_head(dims[-1], num_classes, global_pool, drop_rate)
         # as the official VSSM: trunc-normal Linear weights, zero biases, unit LayerNorms (convs keep torch's)
         self.apply(init_linear_and_norm)
 
@@ -278,21 +281,10 @@ class VMamba(ChannelsLastStagesMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.stages(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
