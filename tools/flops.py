@@ -29,11 +29,9 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from cli_common import (  # noqa: E402
+from toolkit.cli import (
     ToolArgumentParser, UsageError, create_model, git_commit, import_zoo, parse_csv_list, require_model, run_tool,
     zoo_families, zoo_model_names,
 )
