@@ -35,6 +35,7 @@ from ..layers.init import init_linear_and_norm
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
 from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_
+from ..layers.stages import ChannelsLastStagesMixin
 
 __all__ = ['GroupMamba']
 
@@ -328,7 +329,7 @@ class GroupMambaStage(nn.Module):
         return self.norm(x)
 
 
-class GroupMamba(nn.Module):
+class GroupMamba(ChannelsLastStagesMixin, nn.Module):
     """GroupMamba: stem → 4 stages of modulated group Mamba blocks → class-token pooling → head (+ dist head).
 
     Args:
@@ -345,6 +346,7 @@ class GroupMamba(nn.Module):
         drop_rate: dropout before the heads (upstream accepts but ignores it).
         drop_path_rate: stochastic depth, linear over all blocks.
     """
+    features_end_with_norm = False  # ``norm`` follows the class-token pooling, in the head
 
     def __init__(
             self,
@@ -426,11 +428,6 @@ class GroupMamba(nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable=True):
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
         return self.head if self.dist_head is None else (self.head, self.dist_head)
 
@@ -448,43 +445,6 @@ class GroupMamba(nn.Module):
     def set_distilled_training(self, enable=True):
         """Return (head, dist_head) logits in training, as upstream does for its distillation loss."""
         self.distilled_training = enable
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (stages 1-3 include their norms; ``norm`` applies the final norm to the last stage).
-
-        Args:
-            x: input images (B, C, H, W).
-            indices: take the last n stages if int, all if None, or the listed stages.
-            norm: apply ``self.norm`` (upstream's norm4) to the last stage's map.
-            stop_early: stop after the last requested stage.
-            output_fmt: 'NCHW' or 'NHWC'.
-            intermediates_only: return only the intermediates.
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                x_inter = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else x_inter)
-
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
 
     def prune_intermediate_layers(
             self,
