@@ -42,9 +42,9 @@ from datetime import datetime, timezone
 import torch
 
 from toolkit.cli import (
-    ToolArgumentParser, UsageError, create_model, git_commit, import_zoo, parse_csv_list, require_model, run_tool,
-    zoo_families, zoo_model_names,
+    ToolArgumentParser, UsageError, create_model, git_commit, parse_csv_list, run_tool, zoo_families,
 )
+from toolkit.cli import resolve_models as cli_resolve_models
 from toolkit.cuda_graphs import cross_entropy_loss, graphed_inference, graphed_train_step
 
 BASELINES = ['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50', 'mambaout_tiny']
@@ -75,27 +75,18 @@ def build_parser():
     return p
 
 
-def resolve_models(spec):
-    import_zoo()
-    families = zoo_families()
+def zoo_tiny_models():
+    """The smallest model of each zoo family (its tiny variant)."""
     names = []
-    for item in parse_csv_list(spec):
-        if item == 'zoo':
-            names.extend(zoo_model_names())
-        elif item == 'zoo-tiny':
-            for family, members in sorted(families.items()):
-                tiny = [n for n in members if TINY_PATTERN.search(n)]
-                names.extend(tiny or sorted(members)[:1])
-        elif item == 'baselines':
-            names.extend(BASELINES)
-        elif item in families:
-            names.extend(families[item])
-        else:
-            require_model(item)
-            names.append(item)
-    if not names:
-        raise UsageError(f'no models selected by --models {spec!r}')
-    return list(dict.fromkeys(names))
+    for family, members in sorted(zoo_families().items()):
+        tiny = [n for n in members if TINY_PATTERN.search(n)]
+        names.extend(tiny or sorted(members)[:1])
+    return names
+
+
+def resolve_models(spec):
+    return cli_resolve_models(spec, groups={'zoo-tiny': zoo_tiny_models, 'baselines': lambda: list(BASELINES)},
+                              nothing=f'no models selected by --models {spec!r}')
 
 
 class Timer:

@@ -14,7 +14,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 __all__ = [
     'UsageError', 'ToolArgumentParser', 'run_tool', 'parse_args_with_config', 'import_zoo', 'require_model',
-    'zoo_model_names', 'create_model', 'family_module', 'parse_csv_list', 'git_commit',
+    'zoo_model_names', 'zoo_families', 'resolve_models', 'create_model', 'family_module', 'parse_csv_list',
+    'git_commit',
 ]
 
 
@@ -185,6 +186,29 @@ def require_model(name: str) -> None:
         close = difflib.get_close_matches(str(name), choices, n=3)
         hint = f'; did you mean {", ".join(close)}?' if close else ''
         raise UsageError(f'unknown model {name!r}{hint}')
+
+
+def resolve_models(spec: str, groups: Optional[Dict[str, Callable[[], List[str]]]] = None,
+                   nothing: str = 'no models selected') -> List[str]:
+    """The models a comma-separated ``--models`` value names, in order and without repeats: 'zoo' (every zoo
+    model), a name in ``groups`` (a tool's own selections), a zoo family (its models) or a timm model name."""
+    import_zoo()
+    families = zoo_families()
+    groups = groups or {}
+    names = []
+    for item in parse_csv_list(spec):
+        if item == 'zoo':
+            names.extend(zoo_model_names())
+        elif item in groups:
+            names.extend(groups[item]())
+        elif item in families:
+            names.extend(families[item])
+        else:
+            require_model(item)
+            names.append(item)
+    if not names:
+        raise UsageError(nothing)
+    return list(dict.fromkeys(names))
 
 
 def create_model(name: str, img_size: Optional[int] = None, **kwargs):
