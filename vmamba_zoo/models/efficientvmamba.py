@@ -28,13 +28,13 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from timm.models._features_fx import register_notrace_module
 
 from vmamba_kernels import selective_scan_2d
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
@@ -459,14 +459,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_efficientvmamba(variant: str, pretrained: bool = False, **kwargs) -> EfficientVMamba:
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        EfficientVMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_zoo_model(EfficientVMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

@@ -23,14 +23,13 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import selective_scan_2d
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
 from ..layers.init import init_linear_and_norm
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
@@ -584,13 +583,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_groupmamba(variant, pretrained=False, **kwargs):
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    return build_model_with_cfg(
-        GroupMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **kwargs,
-    )
+    return build_zoo_model(GroupMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

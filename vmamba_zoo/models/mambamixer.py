@@ -32,14 +32,13 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
+from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from timm.models._manipulate import checkpoint
-from timm.models._registry import get_pretrained_cfg
 from timm.models.swin_transformer import PatchMerging
 
 from vmamba_kernels import selective_scan, selective_scan_2d
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
@@ -452,14 +451,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_mambamixer(variant: str, pretrained: bool = False, **kwargs) -> MambaMixer:
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        MambaMixer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_zoo_model(MambaMixer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

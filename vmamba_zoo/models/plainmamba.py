@@ -23,15 +23,14 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, register_notrace_function, to_2tuple, trunc_normal_
-from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
-from timm.models._registry import generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import selective_scan_2d
 from vmamba_kernels.reference import exporting
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
 from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.routes import device_routes
@@ -414,15 +413,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_plainmamba(variant, pretrained=False, **kwargs):
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
     depth = kwargs.get('depth', 24)
-    out_indices = kwargs.pop('out_indices', tuple(depth // 4 * (i + 1) - 1 for i in range(4)))
-    return build_model_with_cfg(
-        PlainMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    out_indices = kwargs.pop('out_indices', tuple(depth // 4 * (i + 1) - 1 for i in range(4)))  # a layer per quarter
+    return build_zoo_model(PlainMamba, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 @register_model

@@ -17,13 +17,13 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models import register_notrace_module
 from timm.models._features import feature_take_indices
 
 from vmamba_kernels import selective_scan_states
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
@@ -452,13 +452,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_spatialmamba(variant, pretrained=False, **kwargs):
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    return build_model_with_cfg(
-        SpatialMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
+    return build_zoo_model(SpatialMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 # official drop_path_rate for ImageNet training: tiny 0.2, small 0.3, base 0.5

@@ -20,13 +20,13 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models import register_notrace_module
 from timm.models.mambaout import Downsample, Stem
 
 from vmamba_kernels import selective_scan_2d
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
 from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.stages import ChannelsLastStagesMixin
@@ -367,13 +367,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    return build_model_with_cfg(
-        VMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **kwargs,
-    )
+    return build_zoo_model(VMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _V2 = dict(d_state=1, ssm_ratio=1.0, d_conv=3, conv_bias=False)
