@@ -27,6 +27,8 @@ __all__ = [
 
 BACKENDS = ("auto", "reference", "triton")
 MERGES = ("sum", "none")
+# The caches below (and the per-device ones of triton.launches and triton.route_plan) are internals that
+# tests/kernels/test_graph_safety.py empties and counts, to hold that a CUDA-graph capture fills none of them.
 _VALIDATED_ROUTES = WeakIdKeyDictionary()
 _VALIDATED_PADDING = WeakIdKeyDictionary()
 # Signatures (op, options, and each tensor's shape, dtype and device) whose checks passed: a repeated call

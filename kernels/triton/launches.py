@@ -154,7 +154,7 @@ def _tuned(tuner, grid, kw):
     return config
 
 
-placeholders = {}
+placeholders = {}  # per device; like the caches of ops, an internal the graph-safety tests empty and count
 
 
 def _dummy(device) -> torch.Tensor:
