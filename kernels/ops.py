@@ -2,8 +2,8 @@
 
 Each op is a forward custom op plus a backward custom op tied together with ``register_autograd``, each
 with a fake implementation, so that ``torch.compile(fullgraph=True)`` traces through them and
-``torch.library.opcheck`` holds. A backend is a module providing six functions with the signatures of
-``_ReferenceBackend`` below; "reference" is pure PyTorch, "triton" the fused GPU kernels.
+``torch.library.opcheck`` holds. A backend implements ``vmamba_kernels.backend.ScanBackend``: "reference" is
+``reference.ReferenceBackend`` (pure PyTorch), "triton" the module ``vmamba_kernels.triton`` (fused GPU kernels).
 """
 import functools
 import importlib
@@ -28,6 +28,8 @@ __all__ = [
 
 BACKENDS = ("auto", "reference", "triton")
 MERGES = ("sum", "none")
+# The caches below (and the per-device ones of triton.launches and triton.route_plan) are internals that
+# tests/kernels/test_graph_safety.py empties and counts, to hold that a CUDA-graph capture fills none of them.
 _VALIDATED_ROUTES = WeakIdKeyDictionary()
 _VALIDATED_PADDING = WeakIdKeyDictionary()
 # Signatures (op, options, and each tensor's shape, dtype and device) whose checks passed: a repeated call
@@ -39,40 +41,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # --------------------------------------------------------------------------------------------------
 # Backends
-
-
-class _ReferenceBackend:
-    """Pure PyTorch on any device; the backward recomputes the states and runs the adjoint recurrence.
-    Backward functions return None for absent inputs."""
-
-    @staticmethod
-    def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        out, last_state = reference.selective_scan_ref(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
-        return out, last_state
-
-    @staticmethod
-    def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        return reference.selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
-                                                delta_softplus)
-
-    @staticmethod
-    def selective_scan_states_fwd(u, delta, A, B, delta_bias, delta_softplus):
-        return reference.selective_scan_states_ref(u, delta, A, B, delta_bias, delta_softplus)
-
-    @staticmethod
-    def selective_scan_states_bwd(dstates, u, delta, A, B, delta_bias, delta_softplus):
-        return reference.selective_scan_states_bwd_ref(dstates, u, delta, A, B, delta_bias, delta_softplus)
-
-    @staticmethod
-    def selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
-        return reference.selective_scan_2d_ref(
-            x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge)
-
-    @staticmethod
-    def selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
-        return reference.selective_scan_2d_bwd_ref(
-            dout, x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge)
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +79,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _backend(name: str):
-    return _triton_backend() if name == "triton" else _ReferenceBackend
+    return _triton_backend() if name == "triton" else reference.ReferenceBackend
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ReferenceBackend",
     "compute_dtype",
     "selective_scan_ref",
     "selective_scan_bwd_ref",
@@ -410,3 +411,34 @@ def selective_scan_2d_bwd_ref(dout, x, delta, A, B, C, D, delta_bias, delta_soft
         None if D is None else dD.reshape(D.shape).to(D.dtype),
         None if delta_bias is None else dbias.reshape(delta_bias.shape).to(delta_bias.dtype),
     )
+
+
+class ReferenceBackend:
+    """The ``vmamba_kernels.backend.ScanBackend`` of the functions above: pure PyTorch on any device (the
+    CPU path, and the fp64 path of every backend); the backward recomputes the states and runs the adjoint
+    recurrence. Backward functions return None for absent inputs."""
+
+    @staticmethod
+    def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+
+    @staticmethod
+    def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    @staticmethod
+    def selective_scan_states_fwd(u, delta, A, B, delta_bias, delta_softplus):
+        return selective_scan_states_ref(u, delta, A, B, delta_bias, delta_softplus)
+
+    @staticmethod
+    def selective_scan_states_bwd(dstates, u, delta, A, B, delta_bias, delta_softplus):
+        return selective_scan_states_bwd_ref(dstates, u, delta, A, B, delta_bias, delta_softplus)
+
+    @staticmethod
+    def selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
+        return selective_scan_2d_ref(x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge)
+
+    @staticmethod
+    def selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
+        return selective_scan_2d_bwd_ref(dout, x, delta, A, B, C, D, delta_bias, delta_softplus, routes,
+                                         param_routes, merge)

@@ -338,16 +338,15 @@ def host_overhead(names, repeats=7, calls=100):
     """Host time of one op call (forward, forward+backward) with every kernel launch stubbed out, on CPU
     tensors of each shape's kind at 8×8 pixels and batch 2: what the Python and torch code around the kernels
     costs, which bounds small-batch latency. Triton's own launch cost is not included."""
-    from vmamba_kernels.triton import backend as tri
-    from vmamba_kernels.triton import route_plan, scan
+    from vmamba_kernels.triton import launches, route_plan, scan, tiles
 
-    saved = (tri._fwd_tuned, tri._bwd_tuned, scan.selective_scan_fwd_kernel, scan.selective_scan_bwd_kernel,
-             route_plan.route_plan_kernel, tri._n1_tuned, tri._n1_bwd_tuned)
-    tri._fwd_tuned, tri._bwd_tuned = _NoLaunch(), _NoLaunch(saved[1].configs)
-    tri._n1_tuned, tri._n1_bwd_tuned = _NoLaunch(), _NoLaunch(saved[6].configs)
+    saved = (launches.fwd_tuner, launches.bwd_tuner, scan.selective_scan_fwd_kernel, scan.selective_scan_bwd_kernel,
+             route_plan.route_plan_kernel, launches.n1_tuner, launches.n1_bwd_tuner)
+    launches.fwd_tuner, launches.bwd_tuner = _NoLaunch(), _NoLaunch(saved[1].configs)
+    launches.n1_tuner, launches.n1_bwd_tuner = _NoLaunch(), _NoLaunch(saved[6].configs)
     scan.selective_scan_fwd_kernel = scan.selective_scan_bwd_kernel = route_plan.route_plan_kernel = _NoLaunch()
-    tri.bwd_block_d_candidates.cache_clear()
-    tri.n1_bwd_block_d_candidates.cache_clear()
+    tiles.bwd_block_d_candidates.cache_clear()
+    tiles.n1_bwd_block_d_candidates.cache_clear()
     rows = []
     try:
         for name in names:
@@ -368,10 +367,10 @@ def host_overhead(names, repeats=7, calls=100):
             print(f"{name:22s} host time per op call: forward {row['fwd_us']:.0f} us, "
                   f"forward+backward {row['fwd_bwd_us']:.0f} us", flush=True)
     finally:
-        (tri._fwd_tuned, tri._bwd_tuned, scan.selective_scan_fwd_kernel, scan.selective_scan_bwd_kernel,
-         route_plan.route_plan_kernel, tri._n1_tuned, tri._n1_bwd_tuned) = saved
-        tri.bwd_block_d_candidates.cache_clear()
-        tri.n1_bwd_block_d_candidates.cache_clear()
+        (launches.fwd_tuner, launches.bwd_tuner, scan.selective_scan_fwd_kernel, scan.selective_scan_bwd_kernel,
+         route_plan.route_plan_kernel, launches.n1_tuner, launches.n1_bwd_tuner) = saved
+        tiles.bwd_block_d_candidates.cache_clear()
+        tiles.n1_bwd_block_d_candidates.cache_clear()
     return rows
 
 
@@ -389,15 +388,15 @@ def _captured_launches(spec, tri):
     """(tuner, arguments) of every tuned launch of the training path (forward saving chunk states, then the
     backward) at ``spec``'s shape, batch 2 on CPU with every launch stubbed out; for d_state 1 both with the
     d_state-1 kernels and with the general ones."""
-    from vmamba_kernels.triton import route_plan
+    from vmamba_kernels.triton import launches, route_plan, tiles
 
-    names = ("_fwd_tuned", "_bwd_tuned", "_n1_tuned", "_n1_bwd_tuned")
-    saved = {n: getattr(tri, n) for n in names}
+    names = ("fwd_tuner", "bwd_tuner", "n1_tuner", "n1_bwd_tuner")
+    saved = {n: getattr(launches, n) for n in names}
     saved_plan_kernel = route_plan.route_plan_kernel
     captures = {n: _Capture(saved[n]) for n in names}
     try:
         for n in names:
-            setattr(tri, n, captures[n])
+            setattr(launches, n, captures[n])
         route_plan.route_plan_kernel = _NoLaunch()
         inputs = make_inputs(spec, 2, torch.bfloat16, "cpu")
         for single_state in ((True, False) if spec["N"] == 1 and spec["op"] == "2d" else (True,)):
@@ -414,10 +413,10 @@ def _captured_launches(spec, tri):
     finally:
         tri.set_n1_kernel(True)
         for n in names:
-            setattr(tri, n, saved[n])
+            setattr(launches, n, saved[n])
         route_plan.route_plan_kernel = saved_plan_kernel
-        tri.bwd_block_d_candidates.cache_clear()
-        tri.n1_bwd_block_d_candidates.cache_clear()
+        tiles.bwd_block_d_candidates.cache_clear()
+        tiles.n1_bwd_block_d_candidates.cache_clear()
     return [(n, saved[n], kw) for n in names for kw in captures[n].launches]
 
 
@@ -428,10 +427,10 @@ def register_report(names):
     from vmamba_kernels.triton import backend as tri
     from vmamba_kernels.triton import offline, tiles
 
-    prunes = {"_fwd_tuned": tiles._prune_fwd, "_bwd_tuned": tiles._prune_bwd, "_n1_tuned": tiles._prune_n1,
-              "_n1_bwd_tuned": tiles._prune_n1_bwd}
-    labels = {"_fwd_tuned": "forward", "_bwd_tuned": "backward", "_n1_tuned": "forward, d_state 1",
-              "_n1_bwd_tuned": "backward, d_state 1"}
+    prunes = {"fwd_tuner": tiles.prune_fwd, "bwd_tuner": tiles.prune_bwd, "n1_tuner": tiles.prune_n1,
+              "n1_bwd_tuner": tiles.prune_n1_bwd}
+    labels = {"fwd_tuner": "forward", "bwd_tuner": "backward", "n1_tuner": "forward, d_state 1",
+              "n1_bwd_tuner": "backward, d_state 1"}
     rows = []
     for name in names:
         for tuner_name, tuner, kw in _captured_launches(SHAPES[name], tri):
@@ -468,11 +467,11 @@ def sweep_configs():
     flips, uncapped and capped at 168 registers, and capped at 128 without prefetching."""
     import triton
 
-    from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import tiles
 
     bwd = []
     for TT in (2, 4, 8):
-        LT = tri.chunk_size(1) // TT
+        LT = tiles.chunk_size(1) // TT
         for BD in (4, 8, 16, 32):
             for VEC in (2, 4):
                 lanes = BD // VEC * LT
@@ -482,7 +481,7 @@ def sweep_configs():
                     tile = dict(TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip)
                     bwd += [triton.Config(dict(tile, PREFETCH=pf), num_warps=lanes // 32, maxnreg=cap)
                             for pf, cap in ((True, None), (True, 168), (False, 128))]
-    fwd = list(tri._n1_tuned.configs)
+    fwd = list(tiles.n1_tuner.configs)
     for TT in (2, 4, 8):
         for LT in (4, 8, 16):
             for BD, VEC in ((16, 2), (16, 4), (32, 2), (32, 4)):
@@ -500,25 +499,26 @@ def sweep_configs():
 def _sweep_runs(spec, batch, dtype):
     """(kernel, tuner, run) of each d_state-1 kernel at ``spec``'s shape."""
     from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import tiles
 
     inputs = make_inputs(spec, batch, dtype, "cuda")
     args = (inputs["x"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
             inputs["delta_bias"], inputs["routes"], inputs["param_routes"], True, inputs["merge"])
     out, states = tri.selective_scan_2d_fwd_saving(*args)
     dout = torch.ones_like(out)
-    return [("forward", tri._n1_tuned, lambda: tri.selective_scan_2d_fwd(*args)),
-            ("forward saving states", tri._n1_tuned, lambda: tri.selective_scan_2d_fwd_saving(*args)),
-            ("backward", tri._n1_bwd_tuned, lambda: tri.selective_scan_2d_bwd_from_saved(dout, *args, states))]
+    return [("forward", tiles.n1_tuner, lambda: tri.selective_scan_2d_fwd(*args)),
+            ("forward saving states", tiles.n1_tuner, lambda: tri.selective_scan_2d_fwd_saving(*args)),
+            ("backward", tiles.n1_bwd_tuner, lambda: tri.selective_scan_2d_bwd_from_saved(dout, *args, states))]
 
 
 def _with_config(tuner, cfg, fn):
     """fn() with the tuner holding only cfg; the exception's name instead where this Triton cannot build it."""
-    from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import tiles
 
     all_configs = tuner.configs
     tuner.configs = [cfg]
     tuner.cache.clear()
-    tri.n1_bwd_block_d_candidates.cache_clear()  # sizes the backward's per-block workspaces
+    tiles.n1_bwd_block_d_candidates.cache_clear()  # sizes the backward's per-block workspaces
     try:
         return fn()
     except Exception as e:  # a tile this Triton cannot compile, or one the tuner prunes
@@ -526,7 +526,7 @@ def _with_config(tuner, cfg, fn):
     finally:
         tuner.configs = all_configs
         tuner.cache.clear()
-        tri.n1_bwd_block_d_candidates.cache_clear()
+        tiles.n1_bwd_block_d_candidates.cache_clear()
 
 
 def _max_rel_err(got, want):
@@ -575,11 +575,11 @@ def tile_sweep(names, batch, dtype_name, workers=1):
 
 
 def tuned_configs():
-    from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import tiles
 
     return [dict(kernel=kernel, key=[str(k) for k in key], config=str(cfg))
-            for kernel, tuner in (("forward", tri._fwd_tuned), ("forward d_state 1", tri._n1_tuned),
-                                  ("backward", tri._bwd_tuned), ("backward d_state 1", tri._n1_bwd_tuned))
+            for kernel, tuner in (("forward", tiles.fwd_tuner), ("forward d_state 1", tiles.n1_tuner),
+                                  ("backward", tiles.bwd_tuner), ("backward d_state 1", tiles.n1_bwd_tuner))
             for key, cfg in tuner.cache.items()]
 
 

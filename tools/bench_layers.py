@@ -27,11 +27,10 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_common import ToolArgumentParser, UsageError, git_commit, run_tool  # noqa: E402
+from toolkit.cli import ToolArgumentParser, UsageError, git_commit, run_tool
 
-from vmamba_zoo.layers.state_fusion import FUSION_IMPLS, StateFusion  # noqa: E402
-from vmamba_zoo.models.spatialmamba import SpatialMambaBlock  # noqa: E402
+from vmamba_zoo.layers.state_fusion import FUSION_IMPLS, StateFusion
+from vmamba_zoo.models.spatialmamba import SpatialMambaBlock
 
 # spatialmamba_tiny: stage i runs at (img/4)/2^i with dims 64·2^i; the mixer's states have 2·dim channels
 STAGE_DIMS = (64, 128, 256, 512)

@@ -13,7 +13,7 @@ For each model, precision (fp32, bf16/fp16 autocast) and memory format (contiguo
   holds Triton's compilation and any tile tuning. ``--empty-triton-cache`` gives each run an empty Triton
   cache, as a new user's first run has; otherwise kernels compiled by earlier runs are reused.
 
-On CUDA, inference, training and latency are timed as replays of CUDA graphs (tools/cuda_graphs.py: the whole
+On CUDA, inference, training and latency are timed as replays of CUDA graphs (tools/toolkit/cuda_graphs.py: the whole
 step captured once, the optimizer built with ``capturable=True``), the faster path for host-bound models;
 ``--no-cuda-graphs`` times eager steps instead. The cold start stays an eager step. A measurement whose capture
 fails (or an fp16 training step, whose GradScaler reads the host) runs eager and the row's ``status`` says why;
@@ -39,16 +39,13 @@ import sys
 import time
 from datetime import datetime, timezone
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from cli_common import (  # noqa: E402
-    ToolArgumentParser, UsageError, create_model, git_commit, import_zoo, parse_csv_list, require_model, run_tool,
-    zoo_families, zoo_model_names,
+from toolkit.cli import (
+    ToolArgumentParser, UsageError, create_model, git_commit, parse_csv_list, run_tool, zoo_families,
 )
-from cuda_graphs import cross_entropy_loss, graphed_inference, graphed_train_step  # noqa: E402
+from toolkit.cli import resolve_models as cli_resolve_models
+from toolkit.cuda_graphs import cross_entropy_loss, graphed_inference, graphed_train_step
 
 BASELINES = ['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50', 'mambaout_tiny']
 AMP = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -78,27 +75,18 @@ def build_parser():
     return p
 
 
-def resolve_models(spec):
-    import_zoo()
-    families = zoo_families()
+def zoo_tiny_models():
+    """The smallest model of each zoo family (its tiny variant)."""
     names = []
-    for item in parse_csv_list(spec):
-        if item == 'zoo':
-            names.extend(zoo_model_names())
-        elif item == 'zoo-tiny':
-            for family, members in sorted(families.items()):
-                tiny = [n for n in members if TINY_PATTERN.search(n)]
-                names.extend(tiny or sorted(members)[:1])
-        elif item == 'baselines':
-            names.extend(BASELINES)
-        elif item in families:
-            names.extend(families[item])
-        else:
-            require_model(item)
-            names.append(item)
-    if not names:
-        raise UsageError(f'no models selected by --models {spec!r}')
-    return list(dict.fromkeys(names))
+    for family, members in sorted(zoo_families().items()):
+        tiny = [n for n in members if TINY_PATTERN.search(n)]
+        names.extend(tiny or sorted(members)[:1])
+    return names
+
+
+def resolve_models(spec):
+    return cli_resolve_models(spec, groups={'zoo-tiny': zoo_tiny_models, 'baselines': lambda: list(BASELINES)},
+                              nothing=f'no models selected by --models {spec!r}')
 
 
 class Timer:

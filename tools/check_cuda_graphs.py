@@ -3,7 +3,7 @@
 
 For each model (dropout and drop-path off, so eager and graphs compute the same thing):
 
-- ``manual``: PyTorch's whole-network recipe as tools/cuda_graphs.py writes it (the one tools/benchmark.py
+- ``manual``: PyTorch's whole-network recipe as tools/toolkit/cuda_graphs.py writes it (the one tools/benchmark.py
   times): warm-up on a side stream, then ``torch.cuda.CUDAGraph`` capture on static tensors of (a) inference and
   (b) a full training step (zero_grad, forward under autocast, CE loss, backward, AdamW with ``capturable=True``);
 - ``compiled``: ``torch.compile(model, mode="reduce-overhead")`` (cudagraph trees), inference and forward+backward.
@@ -27,8 +27,7 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cuda_graphs import cross_entropy_loss, graphed_inference, graphed_train_step  # noqa: E402
+from toolkit.cuda_graphs import cross_entropy_loss, graphed_inference, graphed_train_step
 
 DEFAULT_MODELS = ("vmamba_tiny_s1l8", "groupmamba_tiny", "efficientvmamba_tiny", "spatialmamba_tiny",
                   "plainmamba_l1", "vim2_tiny")
@@ -141,7 +140,7 @@ def check_eager(name, model, eager, data, args, device):
 
 
 def check_manual(model, eager, data, args, device):
-    """torch.cuda.CUDAGraph capture (tools/cuda_graphs.py) of inference and of a full training step, replayed
+    """torch.cuda.CUDAGraph capture (tools/toolkit/cuda_graphs.py) of inference and of a full training step, replayed
     with two inputs."""
     (x1, y1), (x2, y2) = data
     tol = TOLERANCE[args.amp]

@@ -16,11 +16,9 @@ import hashlib
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from cli_common import ToolArgumentParser, UsageError, create_model, import_zoo, require_model, run_tool  # noqa: E402
+from toolkit.cli import ToolArgumentParser, UsageError, create_model, import_zoo, require_model, run_tool
 
 
 def build_parser():
@@ -46,7 +44,7 @@ def _sha256(path):
 
 
 def convert(model_name, src, outs, use_ema=False, num_classes=None, img_size=None, verify=True, log=print):
-    from checkpoint_io import StrictLoadError, extract_state_dict, read_checkpoint, save_weights
+    from toolkit.checkpoint_io import StrictLoadError, extract_state_dict, read_checkpoint, save_weights
     kwargs = {} if num_classes is None else {'num_classes': num_classes}
     model = create_model(model_name, img_size=img_size, **kwargs).eval()
     raw = read_checkpoint(src)

@@ -19,11 +19,9 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from cli_common import ToolArgumentParser, UsageError, create_model, parse_key_values, run_tool  # noqa: E402
+from toolkit.cli import ToolArgumentParser, UsageError, create_model, parse_key_values, run_tool
 
 FORMATS = ('onnx', 'torch-export')
 
@@ -162,7 +160,7 @@ def main(argv=None):
         kwargs['num_classes'] = args.num_classes
     model = create_model(args.model, img_size=args.img_size, **kwargs)
     if args.checkpoint:
-        from checkpoint_io import load_into_model
+        from toolkit.checkpoint_io import load_into_model
         if not os.path.isfile(args.checkpoint):
             raise UsageError(f'checkpoint not found: {args.checkpoint}')
         how = load_into_model(model, args.checkpoint, use_ema=args.use_ema)

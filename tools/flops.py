@@ -29,14 +29,10 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from cli_common import (  # noqa: E402
-    ToolArgumentParser, UsageError, create_model, git_commit, import_zoo, parse_csv_list, require_model, run_tool,
-    zoo_families, zoo_model_names,
-)
+from toolkit.cli import ToolArgumentParser, UsageError, create_model, git_commit, parse_csv_list, run_tool, zoo_families
+from toolkit.cli import resolve_models as cli_resolve_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK_START = '<!-- flops-table:start -->'
@@ -233,20 +229,7 @@ def update_cards(card_dir: str, rows: List[dict], command: str) -> List[str]:
 
 
 def resolve_models(spec: str) -> List[str]:
-    import_zoo()
-    families = zoo_families()
-    names = []
-    for item in parse_csv_list(spec):
-        if item == 'zoo':
-            names.extend(zoo_model_names())
-        elif item in families:
-            names.extend(families[item])
-        else:
-            require_model(item)
-            names.append(item)
-    if not names:
-        raise UsageError('no models to count (is vmamba_zoo installed? try --models resnet50)')
-    return list(dict.fromkeys(names))
+    return cli_resolve_models(spec, nothing='no models to count (is vmamba_zoo installed? try --models resnet50)')
 
 
 def main(argv=None):

@@ -23,9 +23,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from cli_common import ToolArgumentParser, UsageError, run_tool  # noqa: E402
+from toolkit.cli import ToolArgumentParser, UsageError, run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_DIR = os.path.join(REPO, 'tests', 'data', 'paper')

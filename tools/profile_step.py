@@ -27,9 +27,7 @@ import time
 from collections import defaultdict
 from datetime import datetime, timezone
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from cli_common import ToolArgumentParser, UsageError, git_commit, parse_csv_list, run_tool  # noqa: E402
+from toolkit.cli import ToolArgumentParser, UsageError, git_commit, parse_csv_list, run_tool
 
 # First match wins: the order matters (a "copy" inside a GEMM's name stays a GEMM).
 KINDS = [
@@ -76,8 +74,8 @@ def profile_model(name, args):
     import torch
 
     from benchmark import Timer
-    from cli_common import create_model
-    from cuda_graphs import cross_entropy_loss
+    from toolkit.cli import create_model
+    from toolkit.cuda_graphs import cross_entropy_loss
     device = torch.device(args.device)
     timer = Timer(device)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -231,7 +229,7 @@ def main(argv=None):
     names = parse_csv_list(args.models)
     if not names:
         raise UsageError('--models is empty')
-    from cli_common import require_model
+    from toolkit.cli import require_model
     for name in names:
         require_model(name)
     child_argv = [a for a in argv]

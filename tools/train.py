@@ -972,7 +972,7 @@ def _train(args, rt, autocast_context, evaluate):
                 last_micro = micro == args.grad_accum_steps - 1
                 if use_graphs:  # the whole update replays as one graph, captured on the first batch
                     if graphed_update is None:
-                        from cuda_graphs import capture_train_step
+                        from toolkit.cuda_graphs import capture_train_step
                         graphed_update = capture_train_step(graph_update, train_model, optimizer, images, targets,
                                                             undo_warmup=True)
                     loss_value = graphed_update(images, targets).clone()  # the next replay overwrites its output

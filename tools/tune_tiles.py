@@ -17,7 +17,6 @@ import time
 from datetime import datetime, timezone
 
 os.environ["VMAMBA_KERNELS_TUNE"] = "1"  # before vmamba_kernels is imported
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_batch_sizes(items):
@@ -45,7 +44,7 @@ def harvest(table, family, tuners, measured=None):
 def run_model(name, batch, amp, img_size, device):
     """One inference forward and one training forward+backward at ``batch``."""
     import torch
-    from cli_common import create_model, import_zoo
+    from toolkit.cli import create_model, import_zoo
 
     import_zoo()
     model = create_model(name, img_size=img_size).to(device)

@@ -17,12 +17,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from cli_common import (  # noqa: E402
+from toolkit.cli import (
     ToolArgumentParser, UsageError, create_model, import_zoo, parse_args_with_config, parse_key_values, run_tool,
 )
 
@@ -61,9 +59,9 @@ def build_parser():
 def main(argv=None):
     args = parse_args_with_config(build_parser(), argv)
     import_zoo()
-    from checkpoint_io import extract_state_dict, is_training_checkpoint, read_checkpoint
-    from evaluation import evaluate, init_runtime, world_from_env
-    from image_data import EmbeddedDigits, ShardedEvalSampler, build_datasets
+    from toolkit.checkpoint_io import extract_state_dict, is_training_checkpoint, read_checkpoint
+    from toolkit.evaluation import evaluate, init_runtime, world_from_env
+    from toolkit.image_data import EmbeddedDigits, ShardedEvalSampler, build_datasets
     from timm.data import create_transform, resolve_data_config
 
     raw, train_args = None, {}
@@ -99,7 +97,7 @@ def main(argv=None):
         state_dict, how = extract_state_dict(raw, model, use_ema=args.use_ema)
         result = model.load_state_dict(state_dict, strict=False)
         if result.missing_keys or result.unexpected_keys:
-            from checkpoint_io import StrictLoadError
+            from toolkit.checkpoint_io import StrictLoadError
             raise StrictLoadError(args.checkpoint, result.missing_keys, result.unexpected_keys)
         del raw, state_dict
 

@@ -1,8 +1,13 @@
 """Fused Triton kernels for the selective scan (GPU; CPU under TRITON_INTERPRET=1).
 
-The six backend functions of ``vmamba_kernels.ops`` (forward and backward of ``selective_scan``,
-``selective_scan_states`` and ``selective_scan_2d``). Importing this package imports triton; the rest of
-``vmamba_kernels`` does not.
+This package is the Triton implementation of ``vmamba_kernels.backend.SavingScanBackend``: forward and backward
+of ``selective_scan``, ``selective_scan_states`` and ``selective_scan_2d``, which ``vmamba_kernels.ops`` calls.
+Importing it imports triton; the rest of ``vmamba_kernels`` does not.
+
+- ``tiles``: the tile configurations, the tuners that pick one per problem, and the committed tile table;
+- ``launches``: each op as a problem of K scans, its kernel arguments and its launch;
+- ``backend``: the backend functions built from those launches;
+- ``scan`` / ``scan_n1``: the kernels; ``route_plan``: what they need to know about a route set.
 """
 from .backend import (
     chunk_size,

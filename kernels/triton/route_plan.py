@@ -133,7 +133,7 @@ def _route_info(routes: torch.Tensor, first_visit: torch.Tensor) -> torch.Tensor
 
 
 # Plans of route tensors seen before, keyed by the identity of the tensor objects (models keep their
-# routes in buffers); an entry dies with its routes tensor. Cached plans are allocated outside CUDA graph
+# routes in device_routes' cache); an entry dies with its routes tensor. Cached plans are allocated outside CUDA graph
 # pools, and none is cached while a graph is captured: that call's plan belongs to the graph.
 _cache: dict = {}
 

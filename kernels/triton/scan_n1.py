@@ -140,7 +140,7 @@ def _tile_ranges(TT: tl.constexpr, LT: tl.constexpr, STEP_AXIS: tl.constexpr):
     """step and seg, the chunk tile's step-in-segment and segment indices, broadcastable against channels [BD]
     in the last axis; steps on axis STEP_AXIS, segments on the other. Triton lays out the lanes by the memory
     order it infers, and breaks ties between equally strided axes differently by version (3.6 spreads axis 0
-    over lanes first, 3.8 axis 1): the steps go on the axis it keeps in one thread (``backend.n1_step_axis``)."""
+    over lanes first, 3.8 axis 1): the steps go on the axis it keeps in one thread (``launches.n1_step_axis``)."""
     if STEP_AXIS == 0:
         step = tl.arange(0, TT)[:, None, None]
         seg = tl.arange(0, LT)[None, :, None]
@@ -154,7 +154,7 @@ def _tile_ranges(TT: tl.constexpr, LT: tl.constexpr, STEP_AXIS: tl.constexpr):
 def step_axis_probe_kernel(x, routes, out, STEP_AXIS: tl.constexpr):
     """A chunk tile read as the kernels read theirs (positions through an index, channels contiguous), scanned
     along its steps: of the two axes, the one whose scan compiles without lane shuffles keeps the steps in one
-    thread (``backend.n1_step_axis``)."""
+    thread (``launches.n1_step_axis``)."""
     step, seg = _tile_ranges(4, 8, STEP_AXIS)
     d = tl.max_contiguous(tl.arange(0, 32), 4)[None, None, :]
     p = tl.load(routes + seg * 4 + step)

@@ -57,12 +57,12 @@ def test_missing_constants_are_named():
 def test_single_state_forward_compiles_for_sm90(merge, save_chunks):
     """scan_n1's forward, with the hardware log2 (inline PTX, which the interpreter tests cannot run), for every
     tile its tuner may try."""
-    from vmamba_kernels.triton import backend, scan_n1, tiles
+    from vmamba_kernels.triton import launches, scan_n1, tiles
 
-    for TT, LT, BD, VEC, warps, prefetch, cap in tiles._N1_TILES:
+    for TT, LT, BD, VEC, warps, prefetch, cap in tiles.N1_TILES:
         constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, MERGE=merge, ZERO_UNVISITED=True,
                          SAVE_CHUNKS=save_chunks, SAVE_T=64, FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC,
-                         PREFETCH=prefetch, STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=False)
+                         PREFETCH=prefetch, STEP_AXIS=launches.n1_step_axis(), EVEN_D=True, EVEN_T=False)
         kernel = compile_kernel(scan_n1.route_scan_n1_fwd_kernel, constants, warps, maxnreg=cap)
         assert "lg2.approx.f32" in kernel.asm["ptx"]
         usage = resource_usage(kernel)
@@ -71,12 +71,12 @@ def test_single_state_forward_compiles_for_sm90(merge, save_chunks):
 
 @pytest.mark.parametrize("dx_merge", [scan.MERGE_SERIAL, scan.MERGE_STORE], ids=["shared_x", "per_route_x"])
 def test_single_state_backward_compiles_for_sm90(dx_merge):
-    from vmamba_kernels.triton import backend, scan_n1, tiles
+    from vmamba_kernels.triton import launches, scan_n1, tiles
 
-    for TT, LT, BD, VEC, warps, flip, prefetch, cap in tiles._N1_BWD_TILES:
+    for TT, LT, BD, VEC, warps, flip, prefetch, cap in tiles.N1_BWD_TILES:
         constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, DX_MERGE=dx_merge, ZERO_UNVISITED=True,
                          FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC, FLIP=flip, PREFETCH=prefetch,
-                         STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=False)
+                         STEP_AXIS=launches.n1_step_axis(), EVEN_D=True, EVEN_T=False)
         usage = resource_usage(compile_kernel(scan_n1.route_scan_n1_bwd_kernel, constants, warps, maxnreg=cap))
         assert 0 < usage["registers"] <= (cap or 255), (TT, LT, BD, VEC, warps, flip, prefetch, cap, usage)
 
@@ -89,12 +89,12 @@ def test_launch_arguments_give_the_kernel_its_vector_loads():
 
     import torch
 
-    from vmamba_kernels.triton import backend, scan_n1
+    from vmamba_kernels.triton import launches, scan_n1
 
     fn = scan_n1.route_scan_n1_fwd_kernel
     constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, MERGE=scan.MERGE_SERIAL, ZERO_UNVISITED=True,
                      SAVE_CHUNKS=False, SAVE_T=64, FAST_MATH=True, TT=4, LT=8, BD=32, VEC=4, PREFETCH=True,
-                     STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=True)
+                     STEP_AXIS=launches.n1_step_axis(), EVEN_D=True, EVEN_T=True)
     tensor_types = dict(x=torch.bfloat16, delta=torch.bfloat16, B=torch.bfloat16, C=torch.bfloat16,
                         out=torch.bfloat16, A=torch.float32, D=torch.float32, delta_bias=torch.float32,
                         chunk_states=torch.float32, routes=torch.int32, route_info=torch.int32,
@@ -117,9 +117,9 @@ def test_step_axis_keeps_the_steps_in_one_thread():
     """scan_n1 scans each segment's steps inside a thread; which tile axis Triton keeps in one thread depends
     on its version (how it orders equally strided axes), so the backend probes it. With the probed axis the
     probe's scan along the steps compiles without lane shuffles, with the other it needs them."""
-    from vmamba_kernels.triton import backend, scan_n1
+    from vmamba_kernels.triton import launches, scan_n1
 
-    axis = backend.n1_step_axis()
+    axis = launches.n1_step_axis()
 
     def shuffles(step_axis):
         kernel = compile_kernel(scan_n1.step_axis_probe_kernel, {"STEP_AXIS": step_axis}, 2)
@@ -132,12 +132,12 @@ def test_chunk_loop_instructions_are_read_from_the_sass():
     """``inner_loop_instructions`` finds the d_state-1 forward's chunk loop: three transcendentals per element a
     thread holds (softplus's exp2 and log2, the decay's exp2), with its loads and stores, for two tile shapes;
     and nothing when no loop is that long."""
-    from vmamba_kernels.triton import backend, offline, scan_n1
+    from vmamba_kernels.triton import launches, offline, scan_n1
 
     for TT, LT, BD, VEC, warps in [(4, 8, 32, 2, 4), (2, 16, 16, 4, 2)]:
         constants = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, MERGE=scan.MERGE_SERIAL, ZERO_UNVISITED=True,
                          SAVE_CHUNKS=False, SAVE_T=64, FAST_MATH=True, TT=TT, LT=LT, BD=BD, VEC=VEC, PREFETCH=True,
-                         STEP_AXIS=backend.n1_step_axis(), EVEN_D=True, EVEN_T=False)
+                         STEP_AXIS=launches.n1_step_axis(), EVEN_D=True, EVEN_T=False)
         kernel = compile_kernel(scan_n1.route_scan_n1_fwd_kernel, constants, warps)
         loop = offline.inner_loop_instructions(kernel)
         assert loop["MUFU"] == 3 * TT * VEC, (TT, VEC, loop)

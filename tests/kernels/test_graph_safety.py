@@ -22,9 +22,9 @@ import vmamba_kernels as vk
 from vmamba_kernels import ops
 
 pytest.importorskip("triton")
-from vmamba_kernels.triton import backend, route_plan, tiles  # noqa: E402
+from vmamba_kernels.triton import backend, launches, route_plan, tiles  # noqa: E402
 
-TUNERS = ("_fwd_tuned", "_bwd_tuned", "_n1_tuned", "_n1_bwd_tuned")
+TUNERS = ("fwd_tuner", "bwd_tuner", "n1_tuner", "n1_bwd_tuner")
 SYNCS = ("aten._local_scalar_dense", "aten.equal", "aten.item")
 CASES = {
     # name: (op, d_state, route set, merge, per-route x, parameters in raster order)
@@ -73,8 +73,8 @@ def stubbed(monkeypatch):
     rec = _Recorder()
     mode = tiles.tune_mode()
     tiles.set_tune_mode("tune")  # tuning runs on: what a capture must never start
-    monkeypatch.setattr(backend, "_INTERPRET", False)  # the tuned launch path, as on a GPU
-    monkeypatch.setattr(backend, "N1_STEP_AXIS", 0)
+    monkeypatch.setattr(launches, "INTERPRET", False)  # the tuned launch path, as on a GPU
+    monkeypatch.setattr(launches, "N1_STEP_AXIS", 0)
 
     class _NoKernel:
         def __getitem__(self, grid):
@@ -82,14 +82,14 @@ def stubbed(monkeypatch):
 
     monkeypatch.setattr(route_plan, "route_plan_kernel", _NoKernel())
     for name in TUNERS:
-        tuner = getattr(backend, name)
+        tuner = getattr(tiles, name)
         monkeypatch.setattr(tuner, "cache", {})
         monkeypatch.setattr(tuner, "cache_results", False)
         monkeypatch.setattr(tuner, "_bench", rec.bench)
         monkeypatch.setattr(tuner.fn, "run", rec.run)
     monkeypatch.setattr(route_plan, "_cache", {})
-    monkeypatch.setattr(backend, "_dummies", {})
-    monkeypatch.setattr(backend, "_warned_untuned", set())
+    monkeypatch.setattr(launches, "placeholders", {})
+    monkeypatch.setattr(launches, "warned_untuned", set())
     monkeypatch.setattr(ops, "_VALID_SIGNATURES", set())
     monkeypatch.setattr(ops, "_VALIDATED_ROUTES", WeakIdKeyDictionary())
     monkeypatch.setattr(ops, "_VALIDATED_PADDING", WeakIdKeyDictionary())
@@ -104,10 +104,10 @@ def _capture(monkeypatch):
 
 
 def _cache_sizes():
-    sizes = {"route plans": len(route_plan._cache), "placeholders": len(backend._dummies),
+    sizes = {"route plans": len(route_plan._cache), "placeholders": len(launches.placeholders),
              "checked signatures": len(ops._VALID_SIGNATURES), "checked routes": len(ops._VALIDATED_ROUTES),
              "checked padding": len(ops._VALIDATED_PADDING)}
-    sizes.update({f"{name} tiles": len(getattr(backend, name).cache) for name in TUNERS})
+    sizes.update({f"{name} tiles": len(getattr(tiles, name).cache) for name in TUNERS})
     return sizes
 
 

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _bwd_problem(CPG=96, N=16, dtype=torch.bfloat16):
     """Launch arguments of the general backward with every key argument (and one tensor for the dtypes)."""
-    return dict(CPG=CPG, N=N, K=4, BN=tiles._pow2(N), BT=tiles.chunk_size(N), IN_MODE=1, DX_MERGE=1,
+    return dict(CPG=CPG, N=N, K=4, BN=tiles.next_pow2(N), BT=tiles.chunk_size(N), IN_MODE=1, DX_MERGE=1,
                 GATHER=True, HAS_Z=False, HAS_D=True, HAS_DLAST=False, x=torch.empty(1, dtype=dtype),
                 delta=torch.empty(1, dtype=torch.float32))
 
@@ -41,9 +41,9 @@ def _table_with(tuner, kw, cfg, family="cpu"):
 
 
 def test_table_hit_runs_the_tables_tile(table_mode):
-    tuner = tiles._bwd_tuned
+    tuner = tiles.bwd_tuner
     kw = _bwd_problem()
-    fitting = tiles._prune_bwd(tuner.configs, {}, **kw)
+    fitting = tiles.prune_bwd(tuner.configs, {}, **kw)
     assert len(fitting) > 2
     want = fitting[2]
     tiles.use_table(_table_with(tuner, kw, want))
@@ -58,16 +58,16 @@ def test_table_hit_runs_the_tables_tile(table_mode):
 
 def test_table_miss_runs_the_first_fitting_tile(table_mode):
     tiles.use_table(tiles.empty_table())
-    for tuner, kw, prune in ((tiles._bwd_tuned, _bwd_problem(), tiles._prune_bwd),
-                             (tiles._bwd_tuned, _bwd_problem(CPG=3, N=1), tiles._prune_bwd)):
+    for tuner, kw, prune in ((tiles.bwd_tuner, _bwd_problem(), tiles.prune_bwd),
+                             (tiles.bwd_tuner, _bwd_problem(CPG=3, N=1), tiles.prune_bwd)):
         assert tuner.pick(kw, _key(tuner, kw), family="cpu") is prune(tuner.configs, {}, **kw)[0]
-    assert tiles.bwd_block_d_candidates(96, 16) == (tiles._bwd_block_d(96, 16),)
+    assert tiles.bwd_block_d_candidates(96, 16) == (tiles.bwd_block_d(96, 16),)
 
 
 def test_table_tile_that_no_longer_fits_is_ignored(table_mode):
-    tuner = tiles._bwd_tuned
+    tuner = tiles.bwd_tuner
     kw = _bwd_problem(CPG=3, N=1)
-    fitting = tiles._prune_bwd(tuner.configs, {}, **kw)
+    fitting = tiles.prune_bwd(tuner.configs, {}, **kw)
     wide = next(c for c in tuner.configs if c not in fitting)
     tiles.use_table(_table_with(tuner, kw, wide))
     assert tuner.pick(kw, _key(tuner, kw), family="cpu") is fitting[0]
@@ -84,10 +84,10 @@ class _FakeKernel:
 def test_launch_without_tuning_runs_no_timing(table_mode, monkeypatch):
     """In table mode the tuner launches the picked tile once and never enters Triton's tuning (which in
     Triton 3.6 times even a single remaining tile)."""
-    tuner = copy.copy(tiles._bwd_tuned)
+    tuner = copy.copy(tiles.bwd_tuner)
     tuner.cache, tuner.fn = {}, _FakeKernel()
     kw = _bwd_problem()
-    want = tiles._prune_bwd(tuner.configs, {}, **kw)[1]
+    want = tiles.prune_bwd(tuner.configs, {}, **kw)[1]
     tiles.use_table(_table_with(tuner, kw, want, family="cpu"))
     monkeypatch.setattr(tiles, "gpu_family", lambda device: "cpu")
 
@@ -108,7 +108,7 @@ def _child_modes(env_value):
         env["VMAMBA_KERNELS_TUNE"] = env_value
     code = ("import json; from vmamba_kernels.triton import tiles; "
             "print(json.dumps([tiles.tune_mode(), tiles.tuning_runs(), list(tiles.bwd_block_d_candidates(96, 16)), "
-            "[c.kwargs['BD'] for c in tiles._prune_bwd(tiles._bwd_tuned.configs, {}, BT=tiles.chunk_size(16), "
+            "[c.kwargs['BD'] for c in tiles.prune_bwd(tiles.bwd_tuner.configs, {}, BT=tiles.chunk_size(16), "
             "BN=16, CPG=96, N=16)]]))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -133,9 +133,9 @@ def _fake_tuner(tuner, entries):
 
 
 def test_table_round_trip(tmp_path):
-    tuner = tiles._bwd_tuned
+    tuner = tiles.bwd_tuner
     kw = _bwd_problem()
-    cfg = tiles._prune_bwd(tuner.configs, {}, **kw)[3]
+    cfg = tiles.prune_bwd(tuner.configs, {}, **kw)[3]
     # Triton 3.6 and 3.8 both file a problem under its key values and then its tensors' dtypes
     key = tuple(kw[k] for k in tuner.keys) + ("torch.bfloat16", "torch.float32", "torch.float32")
     entries = tiles.tuned_entries(_fake_tuner(tuner, {key: cfg}))
@@ -167,7 +167,7 @@ def test_tool_merges_tuner_caches():
     assert tune_tiles.parse_batch_sizes("vim2_tiny=32, plainmamba_l1=64") == {"vim2_tiny": 32, "plainmamba_l1": 64}
     with pytest.raises(ValueError, match="name=batch"):
         tune_tiles.parse_batch_sizes("vim2_tiny")
-    fwd = tiles._n1_tuned
+    fwd = tiles.n1_tuner
     key = (96, 4, 1, True, True, True, True, "torch.bfloat16", "torch.float32")
     fakes = {"route_scan_n1_fwd_kernel": _fake_tuner(fwd, {key: fwd.configs[1]})}
     table = tune_tiles.harvest(tiles.empty_table(), "sm90", fakes, {"models": ["vmamba_tiny_s1l8"]})

@@ -51,10 +51,10 @@ def test_single_state_tiles_fit_every_channel_count(CPG):
     from vmamba_kernels.triton import tiles
 
     for save_chunks in (True, False):
-        kept = tiles._prune_n1(tiles._n1_tuned.configs, {}, CPG=CPG, SAVE_CHUNKS=save_chunks,
+        kept = tiles.prune_n1(tiles.n1_tuner.configs, {}, CPG=CPG, SAVE_CHUNKS=save_chunks,
                                  SAVE_T=tiles.chunk_size(1))
         assert kept, (CPG, save_chunks)
-    kept = tiles._prune_n1_bwd(tiles._n1_bwd_tuned.configs, {}, CPG=CPG)
+    kept = tiles.prune_n1_bwd(tiles.n1_bwd_tuner.configs, {}, CPG=CPG)
     assert kept and all(c.kwargs["TT"] * c.kwargs["LT"] == tiles.chunk_size(1) for c in kept)
     mode = tiles.tune_mode()
     tiles.set_tune_mode("tune")  # every kept tile may run: the workspaces fit the narrowest
@@ -70,7 +70,7 @@ def test_single_state_tiles_fill_their_warps():
     more lanes would spread a segment's steps over threads, fewer would repeat work."""
     from vmamba_kernels.triton import tiles
 
-    for TT, LT, BD, VEC, warps, *_ in tiles._N1_TILES + tiles._N1_BWD_TILES:
+    for TT, LT, BD, VEC, warps, *_ in tiles.N1_TILES + tiles.N1_BWD_TILES:
         assert BD // VEC * LT == 32 * warps, (TT, LT, BD, VEC, warps)
 
 
@@ -81,15 +81,15 @@ def test_backward_tiles_fit_every_problem(N):
     from vmamba_kernels.triton import tiles
 
     for CPG in (1, 3, 16, 96, 384, 1024):
-        BT, BN = tiles.chunk_size(N), tiles._pow2(N)
-        kept = tiles._prune_bwd(tiles._bwd_tuned.configs, {}, BT=BT, BN=BN, CPG=CPG, N=N)
+        BT, BN = tiles.chunk_size(N), tiles.next_pow2(N)
+        kept = tiles.prune_bwd(tiles.bwd_tuner.configs, {}, BT=BT, BN=BN, CPG=CPG, N=N)
         assert kept, (CPG, N)
         first = kept[0]
-        assert first.kwargs["BD"] == tiles._bwd_block_d(CPG, N) and first.num_warps == 8
+        assert first.kwargs["BD"] == tiles.bwd_block_d(CPG, N) and first.num_warps == 8
         assert first.maxnreg is None
         for cfg in kept:
             BD = cfg.kwargs["BD"]
-            assert BD <= max(1, tiles._pow2(CPG)), (CPG, N, BD)
+            assert BD <= max(1, tiles.next_pow2(CPG)), (CPG, N, BD)
             assert cfg is first or 1024 <= BT * BD * BN <= 4096, (CPG, N, BD)
         assert len({(c.kwargs["BD"], c.num_warps, c.maxnreg) for c in kept}) == len(kept)
         assert first.kwargs["BD"] in tiles.bwd_block_d_candidates(CPG, N)
@@ -106,16 +106,16 @@ def test_backward_tiles_fit_every_problem(N):
 def test_forward_tiles_lead_with_the_main_list_then_the_lean_ones(N, CPG, save_chunks):
     from vmamba_kernels.triton import tiles
 
-    BN, save_t = tiles._pow2(N), tiles.chunk_size(N)
-    kept = tiles._prune_fwd(tiles._fwd_tuned.configs, {}, BN=BN, CPG=CPG, SAVE_T=save_t, SAVE_CHUNKS=save_chunks)
+    BN, save_t = tiles.next_pow2(N), tiles.chunk_size(N)
+    kept = tiles.prune_fwd(tiles.fwd_tuner.configs, {}, BN=BN, CPG=CPG, SAVE_T=save_t, SAVE_CHUNKS=save_chunks)
     assert kept and kept[0].maxnreg is None
-    assert len(kept) <= 4 + len(tiles._FWD_LEAN_TILES)
-    main_list = tiles._fwd_tuned.configs[:len(tiles._FWD_TILES)]
+    assert len(kept) <= 4 + len(tiles.FWD_LEAN_TILES)
+    main_list = tiles.fwd_tuner.configs[:len(tiles.FWD_TILES)]
     from_main = [c in main_list for c in kept]
     assert from_main == sorted(from_main, reverse=True), "lean tiles come last"
     for cfg in kept:
         BT, BD = cfg.kwargs["BT"], cfg.kwargs["BD"]
-        assert cfg is kept[0] or (BD <= max(8, tiles._pow2(CPG)) and 256 <= BT * BD * BN <= 4096), cfg
+        assert cfg is kept[0] or (BD <= max(8, tiles.next_pow2(CPG)) and 256 <= BT * BD * BN <= 4096), cfg
         assert not (save_chunks and BT > save_t), cfg
 
 
@@ -134,6 +134,7 @@ def _child(group):
     from vmamba_kernels import reference
     from vmamba_kernels.triton import alloc
     from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import launches
     from vmamba_kernels.triton import tiles
 
     alloc.poison(True)
@@ -344,12 +345,12 @@ def _child(group):
         tiles.INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": False}
         scan_2d("n1_reverse_scans", vk.scan_routes("cross", 3, 5), 3, 5, 2, 12, 1, f32, "sum")
         tiles.INTERPRET_N1_TILE = {"TT": 1, "LT": 4, "BD": 16, "VEC": 1, "FLIP": True}
-        tri.n1_bwd_block_d_candidates.cache_clear()
+        tiles.n1_bwd_block_d_candidates.cache_clear()
         scan_2d("n1_segments_over_warps", vk.scan_routes("cross", 3, 5), 3, 5, 2, 12, 1, f32, "sum")
         # Steps on the tile's second axis (the layout Triton 3.6 keeps in one thread).
-        tri.N1_STEP_AXIS = 1
+        launches.N1_STEP_AXIS = 1
         tiles.INTERPRET_N1_TILE = {"TT": 2, "LT": 2, "BD": 8, "VEC": 1, "FLIP": True}
-        tri.n1_bwd_block_d_candidates.cache_clear()
+        tiles.n1_bwd_block_d_candidates.cache_clear()
         scan_2d("n1_step_axis_1_cross", vk.scan_routes("cross", 5, 3), 5, 3, 2, 12, 1, f32, "sum")
         scan_2d("n1_step_axis_1_mixed", mixed, 3, 4, 1, 4, 1, f32, "sum")
         scan_2d("n1_step_axis_1_per_route", vk.scan_routes("cross", 3, 3), 3, 3, 1, 8, 1, f32, "none",

@@ -253,7 +253,7 @@ def test_official_checkpoint_converts_and_loads_strictly(name):
         'layers.3.1.conv_pw2.1.bias': 'stages.3.blocks.0.bn3.bias',
         f'layers.2.{d + 2}.reduction.weight': 'stages.3.downsample.reduction.weight',
         'classifier.norm.weight': 'norm.weight',
-        'classifier.head.bias': 'head.bias',
+        'classifier.head.bias': 'head.fc.bias',
     }
     for src, dst in mapping.items():
         assert torch.equal(out[dst], sd[src]), (src, dst)
@@ -272,7 +272,7 @@ def test_checkpoint_wrappers_backbone_prefix_and_idempotence():
     det.update({'backbone.outnorm0.weight': torch.ones(48), 'neck.lateral_convs.0.conv.weight': torch.ones(1)})
     out = checkpoint_filter_fn({'state_dict': det}, model)
     missing, unexpected = model.load_state_dict(out, strict=False)
-    assert sorted(missing) == ['head.bias', 'head.weight', 'norm.bias', 'norm.weight'] and not unexpected
+    assert sorted(missing) == ['head.fc.bias', 'head.fc.weight', 'norm.bias', 'norm.weight'] and not unexpected
     # our own state dict passes through unchanged
     own = model.state_dict()
     assert checkpoint_filter_fn(own, model).keys() == own.keys()

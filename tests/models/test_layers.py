@@ -1,10 +1,14 @@
 """Shared layers of vmamba_zoo.layers against plain formulations."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vmamba_zoo.layers import RouteScanParams, per_route_linear
+from vmamba_kernels import scan_directions, scan_routes
+from vmamba_zoo.layers import (RouteScanParams, at_least_fp32, device_routes, init_A_log_and_D_, init_dt_projection_,
+                               per_route_linear)
 from vmamba_zoo.layers.route_scan import LowPrecisionLayerNorm, route_projections
 
 
@@ -88,3 +92,47 @@ def test_low_precision_layer_norm_is_layer_norm():
         got, want = fast(xb), ln(xb)
     assert got.dtype == torch.bfloat16
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+def test_scan_parameter_init_follows_mamba():
+    """dt_proj weight in ±rank^-0.5, softplus(bias) log-uniform in [dt_min, dt_max], A = -(1..N), D = 1."""
+    weight, bias = torch.empty(3, 64, 5), torch.empty(3, 64)
+    init_dt_projection_(weight, bias, dt_min=0.01, dt_max=0.2)
+    assert weight.abs().max() <= 5 ** -0.5 and weight.std() > 0.5 * 5 ** -0.5 / 3 ** 0.5
+    dt = F.softplus(bias)
+    assert dt.min() >= 0.01 * (1 - 1e-5) and dt.max() <= 0.2 * (1 + 1e-5)
+    assert dt.log().std() > 0.5  # spread over the decades, not one value
+    A_log, D = torch.empty(6, 4), torch.empty(6)
+    init_A_log_and_D_(A_log, D)
+    assert torch.equal(-torch.exp(A_log), -torch.arange(1., 5.).expand(6, 4)) and torch.equal(D, torch.ones(6))
+
+
+def test_scan_parameter_init_draws_one_fixed_sequence():
+    """The weight, then dt: a seeded init is the same wherever a family calls it."""
+    torch.manual_seed(3)
+    weight, bias = torch.empty(2, 8, 4), torch.empty(2, 8)
+    init_dt_projection_(weight, bias)
+    torch.manual_seed(3)
+    want_weight = torch.empty(2, 8, 4).uniform_(-0.5, 0.5)
+    want_dt = torch.exp(torch.rand(2, 8) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+    assert torch.equal(weight, want_weight)
+    torch.testing.assert_close(F.softplus(bias), want_dt, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize('dtype, want', [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                         (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_at_least_fp32(dtype, want):
+    t = torch.randn(3).to(dtype)
+    assert at_least_fp32(t).dtype == want and torch.equal(at_least_fp32(t), t.to(want))
+
+
+def test_device_routes_tables():
+    routes = device_routes('continuous', 3, 4, torch.device('cpu'))
+    assert routes is device_routes('continuous', 3, 4, torch.device('cpu'))  # cached
+    assert torch.equal(routes, scan_routes('continuous', 3, 4))
+    assert torch.equal(device_routes('continuous', 3, 4, torch.device('cpu'), table='directions'),
+                       scan_directions('continuous', 3, 4))
+    assert torch.equal(device_routes('continuous', 3, 4, torch.device('cpu'), table='raster_params'),
+                       torch.arange(12).expand(4, 12))
+    with pytest.raises(ValueError, match="table must be one of"):
+        device_routes('cross', 3, 4, torch.device('cpu'), table='params')

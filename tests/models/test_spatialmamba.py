@@ -251,7 +251,7 @@ def test_checkpoint_conversion_maps_official_tensors(tiny):
     assert torch.equal(sd["stages.3.downsample.conv3.norm.running_var"],
                        official["layers.2.downsample.conv.2.norm.running_var"])
     assert torch.equal(sd["stem.conv3.1.conv.weight"], official["patch_embed.conv3.1.conv.weight"])
-    assert torch.equal(sd["head.weight"], official["head.weight"])
+    assert torch.equal(sd["head.fc.weight"], official["head.weight"])
 
 
 def test_checkpoint_conversion_unwraps_prefixes_and_drops_detection_extras(tiny):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
 
 import vmamba_kernels
@@ -293,3 +294,29 @@ def test_pretrained_urls_are_direct_files(name):
 def test_pretrained_without_downloadable_weights_fails_at_once_saying_where(name, says):
     with pytest.raises(ValueError, match=f"{name} has no downloadable weights: .*{says}"):
         timm.create_model(name, pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["efficientvmamba_tiny", "spatialmamba_tiny", "vim2_tiny"])
+def test_a_bare_linear_head_file_loads_into_the_classifier_head(name):
+    """Files whose classifier is ``head.weight`` (official layouts, the zoo's earlier files) load into ``head.fc``."""
+    model = _create(name, num_classes=7)
+    source = _create(name, num_classes=7)
+    with torch.no_grad():
+        source.get_classifier().weight.normal_()
+    old_layout = {k.replace("head.fc.", "head."): v for k, v in source.state_dict().items()}
+    assert "head.weight" in old_layout and "head.fc.weight" not in old_layout
+    filter_fn = _module_of(model).checkpoint_filter_fn
+    model.load_state_dict(filter_fn(old_layout, model), strict=True)
+    assert torch.equal(model.get_classifier().weight, source.get_classifier().weight)
+
+
+@pytest.mark.parametrize("name", ["plainmamba_l1", "efficientvmamba_tiny", "spatialmamba_tiny", "vim2_tiny",
+                                  "vmamba_tiny_s1l8"])
+def test_classifier_head_reset_and_bad_pool(name):
+    model = _create(name, num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    model.reset_classifier(3)
+    torch.testing.assert_close(model(x), F.linear(pooled, model.get_classifier().weight, model.get_classifier().bias))
+    with pytest.raises(ValueError, match=r"global_pool must be .*, got 'token'"):
+        model.reset_classifier(3, "token")

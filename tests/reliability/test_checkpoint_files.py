@@ -31,7 +31,7 @@ def _timm_pretrained(path, name='efficientvmamba_tiny'):
 
 def _readers():
     """Every way the project reads a checkpoint file: name -> callable(path)."""
-    checkpoint_io = load_tool('checkpoint_io')
+    checkpoint_io = load_tool('toolkit.checkpoint_io')
     train = load_tool('train')
     readers = {
         'vmamba_zoo.checkpoint': ckpt.read_checkpoint,
@@ -109,7 +109,7 @@ def test_official_objects_are_read_inert_and_mm_history_for_real(tmp_path):
 # --------------------------------------------------------------------------------------------------------- EMA keys
 @pytest.mark.parametrize('ema_key', ckpt.EMA_KEYS)
 def test_tools_and_mm_accept_the_same_ema_keys(tmp_path, ema_key):
-    checkpoint_io = load_tool('checkpoint_io')
+    checkpoint_io = load_tool('toolkit.checkpoint_io')
     model = torch.nn.Linear(3, 2)
     plain = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     ema = {f'module.{k}': torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
@@ -131,7 +131,7 @@ def test_tools_and_mm_accept_the_same_ema_keys(tmp_path, ema_key):
 
 
 def test_ema_requested_but_absent_is_an_error_everywhere(tmp_path):
-    checkpoint_io = load_tool('checkpoint_io')
+    checkpoint_io = load_tool('toolkit.checkpoint_io')
     path = tmp_path / 'weights.pth'
     torch.save({'model': torch.nn.Linear(3, 2).state_dict()}, path)
     with pytest.raises(checkpoint_io.UsageError, match='no EMA weights'):

@@ -15,7 +15,7 @@ IMG = 32
 
 @pytest.fixture(scope='module')
 def graphs():
-    return load_tool('cuda_graphs')
+    return load_tool('toolkit.cuda_graphs')
 
 
 @pytest.fixture(scope='module')
@@ -90,7 +90,7 @@ def test_the_tools_share_one_recipe():
     for name in ('benchmark', 'check_cuda_graphs'):
         source = inspect.getsource(load_tool(name))
         assert 'CUDAGraph(' not in source and 'torch.cuda.graph(' not in source, name
-        assert 'from cuda_graphs import' in source, name
+        assert 'from toolkit.cuda_graphs import' in source, name
 
 
 # --------------------------------------------------------------------------------------------- benchmark.py

@@ -32,7 +32,7 @@ def test_family_captures_and_replays_like_eager(name):
 def test_train_py_captured_update_follows_eager_and_the_scheduler():
     """train.py's capture (warm-up undone, learning rates as tensors) gives the eager run's parameters after
     several updates whose learning rate changes every step."""
-    graphs = load_tool('cuda_graphs')
+    graphs = load_tool('toolkit.cuda_graphs')
     results = []
     for captured in (False, True):
         torch.manual_seed(0)

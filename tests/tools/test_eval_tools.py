@@ -59,7 +59,7 @@ def test_convert_official_then_validate_both_ways(tmp_path, capsys):
     import safetensors.torch
     converted = safetensors.torch.load_file(str(outs[0]))
     as_pth = torch.load(outs[1], weights_only=True)
-    model = load_tool('cli_common').create_model('efficientvmamba_tiny')
+    model = load_tool('toolkit.cli').create_model('efficientvmamba_tiny')
     assert set(converted) == set(model.state_dict()) == set(as_pth)
     for k in converted:
         assert torch.equal(converted[k], as_pth[k])
@@ -117,7 +117,7 @@ def _hook_macs(model, x):
 
 def test_flop_counts_match_an_analytic_oracle_on_a_cnn():
     flops = load_tool('flops')
-    model = load_tool('cli_common').create_model('test_resnet').eval()
+    model = load_tool('toolkit.cli').create_model('test_resnet').eval()
     x = torch.randn(1, 3, 64, 64)
     oracle = _hook_macs(model, x)
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_flop_counts_match_an_analytic_oracle_on_a_cnn():
 def test_flop_counter_consistent_with_fvcore_on_zoo_models(name):
     """Matmul/conv part exactly 2x (flop_counter counts a multiply-add as 2), scan part the same registered count."""
     flops = load_tool('flops')
-    model = load_tool('cli_common').create_model(name, img_size=64).eval()
+    model = load_tool('toolkit.cli').create_model(name, img_size=64).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         _, fv = flops.fvcore_count(model, x)
@@ -170,7 +170,7 @@ def test_flops_tool_table_and_model_card_update(tmp_path):
     assert set(rows) == {'efficientvmamba_tiny', 'efficientvmamba_small', 'efficientvmamba_base'}
     # the same counts as calling fvcore directly
     flops = load_tool('flops')
-    model = load_tool('cli_common').create_model('efficientvmamba_tiny', img_size=64).eval()
+    model = load_tool('toolkit.cli').create_model('efficientvmamba_tiny', img_size=64).eval()
     with torch.no_grad():
         total, _ = flops.fvcore_count(model, torch.randn(1, 3, 64, 64))
     assert rows['efficientvmamba_tiny']['gflops_fvcore'] == pytest.approx(total / 1e9)
@@ -215,7 +215,7 @@ def test_benchmark_model_lists():
     bench = load_tool('benchmark')
     names = bench.resolve_models('zoo-tiny,baselines')
     assert names[-4:] == ['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50', 'mambaout_tiny']
-    families = load_tool('cli_common').zoo_families()
+    families = load_tool('toolkit.cli').zoo_families()
     for family, members in families.items():
         assert any(n in names for n in members), f'no T variant of {family} benchmarked'
     assert 'groupmamba_base' not in names and 'plainmamba_l1' in names

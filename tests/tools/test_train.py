@@ -93,7 +93,7 @@ def test_ddp_two_processes_gloo_agree_and_match_one_process(tmp_path):
     r0 = torch.load(tmp_path / 'ddp_w' / 'rank0.pt', weights_only=True)
     r1 = torch.load(tmp_path / 'ddp_w' / 'rank1.pt', weights_only=True)
     one = torch.load(tmp_path / 'one_w' / 'rank0.pt', weights_only=True)
-    init = load_tool('cli_common').create_model('test_convnext', num_classes=10).state_dict()
+    init = load_tool('toolkit.cli').create_model('test_convnext', num_classes=10).state_dict()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f'ranks disagree on {k}'
         torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-5, msg=f'DDP != single process for {k}')
@@ -101,7 +101,7 @@ def test_ddp_two_processes_gloo_agree_and_match_one_process(tmp_path):
 
 
 def test_configs_one_per_zoo_model_and_resolve(tmp_path):
-    cli = load_tool('cli_common')
+    cli = load_tool('toolkit.cli')
     models = cli.zoo_model_names()
     configs = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, 'configs', 'imagenet',
                                                                                          '*.yaml'))}
@@ -199,7 +199,7 @@ def test_bad_config_key(tmp_path, capsys):
 def test_recipe_features_run_together(tmp_path):
     """Mixup/CutMix, RandAugment, random erasing, EMA, MESA, distillation and accumulation in one short run."""
     teacher = tmp_path / 'teacher.pth'
-    torch.save({'model': load_tool('cli_common').create_model('test_resnet', num_classes=10).state_dict()}, teacher)
+    torch.save({'model': load_tool('toolkit.cli').create_model('test_resnet', num_classes=10).state_dict()}, teacher)
     proc = run_script('train.py', '--model', 'test_resnet', '--img-size', '16', '--epochs', '1', '--output',
                       tmp_path / 'run', '--mixup', '0.8', '--cutmix', '1.0', '--aa', 'rand-m9-mstd0.5-inc1',
                       '--reprob', '0.25', '--model-ema', '--mesa', '1.0', '--mesa-start', '0', '--distill-type', 'hard',
@@ -212,7 +212,7 @@ def test_recipe_features_run_together(tmp_path):
 def test_randaugment_zero_bit_posterize_gives_black_image():
     from PIL import Image, ImageOps
     from timm.data import auto_augment
-    load_tool('image_data').keep_zero_bit_posterize()
+    load_tool('toolkit.image_data').keep_zero_bit_posterize()
     img = Image.frombytes('RGB', (4, 4), bytes(range(48)))
     black = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(img)  # 4 - 4 = 0 bits
     assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
@@ -251,7 +251,7 @@ FAILING_RANK = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
-import evaluation
+from toolkit import evaluation
 import train
 
 class Runtime:  # a rank of a distributed run

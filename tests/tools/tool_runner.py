@@ -1,4 +1,5 @@
 """Run the tools as a user would (subprocess, torchrun) or call their main() in-process."""
+import importlib
 import importlib.util
 import json
 import os
@@ -32,9 +33,12 @@ def run_torchrun(nproc, script, *args, timeout=300):
 
 
 def load_tool(name):
-    """Import tools/<name>.py under a private module name (its sibling imports resolve through sys.path)."""
+    """Import tools/<name>.py under a private module name, or the shared helper module ``toolkit.<module>``
+    itself (both import the ``toolkit`` package through sys.path, as the tools do when run as scripts)."""
     if TOOLS not in sys.path:
         sys.path.insert(0, TOOLS)
+    if name.startswith('toolkit.'):
+        return importlib.import_module(name)
     spec = importlib.util.spec_from_file_location(f'_vmz_tool_{name}', os.path.join(TOOLS, f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

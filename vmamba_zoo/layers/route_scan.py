@@ -5,15 +5,16 @@ A mixer subclasses ``RouteScanParams``, projects each pixel for every route (``x
 cross scan, the multi-head scan and the token mixers built on them.
 """
 import contextlib
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LowPrecisionLayerNorm", "RouteScanParams", "dt_projection_init", "fewer_launches", "fused_projections",
-           "per_route_linear", "route_projections"]
+from .scan_params import init_A_log_and_D_, init_dt_projection_
+
+__all__ = ["LowPrecisionLayerNorm", "RouteScanParams", "fewer_launches", "fused_projections", "per_route_linear",
+           "route_projections"]
 
 _fused = {"forced": None}
 
@@ -76,20 +77,6 @@ def route_projections(
     return delta, Bs.unflatten(-1, (N, K)).transpose(-1, -2), Cs.unflatten(-1, (N, K)).transpose(-1, -2)
 
 
-def dt_projection_init(
-        num_routes: int, dt_rank: int, channels: int,
-        dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mamba's dt init: uniform weights of std dt_rank**-0.5, biases = softplus^-1 of log-uniform dt."""
-    std = dt_rank ** -0.5
-    weight = torch.empty(num_routes, channels, dt_rank).uniform_(-std, std)
-    dt = torch.exp(
-        torch.rand(num_routes, channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-    ).clamp(min=dt_init_floor)
-    bias = dt + torch.log(-torch.expm1(-dt))
-    return weight, bias
-
-
 class LowPrecisionLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters) for an input already in autocast's dtype, such as a scan's output:
     normalized in that dtype (the kernel still accumulates in fp32) instead of autocast's fp32 copy in and fp32
@@ -127,12 +114,8 @@ class RouteScanParams(nn.Module):
     def reset_scan_parameters(self):
         bound = self.channels ** -0.5  # nn.Linear's default init, as the official x_proj
         self.x_proj_weight.uniform_(-bound, bound)
-        weight, bias = dt_projection_init(self.num_routes, self.dt_rank, self.channels)
-        self.dt_projs_weight.copy_(weight)
-        self.dt_projs_bias.copy_(bias)
-        A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
-        self.A_logs.copy_(torch.log(A).expand(self.num_routes * self.channels, -1))
-        self.Ds.fill_(1.0)
+        init_dt_projection_(self.dt_projs_weight, self.dt_projs_bias)
+        init_A_log_and_D_(self.A_logs, self.Ds)
 
     def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (..., C), read by every route → delta (..., K, C), B (..., K, N), C (..., K, N): the values of

@@ -1,39 +1,59 @@
-"""Scan routes on the device the features live on, built once per (route set, grid, options, device)."""
+"""Scan routes on the device the features live on, built once per (route set, table, grid, options, device).
+
+``device_routes`` is how every model gets its routes: a cache per device (a routes tensor the scan ops have
+checked once is not checked again, and a CUDA graph replays it), built in the graph where a model is traced.
+"""
 import functools
 from typing import Tuple
 
 import torch
 
-from vmamba_kernels import scan_routes
+from vmamba_kernels import scan_directions, scan_routes
 from vmamba_kernels.reference import exporting
 from vmamba_kernels.graphs import capturing
 
-__all__ = ["device_routes"]
+__all__ = ["ROUTE_TABLES", "device_routes"]
+
+# What a route set provides: the routes, the direction id of each step (``scan_directions``), or the raster
+# route once per route, for parameters every route reads in raster order (``param_routes`` of the 2D scan).
+ROUTE_TABLES = ("routes", "directions", "raster_params")
+
+
+def _build(name: str, H, W, table: str, options: dict) -> torch.Tensor:
+    routes = scan_routes(name, H, W, **options)
+    if table == "routes":
+        return routes
+    if table == "directions":
+        return scan_directions(name, H, W, **options)
+    return scan_routes("raster", H, W).expand_as(routes).contiguous()
 
 
 @functools.lru_cache(maxsize=128)
-def _cached_routes(name: str, H: int, W: int, options: Tuple, device: torch.device) -> torch.Tensor:
+def _cached_routes(name: str, table: str, H: int, W: int, options: Tuple, device: torch.device) -> torch.Tensor:
     # Built outside inference mode: the scan saves the routes for backward, which an inference tensor
     # cached during evaluation would forbid in a later training step.
     with torch.inference_mode(False):
-        return scan_routes(name, H, W, **dict(options)).to(device)
+        return _build(name, H, W, table, dict(options)).to(device)
 
 
-def device_routes(name: str, H, W, device: torch.device, **options) -> torch.Tensor:
+def device_routes(name: str, H, W, device: torch.device, table: str = "routes", **options) -> torch.Tensor:
     """``scan_routes(name, H, W, **options)`` on ``device``, cached; the scan ops never modify routes.
+    ``table`` picks another table of the same route set (``ROUTE_TABLES``).
 
     Inside a compiled graph the routes are built in the graph (constants there), not looked up."""
+    if table not in ROUTE_TABLES:
+        raise ValueError(f"table must be one of {ROUTE_TABLES}, got {table!r}")
     if exporting() or torch.jit.is_tracing():
         # Built in the graph from the traced sizes (0-dim tensors under jit.trace, symbolic under
         # torch.export), so that an exported or traced model follows its input's size.
-        return scan_routes(name, H, W, **options).to(device)
+        return _build(name, H, W, table, options).to(device)
     H, W = int(H), int(W)
     if torch.compiler.is_compiling():
-        return scan_routes(name, H, W, **options).to(device)
-    key = (name, H, W, tuple(sorted(options.items())), torch.device(device))
+        return _build(name, H, W, table, options).to(device)
+    key = (name, table, H, W, tuple(sorted(options.items())), torch.device(device))
     if key not in _built and capturing():
         # Building them copies from host memory, which a CUDA graph capture forbids; so would caching them.
-        raise RuntimeError(f"device_routes{key[:4]} is first asked for while a CUDA graph is captured; run the "
+        raise RuntimeError(f"device_routes{key[:5]} is first asked for while a CUDA graph is captured; run the "
                            "model once before capturing it (that call builds and caches its routes)")
     _built.add(key)
     return _cached_routes(*key)

@@ -12,7 +12,10 @@ __all__ = ["ChannelsLastStagesMixin"]
 
 class ChannelsLastStagesMixin:
     """timm's stage API for a model that runs ``stem`` → ``stages`` (an nn.Sequential of stages on
-    (B, H, W, C) maps, each with a ``grad_checkpointing`` flag) → ``norm`` → head, one feature map per stage."""
+    (B, H, W, C) maps, each with a ``grad_checkpointing`` flag) → ``norm`` → head, one feature map per stage.
+    A model whose ``norm`` belongs to its head (applied after pooling) sets ``features_end_with_norm = False``."""
+
+    features_end_with_norm = True
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -68,6 +71,6 @@ class ChannelsLastStagesMixin:
                 intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
         if intermediates_only:
             return intermediates
-        if feat_idx == last_idx:
+        if feat_idx == last_idx and self.features_end_with_norm:
             x = self.norm(x)
         return x, intermediates

@@ -28,29 +28,26 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from timm.models._features_fx import register_notrace_module
 
 from vmamba_kernels import selective_scan_2d
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
+from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import LowPrecisionLayerNorm, fewer_launches, route_projections
 from ..layers.routes import device_routes
+from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_
 
 __all__ = ['EfficientVMamba']
 
 # Sub-grid (h parity, w parity) that atrous route k visits: [(0, 0) row-major, (1, 0) column-major,
 # (0, 1) row-major, (1, 1) column-major], the order of ``scan_routes("atrous", H, W, step=2)``.
 ATROUS_PARITIES = ((0, 0), (1, 0), (0, 1), (1, 1))
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """SSM parameters enter the scan in fp32 (fp64 stays fp64), as upstream keeps A, D and dt bias in fp32."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 @register_notrace_module  # routes depend on the runtime map size
@@ -110,21 +107,10 @@ class EfficientScan2d(nn.Module):
     def reset_parameters(self):
         """Mamba's initialization, as upstream: x_proj like nn.Linear, dt_proj uniform ±R^-0.5 with a bias that
         puts softplus(bias) log-uniformly in [dt_min, dt_max], S4D-real A, D = 1."""
-        K, Di, N = self.num_routes, self.d_inner, self.d_state
-        bound = 1. / math.sqrt(Di)
+        bound = 1. / math.sqrt(self.d_inner)
         self.x_proj_weight.uniform_(-bound, bound)
-        self.dt_projs_weight.uniform_(-self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        dt = torch.exp(
-            torch.rand(K, Di, device=self.dt_projs_bias.device) * (math.log(self.dt_max) - math.log(self.dt_min))
-            + math.log(self.dt_min)
-        ).clamp(min=self.dt_init_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        A = torch.arange(1, N + 1, dtype=torch.float32, device=self.A_logs.device)
-        self.A_logs.copy_(torch.log(A).expand(K * Di, N))
-        self.Ds.fill_(1.)
-
-    def routes(self, H: int, W: int, device: torch.device) -> torch.Tensor:
-        return device_routes('atrous', H, W, device, step=2)
+        init_dt_projection_(self.dt_projs_weight, self.dt_projs_bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_A_log_and_D_(self.A_logs, self.Ds)
 
     def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per pixel dt (B, H, W, Di), B and C (B, H, W, N) with the weights of the route owning the pixel."""
@@ -156,11 +142,11 @@ class EfficientScan2d(nn.Module):
             # scattered back (the step is bound by launches); route k reads only its own pixels' values.
             delta, B, C = route_projections(x, self.x_proj_weight, self.dt_projs_weight, self.route_eye)
         y = selective_scan_2d(
-            x, delta, -torch.exp(_at_least_fp32(self.A_logs)).view(K, Di, N), B, C,
-            D=_at_least_fp32(self.Ds).view(K, Di),
-            delta_bias=_at_least_fp32(self.dt_projs_bias),
+            x, delta, -torch.exp(at_least_fp32(self.A_logs)).view(K, Di, N), B, C,
+            D=at_least_fp32(self.Ds).view(K, Di),
+            delta_bias=at_least_fp32(self.dt_projs_bias),
             delta_softplus=True,
-            routes=self.routes(H, W, x.device),
+            routes=device_routes('atrous', H, W, x.device, step=2),
             merge='sum',
         )
         y = self.out_norm(y).to(z.dtype) * z
@@ -298,7 +284,7 @@ class EfficientVMambaStage(nn.Module):
         return x
 
 
-class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
+class EfficientVMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """EfficientVMamba: EVSS stages (atrous selective scan + conv branch) then inverted-residual stages."""
 
     def __init__(
@@ -328,8 +314,7 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
             dims = [dims * 2 ** i for i in range(num_stages)]
         if len(dims) != num_stages or len(block_types) != num_stages:
             raise ValueError(f'dims {dims}, depths {depths} and block_types {block_types} must have one entry per stage')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.drop_rate = drop_rate
@@ -355,8 +340,7 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
 
         self.norm = norm_layer(self.num_features, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head = channels_last_head(self.num_features, num_classes, global_pool, drop_rate, **dd)
 
         self.apply(init_linear_and_norm)
 
@@ -381,20 +365,6 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
         self.grad_checkpointing = enable
         super().set_grad_checkpointing(enable)
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        device, dtype = self.stem.conv.weight.device, self.stem.conv.weight.dtype
-        self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) \
-            if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(check_images(self, x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -402,12 +372,6 @@ class EfficientVMamba(ChannelsLastStagesMixin, nn.Module):
         else:
             x = self.stages(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -461,13 +425,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EfficientVM
             if not k.startswith('backbone.'):
                 continue
             k = k[len('backbone.'):]
-        if k.startswith(('stem.', 'stages.')) or k in ('norm.weight', 'norm.bias', 'head.weight', 'head.bias'):
+        if k.startswith(('stem.', 'stages.', 'norm.', 'head.')):
             out[k] = v  # already ours
             continue
         k = _official_to_ours(k)
         if k is not None:
             out[k] = v
-    return out
+    return linear_head_keys_to_fc(out)
 
 
 def _cfg(url: str = '', **kwargs):
@@ -476,7 +440,7 @@ def _cfg(url: str = '', **kwargs):
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv', 'classifier': 'head',
+        'first_conv': 'stem.conv', 'classifier': 'head.fc',
         'license': 'apache-2.0',
         'paper_ids': 'arXiv:2403.09977',
         'paper_name': 'EfficientVMamba: Atrous Selective Scan for Light Weight Visual Mamba',
@@ -496,14 +460,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_efficientvmamba(variant: str, pretrained: bool = False, **kwargs) -> EfficientVMamba:
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        EfficientVMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_zoo_model(EfficientVMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

@@ -23,31 +23,23 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import selective_scan_2d
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
+from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_
+from ..layers.stages import ChannelsLastStagesMixin
 
 __all__ = ['GroupMamba']
 
 NUM_GROUPS = 4  # one scan route per channel group: row-major, column-major, both reversed
-def cross_routes(H: int, W: int, device: torch.device) -> torch.Tensor:
-    """``scan_routes('cross', H, W)`` on ``device``: route k is group k's scan order."""
-    return device_routes('cross', H, W, device)
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def block_diagonal(weight: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
     """(K, O, I) weights → the (K·O, K·I) block-diagonal matrix with ``weight[k]`` as block k.
 
@@ -134,15 +126,12 @@ class GroupedSingleScan2d(nn.Module):
         self.act = nn.SiLU()
         self.x_proj = GroupedLinear(d_inner, dt_rank + 2 * d_state, groups)
         # dt_proj's bias is the scan's delta_bias (added inside the scan before the softplus)
-        dt_std = dt_rank ** -0.5
-        self.dt_proj_weight = nn.Parameter(torch.empty(groups, d_inner, dt_rank).uniform_(-dt_std, dt_std))
-        dt = torch.exp(
-            torch.rand(groups, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        ).clamp(min=dt_init_floor)
-        self.dt_proj_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log = nn.Parameter(
-            torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(groups, d_inner, 1))
-        self.D = nn.Parameter(torch.ones(groups, d_inner))
+        self.dt_proj_weight = nn.Parameter(torch.empty(groups, d_inner, dt_rank))
+        self.dt_proj_bias = nn.Parameter(torch.empty(groups, d_inner))
+        init_dt_projection_(self.dt_proj_weight, self.dt_proj_bias, dt_min, dt_max, dt_init_floor)
+        self.A_log = nn.Parameter(torch.empty(groups, d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(groups, d_inner))
+        init_A_log_and_D_(self.A_log, self.D)
         self.register_buffer('eye', torch.eye(groups), persistent=False)
         self.out_norm = GroupedLayerNorm(d_inner, groups)
         self.out_proj = GroupedLinear(d_inner, d_model, groups)
@@ -160,13 +149,13 @@ class GroupedSingleScan2d(nn.Module):
 
         x_dbl = self.x_proj(x)
         # the official scan runs in fp32 (force_fp32) and normalizes its fp32 output
-        f32 = _at_least_fp32
+        f32 = at_least_fp32
         dt = self._dt_proj(x_dbl)
         b, c = f32(x_dbl[..., self.dt_rank:]).split(self.d_state, dim=-1)
         y = selective_scan_2d(
             f32(x), f32(dt), -torch.exp(f32(self.A_log)), b, c, f32(self.D),
-            delta_bias=f32(self.dt_proj_bias), delta_softplus=True, routes=cross_routes(H, W, x.device),
-            merge='none',
+            delta_bias=f32(self.dt_proj_bias), delta_softplus=True,
+            routes=device_routes('cross', H, W, x.device), merge='none',  # route k is group k's scan order
         )
         y = self.out_norm(y).to(z.dtype) * z
         return self.out_proj(y)
@@ -340,7 +329,7 @@ class GroupMambaStage(nn.Module):
         return self.norm(x)
 
 
-class GroupMamba(nn.Module):
+class GroupMamba(ChannelsLastStagesMixin, nn.Module):
     """GroupMamba: stem → 4 stages of modulated group Mamba blocks → class-token pooling → head (+ dist head).
 
     Args:
@@ -357,6 +346,7 @@ class GroupMamba(nn.Module):
         drop_rate: dropout before the heads (upstream accepts but ignores it).
         drop_path_rate: stochastic depth, linear over all blocks.
     """
+    features_end_with_norm = False  # ``norm`` follows the class-token pooling, in the head
 
     def __init__(
             self,
@@ -438,11 +428,6 @@ class GroupMamba(nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable=True):
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
         return self.head if self.dist_head is None else (self.head, self.dist_head)
 
@@ -460,43 +445,6 @@ class GroupMamba(nn.Module):
     def set_distilled_training(self, enable=True):
         """Return (head, dist_head) logits in training, as upstream does for its distillation loss."""
         self.distilled_training = enable
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (stages 1-3 include their norms; ``norm`` applies the final norm to the last stage).
-
-        Args:
-            x: input images (B, C, H, W).
-            indices: take the last n stages if int, all if None, or the listed stages.
-            norm: apply ``self.norm`` (upstream's norm4) to the last stage's map.
-            stop_early: stop after the last requested stage.
-            output_fmt: 'NCHW' or 'NHWC'.
-            intermediates_only: return only the intermediates.
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-
-        x = self.stem(check_images(self, x))
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                x_inter = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else x_inter)
-
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
 
     def prune_intermediate_layers(
             self,
@@ -636,13 +584,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_groupmamba(variant, pretrained=False, **kwargs):
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    return build_model_with_cfg(
-        GroupMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **kwargs,
-    )
+    return build_zoo_model(GroupMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

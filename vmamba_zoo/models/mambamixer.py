@@ -31,14 +31,14 @@ import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
+from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from timm.models._manipulate import checkpoint
-from timm.models._registry import get_pretrained_cfg
 from timm.models.swin_transformer import PatchMerging
 
 from vmamba_kernels import selective_scan, selective_scan_2d
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
+from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
@@ -310,7 +310,7 @@ class Stem(nn.Module):
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
-class MambaMixer(ChannelsLastStagesMixin, nn.Module):
+class MambaMixer(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """Vision MambaMixer (ViM2): hierarchical stages of MambaMixer blocks.
 
     Args:
@@ -356,8 +356,7 @@ class MambaMixer(ChannelsLastStagesMixin, nn.Module):
         channel_widths = list(channel_widths)
         if len(dims) != num_stages or len(channel_widths) != num_stages:
             raise ValueError(f'dims {dims}, depths {depths} and channel_widths {channel_widths} need one entry per stage')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.drop_rate = drop_rate
@@ -382,8 +381,7 @@ class MambaMixer(ChannelsLastStagesMixin, nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
 
         self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = channels_last_head(self.num_features, num_classes, global_pool, drop_rate)
         # VMamba's: trunc-normal Linear weights, zero biases, unit LayerNorms (convs and S6 keep their own)
         self.apply(init_linear_and_norm)
 
@@ -403,28 +401,8 @@ class MambaMixer(ChannelsLastStagesMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        device, dtype = self.stem.conv.weight.device, self.stem.conv.weight.dtype
-        self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) \
-            if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(check_images(self, x))))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -447,7 +425,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MambaMixer)
                 continue
             k = k[len('backbone.'):]
         out[k] = v
-    return out
+    return linear_head_keys_to_fc(out)
 
 
 def _cfg(url: str = '', **kwargs):
@@ -456,7 +434,7 @@ def _cfg(url: str = '', **kwargs):
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv', 'classifier': 'head',
+        'first_conv': 'stem.conv', 'classifier': 'head.fc',
         'license': 'apache-2.0',  # this reimplementation's; no official code or weights exist
         'paper_ids': 'arXiv:2403.19888',
         'paper_name': 'MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection',
@@ -473,14 +451,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_mambamixer(variant: str, pretrained: bool = False, **kwargs) -> MambaMixer:
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        MambaMixer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_zoo_model(MambaMixer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

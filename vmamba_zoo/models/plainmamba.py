@@ -22,18 +22,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, register_notrace_function, to_2tuple, trunc_normal_
-from timm.models._builder import build_model_with_cfg
+from timm.layers import DropPath, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
-from timm.models._registry import generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._registry import generate_default_cfgs, register_model
 
-from vmamba_kernels import scan_directions, scan_routes, selective_scan_2d
+from vmamba_kernels import selective_scan_2d
 from vmamba_kernels.reference import exporting
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
+from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
+from ..layers.routes import device_routes
+from ..layers.scan_params import init_A_log_and_D_
 
 # shape-dependent steps stay opaque to torch.fx (timm's feature extraction by graph)
 register_notrace_function(selective_scan_2d)
@@ -83,22 +85,18 @@ def add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, grid_size: Tuple[int
     return x + resize_pos_embed(pos_embed, grid_size, (H, W)).reshape(1, H, W, -1)
 
 
-def build_routes(H: int, W: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_routes(H: int, W: int, device: torch.device = torch.device('cpu')
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PlainMamba's 4 snake routes, the raster param_routes (dt/B/C are read in raster order by every
-    route) and the direction id of every route step."""
-    routes = scan_routes('continuous', H, W)
-    param_routes = scan_routes('raster', H, W).expand_as(routes).contiguous()
-    return routes, param_routes, scan_directions('continuous', H, W)
+    route) and the direction id of every route step, on ``device``."""
+    return tuple(device_routes('continuous', H, W, device, table=table)
+                 for table in ('routes', 'raster_params', 'directions'))
 
 
 @register_notrace_function
-def routes_for(x: torch.Tensor, grid_size: Tuple[int, int], routes: torch.Tensor, param_routes: torch.Tensor,
-               directions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cached routes when x (B, H, W, C) is on the model's default grid, else freshly built ones."""
-    H, W = x.shape[1:3]
-    if not _traced() and (H, W) == tuple(grid_size):  # traced: built in the graph for any size
-        return routes, param_routes, directions
-    return tuple(t.to(routes.device) for t in build_routes(H, W))
+def routes_for(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``build_routes`` for the grid of x (B, H, W, C) (built in the graph where the model is traced)."""
+    return build_routes(x.shape[1], x.shape[2], x.device)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -147,8 +145,7 @@ class PlainMamba2D(nn.Module):
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, dt_rank: Union[int, str] = 'auto',
-                 conv_size: int = 7, conv_bias: bool = True, bias: bool = True, num_directions: int = 4,
-                 scan_backend: str = 'auto'):
+                 conv_size: int = 7, conv_bias: bool = True, bias: bool = True, num_directions: int = 4):
         super().__init__()
         if conv_size % 2 != 1:
             raise ValueError(f'conv_size must be odd, got {conv_size}')
@@ -156,7 +153,6 @@ class PlainMamba2D(nn.Module):
         self.d_inner = int(expand * dim)
         # dt_rank from the model dim, not the inner dim
         self.dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else dt_rank
-        self.scan_backend = scan_backend
 
         self.in_proj = nn.Linear(dim, self.d_inner * 2, bias=bias)
         self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, kernel_size=conv_size, padding=conv_size // 2,
@@ -164,9 +160,9 @@ class PlainMamba2D(nn.Module):
         self.act = nn.SiLU()
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-        A = torch.arange(1, d_state + 1, dtype=torch.float32).expand(self.d_inner, d_state)
-        self.A_log = nn.Parameter(torch.log(A).contiguous())
-        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        init_A_log_and_D_(self.A_log, self.D)
         self.out_proj = nn.Linear(self.d_inner, dim, bias=bias)
         # one bias per move: [start, right, left, up, down]
         self.direction_Bs = nn.Parameter(torch.zeros(num_directions + 1, d_state))
@@ -196,7 +192,6 @@ class PlainMamba2D(nn.Module):
             routes=routes,
             param_routes=param_routes,
             merge='sum',
-            backend=self.scan_backend,
         )
         return self.out_proj(y * self.act(z))
 
@@ -224,7 +219,7 @@ class PlainMambaLayer(nn.Module):
         return x
 
 
-class PlainMamba(nn.Module):
+class PlainMamba(ClassifierHeadMixin, nn.Module):
     """PlainMamba classifier: conv patch embed (stride 16) + position embedding, a stack of
     ``PlainMambaLayer``, final LayerNorm, token mean, linear head. Channels-last throughout."""
 
@@ -246,11 +241,9 @@ class PlainMamba(nn.Module):
             pos_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_eps: float = 1e-6,
-            scan_backend: str = 'auto',
     ):
         super().__init__()
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -268,18 +261,12 @@ class PlainMamba(nn.Module):
         self.layers = nn.ModuleList([
             PlainMambaLayer(
                 embed_dim, drop_path=dpr[i], with_dwconv=i in dwconv_layers, d_state=d_state, expand=expand,
-                conv_size=conv_size, scan_backend=scan_backend)
+                conv_size=conv_size)
             for i in range(depth)
         ])
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'layers.{i}') for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt='NHWC')
-
-        routes, param_routes, directions = build_routes(*self.grid_size)
-        self.register_buffer('routes', routes, persistent=False)
-        self.register_buffer('param_routes', param_routes, persistent=False)
-        self.register_buffer('route_directions', directions, persistent=False)
+        self.head = channels_last_head(embed_dim, num_classes, global_pool, drop_rate)
 
         # the official training init (mmcls init_cfg): every Linear, dt_proj included, is
         # trunc_normal(.02) with zero bias; LayerNorm is (1, 0); convs keep PyTorch's default
@@ -302,19 +289,9 @@ class PlainMamba(nn.Module):
     def set_grad_checkpointing(self, enable=True):
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def _embed(self, x: torch.Tensor):
         x = self.pos_drop(add_pos_embed(self.patch_embed(check_images(self, x)), self.pos_embed, self.grid_size))
-        return x, routes_for(x, self.grid_size, self.routes, self.param_routes, self.route_directions)
+        return x, routes_for(x)
 
     def _run_layer(self, layer: nn.Module, x: torch.Tensor, routes) -> torch.Tensor:
         # routes is indexed, not unpacked: under torch.fx it is one opaque node
@@ -380,9 +357,6 @@ class PlainMamba(nn.Module):
             x = self._run_layer(layer, x, routes)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -440,15 +414,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_plainmamba(variant, pretrained=False, **kwargs):
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
     depth = kwargs.get('depth', 24)
-    out_indices = kwargs.pop('out_indices', tuple(depth // 4 * (i + 1) - 1 for i in range(4)))
-    return build_model_with_cfg(
-        PlainMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    out_indices = kwargs.pop('out_indices', tuple(depth // 4 * (i + 1) - 1 for i in range(4)))  # a layer per quarter
+    return build_zoo_model(PlainMamba, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 @register_model

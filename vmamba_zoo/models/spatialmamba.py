@@ -17,16 +17,18 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models import register_notrace_module
 from timm.models._features import feature_take_indices
 
 from vmamba_kernels import selective_scan_states
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
+from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
+from ..layers.scan_params import init_A_log_and_D_, init_dt_projection_
 from ..layers.state_fusion import FUSION_IMPLS, StateFusion
 
 __all__ = ["SpatialMamba", "StructureAwareSSM", "SpatialMambaBlock", "MIXER_LAYOUTS", "FUSION_IMPLS"]
@@ -148,13 +150,8 @@ class StructureAwareSSM(nn.Module):
     def reset_ssm_parameters(self):
         """Mamba's init for x_proj, dt_proj (softplus(bias) log-uniform in [dt_min, dt_max]), A (S4D real), D."""
         self.x_proj.reset_parameters()
-        std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min))
-                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_log))
-        self.D.fill_(1.)
+        init_dt_projection_(self.dt_proj.weight, self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_A_log_and_D_(self.A_log, self.D)
 
     def forward(self, x):
         layout = self.layout if self.layout != "auto" else ("channels_first" if self.training else "channels_last")
@@ -269,7 +266,7 @@ class SpatialMambaStage(nn.Module):
         return x
 
 
-class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
+class SpatialMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """Spatial-Mamba, channels-last; `forward_features` returns normalized (B, H, W, C) tokens.
 
     `fusion_merge_at_eval=True` runs each state fusion in eval mode as one merged 11×11 depthwise conv, as the
@@ -281,6 +278,7 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
     `StructureAwareSSM`); the defaults ("auto") take the measured faster one for eval and for training, the others
     are for comparisons (`tools/bench_layers.py`). Neither changes the state dict.
     """
+    global_pools = ("avg", "max", "")
 
     def __init__(
             self,
@@ -304,8 +302,7 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
         super().__init__()
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-        if global_pool not in ("avg", "max", ""):
-            raise ValueError(f"global_pool must be 'avg', 'max' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         if isinstance(dims, int):
             dims = tuple(dims * 2 ** i for i in range(len(depths)))
         self.num_classes = num_classes
@@ -328,8 +325,7 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"stages.{i}"))
             prev_dim = dims[i]
         self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = channels_last_head(self.num_features, num_classes, global_pool, drop_rate)
 
         self.apply(init_linear_and_norm)
         for m in self.modules():
@@ -352,18 +348,6 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", "max", ""):
-                raise ValueError(f"global_pool must be 'avg', 'max' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def prune_intermediate_layers(
             self,
             indices: Union[int, List[int]] = 1,
@@ -384,14 +368,6 @@ class SpatialMamba(ChannelsLastStagesMixin, nn.Module):
         x = self.stem(check_images(self, x))
         x = self.stages(x)
         return self.norm(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        elif self.global_pool == "max":
-            x = x.amax(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
@@ -422,7 +398,7 @@ def checkpoint_filter_fn(state_dict, model):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     if "stem.conv1.conv.weight" in state_dict:
-        return state_dict
+        return linear_head_keys_to_fc(state_dict)
 
     import re
     out, fusion = {}, {}
@@ -443,7 +419,7 @@ def checkpoint_filter_fn(state_dict, model):
         out[k] = v
     for prefix, kernels in fusion.items():
         out[prefix + "weight"] = torch.stack([kernels[name] for name in _FUSION_KERNELS])
-    return out
+    return linear_head_keys_to_fc(out)
 
 
 def _cfg(url="", drive_page="", **kwargs):
@@ -452,7 +428,7 @@ def _cfg(url="", drive_page="", **kwargs):
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.875, "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1.conv", "classifier": "head",
+        "first_conv": "stem.conv1.conv", "classifier": "head.fc",
         "license": "apache-2.0",
         "paper_ids": "arXiv:2410.15091",
         "paper_name": "Spatial-Mamba: Effective Visual State Space Models via Structure-Aware State Fusion",
@@ -477,13 +453,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_spatialmamba(variant, pretrained=False, **kwargs):
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    return build_model_with_cfg(
-        SpatialMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
-    )
+    return build_zoo_model(SpatialMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 # official drop_path_rate for ImageNet training: tiny 0.2, small 0.3, base 0.5

@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.layers import DropPath, Mlp
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models import register_notrace_module
 from timm.models.mambaout import Downsample, Stem
 
 from vmamba_kernels import selective_scan_2d
 
-from ..checkpoint import check_pretrained_source
+from ._builder import build_zoo_model
+from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
@@ -34,11 +35,6 @@ from ..layers.route_scan import LowPrecisionLayerNorm, RouteScanParams, per_rout
 from ..layers.routes import device_routes
 
 __all__ = ['VMamba', 'SS2D', 'MultiHeadScan', 'ScanRouteAttention']
-
-
-def _routes(name: str, H: int, W: int, device: torch.device, patterns: Optional[Tuple[str, ...]] = None):
-    return device_routes(name, H, W, device) if patterns is None else \
-        device_routes(name, H, W, device, patterns=patterns)
 
 
 @register_notrace_module
@@ -79,7 +75,7 @@ class SS2D(RouteScanParams):
         A, D, delta_bias = self.scan_params()
         y = selective_scan_2d(
             x, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True,
-            routes=_routes('cross', H, W, x.device), merge='sum',
+            routes=device_routes('cross', H, W, x.device), merge='sum',
         )
         return self.out_proj(self.out_norm(y))
 
@@ -149,7 +145,7 @@ class MultiHeadScan(RouteScanParams):
         delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
         # route k belongs to head k // 4 and reads that head's channels
         xs = xh.unsqueeze(4).expand(Bt, H, W, n, 4, S).reshape(Bt, H, W, 4 * n, S)
-        routes = _routes('multihead', H, W, x.device, patterns=self.patterns)
+        routes = device_routes('multihead', H, W, x.device, patterns=self.patterns)
         ys = selective_scan_2d(xs, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True, routes=routes, merge='none')
         y = self.gfu(ys.view(Bt, H, W, n, 4, S)).reshape(Bt, H, W, n * S)
         return self.out_norm(self.y_proj(self.cat_norm(y)))
@@ -210,7 +206,7 @@ class VMambaStage(nn.Module):
         return x
 
 
-class VMamba(ChannelsLastStagesMixin, nn.Module):
+class VMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """VMamba v2 (VSSM with patchembed v2, downsample v3, LayerNorm), channels-last internally.
 
     Args:
@@ -242,7 +238,9 @@ class VMamba(ChannelsLastStagesMixin, nn.Module):
     ):
         super().__init__()
         norm_layer = nn.LayerNorm  # eps 1e-5 as the official LayerNorm2d
+        self.check_global_pool(global_pool)
         self.num_classes = num_classes
+        self.global_pool = global_pool
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.output_fmt = 'NHWC'
@@ -265,7 +263,7 @@ class VMamba(ChannelsLastStagesMixin, nn.Module):
 
         self.num_features = self.head_hidden_size = dims[-1]
         self.norm = norm_layer(dims[-1])
-        self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC')
+        self.head = channels_last_head(dims[-1], num_classes, global_pool, drop_rate)
         # as the official VSSM: trunc-normal Linear weights, zero biases, unit LayerNorms (convs keep torch's)
         self.apply(init_linear_and_norm)
 
@@ -285,21 +283,10 @@ class VMamba(ChannelsLastStagesMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(check_images(self, x))
         x = self.stages(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -401,13 +388,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
-    check_pretrained_source(variant, pretrained, kwargs, get_pretrained_cfg(variant).to_dict())
-    return build_model_with_cfg(
-        VMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **kwargs,
-    )
+    return build_zoo_model(VMamba, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _V2 = dict(d_state=1, ssm_ratio=1.0, d_conv=3, conv_bias=False)
