@@ -55,6 +55,16 @@ def test_every_expected_model_is_registered():
     assert sorted(EXPECTED_MODELS) == _zoo_models()
 
 
+def test_the_import_hint_knows_every_zoo_family_and_no_timm_model():
+    """vmamba_zoo_timm_hint (imported at interpreter start, before torch) knows the zoo by its name prefixes."""
+    from vmamba_zoo_timm_hint import ZOO_PREFIXES, hint
+    zoo = _zoo_models()
+    assert all(hint(name) for name in zoo) and hint(f"{zoo[0]}.some_tag")
+    assert all(any(name.startswith(prefix) for name in zoo) for prefix in ZOO_PREFIXES)
+    timm_names = set(timm.list_models()) - set(zoo)
+    assert not [name for name in timm_names if hint(name)]
+
+
 @pytest.mark.parametrize("name", EXPECTED_MODELS)
 def test_pretrained_cfg(name):
     cfg = timm.get_pretrained_cfg(name).to_dict()
