@@ -13,8 +13,8 @@ import pytest
 from .tool_runner import REPO, load_tool
 
 CARDS = pathlib.Path(REPO) / 'model_cards'
-# Counting both FLOPs at 224² takes about 6 s for the smallest model on one core (`tools/flops.py` prints the time
-# per model) and up to minutes for others (PlainMamba, ViM2).
+# Building a model and counting both FLOPs at 224² takes about 10 s for the smallest model on 2 loaded cores, and
+# up to minutes for others (PlainMamba, ViM2): one model's row is recounted in full.
 RECOUNTED = ['efficientvmamba_tiny']
 # The other families' smallest models: their parameter columns (building the model takes a second or two).
 PARAMS_ONLY = ['plainmamba_l1', 'spatialmamba_tiny', 'groupmamba_tiny', 'vim2_tiny', 'vmamba_tiny_s1l8']
