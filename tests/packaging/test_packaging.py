@@ -51,14 +51,21 @@ PACKAGE_SOURCES = ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "vmam
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source")
+def package_source(tmp_path_factory):
+    source = tmp_path_factory.mktemp("source")
     for name in PACKAGE_SOURCES:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, source / name)
-    result = _run(["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)])
+    return source
+
+
+@pytest.fixture(scope="module")
+def wheel(package_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    result = _run(["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                   str(package_source)])
     assert result.returncode == 0, result.stderr
     (path,) = out.glob("vmamba_zoo-*.whl")
     return path
@@ -88,16 +95,20 @@ def test_wheel_installs_and_imports_in_a_clean_path(wheel, tmp_path):
     assert shape == "torch.Size([1, 2, 3])"
 
 
-def test_installed_wheel_hints_import_vmamba_zoo_for_a_zoo_name_without_importing_anything_at_start(wheel, tmp_path):
-    """A user who did `pip install vmamba_zoo` and `import timm` only: timm's unknown-model error for a zoo name says
-    to `import vmamba_zoo`, other names keep timm's error, and interpreter start imports none of torch, timm or
-    vmamba_zoo (the wheel's .pth file imports only the small hint module)."""
+@pytest.mark.parametrize("install", ["wheel", "editable"])
+def test_installed_package_hints_import_vmamba_zoo_for_a_zoo_name_without_importing_anything_at_start(
+        install, request, tmp_path):
+    """A user who did `pip install vmamba_zoo` (or `pip install -e .` in a clone) and `import timm` only: timm's
+    unknown-model error for a zoo name says to `import vmamba_zoo`, other names keep timm's error, and interpreter
+    start imports none of torch, timm or vmamba_zoo (the installed .pth file imports only the small hint module)."""
     venv = tmp_path / "venv"  # a user's environment: the dependencies from this one, no PYTHONPATH
     result = _run(["-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
     assert result.returncode == 0, result.stderr
     python = str(venv / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+    what = ([str(request.getfixturevalue("wheel"))] if install == "wheel"
+            else ["--no-build-isolation", "-e", str(request.getfixturevalue("package_source"))])
+    result = subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", *what],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     probe = """
@@ -122,4 +133,5 @@ print(type(timm.create_model("groupmamba_tiny", num_classes=3)).__name__, vmamba
                    "`import vmamba_zoo` registers the zoo's models with timm")
     assert tagged.startswith("Unknown model (vmamba_tiny_s1l8)") and "`import vmamba_zoo`" in tagged, tagged
     assert other == "Unknown model (no_such_model)"
-    assert built.startswith("GroupMamba ") and built.split()[1].startswith(str(venv)), built
+    home = venv if install == "wheel" else request.getfixturevalue("package_source")
+    assert built.startswith("GroupMamba ") and built.split()[1].startswith(str(home)), built
