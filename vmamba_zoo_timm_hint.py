@@ -49,22 +49,28 @@ def wrap_create_model(timm) -> None:
 
 
 class _WrapAfterTimmImport:
-    """A meta-path finder that answers only for ``timm``: it lets the usual finder find it, then wraps
-    ``create_model`` once timm's ``__init__`` has run, and steps out of the import system."""
+    """A meta-path finder that answers only for ``timm``: it hands back the spec the other finders give, with a
+    loader that wraps ``create_model`` once timm's ``__init__`` has run. It leaves the import system only then, as
+    a ``find_spec('timm')`` that only asks whether timm is installed executes nothing."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "timm":
             return None
-        sys.meta_path.remove(self)
-        import importlib.util
-
-        spec = importlib.util.find_spec("timm")
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None) if finder is not self else None
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_wrap(module):
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             wrap_create_model(module)
 
         spec.loader.exec_module = exec_then_wrap

@@ -116,6 +116,8 @@ import sys
 at_start = sorted(m for m in ("torch", "timm", "vmamba_zoo", "vmamba_kernels") if m in sys.modules)
 assert at_start == [], at_start
 assert "vmamba_zoo_timm_hint" in sys.modules, "the .pth file did not run"
+import importlib.util
+assert importlib.util.find_spec("timm") is not None  # asking whether timm is there, as other libraries do
 import timm
 for name in ("groupmamba_tiny", "vmamba_tiny_s1l8.some_tag", "no_such_model"):
     try:
