@@ -414,9 +414,12 @@ def selective_scan_states(u, delta, A, B, delta_bias=None, delta_softplus=False,
                                       resolve_backend(backend, u.device))
 
 
-def selective_scan_2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, *, routes,
+def selective_scan_2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *, routes,
                       param_routes=None, merge="sum", backend="auto"):
     """Fused 2D selective scan along K routes, in spatial channels-last layout.
+
+    D, delta_bias and delta_softplus mean and default as in ``selective_scan`` (mamba_ssm's
+    ``selective_scan_fn``: no softplus unless asked for), so a 1D call moves to 2D unchanged.
 
     x: (Bt, H, W, Dm) shared by all routes, or (Bt, H, W, K, Dm); delta: (Bt, H, W, K, Dm);
     B, C: (Bt, H, W, K, N); A: (K, Dm, N); D, delta_bias: (K, Dm); routes, param_routes: (K, Lr) long.

@@ -199,7 +199,7 @@ def replace_between_markers(text: str, table: str, source: str) -> Optional[str]
     return pattern.sub(lambda _: block, text, count=1)
 
 
-def update_cards(card_dir: str, rows: List[dict], command: str) -> List[str]:
+def update_cards(card_dir: str, rows: List[dict], command: str, commit: str) -> List[str]:
     families = zoo_families()
     by_name = {r['model']: r for r in rows}
     updated = []
@@ -216,7 +216,7 @@ def update_cards(card_dir: str, rows: List[dict], command: str) -> List[str]:
         if missing:
             raise UsageError(f'{path}: counts missing for {", ".join(missing)} (run with --models zoo)')
         img = {by_name[n]['img_size'] for n in names}
-        source = (f'Counted at {"/".join(str(i) for i in sorted(img))}² by `{command}` (commit {git_commit()}): '
+        source = (f'Counted at {"/".join(str(i) for i in sorted(img))}² by `{command}` (commit {commit}): '
                   f'fvcore with `vmamba_kernels.fvcore_handles()`, one multiply-add = 1 FLOP, as the papers count.')
         new = replace_between_markers(text, markdown_table([by_name[n] for n in names]), source)
         if new is not None and new != text:
@@ -243,6 +243,7 @@ def main(argv=None):
         raise UsageError(f'model card folder not found: {args.update_cards}')
     names = resolve_models(args.models)
     paper = load_paper_numbers(args.paper_dir)
+    commit = git_commit()  # the tree that is counted, before the first card written makes it dirty
     rows = []
     for name in names:
         row = count_model(name, args.img_size, counters, paper.get(name))
@@ -265,7 +266,7 @@ def main(argv=None):
     if args.update_cards:
         command = 'python tools/flops.py --update-cards' + (
             f' --img-size {args.img_size}' if args.img_size != 224 else '')
-        for path in update_cards(args.update_cards, rows, command):
+        for path in update_cards(args.update_cards, rows, command, commit):
             print(f'updated {os.path.relpath(path)}')
     return 0
 

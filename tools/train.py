@@ -75,6 +75,7 @@ DIGITS_PRESET = dict(
     img_size=32, crop_pct=1.0, hflip=0.0, scale=[0.7, 1.0], color_jitter=0.0, aa=None, reprob=0.0,
     mixup=0.0, cutmix=0.0, epochs=5, warmup_epochs=0.0, batch_size=32, lr_base=1e-3, lr_base_size=32,
     model_ema=False, workers=0, log_interval=10, drop_path=0.0,
+    checkpoint_hist=0,  # a demo keeps ``last`` and ``model_best`` only (each a full copy with optimizer state)
 )
 
 
@@ -181,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', default=None, help="checkpoint to resume, or 'auto': the newest in --output (if any)")
     g.add_argument('--checkpoint-interval', type=int, default=500,
                    help='also checkpoint every N updates within an epoch (0 = only at epoch ends)')
-    g.add_argument('--keep-checkpoints', type=int, default=3, help='epoch checkpoints kept (best metric first)')
+    g.add_argument('--checkpoint-hist', '--keep-checkpoints', type=int, default=3,
+                   help='numbered epoch checkpoints kept (best metric first) beside last and model_best; 0 = none')
     g.add_argument('--nan-policy', default='stop', choices=['stop', 'skip'],
                    help="a NaN/inf loss: 'stop' ends the run naming the epoch and step (no checkpoint holds the "
                         "damaged weights); 'skip' drops that update and counts the skipped updates in the log")
@@ -263,9 +265,18 @@ def _make_saver_class():
         ``model_best`` are independent copies: timm hard-links them, so one damaged file would damage all three.
         """
 
-        def __init__(self, *args, extra_state, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self, *args, extra_state, max_history=10, **kwargs):
+            super().__init__(*args, max_history=max(max_history, 1), **kwargs)  # timm's saver wants 1 or more
+            self.numbered = max_history > 0
             self.extra_state = extra_state  # callable -> dict, evaluated at save time
+
+        def save_checkpoint(self, epoch, metric=None):
+            best = super().save_checkpoint(epoch, metric)
+            if not self.numbered:  # timm wrote ``model_best`` from ``last`` where due; its numbered copy goes
+                for path, _ in self.checkpoint_files:
+                    os.remove(path)
+                self.checkpoint_files = []
+            return best
 
         def _save(self, save_path, epoch, metric=None):
             state = {
@@ -465,6 +476,8 @@ def _validate_args(args, world_size):
         raise UsageError(f'--resume checkpoint not found: {args.resume}')
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         raise UsageError(f'--initial-checkpoint not found: {args.initial_checkpoint}')
+    if args.checkpoint_hist < 0:
+        raise UsageError(f'--checkpoint-hist must be 0 or more, got {args.checkpoint_hist}')
     if args.amp == 'fp16' and args.device == 'cpu':
         _logger.warning('fp16 autocast on CPU is slow; bf16 is the usual CPU choice')
 
@@ -822,7 +835,7 @@ def _train(args, rt, autocast_context, evaluate):
     if rt.is_main:
         saver = _make_saver_class()(
             model=model, optimizer=optimizer, args=args_dict, model_ema=model_ema, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, max_history=max(args.keep_checkpoints, 1),
+            checkpoint_dir=output_dir, recovery_dir=output_dir, max_history=args.checkpoint_hist,
             extra_state=extra_state)
 
     start_epoch, start_batch, num_updates = 0, 0, 0

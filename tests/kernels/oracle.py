@@ -39,7 +39,7 @@ def per_step_scan(u, delta, A, B, C=None, D=None, z=None, delta_bias=None, delta
     return y, h, states
 
 
-def gather_scan_scatter(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge, delta_softplus=True):
+def gather_scan_scatter(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge, delta_softplus=False):
     """selective_scan_2d written route by route, pixel by pixel, in fp64."""
     Bt, H, W, K, Dm = delta.shape
     out = torch.zeros(Bt, H * W, K, Dm, dtype=torch.float64)

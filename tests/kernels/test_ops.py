@@ -1,4 +1,6 @@
-"""Custom-op plumbing: opcheck, torch.compile, FLOP counting, backend choice and input checks."""
+"""Custom-op plumbing: opcheck, torch.compile, FLOP counting, backend choice, defaults and input checks."""
+import inspect
+
 import pytest
 import torch
 import torch.nn as nn
@@ -59,7 +61,8 @@ class TinyCrossMixer(nn.Module):
         Bt, H, W, Cd = x.shape
         p = self.proj(x).view(Bt, H, W, self.K, Cd + 2 * self.state)
         delta, B, C = p.split([Cd, self.state, self.state], dim=-1)
-        return vk.selective_scan_2d(x, delta, -torch.exp(self.A_log), B, C, self.D, routes=self.routes)
+        return vk.selective_scan_2d(x, delta, -torch.exp(self.A_log), B, C, self.D, delta_softplus=True,
+                                    routes=self.routes)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -131,6 +134,22 @@ def test_backend_choice():
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_the_scan_ops_share_mamba_ssms_defaults():
+    """An argument that two public ops both take has one default, mamba_ssm's (no softplus unless asked)."""
+    ops = (vk.selective_scan, vk.selective_scan_states, vk.selective_scan_2d)
+    params = [inspect.signature(op).parameters for op in ops]
+    for a in range(len(ops)):
+        for b in range(a + 1, len(ops)):
+            for name in params[a].keys() & params[b].keys():
+                assert params[a][name].default == params[b][name].default, (ops[a].__name__, ops[b].__name__, name)
+    assert all(p["delta_softplus"].default is False for p in params)
+    # and the default is what runs: a call without the flag is the call with delta_softplus=False
+    args, routes = _scan_2d_args(), vk.scan_routes("cross", 3, 4)
+    plain = vk.selective_scan_2d(**args, routes=routes)
+    assert torch.equal(plain, vk.selective_scan_2d(**args, delta_softplus=False, routes=routes))
+    assert not torch.equal(plain, vk.selective_scan_2d(**args, delta_softplus=True, routes=routes))
 
 
 def test_bad_input_1d():

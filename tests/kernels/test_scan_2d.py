@@ -40,8 +40,8 @@ ROUTE_CASES = [
 def test_matches_gather_scan_scatter(name, H, W, options, per_route_x, merge):
     routes = vk.scan_routes(name, H, W, **options)
     x = _inputs(routes, H, W, per_route_x=per_route_x)
-    out = vk.selective_scan_2d(**x, routes=routes, merge=merge)
-    want = gather_scan_scatter(**x, routes=routes, param_routes=routes, merge=merge)
+    out = vk.selective_scan_2d(**x, delta_softplus=True, routes=routes, merge=merge)
+    want = gather_scan_scatter(**x, routes=routes, param_routes=routes, merge=merge, delta_softplus=True)
     assert out.shape == want.shape and out.dtype == torch.float64
     assert _rel(out, want) < 1e-6
 
@@ -51,10 +51,10 @@ def test_param_routes_read_parameters_elsewhere():
     routes = vk.scan_routes("continuous", 3, 5)
     raster = vk.scan_routes("raster", 3, 5).expand(4, -1).contiguous()
     x = _inputs(routes, 3, 5)
-    out = vk.selective_scan_2d(**x, routes=routes, param_routes=raster)
-    want = gather_scan_scatter(**x, routes=routes, param_routes=raster, merge="sum")
+    out = vk.selective_scan_2d(**x, delta_softplus=True, routes=routes, param_routes=raster)
+    want = gather_scan_scatter(**x, routes=routes, param_routes=raster, merge="sum", delta_softplus=True)
     assert _rel(out, want) < 1e-6
-    assert _rel(out, vk.selective_scan_2d(**x, routes=routes)) > 1e-3  # the choice matters
+    assert _rel(out, vk.selective_scan_2d(**x, delta_softplus=True, routes=routes)) > 1e-3  # the choice matters
 
 
 def test_softplus_off_and_no_optional_inputs():
@@ -70,10 +70,10 @@ def test_softplus_off_and_no_optional_inputs():
 def test_gradients_match_autograd_through_the_oracle(merge):
     routes = vk.scan_routes("atrous", 3, 5)
     x = {k: v.requires_grad_() for k, v in _inputs(routes, 3, 5, per_route_x=True).items()}
-    out = vk.selective_scan_2d(**x, routes=routes, merge=merge)
+    out = vk.selective_scan_2d(**x, delta_softplus=True, routes=routes, merge=merge)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, list(x.values()), grad)
-    want_out = gather_scan_scatter(**x, routes=routes, param_routes=routes, merge=merge)
+    want_out = gather_scan_scatter(**x, routes=routes, param_routes=routes, merge=merge, delta_softplus=True)
     want = torch.autograd.grad(want_out, list(x.values()), grad)
     for name, a, b in zip(x, got, want):
         assert _rel(a, b) < 1e-9, name
@@ -83,7 +83,7 @@ def test_gradcheck_shared_x_with_param_routes():
     routes = vk.scan_routes("continuous", 2, 3)
     raster = vk.scan_routes("raster", 2, 3).expand(4, -1).contiguous()
     x = {k: v.requires_grad_() for k, v in _inputs(routes, 2, 3, Dm=2, Bt=1).items()}
-    f = lambda *a: vk.selective_scan_2d(*a, routes=routes, param_routes=raster)
+    f = lambda *a: vk.selective_scan_2d(*a, delta_softplus=True, routes=routes, param_routes=raster)
     assert torch.autograd.gradcheck(f, tuple(x.values()))
 
 
@@ -91,7 +91,7 @@ def test_gradcheck_shared_x_with_param_routes():
 def test_low_precision(dtype):
     routes = vk.scan_routes("cross", 4, 4)
     x = _inputs(routes, 4, 4, dtype=dtype)
-    out = vk.selective_scan_2d(**x, routes=routes)
-    want = gather_scan_scatter(**x, routes=routes, param_routes=routes, merge="sum")
+    out = vk.selective_scan_2d(**x, delta_softplus=True, routes=routes)
+    want = gather_scan_scatter(**x, routes=routes, param_routes=routes, merge="sum", delta_softplus=True)
     assert out.dtype == dtype
     assert _rel(out, want) < (1e-5 if dtype == torch.float32 else 1e-2)

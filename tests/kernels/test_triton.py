@@ -275,7 +275,7 @@ def _child(group):
 
         def run(backend, compiled=False):
             leaves = [t.clone().requires_grad_() for t in inputs]
-            f = lambda *a: vk.selective_scan_2d(*a, routes=routes, backend=backend)
+            f = lambda *a: vk.selective_scan_2d(*a, delta_softplus=True, routes=routes, backend=backend)
             out = (torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f)(*leaves)
             return (out, *torch.autograd.grad(out, leaves, dout))
 

@@ -3,6 +3,7 @@
 Paper numbers live in tests/data/paper/<family>.json (the table the model cards are generated from);
 official checkpoint layouts in tests/data/official_keys/<model>.json (names and shapes only).
 """
+import inspect
 import json
 import pathlib
 import re
@@ -53,6 +54,16 @@ def _create(name, **kwargs):
 
 def test_every_expected_model_is_registered():
     assert sorted(EXPECTED_MODELS) == _zoo_models()
+
+
+def test_the_import_hint_knows_every_zoo_family_and_no_timm_model():
+    """vmamba_zoo_timm_hint (imported at interpreter start, before torch) knows the zoo by its name prefixes."""
+    from vmamba_zoo_timm_hint import ZOO_PREFIXES, hint
+    zoo = _zoo_models()
+    assert all(hint(name) for name in zoo) and hint(f"{zoo[0]}.some_tag")
+    assert all(any(name.startswith(prefix) for name in zoo) for prefix in ZOO_PREFIXES)
+    timm_names = set(timm.list_models()) - set(zoo)
+    assert not [name for name in timm_names if hint(name)]
 
 
 @pytest.mark.parametrize("name", EXPECTED_MODELS)
@@ -244,6 +255,42 @@ def test_trains_after_an_inference_mode_forward(name):
         model.eval()(x)
     model.train()(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# The public scan ops' defaults before selective_scan_2d took mamba_ssm's (no softplus): what every model was
+# written against.
+FORMER_SCAN_DEFAULTS = {"selective_scan": dict(delta_softplus=False), "selective_scan_states": dict(delta_softplus=False),
+                        "selective_scan_2d": dict(delta_softplus=True)}
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_scan_calls_pass_softplus_so_outputs_do_not_hang_on_op_defaults(name, monkeypatch):
+    """Every scan call of a model names delta_softplus, and its output is bitwise the one it gives when every
+    call is handed the ops' former defaults explicitly."""
+    model = _create(name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        now = model(x)
+    named = []
+
+    def with_former_defaults(op, former):
+        def call(*args, **kwargs):
+            bound = inspect.signature(op).bind(*args, **kwargs)
+            named.append(former.keys() <= bound.arguments.keys())
+            for key, value in former.items():
+                bound.arguments.setdefault(key, value)
+            return op(*bound.args, **bound.kwargs)
+        return call
+
+    for op_name, former in FORMER_SCAN_DEFAULTS.items():
+        op = getattr(vmamba_kernels, op_name)
+        for module_name, module in list(sys.modules.items()):
+            if module_name.startswith("vmamba_zoo") and getattr(module, op_name, None) is op:
+                monkeypatch.setattr(module, op_name, with_former_defaults(op, former))
+    with torch.no_grad():
+        before = model(x)
+    assert named and all(named), f"{named.count(False)} of {len(named)} scan calls leave delta_softplus to the default"
+    assert torch.equal(now, before)
 
 
 @pytest.mark.parametrize("name", EXPECTED_MODELS)

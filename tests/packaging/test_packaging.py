@@ -2,6 +2,7 @@
 import ast
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -43,10 +44,28 @@ def test_no_top_level_kernels_module_is_installed():
     assert result.stdout.strip() == "None", result.stdout
 
 
+# What building the package reads. The build runs in a copy: setuptools writes build/ and *.egg-info beside the
+# sources, and test processes (pytest -n) that build at once in one folder break each other's build.
+PACKAGE_SOURCES = ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "vmamba_zoo_timm_hint.py", "kernels",
+                   "vmamba_zoo")
+
+
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
+def package_source(tmp_path_factory):
+    source = tmp_path_factory.mktemp("source")
+    for name in PACKAGE_SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, source / name)
+    return source
+
+
+@pytest.fixture(scope="module")
+def wheel(package_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    result = _run(["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)])
+    result = _run(["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                   str(package_source)])
     assert result.returncode == 0, result.stderr
     (path,) = out.glob("vmamba_zoo-*.whl")
     return path
@@ -74,3 +93,47 @@ def test_wheel_installs_and_imports_in_a_clean_path(wheel, tmp_path):
     kernels_file, zoo_file, shape = result.stdout.split("\n")[:3]
     assert kernels_file.startswith(str(target)) and zoo_file.startswith(str(target))
     assert shape == "torch.Size([1, 2, 3])"
+
+
+@pytest.mark.parametrize("install", ["wheel", "editable"])
+def test_installed_package_hints_import_vmamba_zoo_for_a_zoo_name_without_importing_anything_at_start(
+        install, request, tmp_path):
+    """A user who did `pip install vmamba_zoo` (or `pip install -e .` in a clone) and `import timm` only: timm's
+    unknown-model error for a zoo name says to `import vmamba_zoo`, other names keep timm's error, and interpreter
+    start imports none of torch, timm or vmamba_zoo (the installed .pth file imports only the small hint module)."""
+    venv = tmp_path / "venv"  # a user's environment: the dependencies from this one, no PYTHONPATH
+    result = _run(["-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
+    assert result.returncode == 0, result.stderr
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    what = ([str(request.getfixturevalue("wheel"))] if install == "wheel"
+            else ["--no-build-isolation", "-e", str(request.getfixturevalue("package_source"))])
+    result = subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", *what],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    probe = """
+import sys
+at_start = sorted(m for m in ("torch", "timm", "vmamba_zoo", "vmamba_kernels") if m in sys.modules)
+assert at_start == [], at_start
+assert "vmamba_zoo_timm_hint" in sys.modules, "the .pth file did not run"
+import importlib.util
+assert importlib.util.find_spec("timm") is not None  # asking whether timm is there, as other libraries do
+import timm
+for name in ("groupmamba_tiny", "vmamba_tiny_s1l8.some_tag", "no_such_model"):
+    try:
+        timm.create_model(name)
+    except RuntimeError as e:
+        print(e)
+import vmamba_zoo
+print(type(timm.create_model("groupmamba_tiny", num_classes=3)).__name__, vmamba_zoo.__file__)
+"""
+    result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    zoo, tagged, other, built = result.stdout.strip().splitlines()
+    assert zoo == ("Unknown model (groupmamba_tiny): groupmamba_tiny is a vmamba_zoo model name: "
+                   "`import vmamba_zoo` registers the zoo's models with timm")
+    assert tagged.startswith("Unknown model (vmamba_tiny_s1l8)") and "`import vmamba_zoo`" in tagged, tagged
+    assert other == "Unknown model (no_such_model)"
+    home = venv if install == "wheel" else request.getfixturevalue("package_source")
+    assert built.startswith("GroupMamba ") and built.split()[1].startswith(str(home)), built

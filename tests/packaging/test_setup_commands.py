@@ -21,6 +21,14 @@ def test_every_make_target_honours_python_and_torch_index(target):
     assert "https://example.org/cpu" in result.stdout
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_demo_hands_demo_args_to_the_training_tool():
+    result = subprocess.run(["make", "-n", "demo", "DEMO_ARGS=--checkpoint-hist 5"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "tools/train.py --model groupmamba_tiny --epochs 2 --checkpoint-hist 5" in result.stdout
+
+
 def test_ci_run_calls_python_only_through_the_python_variable():
     script = (ROOT / ".ci/run").read_text()
     commands = [line for line in script.splitlines() if line.strip() and not line.lstrip().startswith("#")]

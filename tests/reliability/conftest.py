@@ -4,7 +4,7 @@ import pytest
 from ..tools.tool_runner import load_tool
 
 TINY = ['--model', 'test_resnet', '--img-size', '16', '--batch-size', '64', '--no-model-ema', '--log-interval', '1',
-        '--checkpoint-interval', '0']
+        '--checkpoint-interval', '0', '--checkpoint-hist', '3']  # numbered epoch checkpoints to resume from
 
 
 @pytest.fixture(scope='module')

@@ -168,12 +168,12 @@ def test_atomic_save_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ['weights.pth'], 'temporary file left behind'
 
 
-def _saver(train, tmp_path):
+def _saver(train, tmp_path, max_history=3):
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     saver = train._make_saver_class()(
         model=model, optimizer=optimizer, args={'model': 'linear'}, checkpoint_dir=str(tmp_path),
-        recovery_dir=str(tmp_path), max_history=3, extra_state=lambda: {'num_updates': 0})
+        recovery_dir=str(tmp_path), max_history=max_history, extra_state=lambda: {'num_updates': 0})
     return model, saver
 
 
@@ -197,6 +197,19 @@ def test_last_checkpoint_n_and_best_are_independent_files(tmp_path):
     for name in ('checkpoint-1.pth.tar', 'model_best.pth.tar'):
         loaded = _load(tmp_path / name)
         assert loaded['epoch'] == 1 and torch.equal(loaded['state_dict']['weight'], model.weight.detach()), name
+
+
+def test_no_checkpoint_history_keeps_last_and_the_best_epoch(tmp_path):
+    """--checkpoint-hist 0 (the demo's): no numbered files; model_best follows the best metric, last the newest."""
+    train = load_tool('train')
+    model, saver = _saver(train, tmp_path, max_history=0)
+    for epoch, metric in enumerate([50.0, 60.0, 40.0, None]):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        assert saver.save_checkpoint(epoch, metric=metric) == ((60.0, 1) if epoch else (50.0, 0))
+        assert sorted(os.listdir(tmp_path)) == ['last.pth.tar', 'model_best.pth.tar'], epoch
+        assert _load(tmp_path / 'last.pth.tar')['epoch'] == epoch
+        assert _load(tmp_path / 'model_best.pth.tar')['epoch'] == (1 if epoch else 0)
 
 
 @pytest.mark.parametrize('failing', ['torch.save', 'copy'])

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
+import timm
 import torch
 
 from .tool_runner import REPO, assert_ok, load_tool, read_jsonl, run_script, tool_env
@@ -236,6 +238,18 @@ def test_tools_bad_arguments(capsys):
         assert module.run_tool(module.main, argv) == 2, (tool, argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (tool, err)
+
+
+def test_tools_say_a_missing_zoo_is_why_a_zoo_model_is_unknown(capsys, monkeypatch):
+    """Run from a clone where vmamba_zoo is not installed, a zoo model name says so rather than only 'unknown'."""
+    module = load_tool('validate')
+    cli_common = sys.modules[module.create_model.__module__]
+    monkeypatch.setattr(cli_common, 'import_zoo', lambda: False)
+    monkeypatch.setattr(timm, 'is_model', lambda name: False)  # as timm answers before the zoo registered
+    assert module.run_tool(module.main, ['--model', 'groupmamba_tiny']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown model 'groupmamba_tiny'" in err[0], err
+    assert 'vmamba_zoo is not installed' in err[0] and 'pip install -e .' in err[0], err
 
 
 # ---------------------------------------------------------------------------------------------- bench_kernels

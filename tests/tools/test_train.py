@@ -32,6 +32,22 @@ def test_embedded_default_learns(digits_run):
     assert not glob.glob(os.path.join(out, '*tmp*')), 'temporary checkpoint files left behind'
 
 
+def _checkpoint_names(out):
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, '*.pth.tar')))
+
+
+def test_embedded_default_keeps_last_and_best_and_checkpoint_hist_keeps_more(digits_run, tmp_path):
+    """The demo (embedded data) keeps two checkpoint files, not one per epoch; --checkpoint-hist (timm's flag)
+    keeps numbered epoch checkpoints beside them."""
+    out, _ = digits_run
+    assert _checkpoint_names(out) == ['last.pth.tar', 'model_best.pth.tar']
+    more = run_script('train.py', '--model', 'test_resnet', '--img-size', '16', '--epochs', '2', '--batch-size', '64',
+                      '--checkpoint-interval', '0', '--checkpoint-hist', '2', '--output', tmp_path)
+    assert_ok(more)
+    assert _checkpoint_names(tmp_path) == ['checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'last.pth.tar',
+                                           'model_best.pth.tar']
+
+
 def _tensors_equal(a, b, where):
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), where
@@ -158,6 +174,7 @@ def test_bad_argument_is_one_line_exit_2_subprocess():
     (['--model', 'resnet18', '--mesa', '1.0', '--no-model-ema'], {}, '--mesa needs --model-ema'),
     (['--model', 'test_resnet', '--img-size', '16', '--device', 'cpu', '--cuda-graphs'], {},
      '--cuda-graphs cannot capture this run: the device is cpu'),
+    (['--model', 'resnet18', '--checkpoint-hist', '-1'], {}, '--checkpoint-hist must be 0 or more, got -1'),
 ])
 def test_bad_arguments_in_process(argv, env, message, capsys, monkeypatch):
     for k, v in env.items():

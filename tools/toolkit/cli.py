@@ -180,11 +180,14 @@ def zoo_families() -> Dict[str, List[str]]:
 def require_model(name: str) -> None:
     """UsageError unless ``name`` (optionally with a pretrained tag) is a registered timm or zoo model."""
     import timm
-    import_zoo()
+    zoo_registered = import_zoo()
     if not name or not timm.is_model(name):
         choices = timm.list_models()
         close = difflib.get_close_matches(str(name), choices, n=3)
         hint = f'; did you mean {", ".join(close)}?' if close else ''
+        if not zoo_registered:  # the zoo's own names are unknown too: say why
+            hint += ('; vmamba_zoo is not installed, so none of its models is registered with timm '
+                     '(`make install` or `pip install -e .` in the clone)')
         raise UsageError(f'unknown model {name!r}{hint}')
 
 
