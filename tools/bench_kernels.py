@@ -347,6 +347,9 @@ def host_overhead(names, repeats=7, calls=100):
     scan.selective_scan_fwd_kernel = scan.selective_scan_bwd_kernel = route_plan.route_plan_kernel = _NoLaunch()
     tiles.bwd_block_d_candidates.cache_clear()
     tiles.n1_bwd_block_d_candidates.cache_clear()
+    # backend='triton' takes CPU tensors only where Triton could run on them; no kernel runs here at all.
+    interpret = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
     rows = []
     try:
         for name in names:
@@ -371,6 +374,10 @@ def host_overhead(names, repeats=7, calls=100):
          route_plan.route_plan_kernel, launches.n1_tuner, launches.n1_bwd_tuner) = saved
         tiles.bwd_block_d_candidates.cache_clear()
         tiles.n1_bwd_block_d_candidates.cache_clear()
+        if interpret is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
     return rows
 
 
