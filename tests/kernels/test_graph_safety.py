@@ -74,6 +74,7 @@ def stubbed(monkeypatch):
     mode = tiles.tune_mode()
     tiles.set_tune_mode("tune")  # tuning runs on: what a capture must never start
     monkeypatch.setattr(launches, "INTERPRET", False)  # the tuned launch path, as on a GPU
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # backend='triton' takes the CPU tensors (no kernel runs)
     monkeypatch.setattr(launches, "N1_STEP_AXIS", 0)
 
     class _NoKernel:
