@@ -7,9 +7,11 @@ The semantics are mamba_ssm's ``selective_scan_ref``::
     y_t   = <C_t, h_t> + D * u_t,    out = y * silu(z)
 
 with ``h`` of shape (Bt, Dm, N) per step. Everything is computed in fp32 (fp64 when an input is fp64,
-so that ``torch.autograd.gradcheck`` is meaningful). The time loop is sequential, but every step is
-one fused multiply-add over the whole (Bt, Dm, N) state: the exponentials and input terms for all
-steps are formed up front, vectorized over time.
+so that ``torch.autograd.gradcheck`` is meaningful). The scan is chunked (``_chunked_scan``): every
+update is the plain recurrence, all chunks advance together, so the Python loop runs once per position
+of a chunk (SCAN_CHUNK times), never once per time step, and export sees a graph whose size does not
+depend on the sequence length. The forward contracts each step's state with C as it goes, so it never
+holds every state.
 
 The 2D form is gather → 1D scan → scatter, routes folded into channels (route k owns channel block k
 and B/C group k), which is what the fused kernels must reproduce.
@@ -32,7 +34,7 @@ __all__ = [
     "exporting",
 ]
 
-SCAN_CHUNK = 16  # steps per chunk: 4 doublings inside a chunk
+SCAN_CHUNK = 16  # steps per chunk: the Python loop's length; the chunk-level scan covers L / SCAN_CHUNK
 MAX_TRACED_CHUNKS = 2 ** 20  # chunks the fixed chunk-level scan of an exported graph covers
 BLOCK_ELEMENTS = 1 << 22  # states per eager block (16 MiB in fp32)
 
@@ -100,38 +102,64 @@ def _is_traced() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
-def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
-    """h_t = exp(log_decay_t) * h_{t-1} + drive_t from h_{-1} = 0, along dim 0 (time-major); returns
-    every h_t, shaped like drive (log_decay broadcasts to it).
-
-    A chunked scan: steps are grouped in chunks of ``chunk``; inside each chunk a doubling scan gives
-    the chunk-local states and decay products; a second doubling scan over the chunks carries the
-    state from chunk to chunk. No Python loop runs over time, so export sees a graph whose size does
-    not depend on the sequence length: with symbolic sizes the chunk-level scan runs a fixed
-    ``log2(MAX_TRACED_CHUNKS)`` doublings, which covers MAX_TRACED_CHUNKS * chunk steps."""
-    L = drive.shape[0]
-    if isinstance(L, int) and L > chunk * MAX_TRACED_CHUNKS:
-        raise ValueError(f"linear_scan covers at most {chunk * MAX_TRACED_CHUNKS} steps, got {L}")
-    log_decay = log_decay.expand_as(drive)
+def _chunk_count(L, chunk: int):
+    """Chunks of ``chunk`` steps covering L; with symbolic sizes (a SymInt or a traced tensor) at least
+    two whatever the length: export would otherwise specialize the graph on whether the traced input
+    had one chunk (size-1 dimensions broadcast)."""
     if isinstance(L, int) and not _is_traced():
-        n = (L + chunk - 1) // chunk
-    else:
-        # At least two chunks, whatever the length: export would otherwise specialize the graph on
-        # whether the traced input had one chunk (size-1 dimensions broadcast).
-        n = L // chunk + 2
-    rest = [0, 0] * (drive.dim() - 1)
-    # Padding steps (decay 1, drive 0) keep the state, and are cut off at the end.
-    log_decay = F.pad(log_decay, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
-    drive = F.pad(drive, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
-    decay, local = _doubling_scan(log_decay.exp(), drive, int(math.log2(chunk)), dim=1)
+        return (L + chunk - 1) // chunk
+    return L // chunk + 2
+
+
+def _position_major(t: torch.Tensor, n, chunk: int) -> torch.Tensor:
+    """(L, ...) → (chunk, n, ...): step c * chunk + j at [j, c], zero-padded after L. Contiguous, so that
+    position j of every chunk is one block of memory."""
+    rest = [0, 0] * (t.dim() - 1)
+    t = F.pad(t, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk)
+    return t.unflatten(0, (n, chunk)).transpose(0, 1).contiguous()
+
+
+def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.Tensor, L, readout=None):
+    """h_t = decay_t * h_{t-1} + drive_t from h_{-1} = 0, for steps laid out by ``_position_major``
+    (padding: decay 1 and drive 0 keep h); ``chunk_decay`` (n, ...) is each chunk's product of decays
+    (the exp of its summed log-decays, which the caller forms from small per-step factors). Returns
+    (readout(h, j) of every step, back in time order (L, ...); the last state). ``readout`` (default: h itself) maps the
+    states at chunk position j to what the caller keeps, so that a forward that only needs <C_t, h_t>
+    never stores every state.
+
+    All chunks advance together, one position of the chunk at a time: a pass from zero gives each
+    chunk's end state, a scan over the chunks (log2 of their number doublings) carries the state
+    across chunk boundaries, and a second pass from each chunk's true start gives the states. Every
+    update is the plain recurrence (a product and a sum, no division), so no decay can overflow, and
+    the Python loop runs ``chunk`` times whatever the length. With symbolic sizes (export) the
+    chunk-level scan runs a fixed ``log2(MAX_TRACED_CHUNKS)`` doublings, which covers
+    MAX_TRACED_CHUNKS chunks."""
+    chunk, n = drive.shape[:2]
     if isinstance(n, int) and not _is_traced():
+        if n > MAX_TRACED_CHUNKS:
+            raise ValueError(f"the chunked scan covers at most {MAX_TRACED_CHUNKS} chunks, got {n}")
         chunk_steps = max(0, math.ceil(math.log2(n)))
     else:
         chunk_steps = int(math.log2(MAX_TRACED_CHUNKS))
-    # State at the end of each chunk, then at the start of each (the end of the one before).
-    _, ends = _doubling_scan(decay[:, -1], local[:, -1], chunk_steps, dim=0)
-    starts = _shift(ends, 1, 0.0, dim=0)
-    return torch.addcmul(local, decay, starts.unsqueeze(1)).flatten(0, 1).narrow(0, 0, L)
+    h = drive[0]
+    for j in range(1, chunk):
+        h = torch.addcmul(drive[j], decay[j], h)
+    _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=0)
+    h = _shift(ends, 1, 0.0, dim=0)  # each chunk's start: the end of the one before
+    kept = []
+    for j in range(chunk):
+        h = torch.addcmul(drive[j], decay[j], h)
+        kept.append(h if readout is None else readout(h, j))
+    return torch.stack(kept, 1).flatten(0, 1).narrow(0, 0, L), ends[-1]
+
+
+def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+    """h_t = exp(log_decay_t) * h_{t-1} + drive_t from h_{-1} = 0, along dim 0 (time-major); returns
+    every h_t, shaped like drive (log_decay broadcasts to it). A chunked scan: see ``_chunked_scan``."""
+    L = drive.shape[0]
+    n = _chunk_count(L, chunk)
+    log_decay = _position_major(log_decay.expand_as(drive), n, chunk)
+    return _chunked_scan(log_decay.exp(), _position_major(drive, n, chunk), log_decay.sum(0).exp(), L)[0]
 
 
 def _rows_per_block(Bt, per_row: int):
@@ -142,23 +170,37 @@ def _rows_per_block(Bt, per_row: int):
     return max(1, min(Bt, BLOCK_ELEMENTS // max(1, per_row)))
 
 
-def _states_time_major(u, dt, A, B, dtype):
-    """u, dt (Bt, Dm, L), A (Dm, N), B (Bt, [G,] N, L) → every state, (L, Bt, Dm, N)."""
+def _scan_time_major(u, dt, A, B, dtype, C=None):
+    """u, dt (Bt, Dm, L), A (Dm, N), B and C (Bt, [G,] N, L) → (every state (L, Bt, Dm, N), or with C
+    y = <C_t, h_t> (L, Bt, Dm)) and the last state (Bt, Dm, N).
+
+    The per-step inputs are laid out in chunks (``_position_major``) while they are small, and the
+    states are held as (G, N, Dm // G), channels innermost: every state-sized product then runs along
+    contiguous channels (N is only 1 to 16), which is several times faster on CPU than along N."""
     Bt, Dm, L = u.shape
-    Bg = _grouped_time_major(B, dtype)  # (L, Bt, G, 1, N)
-    G = Bg.shape[2]
-    dt_t = dt.permute(2, 0, 1)  # (L, Bt, Dm)
-    log_decay = dt_t.unsqueeze(-1) * A.to(dtype)
-    drive = ((dt_t * u.to(dtype).permute(2, 0, 1)).unflatten(2, (G, Dm // G)).unsqueeze(-1) * Bg).flatten(2, 3)
-    return linear_scan(log_decay, drive)
+    n = _chunk_count(L, SCAN_CHUNK)
 
+    def by_group(t):  # (chunk, n, Bt, Dm) → (chunk, n, Bt, G, 1, Dm // G)
+        return t.unflatten(3, (G, Dm // G)).unsqueeze(4)
 
-def _contract_C(states, C, dtype):
-    """states (L, Bt, Dm, N), C (Bt, [G,] N, L) → y (Bt, Dm, L) = sum_n C h."""
-    Cg = _grouped_time_major(C, dtype)  # (L, Bt, G, 1, N)
-    G = Cg.shape[2]
-    y = (states.unflatten(2, (G, states.shape[2] // G)) * Cg).sum(-1).flatten(2, 3)
-    return y.permute(1, 2, 0)
+    def grouped_steps(BC):  # (Bt, [G,] N, L) → (chunk, n, Bt, G, N, 1)
+        return _position_major(_grouped_time_major(BC, dtype), n, SCAN_CHUNK).transpose(-1, -2)
+
+    Bg = grouped_steps(B)
+    G = Bg.shape[3]
+    dt_t = _position_major(dt.permute(2, 0, 1), n, SCAN_CHUNK)  # (chunk, n, Bt, Dm)
+    A_t = A.to(dtype).unflatten(0, (G, Dm // G)).transpose(1, 2)  # (G, N, Dm // G)
+    decay = (by_group(dt_t) * A_t).exp_()
+    chunk_decay = (by_group(dt_t.sum(0, keepdim=True)) * A_t)[0].exp_()
+    drive = by_group(dt_t * _position_major(u.to(dtype).permute(2, 0, 1), n, SCAN_CHUNK)) * Bg
+    last_state = lambda h: h.transpose(-1, -2).flatten(1, 2)  # (Bt, G, N, Dm // G) → (Bt, Dm, N)
+    if C is None:
+        states, last = _chunked_scan(decay, drive, chunk_decay, L)
+        return states.transpose(-1, -2).flatten(2, 3), last_state(last)
+    Cg = grouped_steps(C)
+    # <C_t, h_t> over N, one position of every chunk at a time: (n, Bt, G, N, Dm // G) → (n, Bt, Dm)
+    y, last = _chunked_scan(decay, drive, chunk_decay, L, lambda h, j: (h * Cg[j]).sum(-2).flatten(2, 3))
+    return y, last_state(last)
 
 
 def _batch_slice(t, start, rows):
@@ -176,7 +218,7 @@ def selective_scan_states_ref(
     """Every hidden state h, (Bt, Dm, N, L), in the compute dtype."""
     dtype = compute_dtype(u, delta, A, B)
     _, dt = _delta(delta, delta_bias, delta_softplus, dtype)
-    return _states_time_major(u, dt, A, B, dtype).permute(1, 2, 3, 0)
+    return _scan_time_major(u, dt, A, B, dtype)[0].permute(1, 2, 3, 0)
 
 
 def selective_scan_ref(
@@ -208,11 +250,9 @@ def selective_scan_ref(
             n = min(rows, Bt - start)
             u_b, d_b, B_b, C_b = (t.narrow(0, start, n) for t in (u, delta, B, C))
         _, dt = _delta(d_b, delta_bias, delta_softplus, dtype)
-        states = _states_time_major(u_b, dt, A, B_b, dtype)
-        ys.append(_contract_C(states, C_b, dtype))
-        if return_last_state:
-            lasts.append(states[-1])
-        del states
+        y_b, last = _scan_time_major(u_b, dt, A, B_b, dtype, C=C_b)
+        ys.append(y_b.permute(1, 2, 0))
+        lasts.append(last)
     y = ys[0] if len(ys) == 1 else torch.cat(ys, 0)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u.to(dtype)
@@ -268,7 +308,7 @@ def _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype):
     """pre-softplus delta, dt, log-decays (L, Bt, Dm, N) and every state (L, Bt, Dm, N)."""
     pre, dt = _delta(delta, delta_bias, delta_softplus, dtype)
     log_decay = dt.permute(2, 0, 1).unsqueeze(-1) * A.to(dtype)
-    return pre, dt, log_decay, _states_time_major(u, dt, A, B, dtype)
+    return pre, dt, log_decay, _scan_time_major(u, dt, A, B, dtype)[0]
 
 
 def selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
