@@ -141,16 +141,23 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
         chunk_steps = max(0, math.ceil(math.log2(n)))
     else:
         chunk_steps = int(math.log2(MAX_TRACED_CHUNKS))
-    h = drive[0]
+    # Eager calls update buffers in place: a fresh state-sized tensor per position would cost page faults
+    # comparable to the arithmetic. Traced calls (export), and any call autograd records, stay functional.
+    in_place = not _is_traced() and not (decay.requires_grad or drive.requires_grad)
+    h = drive[0].clone()
     for j in range(1, chunk):
-        h = torch.addcmul(drive[j], decay[j], h)
+        h = h.mul_(decay[j]).add_(drive[j]) if in_place else torch.addcmul(drive[j], decay[j], h)
     _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=0)
     h = _shift(ends, 1, 0.0, dim=0)  # each chunk's start: the end of the one before
     kept = []
-    for j in range(chunk):
-        h = torch.addcmul(drive[j], decay[j], h)
+    for j in range(chunk):  # in place, drive becomes the states
+        h = drive[j].addcmul_(decay[j], h) if in_place else torch.addcmul(drive[j], decay[j], h)
         kept.append(h if readout is None else readout(h, j))
-    return torch.stack(kept, 1).flatten(0, 1).narrow(0, 0, L), ends[-1]
+    if in_place and readout is None:
+        out = drive.transpose(0, 1)
+    else:
+        out = torch.stack(kept, 1)
+    return out.flatten(0, 1).narrow(0, 0, L), ends[-1]
 
 
 def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
@@ -162,12 +169,27 @@ def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_
     return _chunked_scan(log_decay.exp(), _position_major(drive, n, chunk), log_decay.sum(0).exp(), L)[0]
 
 
-def _rows_per_block(Bt, per_row: int):
-    """Batch rows scanned together in eager mode, so that the working set stays near
-    BLOCK_ELEMENTS whatever the batch; one block when sizes are symbolic."""
+def _eager_blocks(Bt, Dm: int, G: int, states_per_channel):
+    """(rows, channels, groups) slices scanned together in eager mode, so that a block's states stay near
+    BLOCK_ELEMENTS (in cache) whatever the batch and width: whole rows while they fit, else channels of
+    one row, a block lying inside one group of B/C or covering whole groups. One block when sizes are
+    symbolic."""
+    everything = slice(None)
     if not isinstance(Bt, int) or _is_traced():
-        return Bt
-    return max(1, min(Bt, BLOCK_ELEMENTS // max(1, per_row)))
+        return [(everything, everything, everything)]
+    if Dm * states_per_channel <= BLOCK_ELEMENTS:
+        rows = max(1, min(Bt, BLOCK_ELEMENTS // (Dm * states_per_channel)))
+        return [(slice(r, r + rows), everything, everything) for r in range(0, Bt, rows)]
+    group = Dm // G
+    width = max(1, BLOCK_ELEMENTS // states_per_channel)
+    if width >= group:
+        width -= width % group
+        channels = [(c, min(c + width, Dm)) for c in range(0, Dm, width)]
+    else:  # split each group evenly
+        width = -(-group // -(-group // width))
+        channels = [(c, min(c + width, g + group)) for g in range(0, Dm, group) for c in range(g, g + group, width)]
+    return [(slice(r, r + 1), slice(c0, c1), slice(c0 // group, (c1 - 1) // group + 1))
+            for r in range(Bt) for c0, c1 in channels]
 
 
 def _scan_time_major(u, dt, A, B, dtype, C=None):
@@ -199,12 +221,8 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
         return states.transpose(-1, -2).flatten(2, 3), last_state(last)
     Cg = grouped_steps(C)
     # <C_t, h_t> over N, one position of every chunk at a time: (n, Bt, G, N, Dm // G) → (n, Bt, Dm)
-    y, last = _chunked_scan(decay, drive, chunk_decay, L, lambda h, j: (h * Cg[j]).sum(-2).flatten(2, 3))
+    y, last = _chunked_scan(decay, drive, chunk_decay, L, lambda h, j: (Cg[j].transpose(-1, -2) @ h).flatten(2, 4))
     return y, last_state(last)
-
-
-def _batch_slice(t, start, rows):
-    return None if t is None or t.dim() == 1 else t.narrow(0, start, rows)
 
 
 def selective_scan_states_ref(
@@ -237,32 +255,28 @@ def selective_scan_ref(
     """mamba_ssm's selective scan. Returns out (in ``out_dtype``, default u's dtype) and, with
     ``return_last_state``, the final state (Bt, Dm, N) in the compute dtype.
 
-    In eager mode the batch is scanned in blocks of rows, so that memory stays bounded by the
-    output plus about BLOCK_ELEMENTS states, not every state of the whole batch."""
+    In eager mode the scan runs in blocks of rows or channels (``_eager_blocks``), so that memory stays
+    bounded by the output plus about BLOCK_ELEMENTS states, which stay in cache between the passes."""
     dtype = compute_dtype(u, delta, A, B, C)
     Bt, Dm, L = u.shape
-    rows = _rows_per_block(Bt, Dm * A.shape[1] * L)
-    ys, lasts = [], []
-    for start in range(0, Bt, rows) if isinstance(rows, int) and rows < Bt else [None]:
-        if start is None:
-            u_b, d_b, B_b, C_b = u, delta, B, C
+    blocks = _eager_blocks(Bt, Dm, 1 if B.dim() == 3 else B.shape[1], A.shape[1] * L)
+    if len(blocks) > 1:
+        y, last = u.new_empty((Bt, Dm, L), dtype=dtype), u.new_empty((Bt, Dm, A.shape[1]), dtype=dtype)
+    for rows, channels, groups in blocks:
+        B_b, C_b = ((t[rows] if t.dim() == 3 else t[rows, groups]) for t in (B, C))
+        bias = None if delta_bias is None else delta_bias[channels]
+        _, dt = _delta(delta[rows, channels], bias, delta_softplus, dtype)
+        y_b, last_b = _scan_time_major(u[rows, channels], dt, A[channels], B_b, dtype, C=C_b)
+        if len(blocks) == 1:
+            y, last = y_b.permute(1, 2, 0), last_b.clone()  # the last state's own storage, not a view
         else:
-            n = min(rows, Bt - start)
-            u_b, d_b, B_b, C_b = (t.narrow(0, start, n) for t in (u, delta, B, C))
-        _, dt = _delta(d_b, delta_bias, delta_softplus, dtype)
-        y_b, last = _scan_time_major(u_b, dt, A, B_b, dtype, C=C_b)
-        ys.append(y_b.permute(1, 2, 0))
-        lasts.append(last)
-    y = ys[0] if len(ys) == 1 else torch.cat(ys, 0)
+            y[rows, channels], last[rows, channels] = y_b.permute(1, 2, 0), last_b
     if D is not None:
         y = y + D.to(dtype)[:, None] * u.to(dtype)
     if z is not None:
         y = y * F.silu(z.to(dtype))
     out = y.to(u.dtype if out_dtype is None else out_dtype)
-    if return_last_state:
-        # its own storage, not a view of all states
-        return out, (lasts[0].clone() if len(lasts) == 1 else torch.cat(lasts, 0))
-    return out
+    return (out, last) if return_last_state else out
 
 
 def _reduce_groups(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -53,10 +53,16 @@ def test_linear_scan_survives_vanishing_decays():
     assert _rel(reference.linear_scan(log_decay, drive), torch.stack(want)) < 1e-6
 
 
+# eager blocks (Dm = 4 channels of N = 3 states): whole rows, two channels (a whole group of two),
+# one channel (inside a group)
+BLOCK_CHANNELS = {"rows": 4, "groups": 2, "channels": 1}
+
+
+@pytest.mark.parametrize("block", sorted(BLOCK_CHANNELS))
 @pytest.mark.parametrize("groups", [None, 2])
 @pytest.mark.parametrize("L", [7, 33, 130])
-def test_outputs_and_every_gradient_match_the_oracle_fp32(L, groups, monkeypatch):
-    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 4 * 3 * L)  # several eager blocks over the batch
+def test_outputs_and_every_gradient_match_the_oracle_fp32(L, groups, block, monkeypatch):
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", BLOCK_CHANNELS[block] * 3 * L)
     x = {k: v.requires_grad_() for k, v in _inputs(5, 4, L, 3, groups, torch.float32, seed=L).items()}
     out, last = vk.selective_scan(**x, delta_softplus=True, return_last_state=True, backend="reference")
     want, want_last, _ = per_step_scan(**x, delta_softplus=True)
