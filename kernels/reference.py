@@ -146,9 +146,12 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     # Eager calls update buffers in place: a fresh state-sized tensor per position would cost page faults
     # comparable to the arithmetic. Traced calls (export), and any call autograd records, stay functional.
     in_place = not _is_traced() and not (decay.requires_grad or drive.requires_grad)
-    h = drive[0].clone()
-    for j in range(1, chunk):
-        h = h.mul_(decay[j]).add_(drive[j]) if in_place else torch.addcmul(drive[j], decay[j], h)
+    h, spare = drive[0].clone(), (torch.empty_like(drive[0]) if in_place else None)
+    for j in range(1, chunk):  # the same rounding both ways: eager and exported programs agree
+        if in_place:
+            h, spare = torch.addcmul(drive[j], decay[j], h, out=spare), h
+        else:
+            h = torch.addcmul(drive[j], decay[j], h)
     _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=chunk_dim)
     h = _shift(ends, 1, 0.0, dim=chunk_dim)  # each chunk's start: the end of the one before
     kept = []
