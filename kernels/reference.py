@@ -7,9 +7,11 @@ The semantics are mamba_ssm's ``selective_scan_ref``::
     y_t   = <C_t, h_t> + D * u_t,    out = y * silu(z)
 
 with ``h`` of shape (Bt, Dm, N) per step. Everything is computed in fp32 (fp64 when an input is fp64,
-so that ``torch.autograd.gradcheck`` is meaningful). The time loop is sequential, but every step is
-one fused multiply-add over the whole (Bt, Dm, N) state: the exponentials and input terms for all
-steps are formed up front, vectorized over time.
+so that ``torch.autograd.gradcheck`` is meaningful). The scan is chunked (``_chunked_scan``): every
+update is the plain recurrence, all chunks advance together, so the Python loop runs once per position
+of a chunk (SCAN_CHUNK times), never once per time step, and export sees a graph whose size does not
+depend on the sequence length. The forward contracts each step's state with C as it goes, so it never
+holds every state.
 
 The 2D form is gather → 1D scan → scatter, routes folded into channels (route k owns channel block k
 and B/C group k), which is what the fused kernels must reproduce.
@@ -33,7 +35,7 @@ __all__ = [
     "exporting",
 ]
 
-SCAN_CHUNK = 16  # steps per chunk: 4 doublings inside a chunk
+SCAN_CHUNK = 16  # steps per chunk: the Python loop's length; the chunk-level scan covers L / SCAN_CHUNK
 MAX_TRACED_CHUNKS = 2 ** 20  # chunks the fixed chunk-level scan of an exported graph covers
 BLOCK_ELEMENTS = 1 << 22  # states per eager block (16 MiB in fp32)
 
@@ -101,69 +103,136 @@ def _is_traced() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
-def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
-    """h_t = exp(log_decay_t) * h_{t-1} + drive_t from h_{-1} = 0, along dim 0 (time-major); returns
-    every h_t, shaped like drive (log_decay broadcasts to it).
-
-    A chunked scan: steps are grouped in chunks of ``chunk``; inside each chunk a doubling scan gives
-    the chunk-local states and decay products; a second doubling scan over the chunks carries the
-    state from chunk to chunk. No Python loop runs over time, so export sees a graph whose size does
-    not depend on the sequence length: with symbolic sizes the chunk-level scan runs a fixed
-    ``log2(MAX_TRACED_CHUNKS)`` doublings, which covers MAX_TRACED_CHUNKS * chunk steps."""
-    L = drive.shape[0]
-    if isinstance(L, int) and L > chunk * MAX_TRACED_CHUNKS:
-        raise ValueError(f"linear_scan covers at most {chunk * MAX_TRACED_CHUNKS} steps, got {L}")
-    log_decay = log_decay.expand_as(drive)
+def _chunk_count(L, chunk: int):
+    """Chunks of ``chunk`` steps covering L; with symbolic sizes (a SymInt or a traced tensor) at least
+    two whatever the length: export would otherwise specialize the graph on whether the traced input
+    had one chunk (size-1 dimensions broadcast)."""
     if isinstance(L, int) and not _is_traced():
-        n = (L + chunk - 1) // chunk
-    else:
-        # At least two chunks, whatever the length: export would otherwise specialize the graph on
-        # whether the traced input had one chunk (size-1 dimensions broadcast).
-        n = L // chunk + 2
-    rest = [0, 0] * (drive.dim() - 1)
-    # Padding steps (decay 1, drive 0) keep the state, and are cut off at the end.
-    log_decay = F.pad(log_decay, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
-    drive = F.pad(drive, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk).unflatten(0, (n, chunk))
-    decay, local = _doubling_scan(log_decay.exp(), drive, int(math.log2(chunk)), dim=1)
+        return (L + chunk - 1) // chunk
+    return L // chunk + 2
+
+
+def _position_major(t: torch.Tensor, n, chunk: int) -> torch.Tensor:
+    """(L, ...) → (chunk, n, ...): step c * chunk + j at [j, c], zero-padded after L. Contiguous, so that
+    position j of every chunk is one block of memory."""
+    rest = [0, 0] * (t.dim() - 1)
+    t = F.pad(t, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk)
+    return t.unflatten(0, (n, chunk)).transpose(0, 1).contiguous()
+
+
+def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.Tensor, L, readout=None,
+                  chunk_dim: int = 0):
+    """h_t = decay_t * h_{t-1} + drive_t from h_{-1} = 0, for steps laid out in chunks: decay and drive
+    are (chunk position, ..., chunk index, ...) with the chunk index at ``chunk_dim`` of a position's
+    slice (padding: decay 1 and drive 0 keep h); ``chunk_decay`` (a position's shape) is each chunk's
+    product of decays (the exp of its summed log-decays, which the caller forms from small per-step
+    factors). Returns (every state in time order (L, ...), or readout(h, j) of every step in time order
+    when ``readout`` maps the states at chunk position j to (n, ...); the last state). A forward that
+    only needs <C_t, h_t> thus never stores every state.
+
+    All chunks advance together, one position of the chunk at a time: a pass from zero gives each
+    chunk's end state, a scan over the chunks (log2 of their number doublings) carries the state
+    across chunk boundaries, and a second pass from each chunk's true start gives the states. Every
+    update is the plain recurrence (a product and a sum, no division), so no decay can overflow, and
+    the Python loop runs ``chunk`` times whatever the length. With symbolic sizes (export) the
+    chunk-level scan runs a fixed ``log2(MAX_TRACED_CHUNKS)`` doublings, which covers
+    MAX_TRACED_CHUNKS chunks."""
+    chunk, n = drive.shape[0], drive.shape[chunk_dim + 1]
     if isinstance(n, int) and not _is_traced():
+        if n > MAX_TRACED_CHUNKS:
+            raise ValueError(f"the chunked scan covers at most {MAX_TRACED_CHUNKS} chunks, got {n}")
         chunk_steps = math.ceil(math.log2(max(n, 1)))  # no chunk (L = 0) needs no doubling
     else:
         chunk_steps = int(math.log2(MAX_TRACED_CHUNKS))
-    # State at the end of each chunk, then at the start of each (the end of the one before).
-    _, ends = _doubling_scan(decay[:, -1], local[:, -1], chunk_steps, dim=0)
-    starts = _shift(ends, 1, 0.0, dim=0)
-    return torch.addcmul(local, decay, starts.unsqueeze(1)).flatten(0, 1).narrow(0, 0, L)
+    # Eager calls update buffers in place: a fresh state-sized tensor per position would cost page faults
+    # comparable to the arithmetic. Traced calls (export), and any call autograd records, stay functional.
+    in_place = not _is_traced() and not (decay.requires_grad or drive.requires_grad)
+    h, spare = drive[0].clone(), (torch.empty_like(drive[0]) if in_place else None)
+    for j in range(1, chunk):  # the same rounding both ways: eager and exported programs agree
+        if in_place:
+            h, spare = torch.addcmul(drive[j], decay[j], h, out=spare), h
+        else:
+            h = torch.addcmul(drive[j], decay[j], h)
+    _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=chunk_dim)
+    h = _shift(ends, 1, 0.0, dim=chunk_dim)  # each chunk's start: the end of the one before
+    kept = []
+    for j in range(chunk):  # in place, drive becomes the states
+        h = drive[j].addcmul_(decay[j], h) if in_place else torch.addcmul(drive[j], decay[j], h)
+        kept.append(h if readout is None else readout(h, j))
+    if readout is not None:
+        out = torch.stack(kept, 1)
+    else:  # (chunk index, position, ...): time order
+        out = (drive if in_place else torch.stack(kept)).movedim(chunk_dim + 1, 0)
+    if isinstance(n, int) and n == 0:  # an empty sequence: its last state is h_{-1} = 0
+        return out.flatten(0, 1), ends.sum(chunk_dim)
+    return out.flatten(0, 1).narrow(0, 0, L), ends.select(chunk_dim, -1)
 
 
-def _rows_per_block(Bt, per_row: int):
-    """Batch rows scanned together in eager mode, so that the working set stays near
-    BLOCK_ELEMENTS whatever the batch; one block when sizes are symbolic."""
-    if not isinstance(Bt, int) or _is_traced():
-        return Bt
-    return max(1, min(Bt, BLOCK_ELEMENTS // max(1, per_row)))
+def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+    """h_t = exp(log_decay_t) * h_{t-1} + drive_t from h_{-1} = 0, along dim 0 (time-major); returns
+    every h_t, shaped like drive (log_decay broadcasts to it). A chunked scan: see ``_chunked_scan``."""
+    L = drive.shape[0]
+    n = _chunk_count(L, chunk)
+    log_decay = _position_major(log_decay.expand_as(drive), n, chunk)
+    return _chunked_scan(log_decay.exp(), _position_major(drive, n, chunk), log_decay.sum(0).exp(), L)[0]
 
 
-def _states_time_major(u, dt, A, B, dtype):
-    """u, dt (Bt, Dm, L), A (Dm, N), B (Bt, [G,] N, L) → every state, (L, Bt, Dm, N)."""
+def _eager_blocks(Bt, Dm: int, G: int, states_per_channel):
+    """(rows, channels, groups) slices scanned together in eager mode, so that a block's states stay near
+    BLOCK_ELEMENTS (in cache) whatever the batch and width: whole rows while they fit, else channels of
+    one row, a block lying inside one group of B/C or covering whole groups. One block when sizes are
+    symbolic."""
+    everything = slice(None)
+    if not isinstance(Bt, int) or _is_traced() or Bt * Dm * states_per_channel == 0:  # symbolic, or nothing
+        return [(everything, everything, everything)]
+    if Dm * states_per_channel <= BLOCK_ELEMENTS:
+        rows = max(1, min(Bt, BLOCK_ELEMENTS // (Dm * states_per_channel)))
+        return [(slice(r, r + rows), everything, everything) for r in range(0, Bt, rows)]
+    group = Dm // G
+    width = max(1, BLOCK_ELEMENTS // states_per_channel)
+    if width >= group:
+        width -= width % group
+        channels = [(c, min(c + width, Dm)) for c in range(0, Dm, width)]
+    else:  # split each group evenly
+        width = -(-group // -(-group // width))
+        channels = [(c, min(c + width, g + group)) for g in range(0, Dm, group) for c in range(g, g + group, width)]
+    return [(slice(r, r + 1), slice(c0, c1), slice(c0 // group, (c1 - 1) // group + 1))
+            for r in range(Bt) for c0, c1 in channels]
+
+
+def _scan_time_major(u, dt, A, B, dtype, C=None):
+    """u, dt (Bt, Dm, L), A (Dm, N), B and C (Bt, [G,] N, L) → (every state (L, Bt, Dm, N), or with C
+    y = <C_t, h_t> (L, Bt, Dm)) and the last state (Bt, Dm, N).
+
+    The per-step inputs are laid out in chunks (``_position_major``) while they are small, and a chunk
+    position's states are held as (N, chunks, Bt, Dm), channels innermost and N outermost: every
+    state-sized product then runs along long contiguous rows of channels, with A or B broadcast whole
+    (N is only 1 to 16), which is several times faster on CPU than products along N."""
     Bt, Dm, L = u.shape
-    Bg = _grouped_time_major(B, dtype)  # (L, Bt, G, 1, N)
-    G = Bg.shape[2]
-    dt_t = dt.permute(2, 0, 1)  # (L, Bt, Dm)
-    log_decay = dt_t.unsqueeze(-1) * A.to(dtype)
-    drive = ((dt_t * u.to(dtype).permute(2, 0, 1)).unflatten(2, (G, Dm // G)).unsqueeze(-1) * Bg).flatten(2, 3)
-    return linear_scan(log_decay, drive)
+    n = _chunk_count(L, SCAN_CHUNK)
 
+    def grouped_steps(BC):  # (Bt, [G,] N, L) → (chunk, N, n, Bt, G, 1), contiguous: products follow its layout
+        return _position_major(_grouped_time_major(BC, dtype), n, SCAN_CHUNK).permute(0, 5, 1, 2, 3, 4).contiguous()
 
-def _contract_C(states, C, dtype):
-    """states (L, Bt, Dm, N), C (Bt, [G,] N, L) → y (Bt, Dm, L) = sum_n C h."""
-    Cg = _grouped_time_major(C, dtype)  # (L, Bt, G, 1, N)
-    G = Cg.shape[2]
-    y = (states.unflatten(2, (G, states.shape[2] // G)) * Cg).sum(-1).flatten(2, 3)
-    return y.permute(1, 2, 0)
+    Bg = grouped_steps(B)
+    G = Bg.shape[4]
+    A_t = A.to(dtype).t()[:, None, None]  # (N, 1, 1, Dm)
+    dt_t = _position_major(dt.permute(2, 0, 1), n, SCAN_CHUNK)  # (chunk, n, Bt, Dm)
+    decay = (dt_t.unsqueeze(1) * A_t).exp_()  # (chunk, N, n, Bt, Dm)
+    chunk_decay = (dt_t.sum(0) * A_t).exp_()
+    dt_u = (dt_t * _position_major(u.to(dtype).permute(2, 0, 1), n, SCAN_CHUNK)).unsqueeze(1)
+    drive = (dt_u.unflatten(-1, (G, Dm // G)) * Bg).flatten(-2, -1)
+    last_state = lambda h: h.permute(1, 2, 0)  # (N, Bt, Dm) → (Bt, Dm, N)
+    if C is None:
+        states, last = _chunked_scan(decay, drive, chunk_decay, L, chunk_dim=1)
+        return states.permute(0, 2, 3, 1), last_state(last)
+    Cg = grouped_steps(C)
 
+    def contract_C(h, j):  # <C_t, h_t> over N: (N, n, Bt, Dm) → (n, Bt, Dm)
+        return (h.unflatten(-1, (G, Dm // G)) * Cg[j]).sum(0).flatten(-2, -1)
 
-def _batch_slice(t, start, rows):
-    return None if t is None or t.dim() == 1 else t.narrow(0, start, rows)
+    y, last = _chunked_scan(decay, drive, chunk_decay, L, contract_C, chunk_dim=1)
+    return y, last_state(last)
 
 
 def selective_scan_states_ref(
@@ -177,7 +246,7 @@ def selective_scan_states_ref(
     """Every hidden state h, (Bt, Dm, N, L), in the compute dtype."""
     dtype = compute_dtype(u, delta, A, B)
     _, dt = _delta(delta, delta_bias, delta_softplus, dtype)
-    return _states_time_major(u, dt, A, B, dtype).permute(1, 2, 3, 0)
+    return _scan_time_major(u, dt, A, B, dtype)[0].permute(1, 2, 3, 0)
 
 
 def selective_scan_ref(
@@ -196,34 +265,28 @@ def selective_scan_ref(
     """mamba_ssm's selective scan. Returns out (in ``out_dtype``, default u's dtype) and, with
     ``return_last_state``, the final state (Bt, Dm, N) in the compute dtype.
 
-    In eager mode the batch is scanned in blocks of rows, so that memory stays bounded by the
-    output plus about BLOCK_ELEMENTS states, not every state of the whole batch."""
+    In eager mode the scan runs in blocks of rows or channels (``_eager_blocks``), so that memory stays
+    bounded by the output plus about BLOCK_ELEMENTS states, which stay in cache between the passes."""
     dtype = compute_dtype(u, delta, A, B, C)
     Bt, Dm, L = u.shape
-    rows = _rows_per_block(Bt, Dm * A.shape[1] * L)
-    ys, lasts = [], []
-    for start in range(0, Bt, rows) if isinstance(rows, int) and rows < Bt else [None]:
-        if start is None:
-            u_b, d_b, B_b, C_b = u, delta, B, C
+    blocks = _eager_blocks(Bt, Dm, 1 if B.dim() == 3 else B.shape[1], A.shape[1] * L)
+    if len(blocks) > 1:
+        y, last = u.new_empty((Bt, Dm, L), dtype=dtype), u.new_empty((Bt, Dm, A.shape[1]), dtype=dtype)
+    for rows, channels, groups in blocks:
+        B_b, C_b = ((t[rows] if t.dim() == 3 else t[rows, groups]) for t in (B, C))
+        bias = None if delta_bias is None else delta_bias[channels]
+        _, dt = _delta(delta[rows, channels], bias, delta_softplus, dtype)
+        y_b, last_b = _scan_time_major(u[rows, channels], dt, A[channels], B_b, dtype, C=C_b)
+        if len(blocks) == 1:
+            y, last = y_b.permute(1, 2, 0), last_b.clone()  # the last state's own storage, not a view
         else:
-            n = min(rows, Bt - start)
-            u_b, d_b, B_b, C_b = (t.narrow(0, start, n) for t in (u, delta, B, C))
-        _, dt = _delta(d_b, delta_bias, delta_softplus, dtype)
-        states = _states_time_major(u_b, dt, A, B_b, dtype)
-        ys.append(_contract_C(states, C_b, dtype))
-        if return_last_state:  # h_{-1} = 0 is the last state of an empty sequence
-            lasts.append(states[-1] if L else states.new_zeros(states.shape[1:]))
-        del states
-    y = ys[0] if len(ys) == 1 else torch.cat(ys, 0)
+            y[rows, channels], last[rows, channels] = y_b.permute(1, 2, 0), last_b
     if D is not None:
         y = y + D.to(dtype)[:, None] * u.to(dtype)
     if z is not None:
         y = y * F.silu(z.to(dtype))
     out = y.to(u.dtype if out_dtype is None else out_dtype)
-    if return_last_state:
-        # its own storage, not a view of all states
-        return out, (lasts[0].clone() if len(lasts) == 1 else torch.cat(lasts, 0))
-    return out
+    return (out, last) if return_last_state else out
 
 
 def _reduce_groups(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -268,7 +331,7 @@ def _discretize_for_backward(u, delta, A, B, delta_bias, delta_softplus, dtype):
     """pre-softplus delta, dt, log-decays (L, Bt, Dm, N) and every state (L, Bt, Dm, N)."""
     pre, dt = _delta(delta, delta_bias, delta_softplus, dtype)
     log_decay = dt.permute(2, 0, 1).unsqueeze(-1) * A.to(dtype)
-    return pre, dt, log_decay, _states_time_major(u, dt, A, B, dtype)
+    return pre, dt, log_decay, _scan_time_major(u, dt, A, B, dtype)[0]
 
 
 def selective_scan_bwd_ref(dout, dlast_state, u, delta, A, B, C, D=None, z=None, delta_bias=None,

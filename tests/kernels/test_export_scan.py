@@ -53,10 +53,16 @@ def test_linear_scan_survives_vanishing_decays():
     assert _rel(reference.linear_scan(log_decay, drive), torch.stack(want)) < 1e-6
 
 
+# eager blocks (Dm = 4 channels of N = 3 states): whole rows, two channels (a whole group of two),
+# one channel (inside a group)
+BLOCK_CHANNELS = {"rows": 4, "groups": 2, "channels": 1}
+
+
+@pytest.mark.parametrize("block", sorted(BLOCK_CHANNELS))
 @pytest.mark.parametrize("groups", [None, 2])
 @pytest.mark.parametrize("L", [7, 33, 130])
-def test_outputs_and_every_gradient_match_the_oracle_fp32(L, groups, monkeypatch):
-    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 4 * 3 * L)  # several eager blocks over the batch
+def test_outputs_and_every_gradient_match_the_oracle_fp32(L, groups, block, monkeypatch):
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", BLOCK_CHANNELS[block] * 3 * L)
     x = {k: v.requires_grad_() for k, v in _inputs(5, 4, L, 3, groups, torch.float32, seed=L).items()}
     out, last = vk.selective_scan(**x, delta_softplus=True, return_last_state=True, backend="reference")
     want, want_last, _ = per_step_scan(**x, delta_softplus=True)
@@ -87,3 +93,20 @@ def test_eager_blocks_bound_the_working_set(monkeypatch):
     whole = vk.selective_scan(**x, delta_softplus=True, backend="reference")
     monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 1)  # one batch row at a time
     assert _rel(vk.selective_scan(**x, delta_softplus=True, backend="reference"), whole) < 1e-6
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_long_sequences_and_large_decays_match_the_oracle(scale):
+    # 600 steps cross many chunks and several chunk-level doublings; with |A * dt| in the hundreds every
+    # decay and chunk product underflows, where forms that divide by cumulative decays overflow
+    x = _inputs(2, 4, 600, 3, 2, torch.float32, seed=int(scale))
+    x["A"] = (x["A"] * scale).detach()
+    x = {k: v.requires_grad_() for k, v in x.items()}
+    out, last = vk.selective_scan(**x, delta_softplus=True, return_last_state=True, backend="reference")
+    want, want_last, _ = per_step_scan(**x, delta_softplus=True)
+    assert _rel(out, want) < 1e-4 and _rel(last, want_last) < 1e-4
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad((out * dout).sum(), list(x.values()))
+    ref = torch.autograd.grad((want * dout).sum(), list(x.values()))
+    for name, a, b in zip(x, got, ref):
+        assert _rel(a, b) < 1e-3, name

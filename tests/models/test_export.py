@@ -68,6 +68,29 @@ def test_onnx_export_is_standard_and_matches_eager_at_other_sizes(name, tmp_path
         assert _rel(got, want) < 1e-3, (batch, H, W)
 
 
+# Families whose TorchScript-exported graph (dynamo=False) follows its dynamic axes; Spatial-Mamba's and
+# VMamba's keep a traced size as a constant (onnxruntime then rejects other sizes): dynamo=True for those.
+TORCHSCRIPT_EXPORTABLE = ["efficientvmamba_tiny", "groupmamba_tiny", "plainmamba_l1", "vim2_tiny"]
+
+
+@pytest.mark.parametrize("name", TORCHSCRIPT_EXPORTABLE)
+def test_torchscript_onnx_export_matches_eager_at_other_sizes(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = _model(name)
+    path = str(tmp_path / f"{name}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(EXAMPLE),), path, dynamo=False, opset_version=18, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch, H, W in OTHER_SIZES:
+        x = torch.randn(batch, 3, H, W)
+        with torch.no_grad():
+            want = model(x)
+        got = session.run(None, {"x": x.numpy()})[0]
+        assert _rel(got, want) < 1e-3, (batch, H, W)
+
+
 @pytest.mark.parametrize("name", ["plainmamba_l1", "vmamba_tiny_mhs", "efficientvmamba_tiny"])
 def test_torch_export_with_dynamic_dims_is_correct_at_another_size(name):
     model = _model(name)

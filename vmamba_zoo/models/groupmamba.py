@@ -88,8 +88,9 @@ class GroupedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(groups, num_channels))
 
     def forward(self, x):
-        # no affine inside layer_norm (its weight cannot differ per group); one addcmul applies it
-        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:], eps=self.eps), self.weight)
+        # no affine inside layer_norm (its weight cannot differ per group); one addcmul applies it. The
+        # normalized shape is the parameters' (a constant), not x's, which the TorchScript ONNX exporter traces.
+        return torch.addcmul(self.bias, F.layer_norm(x, self.weight.shape[-1:], eps=self.eps), self.weight)
 
 
 class GroupedSingleScan2d(nn.Module):
