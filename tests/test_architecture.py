@@ -100,7 +100,7 @@ def test_the_check_sees_every_package_and_resolves_relative_imports():
     ("vmamba_zoo.models.vmamba", "from mmengine.registry import MODELS"),
     ("vmamba_zoo.models.vmamba", "from ..mm import backbone"),
     ("vmamba_zoo.checkpoint", "from .models import vmamba"),
-    ("vmamba_zoo.mm.backbone", "import cli_common"),
+    ("vmamba_zoo.mm.backbone", "import benchmark"),
     ("vmamba_zoo.models.vmamba", "from toolkit.cli import create_model"),
 ])
 def test_a_backward_arrow_is_reported(module, source):

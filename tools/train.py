@@ -54,15 +54,13 @@ import time
 import traceback
 from datetime import datetime, timedelta
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from cli_common import (  # noqa: E402
+from toolkit.cli import (
     ToolArgumentParser, UsageError, create_model, import_zoo, parse_args_with_config, parse_key_values,
     require_model, run_tool,
 )
@@ -537,7 +535,7 @@ def _build_model(args, num_classes):
     model = create_model(args.model, img_size=args.img_size, pretrained=args.pretrained, num_classes=num_classes,
                          **kwargs)
     if args.initial_checkpoint:
-        from checkpoint_io import extract_state_dict, read_checkpoint
+        from toolkit.checkpoint_io import extract_state_dict, read_checkpoint
         state_dict, how = extract_state_dict(read_checkpoint(args.initial_checkpoint), model)
         own = model.state_dict()
         dropped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
@@ -566,7 +564,7 @@ def _data_config(args, model):
 def _build_transforms(args, data_config):
     from timm.data import create_transform
 
-    from image_data import keep_zero_bit_posterize
+    from toolkit.image_data import keep_zero_bit_posterize
     keep_zero_bit_posterize()
     train_tf = create_transform(
         input_size=data_config['input_size'], is_training=True, no_aug=args.no_aug,
@@ -636,7 +634,7 @@ def main(argv=None):
     args = parse_args_with_config(parser, argv, presets=presets)
     import_zoo()
 
-    from evaluation import autocast_context, evaluate, init_runtime, world_from_env
+    from toolkit.evaluation import autocast_context, evaluate, init_runtime, world_from_env
     env = world_from_env()
     _validate_args(args, env.world_size)
     if args.print_config:
@@ -709,7 +707,7 @@ def _train(args, rt, autocast_context, evaluate):
     from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from image_data import GlobalBatchSampler, ShardedEvalSampler, build_datasets
+    from toolkit.image_data import GlobalBatchSampler, ShardedEvalSampler, build_datasets
 
     # ---- run folder (the same on every rank)
     output_dir = args.output or os.path.join(
@@ -734,7 +732,7 @@ def _train(args, rt, autocast_context, evaluate):
         root = os.path.join(args.data_dir, args.train_split)
         data_classes = sum(1 for d in os.scandir(root) if d.is_dir())
     else:
-        from image_data import EmbeddedDigits
+        from toolkit.image_data import EmbeddedDigits
         data_classes = EmbeddedDigits.num_classes
     num_classes = args.num_classes
     if num_classes is None:
@@ -811,7 +809,7 @@ def _train(args, rt, autocast_context, evaluate):
         teacher = create_model(args.distill_teacher, pretrained=args.distill_teacher_checkpoint is None,
                                num_classes=num_classes)
         if args.distill_teacher_checkpoint:
-            from checkpoint_io import load_into_model
+            from toolkit.checkpoint_io import load_into_model
             load_into_model(teacher, args.distill_teacher_checkpoint)
         teacher.to(rt.device).eval().requires_grad_(False)
         train_loss_fn = DistillationLoss(criterion, teacher, args.distill_type, args.distill_alpha, args.distill_tau)
