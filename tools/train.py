@@ -20,7 +20,7 @@ On a GPU each update (forward, loss, backward, gradient clipping, optimizer step
 and then replayed, one launch instead of thousands, which is where host-bound models gain (``--no-cuda-graphs``
 trains eagerly). A run that decides on the host in mid-update trains eagerly instead, and its ``CUDA graphs:`` log
 line says why: DDP, gradient accumulation, fp16 loss scaling, ``--nan-policy skip``, MESA, ``--compile``, or an
-optimizer other than adam/adamw.
+optimizer other than adam/adamw. A capture that fails warns and the run trains on eagerly.
 
 Interrupted runs: ``--resume auto`` (with the same ``--output``) continues from the newest checkpoint, epoch-end or
 mid-epoch (every ``--checkpoint-interval`` updates): model, optimizer, scheduler, EMA, AMP scaler, epoch, position
@@ -896,6 +896,25 @@ def _train(args, rt, autocast_context, evaluate):
 
     graphed_update = None  # captured on the first batch, when the shapes are known
 
+    def capture_update(images, targets):
+        """The captured update, or None (and eager training from here) when the default capture fails: a model
+        with an operation CUDA graphs cannot hold still trains. An explicit --cuda-graphs makes it an error."""
+        nonlocal use_graphs
+        from toolkit.cuda_graphs import capture_train_step
+        try:
+            return capture_train_step(graph_update, train_model, optimizer, images, targets, undo_warmup=True)
+        except Exception as e:  # noqa: BLE001  (any capture failure: report it and train eagerly)
+            if args.cuda_graphs:
+                raise
+            use_graphs = False
+            optimizer.zero_grad(set_to_none=True)
+            for group in optimizer.param_groups:  # the eager step needs no device-side step counts
+                if 'capturable' in group:
+                    group['capturable'] = False
+            _logger.warning(f'CUDA graphs: capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+                            f'training eagerly (--no-cuda-graphs skips the attempt)')
+            return None
+
     n_params = sum(p.numel() for p in model.parameters())
     _logger.info(f'model {args.model}: {n_params / 1e6:.2f}M params, {num_classes} classes, input {img_size}px')
     _logger.info(f'data {data_desc}: {len(train_set)} train / {len(val_set)} val images')
@@ -983,9 +1002,8 @@ def _train(args, rt, autocast_context, evaluate):
                 last_micro = micro == args.grad_accum_steps - 1
                 if use_graphs:  # the whole update replays as one graph, captured on the first batch
                     if graphed_update is None:
-                        from toolkit.cuda_graphs import capture_train_step
-                        graphed_update = capture_train_step(graph_update, train_model, optimizer, images, targets,
-                                                            undo_warmup=True)
+                        graphed_update = capture_update(images, targets)
+                if graphed_update is not None:
                     loss_value = graphed_update(images, targets).clone()  # the next replay overwrites its output
                 else:
                     with autocast_context(rt.device, args.amp):

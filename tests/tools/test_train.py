@@ -204,6 +204,31 @@ def test_cuda_graphs_are_used_wherever_the_run_allows():
         assert blocker is not None and reason in blocker, (change, blocker)
 
 
+def test_a_failed_default_capture_trains_eagerly(tmp_path):
+    """The default CUDA-graph attempt that fails (here: CPU tensors, which capture refuses) warns once and the run
+    trains on eagerly, to the same weights as a run that never tried; an explicit --cuda-graphs raises instead.
+    Each run is a fresh process, the attempt made as on a GPU by clearing the blocker."""
+    common = ['--model', 'test_resnet', '--img-size', '16', '--epochs', '1', '--batch-size', '64',
+              '--debug-max-updates', '3', '--device', 'cpu', '--no-model-ema']
+    assert_ok(run_script('train.py', *common, '--debug-dump-weights', tmp_path / 'eager', '--output', tmp_path / 'e'))
+
+    def attempted(*extra):
+        code = ('import sys; sys.path.insert(0, sys.argv[1]); import train; '
+                'train.cuda_graph_blocker = lambda *a: None; sys.exit(train.run_tool(train.main, sys.argv[2:]))')
+        return subprocess.run([sys.executable, '-c', code, TOOLS, *common, *map(str, extra)], capture_output=True,
+                              text=True, timeout=300, env=tool_env(), cwd=REPO)
+
+    tried = attempted('--debug-dump-weights', tmp_path / 'tried', '--output', tmp_path / 't')
+    assert_ok(tried)
+    assert 'CUDA graphs: capture failed (ValueError: CUDA graph capture needs CUDA tensors' in tried.stdout + tried.stderr
+    eager = torch.load(tmp_path / 'eager' / 'rank0.pt', weights_only=True)
+    fell_back = torch.load(tmp_path / "tried" / "rank0.pt", weights_only=True)
+    for k in eager:
+        assert torch.equal(eager[k], fell_back[k]), k
+    forced = attempted('--output', tmp_path / 'f', '--cuda-graphs')
+    assert forced.returncode != 0 and 'needs CUDA tensors' in forced.stderr
+
+
 def test_bad_config_key(tmp_path, capsys):
     cfg = tmp_path / 'bad.yaml'
     cfg.write_text('model: resnet18\nlr_bse: 0.1\n')

@@ -174,9 +174,11 @@ def capture_train_step(step, model, optimizer, *inputs, warmup=WARMUP_STEPS, und
     learning_rates = LearningRateTensors(optimizer, inputs[0].device)
     snapshot = TrainingState(model, optimizer) if undo_warmup else None
     with learning_rates.installed():
-        _warm_up(lambda: step(*static_inputs), warmup)
-        if snapshot is not None:
-            snapshot.restore()
+        try:
+            _warm_up(lambda: step(*static_inputs), warmup)
+        finally:  # also when a warm-up step fails: the caller may go on training eagerly
+            if snapshot is not None:
+                snapshot.restore()
         graph = torch.cuda.CUDAGraph()
         # Gradients are allocated inside the capture, from the graph's pool, so that replays write them in place.
         optimizer.zero_grad(set_to_none=True)
