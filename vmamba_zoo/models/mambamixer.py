@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
@@ -82,9 +83,11 @@ class SelectiveTokenMixer(RouteScanParams):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-        H, W = x.shape[1:3]
-        delta, Bs, Cs = self.project(x)
-        A, D, delta_bias = self.scan_params()
+        Bt, H, W, Di = x.shape
+        # view with x's traced sizes (a size-generic TorchScript export) and the projection width (batch 0 works)
+        x_dbl = F.linear(x, self.x_proj_weight.reshape(-1, Di)).view(Bt, H, W, self.num_routes,
+                                                                      self.x_proj_weight.shape[1])
+        delta, Bs, Cs, A, D, delta_bias = self.scan_inputs(x_dbl)
         y = selective_scan_2d(
             x, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True,
             routes=device_routes('cross', H, W, x.device), merge='sum',
@@ -163,7 +166,8 @@ class SelectiveChannelMixer(RouteScanParams):
         shape = x.shape[:-1]
         seq, gate = self.in_proj(x).reshape(-1, 2 * self.width).chunk(2, dim=-1)
         y = self.scan(seq) * self.act(gate)
-        return self.out_proj(y).unflatten(0, shape)
+        # Sizes from x.shape (not unflatten's constants) keep a traced export size-generic; no -1, so batch 0 works
+        return self.out_proj(y).view(*shape, self.out_proj.out_features)
 
 
 class MixerLayer(nn.Module):
