@@ -507,6 +507,14 @@ def cuda_graph_blocker(args, device: torch.device, world_size: int):
     return None
 
 
+def set_capturable(optimizer, capturable: bool):
+    """Switch the param groups that have the option (Adam-style) between device-side step counts (needed inside
+    a captured update) and host ones."""
+    for group in optimizer.param_groups:
+        if 'capturable' in group:
+            group['capturable'] = capturable
+
+
 def resolve_lr(args) -> str:
     """Fill args.lr / warmup_lr / min_lr from the global batch; returns how lr was obtained."""
     if args.lr is None:
@@ -850,9 +858,7 @@ def _train(args, rt, autocast_context, evaluate):
                              f"({ckpt['steps_per_epoch']} updates/epoch); resume with the same --batch-size")
         model.load_state_dict(ckpt['state_dict'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        for group in optimizer.param_groups:  # the saving run's choice must not carry over (CPU has no capturable)
-            if 'capturable' in group:
-                group['capturable'] = use_graphs
+        set_capturable(optimizer, use_graphs)  # the saving run's choice must not carry over (CPU has none)
         lr_scheduler.load_state_dict(ckpt['scheduler'])
         if model_ema is not None:
             if ckpt.get('state_dict_ema') is None:
@@ -908,10 +914,9 @@ def _train(args, rt, autocast_context, evaluate):
                 raise
             use_graphs = False
             optimizer.zero_grad(set_to_none=True)
-            for group in optimizer.param_groups:  # the eager step needs no device-side step counts
-                if 'capturable' in group:
-                    group['capturable'] = False
-            _logger.warning(f'CUDA graphs: capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+            set_capturable(optimizer, False)  # the eager step needs no device-side step counts
+            reason = (str(e).splitlines() or [''])[0][:200]
+            _logger.warning(f'CUDA graphs: capture failed ({type(e).__name__}: {reason}); '
                             f'training eagerly (--no-cuda-graphs skips the attempt)')
             return None
 

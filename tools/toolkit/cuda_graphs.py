@@ -146,8 +146,6 @@ def graphed_train_step(model, optimizer, x, y, amp=None, loss_fn=cross_entropy_l
     dtype = _amp_dtype(amp)
     if not callable(loss_fn):
         raise TypeError(f'loss_fn must be callable, got {type(loss_fn).__name__}')
-    _require_capturable(optimizer)
-    _require_cuda(model, {'x': x, 'y': y})
 
     def step(static_x, static_y):
         optimizer.zero_grad(set_to_none=True)
@@ -157,19 +155,20 @@ def graphed_train_step(model, optimizer, x, y, amp=None, loss_fn=cross_entropy_l
         optimizer.step()
         return loss
 
-    return capture_train_step(step, model, optimizer, x, y, warmup=warmup)
+    return capture_train_step(step, model, optimizer, x, y, warmup=warmup, names=('x', 'y'))
 
 
-def capture_train_step(step, model, optimizer, *inputs, warmup=WARMUP_STEPS, undo_warmup=False):
+def capture_train_step(step, model, optimizer, *inputs, warmup=WARMUP_STEPS, undo_warmup=False, names=None):
     """Capture ``step(*static_inputs)``, a function that runs one whole update of ``model`` with ``optimizer``
     (zero_grad, forward, loss, backward, optimizer step) and returns the loss tensor.
 
     ``undo_warmup``: put the parameters, buffers and optimizer state back as they were before the warm-up steps,
     so that the first replay is the run's first update (what a training run needs; a benchmark does not care).
-    Returns a GraphedStep; with ``undo_warmup`` its learning rates follow the optimizer's param groups (see
+    ``names``: what errors call the inputs (default 'input 0', 'input 1', ...).
+    Returns a GraphedTrainStep, whose learning rates follow the optimizer's param groups (see
     LearningRateTensors), so a scheduler keeps working."""
     _require_capturable(optimizer)
-    _require_cuda(model, {f'input {i}': t for i, t in enumerate(inputs)})
+    _require_cuda(model, dict(zip(names or [f'input {i}' for i in range(len(inputs))], inputs)))
     static_inputs = tuple(t.clone() for t in inputs)
     learning_rates = LearningRateTensors(optimizer, inputs[0].device)
     snapshot = TrainingState(model, optimizer) if undo_warmup else None
