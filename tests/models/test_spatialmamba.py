@@ -116,7 +116,7 @@ def test_state_fusion_impls_match_plain_nchw_convs_with_grads(impl, train):
     ref_grads = torch.autograd.grad(expected, [h, f.weight, f.alpha], g)
     for got, want in zip(grads, ref_grads):
         assert rel_err(got, want) < 1e-5
-    if f.resolved_impl() == "channels_last":  # a channels-last caller reads the result as (B, H, W, C), no copy
+    if f.resolved_impl() in ("channels_last", "fused"):  # a channels-last caller reads the result as (B, H, W, C), no copy
         assert out.permute(0, 2, 3, 1).is_contiguous()
     assert f.resolved_impl() == (("nchw" if train else "channels_last") if impl == "auto" else impl)
 
@@ -195,8 +195,9 @@ def test_structure_aware_ssm_layouts_match_per_step_recurrence(layout):
     assert rel_err(m(x), sassm_oracle(m, x)) < 1e-10
 
 
-@pytest.mark.parametrize("layouts", [dict(mixer_layout="channels_last", fusion_impl="channels_last"), dict()],
-                         ids=["channels_last", "auto"])
+@pytest.mark.parametrize("layouts", [dict(mixer_layout="channels_last", fusion_impl="channels_last"), dict(),
+                                     dict(mixer_layout="channels_last", fusion_impl="fused")],
+                         ids=["channels_last", "auto", "fused"])
 @pytest.mark.parametrize("train", [True, False])
 def test_block_matches_nchw_baseline_outputs_and_gradients(layouts, train):
     torch.manual_seed(2)

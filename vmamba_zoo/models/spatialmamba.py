@@ -99,9 +99,11 @@ class StructureAwareSSM(nn.Module):
     ``layout="channels_last"`` keeps x, the fused states and y in (B, H, W, C) memory order: the scan reads x
     through strides, the convs run channels_last (cuDNN), and y reaches the LayerNorm without a transpose copy
     or an extra cast. ``layout="channels_first"`` is the NCHW form (x and y as (B, C, L)). Both compute the same
-    function. ``layout="auto"`` (the default), with the state fusion's ``impl="auto"``, runs channels-last in
-    eval mode and channels-first in training, the faster of the two for each on one H100 (Spatial-Mamba-T, bf16,
-    batch 128: inference 2150 against 1709 img/s, training 462 against 405; model_cards/benchmarks/side_by_side.md).
+    function. ``layout="auto"`` (the default), with the state fusion's ``impl="auto"``, runs channels-last
+    wherever the fused state-fusion kernels run (CUDA: they write the fused states channels-last) and in eval
+    mode; it runs channels-first for training with PyTorch's convs, the faster of the two there on one H100
+    (Spatial-Mamba-T, bf16, batch 128: inference 2150 against 1709 img/s, training 462 against 405;
+    model_cards/benchmarks/side_by_side.md).
     """
 
     def __init__(
@@ -154,7 +156,10 @@ class StructureAwareSSM(nn.Module):
         init_A_log_and_D_(self.A_log, self.D)
 
     def forward(self, x):
-        layout = self.layout if self.layout != "auto" else ("channels_first" if self.training else "channels_last")
+        layout = self.layout
+        if layout == "auto":  # channels-first only for training with PyTorch's convs (see the class docstring)
+            fused = self.state_fusion.resolved_impl(x) == "fused"
+            layout = "channels_first" if self.training and not fused else "channels_last"
         if layout == "channels_first":
             return self._forward_channels_first(x)
         Bt, H, W, _ = x.shape
@@ -273,7 +278,7 @@ class SpatialMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     official code does; the default keeps the three dilated 3×3 convs, the same function at 27 rather than 121
     multiply-adds per output (the count the paper's FLOPs use).
 
-    `fusion_impl` ("auto", "channels_last", "nchw", "merged") and `mixer_layout` ("auto", "channels_last",
+    `fusion_impl` ("auto", "fused", "channels_last", "nchw", "merged") and `mixer_layout` ("auto", "channels_last",
     "channels_first") pick among implementations of the same function (see `StateFusion` and
     `StructureAwareSSM`); the defaults ("auto") take the measured faster one for eval and for training, the others
     are for comparisons (`tools/bench_layers.py`). Neither changes the state dict.
