@@ -11,8 +11,9 @@ channel affinity, and normalizes again with the *same* LayerNorm. Here the four 
 fused ``vmamba_kernels.selective_scan_2d`` call: group k is route k of the "cross" route set, with its
 own parameters stacked along the route axis.
 
-The classifier pools with a class token (the token mean) that passes one more mixer + MLP block, then a
-classification head and a distillation head whose logits are averaged (as timm's DeiT does).
+The classifier pools with a class token (the token mean) that passes one more mixer + MLP block and a
+LayerNorm, then timm's ``ClassifierHead`` (dropout, ``fc``) and a distillation head whose logits are averaged
+(as timm's DeiT does).
 """
 import math
 from typing import List, Optional, Tuple, Union
@@ -30,6 +31,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from vmamba_kernels import selective_scan_2d
 
 from ._builder import build_zoo_model
+from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.route_scan import fewer_launches, per_route_linear
@@ -330,7 +332,7 @@ class GroupMambaStage(nn.Module):
         return self.norm(x)
 
 
-class GroupMamba(ChannelsLastStagesMixin, nn.Module):
+class GroupMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """GroupMamba: stem → 4 stages of modulated group Mamba blocks → class-token pooling → head (+ dist head).
 
     Args:
@@ -348,6 +350,7 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
         drop_path_rate: stochastic depth, linear over all blocks.
     """
     features_end_with_norm = False  # ``norm`` follows the class-token pooling, in the head
+    global_pools = ('token', 'avg', '')
 
     def __init__(
             self,
@@ -366,8 +369,7 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
         super().__init__()
         if kwargs:
             raise TypeError(f"GroupMamba got unexpected arguments {sorted(kwargs)}")
-        if global_pool not in ('token', 'avg', ''):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         num_stages = len(depths)
         if not (len(embed_dims) == len(mlp_ratios) == num_stages):
             raise ValueError(f"embed_dims, depths, mlp_ratios need one entry per stage, got "
@@ -395,8 +397,8 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
 
         self.cls_block = ClassTokenBlock(prev_dim, mlp_ratios[-1])
         self.norm = nn.LayerNorm(prev_dim, eps=1e-6)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(prev_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # the pooling (class token or mean) and ``norm`` come before the head, so the head itself never pools
+        self.head = channels_last_head(prev_dim, num_classes, '', drop_rate)
         self.dist_head = (nn.Linear(prev_dim, num_classes) if num_classes > 0 else nn.Identity()) \
             if distillation else None
 
@@ -430,17 +432,17 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
-        return self.head if self.dist_head is None else (self.head, self.dist_head)
+        return self.head.fc if self.dist_head is None else (self.head.fc, self.dist_head)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ('token', 'avg', ''):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            self.check_global_pool(global_pool)
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        super().reset_classifier(num_classes)  # the head's own pooling stays '' (see __init__)
         if self.dist_head is not None:
-            self.dist_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            weight = next(self.parameters())
+            self.dist_head = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype) \
+                if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore
     def set_distilled_training(self, enable=True):
@@ -474,12 +476,13 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
             x = self.cls_block(x)
         elif self.global_pool == 'avg':
             x = x.mean(dim=(1, 2))
-        x = self.head_drop(self.norm(x))
+        x = self.norm(x)
+        if self.dist_head is None:
+            return self.head(x, pre_logits=pre_logits)
+        x = self.head(x, pre_logits=True)  # the dropout, shared by both classifiers
         if pre_logits:
             return x
-        if self.dist_head is None:
-            return self.head(x)
-        x, x_dist = self.head(x), self.dist_head(x)
+        x, x_dist = self.head.fc(x), self.dist_head(x)
         if self.distilled_training and self.training and not torch.jit.is_scripting():
             return x, x_dist
         return (x + x_dist) / 2
@@ -520,7 +523,7 @@ def checkpoint_filter_fn(state_dict, model):
             state_dict = state_dict[wrapper]
             break
     if 'stem.proj.weight' in state_dict:
-        return state_dict  # already ours
+        return linear_head_keys_to_fc(state_dict)  # ours (a bare Linear ``head`` in files from before ClassifierHead)
 
     import re
     sd = {}
@@ -556,7 +559,7 @@ def checkpoint_filter_fn(state_dict, model):
             num_stages = len(model.stages) if model is not None else 4
             k = f'norm.{m.group(2)}' if stage == num_stages - 1 else f'stages.{stage}.norm.{m.group(2)}'
         out[k] = v
-    return out
+    return linear_head_keys_to_fc(out)
 
 
 def _cfg(url='', **kwargs):
@@ -565,7 +568,7 @@ def _cfg(url='', **kwargs):
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv.0', 'classifier': ('head', 'dist_head'),
+        'first_conv': 'stem.conv.0', 'classifier': ('head.fc', 'dist_head'),
         'license': 'mit',
         'paper_ids': 'arXiv:2407.13772',
         'paper_name': 'GroupMamba: Parameter-Efficient and Accurate Group Visual State Space Model',
