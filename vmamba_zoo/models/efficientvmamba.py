@@ -35,6 +35,7 @@ from timm.models._features_fx import register_notrace_module
 from vmamba_kernels import selective_scan_2d
 
 from ._builder import build_zoo_model
+from ..checkpoint import backbone_weights, unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
@@ -412,19 +413,9 @@ def _official_to_ours(key: str) -> Optional[str]:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EfficientVMamba) -> Dict[str, torch.Tensor]:
     """Official EfficientVMamba checkpoint (a bare state dict, or wrapped in 'state_dict' / 'model' /
     'model_ema' / 'ema_model', keys optionally prefixed 'module.' (any number) or 'backbone.') → ours."""
-    for wrapper in ('state_dict', 'model', 'model_ema', 'state_dict_ema', 'ema_model'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = unwrap(state_dict, ('state_dict', 'model', 'model_ema', 'state_dict_ema', 'ema_model'))
     out = {}
-    has_backbone = any(k.startswith('backbone.') for k in state_dict)
-    for k, v in state_dict.items():
-        while k.startswith('module.'):
-            k = k[len('module.'):]
-        if has_backbone:  # detection/segmentation checkpoint: keep the backbone only
-            if not k.startswith('backbone.'):
-                continue
-            k = k[len('backbone.'):]
+    for k, v in backbone_weights(state_dict).items():
         if k.startswith(('stem.', 'stages.', 'norm.', 'head.')):
             out[k] = v  # already ours
             continue

@@ -31,6 +31,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from vmamba_kernels import selective_scan_2d
 
 from ._builder import build_zoo_model
+from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
@@ -518,20 +519,12 @@ def checkpoint_filter_fn(state_dict, model):
     Unwraps 'model_ema' / 'model' / 'state_dict', strips 'module.' / 'backbone.' prefixes, stacks the four
     ``mamba_g{1..4}`` SS2D parameter sets of every mixer along a group axis and renames the rest.
     """
-    for wrapper in ('model_ema', 'state_dict_ema', 'model', 'state_dict'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = unwrap(state_dict, ('model_ema', 'state_dict_ema', 'model', 'state_dict'))
     if 'stem.proj.weight' in state_dict:
         return linear_head_keys_to_fc(state_dict)  # ours (a bare Linear ``head`` in files from before ClassifierHead)
 
     import re
-    sd = {}
-    for k, v in state_dict.items():
-        for prefix in ('module.', 'backbone.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        sd[k] = v
+    sd = {without_wrapper_prefix(k): v for k, v in state_dict.items()}
 
     # stack the four groups' SS2D tensors of each mixer
     mixers = sorted({m.group(1) for m in (re.match(r'(.*\.)mamba_g1\.', k) for k in sd) if m})

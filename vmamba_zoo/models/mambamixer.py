@@ -39,6 +39,7 @@ from timm.models.swin_transformer import PatchMerging
 from vmamba_kernels import selective_scan, selective_scan_2d
 
 from ._builder import build_zoo_model
+from ..checkpoint import backbone_weights, unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
@@ -415,21 +416,8 @@ class MambaMixer(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MambaMixer) -> Dict[str, torch.Tensor]:
     """A checkpoint of this model (no official one exists): unwraps 'model' / 'state_dict' / 'model_ema',
     strips 'module.' and, for detection/segmentation checkpoints, keeps the 'backbone.' weights."""
-    for wrapper in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
-    has_backbone = any(k.startswith('backbone.') for k in state_dict)
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith('module.'):
-            k = k[len('module.'):]
-        if has_backbone:
-            if not k.startswith('backbone.'):
-                continue
-            k = k[len('backbone.'):]
-        out[k] = v
-    return linear_head_keys_to_fc(out)
+    state_dict = unwrap(state_dict, ('model', 'state_dict', 'model_ema', 'state_dict_ema'))
+    return linear_head_keys_to_fc(backbone_weights(state_dict))
 
 
 def _cfg(url: str = '', **kwargs):

@@ -31,6 +31,7 @@ from vmamba_kernels import selective_scan_2d
 from vmamba_kernels.reference import exporting
 
 from ._builder import build_zoo_model
+from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
@@ -364,18 +365,12 @@ class PlainMamba(ClassifierHeadMixin, nn.Module):
 def checkpoint_filter_fn(state_dict, model):
     """Convert an official PlainMamba checkpoint (mmcls ``ImageClassifier``: ``{'meta', 'state_dict'}``,
     ``backbone.`` prefix, ``backbone.ln1``, ``head.fc``; or an mmseg/mmdet one) to this model."""
-    for wrapper in ('state_dict', 'model', 'module'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-
+    state_dict = unwrap(state_dict, ('state_dict', 'model', 'module'))
     out = {}
     for k, v in state_dict.items():
         if not isinstance(v, torch.Tensor):
             continue
-        for prefix in ('module.', 'backbone.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        k = without_wrapper_prefix(k)
         if k.startswith(('ema_', 'neck.', 'decode_head.', 'auxiliary_head.', 'norm_layer')):
             # EMA hook buffers, downstream heads and per-index output norms are not part of this model
             continue

@@ -24,6 +24,7 @@ from timm.models._features import feature_take_indices
 from vmamba_kernels import selective_scan_states
 
 from ._builder import build_zoo_model
+from ..checkpoint import unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
@@ -390,10 +391,7 @@ _FUSION_KERNELS = ("kernel_3", "kernel_3_1", "kernel_3_2")  # dilations 1, 3, 5
 def checkpoint_filter_fn(state_dict, model):
     """Convert an official Spatial-Mamba checkpoint (Swin-style {'model', 'model_ema', ...} dict, optionally
     'module.'- or 'backbone.'-prefixed) to this implementation's keys. Our own state dicts pass through."""
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
+    state_dict = unwrap(state_dict, ("model", "state_dict", "model_ema"))
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}

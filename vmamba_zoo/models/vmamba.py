@@ -27,6 +27,7 @@ from timm.models.mambaout import Downsample, Stem
 from vmamba_kernels import selective_scan_2d
 
 from ._builder import build_zoo_model
+from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
@@ -337,16 +338,11 @@ def checkpoint_filter_fn(state_dict: dict, model: VMamba) -> dict:
     ``dt_projs_weight`` / ``dt_projs_bias`` parameters, or ``x_proj`` / ``dt_projs`` modules (same values,
     flattened over the routes).
     """
-    for wrapper in ('model', 'model_ema', 'state_dict'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = unwrap(state_dict, ('model', 'model_ema', 'state_dict'))
     ours = model.state_dict()
     out = {}
     for k, v in state_dict.items():
-        for prefix in ('module.', 'backbone.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        k = without_wrapper_prefix(k)
         if k not in ours:
             k = _official_to_ours(k)
             if k is None:
