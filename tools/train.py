@@ -982,6 +982,13 @@ class _TrainingRun:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad.item())
 
+    def mean_over_ranks(self, total, count):
+        """The mean loss of all ranks' micro-batches, from each rank's sum (on the device) and count."""
+        stats = torch.stack([total, torch.tensor(float(count), device=self.rt.device, dtype=torch.float64)])
+        if self.rt.distributed:
+            dist.all_reduce(stats)
+        return (stats[0] / stats[1].clamp(min=1)).item()
+
     def gather_rng(self):
         state = _rng_state()
         if not self.rt.distributed:
@@ -1162,13 +1169,9 @@ class _TrainingRun:
                 self.optimizer.step()
 
     def _log_progress(self, epoch, batch_idx):
-        args, rt = self.args, self.rt
+        args = self.args
         self.stop_if_nonfinite()
-        stats = torch.stack([self.window_loss, torch.tensor(float(self.window_count), device=rt.device,
-                                                            dtype=torch.float64)])
-        if rt.distributed:
-            dist.all_reduce(stats)
-        avg = (stats[0] / stats[1].clamp(min=1)).item()
+        avg = self.mean_over_ranks(self.window_loss, self.window_count)
         now = time.time()
         done_this_run = self.num_updates - self.run_start_updates
         sec_per_update = (now - self.run_start) / max(done_this_run, 1)
@@ -1188,11 +1191,7 @@ class _TrainingRun:
         """Validate, log, checkpoint."""
         args, rt = self.args, self.rt
         self.stop_if_nonfinite()
-        stats = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), device=rt.device,
-                                                         dtype=torch.float64)])
-        if rt.distributed:
-            dist.all_reduce(stats)
-        train_loss = (stats[0] / stats[1].clamp(min=1)).item()
+        train_loss = self.mean_over_ranks(self.loss_sum, self.loss_count)
         epoch_time = time.time() - epoch_start
         row = {'epoch': epoch, 'num_updates': self.num_updates, 'train_loss': round(train_loss, 6),
                'lr': self.optimizer.param_groups[0]['lr'], 'epoch_time_s': round(epoch_time, 2),
