@@ -22,22 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import selective_scan_2d
 
-from ._builder import build_zoo_model
+from ._builder import build_zoo_model, zoo_cfg
 from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
-from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_
+from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
 from ..layers.stages import ChannelsLastStagesMixin
 
 __all__ = ['GroupMamba']
@@ -121,7 +119,7 @@ class GroupedSingleScan2d(nn.Module):
         groups = NUM_GROUPS
         d_model = dim // groups
         d_inner = int(ssm_ratio * d_model)
-        dt_rank = math.ceil(d_model / 16)
+        dt_rank = resolve_dt_rank(d_model)
         self.groups, self.d_inner, self.d_state, self.dt_rank = groups, d_inner, d_state, dt_rank
 
         self.in_proj = GroupedLinear(d_model, 2 * d_inner, groups)
@@ -352,6 +350,7 @@ class GroupMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """
     features_end_with_norm = False  # ``norm`` follows the class-token pooling, in the head
     global_pools = ('token', 'avg', '')
+    final_groups = ((r'^stages\.(\d+)\.norm', (99999,)), (r'^cls_block|^norm', (99999,)))
 
     def __init__(
             self,
@@ -420,18 +419,6 @@ class GroupMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         return {'*.A_log', '*.D', '*.dt_proj_bias', '*.out_norm.weight', '*.skip_scale'}
 
     @torch.jit.ignore
-    def group_matcher(self, coarse=False):
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^stages\.(\d+)\.norm', (99999,)),
-                (r'^cls_block|^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
         return self.head.fc if self.dist_head is None else (self.head.fc, self.dist_head)
 
@@ -450,22 +437,14 @@ class GroupMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         """Return (head, dist_head) logits in training, as upstream does for its distillation loss."""
         self.distilled_training = enable
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ):
-        """Drop the stages after the last requested one (and the pooling block, norm and heads)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
+    def prune_norm_and_head(self, max_index: int, prune_norm: bool, prune_head: bool):
+        """The norm goes with any stage (it reads the last one's width); the head with the class-token block."""
         if prune_norm or max_index < len(self.feature_info) - 1:
             self.norm = nn.Identity()
         if prune_head:
             self.cls_block = None
             self.global_pool = 'avg'
             self.reset_classifier(0)
-        return take_indices
 
     def forward_features(self, x):
         """(B, C, H, W) images → (B, H/32, W/32, C) last-stage map (channels-last)."""
@@ -555,19 +534,15 @@ def checkpoint_filter_fn(state_dict, model):
     return linear_head_keys_to_fc(out)
 
 
+_FAMILY_CFG = dict(
+    first_conv='stem.conv.0', classifier=('head.fc', 'dist_head'), license='mit', paper_ids='arXiv:2407.13772',
+    paper_name='GroupMamba: Parameter-Efficient and Accurate Group Visual State Space Model',
+    origin_url='https://github.com/Amshaker/GroupMamba',
+)
+
+
 def _cfg(url='', **kwargs):
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv.0', 'classifier': ('head.fc', 'dist_head'),
-        'license': 'mit',
-        'paper_ids': 'arXiv:2407.13772',
-        'paper_name': 'GroupMamba: Parameter-Efficient and Accurate Group Visual State Space Model',
-        'origin_url': 'https://github.com/Amshaker/GroupMamba',
-        **kwargs,
-    }
+    return zoo_cfg(url, _FAMILY_CFG, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
