@@ -105,3 +105,43 @@ def test_the_check_sees_every_package_and_resolves_relative_imports():
 ])
 def test_a_backward_arrow_is_reported(module, source):
     assert violations(module, imports_of(source, module))
+
+
+MAX_FUNCTION_LINES = 150  # a longer function is split into named steps
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list:
+    """(qualified name, lines) of every function or method in ``source`` longer than ``limit`` lines."""
+    found = []
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                lines = child.end_lineno - child.lineno + 1
+                if not isinstance(child, ast.ClassDef) and lines > limit:
+                    found.append((name, lines))
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(ast.parse(source), "")
+    return found
+
+
+def test_no_function_is_over_the_line_limit():
+    too_long = []
+    for path in _sources("tools", "vmamba_zoo", "kernels"):
+        with open(path, encoding="utf-8") as f:
+            too_long += [f"{os.path.relpath(path, REPO)}: {name} ({lines} lines)"
+                         for name, lines in long_functions(f.read())]
+    assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines (split them into steps): {too_long}"
+
+
+def test_the_line_limit_check_counts_nested_functions_and_methods():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))  # a def line + this body: one over
+    source = f"def f():\n{body}\n\nclass C:\n    def m(self):\n        def inner():\n" + body.replace(
+        "    ", "            ") + "\n        return inner\n"
+    assert long_functions(source) == [("f", MAX_FUNCTION_LINES + 1), ("C.m", MAX_FUNCTION_LINES + 3),
+                                      ("C.m.inner", MAX_FUNCTION_LINES + 1)]
+    assert long_functions("def g():\n    return 1\n") == []

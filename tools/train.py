@@ -708,450 +708,544 @@ def build_scheduler(args, optimizer, warmup_lr, min_lr, steps_per_epoch):
 
 
 def _train(args, rt, autocast_context, evaluate):
-    from timm.data import Mixup
-    from timm.layers import convert_sync_batchnorm
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    return _TrainingRun(args, rt, autocast_context, evaluate).run()
 
-    from toolkit.image_data import GlobalBatchSampler, ShardedEvalSampler, build_datasets
 
-    # ---- run folder (the same on every rank)
-    output_dir = args.output or os.path.join(
-        'output', 'train', f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}")
-    if rt.distributed:
-        holder = [output_dir]
-        dist.broadcast_object_list(holder, src=0)
-        output_dir = holder[0]
-    if rt.is_main:
-        os.makedirs(output_dir, exist_ok=True)
-    if rt.distributed:
-        dist.barrier()
-    _setup_logging(rt, output_dir)
-    _seed_everything(args.seed + rt.rank)
+class _TrainingRun:
+    """One training run, built in steps (run folder, data and model, optimizer, loaders, schedule, losses,
+    checkpoints and resume, the module the steps call), then trained epoch by epoch, update by update."""
 
-    # ---- data and model
-    per_rank_batch = args.batch_size // rt.world_size
-    micro_batch = per_rank_batch // args.grad_accum_steps
-    if _mixup_active(args) and micro_batch % 2:
-        raise UsageError(f'mixup/cutmix need an even per-process micro-batch, got {micro_batch}')
-    if args.data_dir:  # ImageFolder: one class per sub-folder
-        root = os.path.join(args.data_dir, args.train_split)
-        data_classes = sum(1 for d in os.scandir(root) if d.is_dir())
-    else:
-        from toolkit.image_data import EmbeddedDigits
-        data_classes = EmbeddedDigits.num_classes
-    num_classes = args.num_classes
-    if num_classes is None:
-        num_classes = data_classes
-    elif num_classes < data_classes:
-        raise UsageError(f'--num-classes {num_classes} is smaller than the {data_classes} classes of the data')
-    args.num_classes = num_classes
-    model = _build_model(args, num_classes)
-    data_config = _data_config(args, model)
-    img_size = data_config['input_size'][-1]
-    train_tf, eval_tf = _build_transforms(args, data_config)
-    train_set, val_set, _, data_desc = build_datasets(
-        args.data_dir, args.train_split, args.val_split, img_size, train_transform=train_tf, eval_transform=eval_tf)
+    def __init__(self, args, rt, autocast_context, evaluate):
+        self.args, self.rt, self.autocast_context, self.evaluate = args, rt, autocast_context, evaluate
+        self.output_dir = self._make_output_dir()
+        _setup_logging(rt, self.output_dir)
+        _seed_everything(args.seed + rt.rank)
+        self._build_data_and_model()
+        self._build_optimizer()
+        self._build_loaders()
+        self.lr_scheduler = build_scheduler(args, self.optimizer, self.warmup_lr, self.min_lr, self.steps_per_epoch)
+        self._build_losses()
+        self._build_saver()
+        self._resume()
+        self._wrap_model()
+        self._log_setup()
+        self._init_nonfinite_checks()
 
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if args.distill_type != 'none' and hasattr(model, 'set_distilled_training'):
-        model.set_distilled_training(True)
-    model.to(rt.device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.sync_bn and rt.distributed:
-        model = convert_sync_batchnorm(model)
+    # ------------------------------------------------------------------------------------------------- setup steps
+    def _make_output_dir(self):
+        """The run folder, the same on every rank."""
+        args, rt = self.args, self.rt
+        output_dir = args.output or os.path.join(
+            'output', 'train', f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}")
+        if rt.distributed:
+            holder = [output_dir]
+            dist.broadcast_object_list(holder, src=0)
+            output_dir = holder[0]
+        if rt.is_main:
+            os.makedirs(output_dir, exist_ok=True)
+        if rt.distributed:
+            dist.barrier()
+        return output_dir
 
-    lr_note = resolve_lr(args)
-    warmup_lr, min_lr = args.warmup_lr, args.min_lr
+    def _num_classes(self):
+        args = self.args
+        if args.data_dir:  # ImageFolder: one class per sub-folder
+            root = os.path.join(args.data_dir, args.train_split)
+            data_classes = sum(1 for d in os.scandir(root) if d.is_dir())
+        else:
+            from toolkit.image_data import EmbeddedDigits
+            data_classes = EmbeddedDigits.num_classes
+        if args.num_classes is None:
+            return data_classes
+        if args.num_classes < data_classes:
+            raise UsageError(f'--num-classes {args.num_classes} is smaller than the {data_classes} classes of the data')
+        return args.num_classes
 
-    graph_blocker = cuda_graph_blocker(args, rt.device, rt.world_size)
-    if args.cuda_graphs and graph_blocker:
-        raise UsageError(f'--cuda-graphs cannot capture this run: {graph_blocker}')
-    use_graphs = args.cuda_graphs is not False and graph_blocker is None
-    opt_kwargs = {}
-    if use_graphs:
-        opt_kwargs['capturable'] = True
-    if args.opt.lower().endswith(('adam', 'adamw', 'lamb', 'lion', 'nadamw')):
-        opt_kwargs.update(eps=args.opt_eps, betas=tuple(args.opt_betas))
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, layer_decay=args.layer_decay, **opt_kwargs)
+    def _build_data_and_model(self):
+        from timm.layers import convert_sync_batchnorm
 
-    loss_scaler = NativeScaler(device=rt.device.type) if args.amp == 'fp16' else None
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+        from toolkit.image_data import build_datasets
+        args, rt = self.args, self.rt
+        self.per_rank_batch = args.batch_size // rt.world_size
+        self.micro_batch = self.per_rank_batch // args.grad_accum_steps
+        if _mixup_active(args) and self.micro_batch % 2:
+            raise UsageError(f'mixup/cutmix need an even per-process micro-batch, got {self.micro_batch}')
+        args.num_classes = self.num_classes = self._num_classes()
+        model = _build_model(args, self.num_classes)
+        data_config = _data_config(args, model)
+        self.img_size = data_config['input_size'][-1]
+        train_tf, eval_tf = _build_transforms(args, data_config)
+        self.train_set, self.val_set, _, self.data_desc = build_datasets(
+            args.data_dir, args.train_split, args.val_split, self.img_size, train_transform=train_tf,
+            eval_transform=eval_tf)
 
-    # ---- loaders
-    sampler = GlobalBatchSampler(train_set, args.batch_size, num_replicas=rt.world_size, rank=rt.rank,
-                                 shuffle=True, seed=args.seed)
-    steps_per_epoch = sampler.batches_per_epoch
-    loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem and rt.device.type == 'cuda',
-                         persistent_workers=args.workers > 0)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                                               **loader_kwargs)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.val_batch_size or per_rank_batch,
-                                             sampler=ShardedEvalSampler(val_set, rt.world_size, rt.rank),
-                                             **loader_kwargs)
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if args.distill_type != 'none' and hasattr(model, 'set_distilled_training'):
+            model.set_distilled_training(True)
+        model.to(rt.device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if args.sync_bn and rt.distributed:
+            model = convert_sync_batchnorm(model)
+        self.model = model
 
-    # ---- schedule
-    lr_scheduler = build_scheduler(args, optimizer, warmup_lr, min_lr, steps_per_epoch)
+    def _build_optimizer(self):
+        from timm.optim import create_optimizer_v2
+        from timm.utils import ModelEmaV3, NativeScaler
+        args, rt = self.args, self.rt
+        self.lr_note = resolve_lr(args)
+        self.warmup_lr, self.min_lr = args.warmup_lr, args.min_lr
 
-    # ---- losses
-    mixup_fn = None
-    if _mixup_active(args):
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=num_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-    train_loss_fn = BaseLoss(criterion)
-    if args.distill_type != 'none':
-        teacher = create_model(args.distill_teacher, pretrained=args.distill_teacher_checkpoint is None,
-                               num_classes=num_classes)
-        if args.distill_teacher_checkpoint:
-            from toolkit.checkpoint_io import load_into_model
-            load_into_model(teacher, args.distill_teacher_checkpoint)
-        teacher.to(rt.device).eval().requires_grad_(False)
-        train_loss_fn = DistillationLoss(criterion, teacher, args.distill_type, args.distill_alpha, args.distill_tau)
-    soft_ce = SoftTargetCrossEntropy()
+        self.graph_blocker = cuda_graph_blocker(args, rt.device, rt.world_size)
+        if args.cuda_graphs and self.graph_blocker:
+            raise UsageError(f'--cuda-graphs cannot capture this run: {self.graph_blocker}')
+        self.use_graphs = args.cuda_graphs is not False and self.graph_blocker is None
+        opt_kwargs = {}
+        if self.use_graphs:
+            opt_kwargs['capturable'] = True
+        if args.opt.lower().endswith(('adam', 'adamw', 'lamb', 'lion', 'nadamw')):
+            opt_kwargs.update(eps=args.opt_eps, betas=tuple(args.opt_betas))
+        self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                             momentum=args.momentum, layer_decay=args.layer_decay, **opt_kwargs)
 
-    # ---- checkpoints and resume
-    position = {'next_epoch': 0, 'next_batch': 0, 'num_updates': 0, 'best_metric': None, 'best_epoch': None,
-                'rng': None}
-    args_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+        self.loss_scaler = NativeScaler(device=rt.device.type) if args.amp == 'fp16' else None
+        self.model_ema = None
+        if args.model_ema:
+            self.model_ema = ModelEmaV3(self.model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                                        device=torch.device('cpu') if args.model_ema_force_cpu else None)
 
-    def extra_state():
+    def _build_loaders(self):
+        from toolkit.image_data import GlobalBatchSampler, ShardedEvalSampler
+        args, rt = self.args, self.rt
+        self.sampler = GlobalBatchSampler(self.train_set, args.batch_size, num_replicas=rt.world_size, rank=rt.rank,
+                                          shuffle=True, seed=args.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem and rt.device.type == 'cuda',
+                             persistent_workers=args.workers > 0)
+        self.train_loader = torch.utils.data.DataLoader(self.train_set, batch_size=self.micro_batch,
+                                                        sampler=self.sampler, drop_last=True, **loader_kwargs)
+        self.val_loader = torch.utils.data.DataLoader(
+            self.val_set, batch_size=args.val_batch_size or self.per_rank_batch,
+            sampler=ShardedEvalSampler(self.val_set, rt.world_size, rt.rank), **loader_kwargs)
+
+    def _build_losses(self):
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        args = self.args
+        self.mixup_fn = None
+        if _mixup_active(args):
+            self.mixup_fn = Mixup(
+                mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                label_smoothing=args.smoothing, num_classes=self.num_classes)
+            criterion = SoftTargetCrossEntropy()
+        elif args.smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+        self.train_loss_fn = BaseLoss(criterion)
+        if args.distill_type != 'none':
+            teacher = create_model(args.distill_teacher, pretrained=args.distill_teacher_checkpoint is None,
+                                   num_classes=self.num_classes)
+            if args.distill_teacher_checkpoint:
+                from toolkit.checkpoint_io import load_into_model
+                load_into_model(teacher, args.distill_teacher_checkpoint)
+            teacher.to(self.rt.device).eval().requires_grad_(False)
+            self.train_loss_fn = DistillationLoss(criterion, teacher, args.distill_type, args.distill_alpha,
+                                                  args.distill_tau)
+        self.soft_ce = SoftTargetCrossEntropy()
+
+    def _extra_state(self):
+        """What a checkpoint holds beyond timm's saver: the schedule and the position in the run."""
+        position = self.position
         return {
-            'scheduler': lr_scheduler.state_dict(),
+            'scheduler': self.lr_scheduler.state_dict(),
             'next_epoch': position['next_epoch'], 'next_batch': position['next_batch'],
-            'num_updates': position['num_updates'], 'steps_per_epoch': steps_per_epoch,
-            'global_batch': args.batch_size, 'world_size': rt.world_size, 'rng': position['rng'],
+            'num_updates': position['num_updates'], 'steps_per_epoch': self.steps_per_epoch,
+            'global_batch': self.args.batch_size, 'world_size': self.rt.world_size, 'rng': position['rng'],
             'best_metric': position['best_metric'], 'best_epoch': position['best_epoch'],
         }
 
-    saver = None
-    if rt.is_main:
-        saver = _make_saver_class()(
-            model=model, optimizer=optimizer, args=args_dict, model_ema=model_ema, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, max_history=args.checkpoint_hist,
-            extra_state=extra_state)
+    def _build_saver(self):
+        self.position = {'next_epoch': 0, 'next_batch': 0, 'num_updates': 0, 'best_metric': None,
+                         'best_epoch': None, 'rng': None}
+        self.args_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()}
+        self.saver = None
+        if self.rt.is_main:
+            self.saver = _make_saver_class()(
+                model=self.model, optimizer=self.optimizer, args=self.args_dict, model_ema=self.model_ema,
+                amp_scaler=self.loss_scaler, checkpoint_dir=self.output_dir, recovery_dir=self.output_dir,
+                max_history=self.args.checkpoint_hist, extra_state=self._extra_state)
 
-    start_epoch, start_batch, num_updates = 0, 0, 0
-    resume_rng = None
-    resume_path, ckpt = None, None
-    if args.resume:
-        resume_path, ckpt = find_resume_checkpoint(args.resume, output_dir,
-                                                   warn=_logger.warning if rt.is_main else None)
-    if resume_path:
+    def _resume(self):
+        args, rt = self.args, self.rt
+        self.start_epoch, self.start_batch, self.num_updates = 0, 0, 0
+        self.resume_rng = None
+        resume_path, ckpt = None, None
+        if args.resume:
+            resume_path, ckpt = find_resume_checkpoint(args.resume, self.output_dir,
+                                                       warn=_logger.warning if rt.is_main else None)
+        if resume_path:
+            self._load_resume_checkpoint(resume_path, ckpt)
+        elif args.resume == 'auto':
+            _logger.info(f'--resume auto: no checkpoint in {self.output_dir}, starting from scratch')
+
+    def _load_resume_checkpoint(self, resume_path, ckpt):
+        args, rt = self.args, self.rt
         if ckpt['arch'] != args.model:
             raise UsageError(f"{resume_path} is a {ckpt['arch']} run, not {args.model}")
-        if ckpt['global_batch'] != args.batch_size or ckpt['steps_per_epoch'] != steps_per_epoch:
+        if ckpt['global_batch'] != args.batch_size or ckpt['steps_per_epoch'] != self.steps_per_epoch:
             raise UsageError(f"{resume_path} was written with global batch {ckpt['global_batch']} "
                              f"({ckpt['steps_per_epoch']} updates/epoch); resume with the same --batch-size")
-        model.load_state_dict(ckpt['state_dict'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        set_capturable(optimizer, use_graphs)  # the saving run's choice must not carry over (CPU has none)
-        lr_scheduler.load_state_dict(ckpt['scheduler'])
-        if model_ema is not None:
+        self.model.load_state_dict(ckpt['state_dict'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        set_capturable(self.optimizer, self.use_graphs)  # the saving run's choice must not carry over (CPU has none)
+        self.lr_scheduler.load_state_dict(ckpt['scheduler'])
+        if self.model_ema is not None:
             if ckpt.get('state_dict_ema') is None:
                 raise UsageError(f'{resume_path} has no EMA weights; resume with --no-model-ema')
-            model_ema.module.load_state_dict(ckpt['state_dict_ema'])
-        if loss_scaler is not None and loss_scaler.state_dict_key in ckpt:
-            loss_scaler.load_state_dict(ckpt[loss_scaler.state_dict_key])
-        start_epoch, start_batch, num_updates = ckpt['next_epoch'], ckpt['next_batch'], ckpt['num_updates']
-        position.update(best_metric=ckpt.get('best_metric'), best_epoch=ckpt.get('best_epoch'))
+            self.model_ema.module.load_state_dict(ckpt['state_dict_ema'])
+        if self.loss_scaler is not None and self.loss_scaler.state_dict_key in ckpt:
+            self.loss_scaler.load_state_dict(ckpt[self.loss_scaler.state_dict_key])
+        self.start_epoch, self.start_batch = ckpt['next_epoch'], ckpt['next_batch']
+        self.num_updates = ckpt['num_updates']
+        self.position.update(best_metric=ckpt.get('best_metric'), best_epoch=ckpt.get('best_epoch'))
         rng = ckpt.get('rng')
-        resume_rng = rng[rt.rank] if rng is not None and len(rng) == rt.world_size else None
-        if resume_rng is None:  # another number of processes: fresh, deterministic streams
-            _seed_everything(args.seed + rt.rank + 1000003 * num_updates)
-        if saver is not None and ckpt.get('saver') is not None:
-            saver.load_state_dict(ckpt['saver'])
-        lr_scheduler.step_update(num_updates=num_updates)
-        _logger.info(f'resumed from {resume_path}: epoch {start_epoch}, batch {start_batch}/{steps_per_epoch}, '
-                     f'update {num_updates}')
-        del ckpt
-    elif args.resume == 'auto':
-        _logger.info(f'--resume auto: no checkpoint in {output_dir}, starting from scratch')
+        self.resume_rng = rng[rt.rank] if rng is not None and len(rng) == rt.world_size else None
+        if self.resume_rng is None:  # another number of processes: fresh, deterministic streams
+            _seed_everything(args.seed + rt.rank + 1000003 * self.num_updates)
+        if self.saver is not None and ckpt.get('saver') is not None:
+            self.saver.load_state_dict(ckpt['saver'])
+        self.lr_scheduler.step_update(num_updates=self.num_updates)
+        _logger.info(f'resumed from {resume_path}: epoch {self.start_epoch}, batch {self.start_batch}/'
+                     f'{self.steps_per_epoch}, update {self.num_updates}')
 
-    # ``model`` stays the plain module (EMA, evaluation, checkpoints); ``train_model`` is what the steps call
-    ddp_model = DDP(model, device_ids=[rt.device] if rt.device.type == 'cuda' else None) if rt.distributed \
-        else None
-    train_model = ddp_model if ddp_model is not None else model
-    if args.compile:
-        train_model = torch.compile(train_model)
-    params_for_clip = [p for p in model.parameters() if p.requires_grad]
+    def _wrap_model(self):
+        """``model`` stays the plain module (EMA, evaluation, checkpoints); ``train_model`` is what the steps call."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        args, rt = self.args, self.rt
+        self.ddp_model = DDP(self.model, device_ids=[rt.device] if rt.device.type == 'cuda' else None) \
+            if rt.distributed else None
+        self.train_model = self.ddp_model if self.ddp_model is not None else self.model
+        if args.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.params_for_clip = [p for p in self.model.parameters() if p.requires_grad]
+        self.graphed_update = None  # captured on the first batch, when the shapes are known
 
-    def graph_update(static_images, static_targets):
-        """One whole update as the captured graph runs it (the eager loop below does the same steps)."""
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_context(rt.device, args.amp):
-            loss = train_loss_fn(static_images, train_model(static_images), static_targets)
+    def _log_setup(self):
+        args, rt = self.args, self.rt
+        n_params = sum(p.numel() for p in self.model.parameters())
+        _logger.info(f'model {args.model}: {n_params / 1e6:.2f}M params, {self.num_classes} classes, '
+                     f'input {self.img_size}px')
+        _logger.info(f'data {self.data_desc}: {len(self.train_set)} train / {len(self.val_set)} val images')
+        _logger.info(f'{rt.world_size} process(es) on {rt.device.type}; global batch {args.batch_size} = '
+                     f'{rt.world_size} x {self.micro_batch} x {args.grad_accum_steps} accumulation; '
+                     f'{self.steps_per_epoch} updates/epoch; {self.lr_note}; warmup {args.warmup_epochs:g} epochs; '
+                     f'amp {args.amp}')
+        _logger.info('CUDA graphs: ' + ('on (each update replays one captured graph)' if self.use_graphs else
+                                        'off (--no-cuda-graphs)' if args.cuda_graphs is False else
+                                        f'off ({self.graph_blocker})'))
+        _logger.info(f'output {self.output_dir}')
+        if rt.is_main:
+            import yaml
+            with open(os.path.join(self.output_dir, 'args.yaml'), 'w') as f:
+                yaml.safe_dump(self.args_dict, f, sort_keys=False)
+        self.epoch_log = EpochLog(self.output_dir) if rt.is_main else None
+        self.total_updates = args.epochs * self.steps_per_epoch
+        self.run_start, self.run_start_updates = time.time(), self.num_updates
+        self.last_metrics = None
+
+    def _init_nonfinite_checks(self):
+        """A NaN/inf loss. 'stop': the first bad update is kept on the device (no host sync per step) and checked
+        where the loop syncs anyway (progress lines) and before every checkpoint, so no checkpoint holds damaged
+        weights. 'skip': each micro-batch's loss is checked at once (one sync per micro-batch, all ranks agree)
+        and a bad one drops the whole update."""
+        self.no_bad_update = 2 ** 62
+        self.first_bad_update = torch.full((), self.no_bad_update, device=self.rt.device, dtype=torch.int64)
+        self.skipped_total = 0
+        self.nan_at = set(self.args.debug_nan_at_update or ())
+
+    def stop_if_nonfinite(self):
+        if self.args.nan_policy != 'stop':
+            return
+        first = self.first_bad_update.clone()
+        if self.rt.distributed:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first.item())
+        if first != self.no_bad_update:
+            raise NonFiniteLossError(first, self.steps_per_epoch, self.args.epochs)
+
+    def any_rank_nonfinite(self, value):
+        bad = (~torch.isfinite(value)).to(torch.int32)
+        if self.rt.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item())
+
+    def mean_over_ranks(self, total, count):
+        """The mean loss of all ranks' micro-batches, from each rank's sum (on the device) and count."""
+        stats = torch.stack([total, torch.tensor(float(count), device=self.rt.device, dtype=torch.float64)])
+        if self.rt.distributed:
+            dist.all_reduce(stats)
+        return (stats[0] / stats[1].clamp(min=1)).item()
+
+    def gather_rng(self):
+        state = _rng_state()
+        if not self.rt.distributed:
+            return [state]
+        states = [None] * self.rt.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    # ------------------------------------------------------------------------------------------ CUDA-graph update
+    def graph_update(self, static_images, static_targets):
+        """One whole update as the captured graph runs it (the eager steps below do the same)."""
+        from timm.utils import dispatch_clip_grad
+        args = self.args
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast_context(self.rt.device, args.amp):
+            loss = self.train_loss_fn(static_images, self.train_model(static_images), static_targets)
         loss.backward()
         if args.clip_grad > 0:
-            dispatch_clip_grad(params_for_clip, args.clip_grad, mode=args.clip_mode)
-        optimizer.step()
+            dispatch_clip_grad(self.params_for_clip, args.clip_grad, mode=args.clip_mode)
+        self.optimizer.step()
         return loss.detach()
 
-    graphed_update = None  # captured on the first batch, when the shapes are known
-
-    def capture_update(images, targets):
+    def capture_update(self, images, targets):
         """The captured update, or None (and eager training from here) when the default capture fails: a model
         with an operation CUDA graphs cannot hold still trains. An explicit --cuda-graphs makes it an error."""
-        nonlocal use_graphs
         from toolkit.cuda_graphs import capture_train_step
         try:
-            return capture_train_step(graph_update, train_model, optimizer, images, targets, undo_warmup=True)
+            return capture_train_step(self.graph_update, self.train_model, self.optimizer, images, targets,
+                                      undo_warmup=True)
         except Exception as e:  # noqa: BLE001  (any capture failure: report it and train eagerly)
-            if args.cuda_graphs:
+            if self.args.cuda_graphs:
                 raise
-            use_graphs = False
-            optimizer.zero_grad(set_to_none=True)
-            set_capturable(optimizer, False)  # the eager step needs no device-side step counts
+            self.use_graphs = False
+            self.optimizer.zero_grad(set_to_none=True)
+            set_capturable(self.optimizer, False)  # the eager step needs no device-side step counts
             reason = (str(e).splitlines() or [''])[0][:200]
             _logger.warning(f'CUDA graphs: capture failed ({type(e).__name__}: {reason}); '
                             f'training eagerly (--no-cuda-graphs skips the attempt)')
             return None
 
-    n_params = sum(p.numel() for p in model.parameters())
-    _logger.info(f'model {args.model}: {n_params / 1e6:.2f}M params, {num_classes} classes, input {img_size}px')
-    _logger.info(f'data {data_desc}: {len(train_set)} train / {len(val_set)} val images')
-    _logger.info(f'{rt.world_size} process(es) on {rt.device.type}; global batch {args.batch_size} = '
-                 f'{rt.world_size} x {micro_batch} x {args.grad_accum_steps} accumulation; {steps_per_epoch} '
-                 f'updates/epoch; {lr_note}; warmup {args.warmup_epochs:g} epochs; amp {args.amp}')
-    _logger.info('CUDA graphs: ' + ('on (each update replays one captured graph)' if use_graphs else
-                                    'off (--no-cuda-graphs)' if args.cuda_graphs is False else f'off ({graph_blocker})'))
-    _logger.info(f'output {output_dir}')
-    if rt.is_main:
-        import yaml
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(args_dict, f, sort_keys=False)
-    epoch_log = EpochLog(output_dir) if rt.is_main else None
+    # ------------------------------------------------------------------------------------------------- training
+    def run(self):
+        for epoch in range(self.start_epoch, self.args.epochs):
+            first_batch, epoch_start = self.train_epoch(epoch)
+            self.end_epoch(epoch, first_batch, epoch_start)
+            self.start_batch = 0
+            if self._reached_max_updates():
+                break
+        return self._finish()
 
-    total_updates = args.epochs * steps_per_epoch
-    run_start, run_start_updates = time.time(), num_updates
-    last_metrics = None
+    def _reached_max_updates(self):
+        return self.args.debug_max_updates is not None and self.num_updates >= self.args.debug_max_updates
 
-    # A NaN/inf loss. 'stop': the first bad update is kept on the device (no host sync per step) and checked where
-    # the loop syncs anyway (progress lines) and before every checkpoint, so no checkpoint holds damaged weights.
-    # 'skip': each micro-batch's loss is checked at once (one sync per micro-batch, all ranks agree) and a bad one
-    # drops the whole update.
-    no_bad_update = 2 ** 62
-    first_bad_update = torch.full((), no_bad_update, device=rt.device, dtype=torch.int64)
-    skipped_total = 0
-
-    def stop_if_nonfinite():
-        if args.nan_policy != 'stop':
-            return
-        first = first_bad_update.clone()
-        if rt.distributed:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        first = int(first.item())
-        if first != no_bad_update:
-            raise NonFiniteLossError(first, steps_per_epoch, args.epochs)
-
-    def any_rank_nonfinite(value):
-        bad = (~torch.isfinite(value)).to(torch.int32)
-        if rt.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bool(bad.item())
-
-    nan_at = set(args.debug_nan_at_update or ())
-
-    def gather_rng():
-        state = _rng_state()
-        if not rt.distributed:
-            return [state]
-        states = [None] * rt.world_size
-        dist.all_gather_object(states, state)
-        return states
-
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        sampler.set_start_batch(start_batch if epoch == start_epoch else 0)
-        first_batch = sampler.start_batch
-        train_model.train()
-        use_mesa = args.mesa > 0 and model_ema is not None and epoch >= int(args.mesa_start * args.epochs)
-        epoch_start = time.time()
-        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-        loss_count = 0
-        window_loss = torch.zeros((), device=rt.device, dtype=torch.float64)
-        window_count, window_start = 0, time.time()
-        skipped_epoch = window_skipped = 0
+    def _start_epoch(self, epoch):
+        """Position the sampler, zero the epoch's sums, restore a resumed run's random states; the data iterator."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start_batch(self.start_batch if epoch == self.start_epoch else 0)
+        self.train_model.train()
+        self.loss_sum = torch.zeros((), device=self.rt.device, dtype=torch.float64)
+        self.loss_count = 0
+        self.window_loss = torch.zeros((), device=self.rt.device, dtype=torch.float64)
+        self.window_count, self.window_start = 0, time.time()
+        self.skipped_epoch = self.window_skipped = 0
         # Random states are restored where the interrupted run saved them: before the epoch's loader iterator
         # (which draws a seed) for an epoch-end checkpoint, after it for a mid-epoch one.
-        if resume_rng is not None and first_batch == 0:
-            _set_rng_state(resume_rng)
-            resume_rng = None
-        data_iter = iter(train_loader)
-        if resume_rng is not None:
-            _set_rng_state(resume_rng)
-            resume_rng = None
-        for batch_idx in range(first_batch, steps_per_epoch):
-            update_skipped = False
-            for micro in range(args.grad_accum_steps):
-                images, targets = next(data_iter)
-                images = images.to(rt.device, non_blocking=True)
-                targets = targets.to(rt.device, non_blocking=True)
-                if mixup_fn is not None:
-                    images, targets = mixup_fn(images, targets)
-                if args.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                last_micro = micro == args.grad_accum_steps - 1
-                if use_graphs:  # the whole update replays as one graph, captured on the first batch
-                    if graphed_update is None:
-                        graphed_update = capture_update(images, targets)
-                if graphed_update is not None:
-                    loss_value = graphed_update(images, targets).clone()  # the next replay overwrites its output
-                else:
-                    with autocast_context(rt.device, args.amp):
-                        outputs = train_model(images)
-                        loss = train_loss_fn(images, outputs, targets)
-                        if use_mesa:
-                            with torch.no_grad():
-                                ema_out = model_ema.module(images)
-                            main_out = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-                            loss = loss + args.mesa * soft_ce(main_out, ema_out.float().softmax(dim=-1))
-                    if num_updates + 1 in nan_at:
-                        loss = loss * float('nan')
-                    loss_value = loss.detach()
-                    if args.nan_policy == 'skip':
-                        update_skipped = update_skipped or any_rank_nonfinite(loss_value)
-                        if update_skipped:  # no backward: the update is dropped on every rank
-                            continue
-                    loss = loss / args.grad_accum_steps
+        if self.resume_rng is not None and self.sampler.start_batch == 0:
+            _set_rng_state(self.resume_rng)
+            self.resume_rng = None
+        data_iter = iter(self.train_loader)
+        if self.resume_rng is not None:
+            _set_rng_state(self.resume_rng)
+            self.resume_rng = None
+        return data_iter
 
-                    def backward_and_step():
-                        if loss_scaler is not None:
-                            loss_scaler(loss, optimizer, clip_grad=args.clip_grad if args.clip_grad > 0 else None,
-                                        clip_mode=args.clip_mode, parameters=params_for_clip, need_update=last_micro)
-                        else:
-                            loss.backward()
-                            if last_micro:
-                                if args.clip_grad > 0:
-                                    dispatch_clip_grad(params_for_clip, args.clip_grad, mode=args.clip_mode)
-                                optimizer.step()
-
-                    if rt.distributed and not last_micro:
-                        with ddp_model.no_sync():
-                            backward_and_step()
-                    else:
-                        backward_and_step()
-                if args.nan_policy == 'stop':
-                    first_bad_update = torch.where(torch.isfinite(loss_value), first_bad_update,
-                                                   first_bad_update.clamp(max=num_updates + 1))
-                loss_sum += loss_value
-                window_loss += loss_value
-                loss_count += 1
-                window_count += 1
-
-            if not use_graphs:  # a captured update zeroes the gradients it owns itself
-                optimizer.zero_grad(set_to_none=True)
-            num_updates += 1
+    def train_epoch(self, epoch):
+        """The epoch's updates (with progress lines and mid-epoch checkpoints); its first batch and start time."""
+        args = self.args
+        use_mesa = args.mesa > 0 and self.model_ema is not None and epoch >= int(args.mesa_start * args.epochs)
+        epoch_start = time.time()
+        data_iter = self._start_epoch(epoch)
+        first_batch = self.sampler.start_batch
+        for batch_idx in range(first_batch, self.steps_per_epoch):
+            update_skipped = self.update(data_iter, use_mesa)
+            if not self.use_graphs:  # a captured update zeroes the gradients it owns itself
+                self.optimizer.zero_grad(set_to_none=True)
+            self.num_updates += 1
             if update_skipped:
-                skipped_epoch += 1
-                window_skipped += 1
-                skipped_total += 1
-            elif model_ema is not None:
-                model_ema.update(model, step=num_updates)
-            lr_scheduler.step_update(num_updates=num_updates)
-            position.update(next_epoch=epoch, next_batch=batch_idx + 1, num_updates=num_updates)
+                self.skipped_epoch += 1
+                self.window_skipped += 1
+                self.skipped_total += 1
+            elif self.model_ema is not None:
+                self.model_ema.update(self.model, step=self.num_updates)
+            self.lr_scheduler.step_update(num_updates=self.num_updates)
+            self.position.update(next_epoch=epoch, next_batch=batch_idx + 1, num_updates=self.num_updates)
 
-            last_in_epoch = batch_idx + 1 == steps_per_epoch
+            last_in_epoch = batch_idx + 1 == self.steps_per_epoch
             if (batch_idx + 1) % args.log_interval == 0 or last_in_epoch:
-                stop_if_nonfinite()
-                stats = torch.stack([window_loss, torch.tensor(float(window_count), device=rt.device,
-                                                               dtype=torch.float64)])
-                if rt.distributed:
-                    dist.all_reduce(stats)
-                avg = (stats[0] / stats[1].clamp(min=1)).item()
-                now = time.time()
-                done_this_run = num_updates - run_start_updates
-                sec_per_update = (now - run_start) / max(done_this_run, 1)
-                imgs_per_s = window_count / args.grad_accum_steps * args.batch_size / max(now - window_start, 1e-9)
-                _logger.info(
-                    f'[train] epoch {epoch + 1}/{args.epochs} step {batch_idx + 1}/{steps_per_epoch} '
-                    f'loss {avg:.4f} lr {optimizer.param_groups[0]["lr"]:.3e} {imgs_per_s:.1f} img/s '
-                    f'eta epoch {_fmt_time((steps_per_epoch - batch_idx - 1) * sec_per_update)} '
-                    f'total {_fmt_time((total_updates - num_updates) * sec_per_update)}'
-                    + (f' | skipped {window_skipped} update(s) with a non-finite loss ({skipped_total} in all)'
-                       if window_skipped else ''))
-                window_loss.zero_()
-                window_count, window_start, window_skipped = 0, time.time(), 0
-
-            if args.checkpoint_interval > 0 and num_updates % args.checkpoint_interval == 0 and not last_in_epoch:
-                stop_if_nonfinite()
-                position['rng'] = gather_rng()
-                if saver is not None:
-                    saver.save_recovery(epoch, batch_idx + 1)
-            if args.debug_kill_after_update is not None and num_updates == args.debug_kill_after_update:
+                self._log_progress(epoch, batch_idx)
+            if args.checkpoint_interval > 0 and self.num_updates % args.checkpoint_interval == 0 \
+                    and not last_in_epoch:
+                self.stop_if_nonfinite()
+                self.position['rng'] = self.gather_rng()
+                if self.saver is not None:
+                    self.saver.save_recovery(epoch, batch_idx + 1)
+            if args.debug_kill_after_update is not None and self.num_updates == args.debug_kill_after_update:
                 sys.stdout.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-            if args.debug_max_updates is not None and num_updates >= args.debug_max_updates:
+            if self._reached_max_updates():
                 break
+        return first_batch, epoch_start
 
-        # ---- end of epoch: validate, log, checkpoint
-        stop_if_nonfinite()
-        stats = torch.stack([loss_sum, torch.tensor(float(loss_count), device=rt.device, dtype=torch.float64)])
-        if rt.distributed:
-            dist.all_reduce(stats)
-        train_loss = (stats[0] / stats[1].clamp(min=1)).item()
-        epoch_time = time.time() - epoch_start
-        row = {'epoch': epoch, 'num_updates': num_updates, 'train_loss': round(train_loss, 6),
-               'lr': optimizer.param_groups[0]['lr'], 'epoch_time_s': round(epoch_time, 2),
-               'img_per_s': round((steps_per_epoch - first_batch) * args.batch_size / max(epoch_time, 1e-9), 2)}
-        if args.nan_policy == 'skip':
-            row['skipped_steps'] = skipped_epoch
-        metric = None
-        if (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs:
-            m = evaluate(model, val_loader, rt, amp=args.amp, channels_last=args.channels_last)
-            row.update(val_top1=round(m['top1'], 4), val_top5=round(m['top5'], 4), val_loss=round(m['loss'], 6))
-            metric = m['top1']
-            msg = f'val top1 {m["top1"]:.2f} top5 {m["top5"]:.2f} loss {m["loss"]:.4f}'
-            if model_ema is not None:
-                e = evaluate(model_ema.module, val_loader, rt, amp=args.amp, channels_last=args.channels_last)
-                row.update(ema_top1=round(e['top1'], 4), ema_top5=round(e['top5'], 4), ema_loss=round(e['loss'], 6))
-                metric = max(metric, e['top1'])
-                msg += f' | ema top1 {e["top1"]:.2f} top5 {e["top5"]:.2f}'
-            last_metrics = row
-            if position['best_metric'] is None or metric > position['best_metric']:
-                position.update(best_metric=metric, best_epoch=epoch)
+    def update(self, data_iter, use_mesa):
+        """One optimizer update over ``grad_accum_steps`` micro-batches; whether it was skipped (non-finite loss)."""
+        args, rt = self.args, self.rt
+        update_skipped = False
+        for micro in range(args.grad_accum_steps):
+            images, targets = next(data_iter)
+            images = images.to(rt.device, non_blocking=True)
+            targets = targets.to(rt.device, non_blocking=True)
+            if self.mixup_fn is not None:
+                images, targets = self.mixup_fn(images, targets)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if self.use_graphs and self.graphed_update is None:  # the whole update replays as one graph
+                self.graphed_update = self.capture_update(images, targets)
+            if self.graphed_update is not None:
+                loss_value = self.graphed_update(images, targets).clone()  # the next replay overwrites its output
+            else:
+                loss = self._eager_loss(images, targets, use_mesa)
+                loss_value = loss.detach()
+                if args.nan_policy == 'skip':
+                    update_skipped = update_skipped or self.any_rank_nonfinite(loss_value)
+                    if update_skipped:  # no backward: the update is dropped on every rank
+                        continue
+                self._backward(loss / args.grad_accum_steps, last_micro=micro == args.grad_accum_steps - 1)
+            if args.nan_policy == 'stop':
+                self.first_bad_update = torch.where(torch.isfinite(loss_value), self.first_bad_update,
+                                                    self.first_bad_update.clamp(max=self.num_updates + 1))
+            self.loss_sum += loss_value
+            self.window_loss += loss_value
+            self.loss_count += 1
+            self.window_count += 1
+        return update_skipped
+
+    def _eager_loss(self, images, targets, use_mesa):
+        args = self.args
+        with self.autocast_context(self.rt.device, args.amp):
+            outputs = self.train_model(images)
+            loss = self.train_loss_fn(images, outputs, targets)
+            if use_mesa:
+                with torch.no_grad():
+                    ema_out = self.model_ema.module(images)
+                main_out = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+                loss = loss + args.mesa * self.soft_ce(main_out, ema_out.float().softmax(dim=-1))
+        if self.num_updates + 1 in self.nan_at:
+            loss = loss * float('nan')
+        return loss
+
+    def _backward(self, loss, last_micro):
+        """Backward of one micro-batch; the last one of an update also clips and steps (DDP syncs only then)."""
+        if self.rt.distributed and not last_micro:
+            with self.ddp_model.no_sync():
+                self._backward_and_step(loss, last_micro)
         else:
-            msg = 'no validation this epoch'
-        lr_scheduler.step(epoch + 1)
+            self._backward_and_step(loss, last_micro)
+
+    def _backward_and_step(self, loss, last_micro):
+        from timm.utils import dispatch_clip_grad
+        args = self.args
+        if self.loss_scaler is not None:
+            self.loss_scaler(loss, self.optimizer, clip_grad=args.clip_grad if args.clip_grad > 0 else None,
+                             clip_mode=args.clip_mode, parameters=self.params_for_clip, need_update=last_micro)
+        else:
+            loss.backward()
+            if last_micro:
+                if args.clip_grad > 0:
+                    dispatch_clip_grad(self.params_for_clip, args.clip_grad, mode=args.clip_mode)
+                self.optimizer.step()
+
+    def _log_progress(self, epoch, batch_idx):
+        args = self.args
+        self.stop_if_nonfinite()
+        avg = self.mean_over_ranks(self.window_loss, self.window_count)
+        now = time.time()
+        done_this_run = self.num_updates - self.run_start_updates
+        sec_per_update = (now - self.run_start) / max(done_this_run, 1)
+        imgs_per_s = self.window_count / args.grad_accum_steps * args.batch_size / max(now - self.window_start, 1e-9)
+        _logger.info(
+            f'[train] epoch {epoch + 1}/{args.epochs} step {batch_idx + 1}/{self.steps_per_epoch} '
+            f'loss {avg:.4f} lr {self.optimizer.param_groups[0]["lr"]:.3e} {imgs_per_s:.1f} img/s '
+            f'eta epoch {_fmt_time((self.steps_per_epoch - batch_idx - 1) * sec_per_update)} '
+            f'total {_fmt_time((self.total_updates - self.num_updates) * sec_per_update)}'
+            + (f' | skipped {self.window_skipped} update(s) with a non-finite loss ({self.skipped_total} in all)'
+               if self.window_skipped else ''))
+        self.window_loss.zero_()
+        self.window_count, self.window_start, self.window_skipped = 0, time.time(), 0
+
+    # --------------------------------------------------------------------------------------------- end of epoch
+    def end_epoch(self, epoch, first_batch, epoch_start):
+        """Validate, log, checkpoint."""
+        args, rt = self.args, self.rt
+        self.stop_if_nonfinite()
+        train_loss = self.mean_over_ranks(self.loss_sum, self.loss_count)
+        epoch_time = time.time() - epoch_start
+        row = {'epoch': epoch, 'num_updates': self.num_updates, 'train_loss': round(train_loss, 6),
+               'lr': self.optimizer.param_groups[0]['lr'], 'epoch_time_s': round(epoch_time, 2),
+               'img_per_s': round((self.steps_per_epoch - first_batch) * args.batch_size / max(epoch_time, 1e-9), 2)}
+        if args.nan_policy == 'skip':
+            row['skipped_steps'] = self.skipped_epoch
+        metric, msg = None, 'no validation this epoch'
+        if (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs:
+            metric, msg = self._validate(epoch, row)
+        self.lr_scheduler.step(epoch + 1)
         _logger.info(f'[epoch {epoch + 1}/{args.epochs}] train loss {train_loss:.4f} | {msg} | '
                      f'{_fmt_time(epoch_time)}, {row["img_per_s"]:.1f} img/s')
-        position.update(next_epoch=epoch + 1, next_batch=0, num_updates=num_updates, rng=gather_rng())
+        self.position.update(next_epoch=epoch + 1, next_batch=0, num_updates=self.num_updates,
+                             rng=self.gather_rng())
         if rt.is_main:
-            epoch_log.append(row)
-            saver.save_checkpoint(epoch, metric=metric)
-            saver.remove_recovery_files()
-        start_batch = 0
-        if args.debug_max_updates is not None and num_updates >= args.debug_max_updates:
-            break
+            self.epoch_log.append(row)
+            self.saver.save_checkpoint(epoch, metric=metric)
+            self.saver.remove_recovery_files()
 
-    if args.debug_dump_weights:
-        os.makedirs(args.debug_dump_weights, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   os.path.join(args.debug_dump_weights, f'rank{rt.rank}.pt'))
-    if rt.distributed:
-        dist.barrier()
-    if last_metrics is not None and 'val_top1' in last_metrics:
-        best = position['best_metric']
-        _logger.info(f'[done] final validation accuracy: top-1 {last_metrics["val_top1"]:.2f}% '
-                     f'top-5 {last_metrics["val_top5"]:.2f}% (best top-1 {best:.2f}% at epoch '
-                     f'{position["best_epoch"] + 1}); checkpoints and logs in {output_dir}')
-    else:
-        _logger.info(f'[done] checkpoints and logs in {output_dir}')
-    return 0
+    def _validate(self, epoch, row):
+        """Evaluate the model (and its EMA) into ``row``; the checkpoint metric and the log message."""
+        args = self.args
+        m = self.evaluate(self.model, self.val_loader, self.rt, amp=args.amp, channels_last=args.channels_last)
+        row.update(val_top1=round(m['top1'], 4), val_top5=round(m['top5'], 4), val_loss=round(m['loss'], 6))
+        metric = m['top1']
+        msg = f'val top1 {m["top1"]:.2f} top5 {m["top5"]:.2f} loss {m["loss"]:.4f}'
+        if self.model_ema is not None:
+            e = self.evaluate(self.model_ema.module, self.val_loader, self.rt, amp=args.amp,
+                              channels_last=args.channels_last)
+            row.update(ema_top1=round(e['top1'], 4), ema_top5=round(e['top5'], 4), ema_loss=round(e['loss'], 6))
+            metric = max(metric, e['top1'])
+            msg += f' | ema top1 {e["top1"]:.2f} top5 {e["top5"]:.2f}'
+        self.last_metrics = row
+        if self.position['best_metric'] is None or metric > self.position['best_metric']:
+            self.position.update(best_metric=metric, best_epoch=epoch)
+        return metric, msg
 
+    def _finish(self):
+        args, rt = self.args, self.rt
+        if args.debug_dump_weights:
+            os.makedirs(args.debug_dump_weights, exist_ok=True)
+            torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                       os.path.join(args.debug_dump_weights, f'rank{rt.rank}.pt'))
+        if rt.distributed:
+            dist.barrier()
+        last = self.last_metrics
+        if last is not None and 'val_top1' in last:
+            best = self.position['best_metric']
+            _logger.info(f'[done] final validation accuracy: top-1 {last["val_top1"]:.2f}% '
+                         f'top-5 {last["val_top5"]:.2f}% (best top-1 {best:.2f}% at epoch '
+                         f'{self.position["best_epoch"] + 1}); checkpoints and logs in {self.output_dir}')
+        else:
+            _logger.info(f'[done] checkpoints and logs in {self.output_dir}')
+        return 0
 
 if __name__ == '__main__':
     sys.exit(run_tool(main))

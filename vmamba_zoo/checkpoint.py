@@ -23,7 +23,7 @@ import os
 import pickle
 import shutil
 import types
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -291,6 +291,39 @@ def select_state_dict(checkpoint: Any, use_ema: bool = False) -> Dict[str, torch
     raise CheckpointError(
         f'no state dict found in checkpoint; looked for {list(PLAIN_KEYS)} or a bare dict of tensors, '
         f'top-level keys are {sorted(map(str, checkpoint))[:20]}')
+
+
+def unwrap(checkpoint: Dict[str, Any], wrappers: Sequence[str]) -> Dict[str, Any]:
+    """The dict under the first of ``wrappers`` that holds one, else ``checkpoint`` itself. The order is the
+    caller's: each family's official files decide which weights it prefers (plain or EMA)."""
+    for wrapper in wrappers:
+        if isinstance(checkpoint.get(wrapper), dict):
+            return checkpoint[wrapper]
+    return checkpoint
+
+
+def without_wrapper_prefix(key: str) -> str:
+    """``key`` without a leading ``module.`` (DataParallel), then without a leading ``backbone.`` (mm models)."""
+    for prefix in ('module.', 'backbone.'):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def backbone_weights(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` without its ``module.`` prefixes; of a detection or segmentation checkpoint (keys under
+    ``backbone.``) only the backbone's weights, unprefixed."""
+    has_backbone = any(k.startswith('backbone.') for k in state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith('module.'):
+            k = k[len('module.'):]
+        if has_backbone:
+            if not k.startswith('backbone.'):
+                continue
+            k = k[len('backbone.'):]
+        out[k] = v
+    return out
 
 
 def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: Optional[str]) -> Dict[str, torch.Tensor]:

@@ -220,6 +220,33 @@ def _next_chunk(routes, param_routes, x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sd
     return m1, mn1, x1, d1, B1, C1, z1, o1, p2, q2, v2
 
 
+@triton.jit
+def _tile_offsets(pid_d, CPG, N, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr,
+                  VEC: tl.constexpr):
+    """Channels, states and steps of one program's tile, with their masks: (offs_d, offs_n, mask_d, mask_n,
+    mask_dn, rows)."""
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    if EVEN_D and VEC:  # a constant mask along channels lets loads and stores vectorize
+        mask_d = tl.full([BD], 1, tl.int1)
+    else:  # (VEC=False keeps one channel per thread, so that the scan along steps stays in-thread)
+        mask_d = offs_d < CPG
+    mask_n = offs_n < N
+    return offs_d, offs_n, mask_d, mask_n, mask_d[:, None] & mask_n[None, :], tl.arange(0, BT)
+
+
+@triton.jit
+def _image_inputs(x, delta, B, C, b64, sx_b, sdt_b, sB_b, sC_b):
+    """x, delta, B and C of image ``b64``: what every scan kernel reads."""
+    return x + b64 * sx_b, delta + b64 * sdt_b, B + b64 * sB_b, C + b64 * sC_b
+
+
+@triton.jit
+def _partial_slots(dB_part, dC_part, pid_d, b64, sP_j, sP_b):
+    """This program's (channel block, image) slots of the dB / dC partials that the caller reduces."""
+    return dB_part + pid_d * sP_j + b64 * sP_b, dC_part + pid_d * sP_j + b64 * sP_b
+
+
 @triton.jit(do_not_specialize=["Lr", "L"])
 def selective_scan_fwd_kernel(
     x, delta, A, B, C, D, delta_bias, z,
@@ -242,20 +269,9 @@ def selective_scan_fwd_kernel(
 ):
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    if EVEN_D and VEC:  # a constant mask along channels lets loads and stores vectorize
-        mask_d = tl.full([BD], 1, tl.int1)
-    else:  # (VEC=False keeps one channel per thread, so that the scan along steps stays in-thread)
-        mask_d = offs_d < CPG
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    rows = tl.arange(0, BT)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, rows = _tile_offsets(pid_d, CPG, N, BD, BN, BT, EVEN_D, VEC)
 
-    x_img = x + b64 * sx_b
-    dt_img = delta + b64 * sdt_b
-    B_img = B + b64 * sB_b
-    C_img = C + b64 * sC_b
+    x_img, dt_img, B_img, C_img = _image_inputs(x, delta, B, C, b64, sx_b, sdt_b, sB_b, sC_b)
     z_img = z + b64 * sz_b
     out_img = out + b64 * so_b
     n_saved = tl.cdiv(Lr, SAVE_T)
@@ -360,28 +376,16 @@ def selective_scan_bwd_kernel(
     """
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    if EVEN_D:  # a constant mask along channels lets loads and stores vectorize
-        mask_d = tl.full([BD], 1, tl.int1)
-    else:
-        mask_d = offs_d < CPG
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    rows = tl.arange(0, BT)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, rows = _tile_offsets(pid_d, CPG, N, BD, BN, BT, EVEN_D, True)
     n_chunks = tl.cdiv(Lr, BT)
 
-    x_img = x + b64 * sx_b
-    dt_img = delta + b64 * sdt_b
-    B_img = B + b64 * sB_b
-    C_img = C + b64 * sC_b
+    x_img, dt_img, B_img, C_img = _image_inputs(x, delta, B, C, b64, sx_b, sdt_b, sB_b, sC_b)
     z_img = z + b64 * sz_b
     g_img = dout + b64 * sg_b
     dx_img = dx + b64 * sdx_b
     dd_img = ddelta + b64 * sdd_b
     dz_img = dz + b64 * sdz_b
-    dBp_img = dB_part + pid_d * sP_j + b64 * sP_b
-    dCp_img = dC_part + pid_d * sP_j + b64 * sP_b
+    dBp_img, dCp_img = _partial_slots(dB_part, dC_part, pid_d, b64, sP_j, sP_b)
 
     k_lo, k_hi = _route_range(parallel_ok, pid_k, K, DX_MERGE)
     if ZERO_UNVISITED and DX_MERGE != 2:  # not the atomic merge (2), whose dx starts zeroed

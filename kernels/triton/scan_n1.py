@@ -24,7 +24,7 @@ none is (read-add-store), or it varies (per-step flags).
 import triton
 import triton.language as tl
 
-from .scan import _route_range, _zero_unvisited, _zero_unvisited_outputs
+from .scan import _image_inputs, _partial_slots, _route_range, _zero_unvisited, _zero_unvisited_outputs
 from .scan import _softplus as _softplus_exact  # FAST_MATH off (the interpreter)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -164,14 +164,14 @@ def step_axis_probe_kernel(x, routes, out, STEP_AXIS: tl.constexpr):
 
 @triton.jit
 def _channel_block(pid_d, CPG, BD: tl.constexpr, VEC: tl.constexpr, EVEN_D: tl.constexpr):
-    """Channels [BD] of program pid_d and which are real. The contiguity hint sets the vector width, which sets
-    how many lanes the channels take."""
+    """Channels [BD] of program pid_d and which are real, also as the last axis of a (seg, step, channel) tile.
+    The contiguity hint sets the vector width, which sets how many lanes the channels take."""
     offs_d = pid_d * BD + tl.max_contiguous(tl.arange(0, BD), VEC)
     if EVEN_D:
         mask_d = tl.full([BD], 1, tl.int1)
     else:
         mask_d = offs_d < CPG
-    return offs_d, mask_d
+    return offs_d, mask_d, offs_d[None, None, :], mask_d[None, None, :]
 
 
 @triton.jit
@@ -300,15 +300,10 @@ def route_scan_n1_fwd_kernel(
     BT: tl.constexpr = TT * LT
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
-    offs_d, mask_d = _channel_block(pid_d, CPG, BD, VEC, EVEN_D)
-    d3 = offs_d[None, None, :]
-    md3 = mask_d[None, None, :]
+    offs_d, mask_d, d3, md3 = _channel_block(pid_d, CPG, BD, VEC, EVEN_D)
     step, seg = _tile_ranges(TT, LT, STEP_AXIS)
 
-    x_img = x + b64 * sx_b
-    dt_img = delta + b64 * sdt_b
-    B_img = B + b64 * sB_b
-    C_img = C + b64 * sC_b
+    x_img, dt_img, B_img, C_img = _image_inputs(x, delta, B, C, b64, sx_b, sdt_b, sB_b, sC_b)
     out_img = out + b64 * so_b
     n_saved = tl.cdiv(Lr, SAVE_T)
 
@@ -459,21 +454,15 @@ def route_scan_n1_bwd_kernel(
     BT: tl.constexpr = TT * LT
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
-    offs_d, mask_d = _channel_block(pid_d, CPG, BD, VEC, EVEN_D)
-    d3 = offs_d[None, None, :]
-    md3 = mask_d[None, None, :]
+    offs_d, mask_d, d3, md3 = _channel_block(pid_d, CPG, BD, VEC, EVEN_D)
     step, seg = _tile_ranges(TT, LT, STEP_AXIS)
     n_chunks = tl.cdiv(Lr, BT)
 
-    x_img = x + b64 * sx_b
-    dt_img = delta + b64 * sdt_b
-    B_img = B + b64 * sB_b
-    C_img = C + b64 * sC_b
+    x_img, dt_img, B_img, C_img = _image_inputs(x, delta, B, C, b64, sx_b, sdt_b, sB_b, sC_b)
     g_img = dout + b64 * sg_b
     dx_img = dx + b64 * sdx_b
     dd_img = ddelta + b64 * sdd_b
-    dBp_img = dB_part + pid_d * sP_j + b64 * sP_b
-    dCp_img = dC_part + pid_d * sP_j + b64 * sP_b
+    dBp_img, dCp_img = _partial_slots(dB_part, dC_part, pid_d, b64, sP_j, sP_b)
 
     k_lo, k_hi = _route_range(parallel_ok, pid_k, K, DX_MERGE)
     if ZERO_UNVISITED:

@@ -263,7 +263,35 @@ def test_head_and_dist_head_averaged_and_distilled_training_tuple():
         model.set_distilled_training(False)
         assert torch.is_tensor(model(x))                             # timm training default: averaged
     plain = mini_model(distillation=False)
-    assert plain.dist_head is None and plain.get_classifier() is plain.head
+    assert plain.dist_head is None and plain.get_classifier() is plain.head.fc
+
+
+def test_a_file_with_the_former_linear_head_gives_the_former_logits_and_gradients():
+    """Files from before the head was timm's ClassifierHead (a bare Linear ``head``, as in the official layout)
+    load into ``head.fc``, and the head computes what it did: class token → norm → one dropout → ``head`` and
+    ``dist_head`` averaged, bit for bit, gradients included."""
+    source = mini_model()
+    perturb_(source)
+    former = {k.replace('head.fc.', 'head.'): v for k, v in source.state_dict().items()}
+    assert 'head.weight' in former and 'head.fc.weight' not in former
+    model = mini_model(drop_rate=0.3).train()
+    model.load_state_dict(checkpoint_filter_fn(former, model), strict=True)
+    feats = model.forward_features(torch.randn(2, 3, 64, 64)).detach()
+    torch.manual_seed(0)
+    logits = model.forward_head(feats)
+    torch.manual_seed(0)  # the same dropout mask
+    pooled = model.forward_head(feats, pre_logits=True)
+    w, b, dw, db = (former[k].clone().requires_grad_() for k in
+                    ('head.weight', 'head.bias', 'dist_head.weight', 'dist_head.bias'))
+    oracle = (F.linear(pooled, w, b) + F.linear(pooled, dw, db)) / 2
+    assert torch.equal(logits, oracle)
+    g = torch.randn_like(logits)
+    ours = torch.autograd.grad(logits, [model.head.fc.weight, model.head.fc.bias, model.dist_head.weight,
+                                        model.dist_head.bias, model.norm.weight], g)
+    theirs = torch.autograd.grad(oracle, [w, b, dw, db, model.norm.weight], g)
+    for name, a, o in zip(('head.weight', 'head.bias', 'dist_head.weight', 'dist_head.bias', 'norm.weight'),
+                          ours, theirs):
+        assert torch.equal(a, o), name
 
 
 def test_backward_reaches_every_parameter():
@@ -298,7 +326,7 @@ def test_no_weight_decay_patterns():
                  'stages.0.blocks.0.mixer.skip_scale', 'norm.weight'):
         assert id(named[name]) in no_decay, name
     for name in ('stages.0.blocks.0.mixer.ssm.in_proj.weight', 'stages.0.blocks.0.mixer.ssm.x_proj.weight',
-                 'stages.0.blocks.0.mixer.proj.weight', 'head.weight'):
+                 'stages.0.blocks.0.mixer.proj.weight', 'head.fc.weight'):
         assert id(named[name]) not in no_decay, name
 
 
@@ -342,4 +370,5 @@ def test_checkpoint_conversion_places_official_tensors():
         torch.testing.assert_close(sd[ours], official[up])
     # a plain (unwrapped) official dict gives the same result; our own layout passes through unchanged
     assert checkpoint_filter_fn(dict(official), model).keys() == converted.keys()
-    assert checkpoint_filter_fn(sd, model) is sd
+    passed = checkpoint_filter_fn(sd, model)
+    assert passed.keys() == sd.keys() and all(passed[k] is sd[k] for k in sd)

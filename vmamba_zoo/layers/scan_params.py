@@ -3,16 +3,23 @@
 - ``init_dt_projection_``: dt_proj's weight uniform in ±rank^-0.5 and its bias the inverse softplus of a
   log-uniform dt in [dt_min, dt_max], so that the scan's step sizes start spread over two decades;
 - ``init_A_log_and_D_``: S4D-real A = -(1..N) per channel (stored as log), D = 1;
-- ``at_least_fp32``: a scan parameter as the scan reads it (fp32, fp64 kept for gradcheck).
+- ``at_least_fp32``: a scan parameter as the scan reads it (fp32, fp64 kept for gradcheck);
+- ``resolve_dt_rank``: the rank of the dt projection, ``'auto'`` being Mamba's ceil(width / 16).
 
 The init functions fill the given tensors in place and draw their random numbers in one fixed order
 (weight, then dt), on the tensors' device, so that a seeded model is the same wherever it calls them.
 """
 import math
+from typing import Union
 
 import torch
 
-__all__ = ["at_least_fp32", "init_A_log_and_D_", "init_dt_projection_"]
+__all__ = ["at_least_fp32", "init_A_log_and_D_", "init_dt_projection_", "resolve_dt_rank"]
+
+
+def resolve_dt_rank(width: int, dt_rank: Union[int, str] = 'auto') -> int:
+    """The dt projection's rank for a mixer of ``width`` channels: ``'auto'`` is Mamba's ceil(width / 16)."""
+    return math.ceil(width / 16) if dt_rank == 'auto' else int(dt_rank)
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,19 @@ class ChannelsLastStagesMixin:
     A model whose ``norm`` belongs to its head (applied after pooling) sets ``features_end_with_norm = False``."""
 
     features_end_with_norm = True
+    # timm's parameter groups after the stages' blocks (layer-wise lr decay puts them last)
+    final_groups = ((r'^norm', (99999,)),)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                *self.final_groups,
+            ],
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -31,11 +44,16 @@ class ChannelsLastStagesMixin:
         """Drop the stages (and norm / head) that the requested intermediates do not need."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
+        self.prune_norm_and_head(max_index, prune_norm, prune_head)
+        return take_indices
+
+    def prune_norm_and_head(self, max_index: int, prune_norm: bool, prune_head: bool):
+        """What ``prune_intermediate_layers`` does after keeping stages ``0..max_index``: drop the norm and the head
+        when asked (a family whose norm or head cannot read an earlier stage drops them whenever stages go)."""
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, '')
-        return take_indices
 
     def forward_intermediates(
             self,

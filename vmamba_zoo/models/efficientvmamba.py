@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
@@ -34,14 +33,15 @@ from timm.models._features_fx import register_notrace_module
 
 from vmamba_kernels import selective_scan_2d
 
-from ._builder import build_zoo_model
+from ._builder import build_zoo_model, zoo_cfg
+from ..checkpoint import backbone_weights, unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import LowPrecisionLayerNorm, fewer_launches, route_projections
 from ..layers.routes import device_routes
-from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_
+from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
 
 __all__ = ['EfficientVMamba']
 
@@ -85,7 +85,7 @@ class EfficientScan2d(nn.Module):
         super().__init__()
         K = self.num_routes
         self.d_inner = d_inner = int(ssm_ratio * dim)
-        self.dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        self.dt_rank = resolve_dt_rank(dim, dt_rank)
         self.d_state = d_state
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
 
@@ -350,17 +350,6 @@ class EfficientVMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         return {'*A_logs', '*Ds', '*norm*'}
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
         super().set_grad_checkpointing(enable)
@@ -412,19 +401,9 @@ def _official_to_ours(key: str) -> Optional[str]:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EfficientVMamba) -> Dict[str, torch.Tensor]:
     """Official EfficientVMamba checkpoint (a bare state dict, or wrapped in 'state_dict' / 'model' /
     'model_ema' / 'ema_model', keys optionally prefixed 'module.' (any number) or 'backbone.') → ours."""
-    for wrapper in ('state_dict', 'model', 'model_ema', 'state_dict_ema', 'ema_model'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = unwrap(state_dict, ('state_dict', 'model', 'model_ema', 'state_dict_ema', 'ema_model'))
     out = {}
-    has_backbone = any(k.startswith('backbone.') for k in state_dict)
-    for k, v in state_dict.items():
-        while k.startswith('module.'):
-            k = k[len('module.'):]
-        if has_backbone:  # detection/segmentation checkpoint: keep the backbone only
-            if not k.startswith('backbone.'):
-                continue
-            k = k[len('backbone.'):]
+    for k, v in backbone_weights(state_dict).items():
         if k.startswith(('stem.', 'stages.', 'norm.', 'head.')):
             out[k] = v  # already ours
             continue
@@ -434,19 +413,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EfficientVM
     return linear_head_keys_to_fc(out)
 
 
+_FAMILY_CFG = dict(
+    first_conv='stem.conv', license='apache-2.0', paper_ids='arXiv:2403.09977',
+    paper_name='EfficientVMamba: Atrous Selective Scan for Light Weight Visual Mamba',
+    origin_url='https://github.com/TerryPei/EfficientVMamba',
+)
+
+
 def _cfg(url: str = '', **kwargs):
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv', 'classifier': 'head.fc',
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2403.09977',
-        'paper_name': 'EfficientVMamba: Atrous Selective Scan for Light Weight Visual Mamba',
-        'origin_url': 'https://github.com/TerryPei/EfficientVMamba',
-        **kwargs,
-    }
+    return zoo_cfg(url, _FAMILY_CFG, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -11,8 +11,9 @@ channel affinity, and normalizes again with the *same* LayerNorm. Here the four 
 fused ``vmamba_kernels.selective_scan_2d`` call: group k is route k of the "cross" route set, with its
 own parameters stacked along the route axis.
 
-The classifier pools with a class token (the token mean) that passes one more mixer + MLP block, then a
-classification head and a distillation head whose logits are averaged (as timm's DeiT does).
+The classifier pools with a class token (the token mean) that passes one more mixer + MLP block and a
+LayerNorm, then timm's ``ClassifierHead`` (dropout, ``fc``) and a distillation head whose logits are averaged
+(as timm's DeiT does).
 """
 import math
 from typing import List, Optional, Tuple, Union
@@ -21,20 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import selective_scan_2d
 
-from ._builder import build_zoo_model
+from ._builder import build_zoo_model, zoo_cfg
+from ..checkpoint import unwrap, without_wrapper_prefix
+from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
-from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_
+from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
 from ..layers.stages import ChannelsLastStagesMixin
 
 __all__ = ['GroupMamba']
@@ -118,7 +119,7 @@ class GroupedSingleScan2d(nn.Module):
         groups = NUM_GROUPS
         d_model = dim // groups
         d_inner = int(ssm_ratio * d_model)
-        dt_rank = math.ceil(d_model / 16)
+        dt_rank = resolve_dt_rank(d_model)
         self.groups, self.d_inner, self.d_state, self.dt_rank = groups, d_inner, d_state, dt_rank
 
         self.in_proj = GroupedLinear(d_model, 2 * d_inner, groups)
@@ -332,7 +333,7 @@ class GroupMambaStage(nn.Module):
         return self.norm(x)
 
 
-class GroupMamba(ChannelsLastStagesMixin, nn.Module):
+class GroupMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """GroupMamba: stem → 4 stages of modulated group Mamba blocks → class-token pooling → head (+ dist head).
 
     Args:
@@ -350,6 +351,8 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
         drop_path_rate: stochastic depth, linear over all blocks.
     """
     features_end_with_norm = False  # ``norm`` follows the class-token pooling, in the head
+    global_pools = ('token', 'avg', '')
+    final_groups = ((r'^stages\.(\d+)\.norm', (99999,)), (r'^cls_block|^norm', (99999,)))
 
     def __init__(
             self,
@@ -368,8 +371,7 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
         super().__init__()
         if kwargs:
             raise TypeError(f"GroupMamba got unexpected arguments {sorted(kwargs)}")
-        if global_pool not in ('token', 'avg', ''):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        self.check_global_pool(global_pool)
         num_stages = len(depths)
         if not (len(embed_dims) == len(mlp_ratios) == num_stages):
             raise ValueError(f"embed_dims, depths, mlp_ratios need one entry per stage, got "
@@ -397,8 +399,8 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
 
         self.cls_block = ClassTokenBlock(prev_dim, mlp_ratios[-1])
         self.norm = nn.LayerNorm(prev_dim, eps=1e-6)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(prev_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # the pooling (class token or mean) and ``norm`` come before the head, so the head itself never pools
+        self.head = channels_last_head(prev_dim, num_classes, '', drop_rate)
         self.dist_head = (nn.Linear(prev_dim, num_classes) if num_classes > 0 else nn.Identity()) \
             if distillation else None
 
@@ -419,52 +421,32 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
         return {'*.A_log', '*.D', '*.dt_proj_bias', '*.out_norm.weight', '*.skip_scale'}
 
     @torch.jit.ignore
-    def group_matcher(self, coarse=False):
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^stages\.(\d+)\.norm', (99999,)),
-                (r'^cls_block|^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
-        return self.head if self.dist_head is None else (self.head, self.dist_head)
+        return self.head.fc if self.dist_head is None else (self.head.fc, self.dist_head)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ('token', 'avg', ''):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            self.check_global_pool(global_pool)
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        super().reset_classifier(num_classes)  # the head's own pooling stays '' (see __init__)
         if self.dist_head is not None:
-            self.dist_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            weight = next(self.parameters())
+            self.dist_head = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype) \
+                if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore
     def set_distilled_training(self, enable=True):
         """Return (head, dist_head) logits in training, as upstream does for its distillation loss."""
         self.distilled_training = enable
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ):
-        """Drop the stages after the last requested one (and the pooling block, norm and heads)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
+    def prune_norm_and_head(self, max_index: int, prune_norm: bool, prune_head: bool):
+        """The norm goes with any stage (it reads the last one's width); the head with the class-token block."""
         if prune_norm or max_index < len(self.feature_info) - 1:
             self.norm = nn.Identity()
         if prune_head:
             self.cls_block = None
             self.global_pool = 'avg'
             self.reset_classifier(0)
-        return take_indices
 
     def forward_features(self, x):
         """(B, C, H, W) images → (B, H/32, W/32, C) last-stage map (channels-last)."""
@@ -476,12 +458,13 @@ class GroupMamba(ChannelsLastStagesMixin, nn.Module):
             x = self.cls_block(x)
         elif self.global_pool == 'avg':
             x = x.mean(dim=(1, 2))
-        x = self.head_drop(self.norm(x))
+        x = self.norm(x)
+        if self.dist_head is None:
+            return self.head(x, pre_logits=pre_logits)
+        x = self.head(x, pre_logits=True)  # the dropout, shared by both classifiers
         if pre_logits:
             return x
-        if self.dist_head is None:
-            return self.head(x)
-        x, x_dist = self.head(x), self.dist_head(x)
+        x, x_dist = self.head.fc(x), self.dist_head(x)
         if self.distilled_training and self.training and not torch.jit.is_scripting():
             return x, x_dist
         return (x + x_dist) / 2
@@ -517,20 +500,12 @@ def checkpoint_filter_fn(state_dict, model):
     Unwraps 'model_ema' / 'model' / 'state_dict', strips 'module.' / 'backbone.' prefixes, stacks the four
     ``mamba_g{1..4}`` SS2D parameter sets of every mixer along a group axis and renames the rest.
     """
-    for wrapper in ('model_ema', 'state_dict_ema', 'model', 'state_dict'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = unwrap(state_dict, ('model_ema', 'state_dict_ema', 'model', 'state_dict'))
     if 'stem.proj.weight' in state_dict:
-        return state_dict  # already ours
+        return linear_head_keys_to_fc(state_dict)  # ours (a bare Linear ``head`` in files from before ClassifierHead)
 
     import re
-    sd = {}
-    for k, v in state_dict.items():
-        for prefix in ('module.', 'backbone.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        sd[k] = v
+    sd = {without_wrapper_prefix(k): v for k, v in state_dict.items()}
 
     # stack the four groups' SS2D tensors of each mixer
     mixers = sorted({m.group(1) for m in (re.match(r'(.*\.)mamba_g1\.', k) for k in sd) if m})
@@ -558,22 +533,18 @@ def checkpoint_filter_fn(state_dict, model):
             num_stages = len(model.stages) if model is not None else 4
             k = f'norm.{m.group(2)}' if stage == num_stages - 1 else f'stages.{stage}.norm.{m.group(2)}'
         out[k] = v
-    return out
+    return linear_head_keys_to_fc(out)
+
+
+_FAMILY_CFG = dict(
+    first_conv='stem.conv.0', classifier=('head.fc', 'dist_head'), license='mit', paper_ids='arXiv:2407.13772',
+    paper_name='GroupMamba: Parameter-Efficient and Accurate Group Visual State Space Model',
+    origin_url='https://github.com/Amshaker/GroupMamba',
+)
 
 
 def _cfg(url='', **kwargs):
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv.0', 'classifier': ('head', 'dist_head'),
-        'license': 'mit',
-        'paper_ids': 'arXiv:2407.13772',
-        'paper_name': 'GroupMamba: Parameter-Efficient and Accurate Group Visual State Space Model',
-        'origin_url': 'https://github.com/Amshaker/GroupMamba',
-        **kwargs,
-    }
+    return zoo_cfg(url, _FAMILY_CFG, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

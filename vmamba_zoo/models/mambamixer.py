@@ -23,14 +23,12 @@ Architecture (channels-last (B, H, W, C) throughout):
 The token scan runs through ``vmamba_kernels.selective_scan_2d`` on the "cross" routes, the channel scan through
 ``vmamba_kernels.selective_scan``; every backend of the kernel library serves the model.
 """
-import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from timm.models._manipulate import checkpoint
@@ -38,13 +36,15 @@ from timm.models.swin_transformer import PatchMerging
 
 from vmamba_kernels import selective_scan, selective_scan_2d
 
-from ._builder import build_zoo_model
+from ._builder import build_zoo_model, zoo_cfg
+from ..checkpoint import backbone_weights, unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import RouteScanParams
 from ..layers.routes import device_routes
+from ..layers.scan_params import resolve_dt_rank
 
 
 __all__ = ['MambaMixer', 'SelectiveTokenMixer', 'SelectiveChannelMixer']
@@ -71,7 +71,7 @@ class SelectiveTokenMixer(RouteScanParams):
             act_layer=nn.SiLU,
     ):
         d_inner = int(ssm_ratio * dim)
-        dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        dt_rank = resolve_dt_rank(dim, dt_rank)
         super().__init__(num_routes=self.num_routes, channels=d_inner, d_state=d_state, dt_rank=dt_rank)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(
@@ -394,17 +394,6 @@ class MambaMixer(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     def no_weight_decay(self):
         return {'*.A_logs', '*.Ds', '*.dt_projs_bias', '*norm*', '*.alpha', '*.beta', '*.theta', '*.gamma'}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(check_images(self, x))))
 
@@ -415,36 +404,21 @@ class MambaMixer(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MambaMixer) -> Dict[str, torch.Tensor]:
     """A checkpoint of this model (no official one exists): unwraps 'model' / 'state_dict' / 'model_ema',
     strips 'module.' and, for detection/segmentation checkpoints, keeps the 'backbone.' weights."""
-    for wrapper in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
-    has_backbone = any(k.startswith('backbone.') for k in state_dict)
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith('module.'):
-            k = k[len('module.'):]
-        if has_backbone:
-            if not k.startswith('backbone.'):
-                continue
-            k = k[len('backbone.'):]
-        out[k] = v
-    return linear_head_keys_to_fc(out)
+    state_dict = unwrap(state_dict, ('model', 'state_dict', 'model_ema', 'state_dict_ema'))
+    return linear_head_keys_to_fc(backbone_weights(state_dict))
+
+
+_FAMILY_CFG = dict(
+    first_conv='stem.conv',
+    license='apache-2.0',  # this reimplementation's; no official code or weights exist
+    paper_ids='arXiv:2403.19888',
+    paper_name='MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection',
+    origin_url='https://mambamixer.github.io',
+)
 
 
 def _cfg(url: str = '', **kwargs):
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv', 'classifier': 'head.fc',
-        'license': 'apache-2.0',  # this reimplementation's; no official code or weights exist
-        'paper_ids': 'arXiv:2403.19888',
-        'paper_name': 'MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection',
-        'origin_url': 'https://mambamixer.github.io',
-        **kwargs,
-    }
+    return zoo_cfg(url, _FAMILY_CFG, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -30,12 +29,13 @@ from timm.models._registry import generate_default_cfgs, register_model
 from vmamba_kernels import selective_scan_2d
 from vmamba_kernels.reference import exporting
 
-from ._builder import build_zoo_model
+from ._builder import build_zoo_model, zoo_cfg
+from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.routes import device_routes
-from ..layers.scan_params import init_A_log_and_D_
+from ..layers.scan_params import init_A_log_and_D_, resolve_dt_rank
 
 # shape-dependent steps stay opaque to torch.fx (timm's feature extraction by graph)
 register_notrace_function(selective_scan_2d)
@@ -152,7 +152,7 @@ class PlainMamba2D(nn.Module):
         self.d_state = d_state
         self.d_inner = int(expand * dim)
         # dt_rank from the model dim, not the inner dim
-        self.dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else dt_rank
+        self.dt_rank = resolve_dt_rank(dim, dt_rank)
 
         self.in_proj = nn.Linear(dim, self.d_inner * 2, bias=bias)
         self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, kernel_size=conv_size, padding=conv_size // 2,
@@ -364,18 +364,12 @@ class PlainMamba(ClassifierHeadMixin, nn.Module):
 def checkpoint_filter_fn(state_dict, model):
     """Convert an official PlainMamba checkpoint (mmcls ``ImageClassifier``: ``{'meta', 'state_dict'}``,
     ``backbone.`` prefix, ``backbone.ln1``, ``head.fc``; or an mmseg/mmdet one) to this model."""
-    for wrapper in ('state_dict', 'model', 'module'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-
+    state_dict = unwrap(state_dict, ('state_dict', 'model', 'module'))
     out = {}
     for k, v in state_dict.items():
         if not isinstance(v, torch.Tensor):
             continue
-        for prefix in ('module.', 'backbone.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        k = without_wrapper_prefix(k)
         if k.startswith(('ema_', 'neck.', 'decode_head.', 'auxiliary_head.', 'norm_layer')):
             # EMA hook buffers, downstream heads and per-index output norms are not part of this model
             continue
@@ -391,19 +385,15 @@ def checkpoint_filter_fn(state_dict, model):
     return out
 
 
+_FAMILY_CFG = dict(
+    first_conv='patch_embed.stem.0', pool_size=None, license='apache-2.0', paper_ids='arXiv:2403.17695',
+    paper_name='PlainMamba: Improving Non-Hierarchical Mamba in Visual Recognition',
+    origin_url='https://github.com/ChenhongyiYang/PlainMamba',
+)
+
+
 def _cfg(url='', **kwargs):
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.stem.0', 'classifier': 'head.fc',
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2403.17695',
-        'paper_name': 'PlainMamba: Improving Non-Hierarchical Mamba in Visual Recognition',
-        'origin_url': 'https://github.com/ChenhongyiYang/PlainMamba',
-        **kwargs,
-    }
+    return zoo_cfg(url, _FAMILY_CFG, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

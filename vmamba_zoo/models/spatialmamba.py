@@ -8,27 +8,25 @@ every hidden state, a dilated-conv fusion of those states across the image grid,
 conv position encoding and an MLP. The model is channels-last (B, H, W, C) between the convolutional stem,
 the blocks and the convolutional downsamplers.
 """
-import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models import register_notrace_module
-from timm.models._features import feature_take_indices
 
 from vmamba_kernels import selective_scan_states
 
-from ._builder import build_zoo_model
+from ._builder import build_zoo_model, zoo_cfg
+from ..checkpoint import unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
-from ..layers.scan_params import init_A_log_and_D_, init_dt_projection_
+from ..layers.scan_params import init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
 from ..layers.state_fusion import FUSION_IMPLS, StateFusion
 
 __all__ = ["SpatialMamba", "StructureAwareSSM", "SpatialMambaBlock", "MIXER_LAYOUTS", "FUSION_IMPLS"]
@@ -130,7 +128,7 @@ class StructureAwareSSM(nn.Module):
             raise ValueError(f"Spatial-Mamba's state fusion needs d_state=1, got {d_state}")
         self.d_inner = d_inner = int(expand * dim)
         self.d_state = d_state
-        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_rank = resolve_dt_rank(dim, dt_rank)
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
 
         self.in_proj = nn.Linear(dim, d_inner * 2, bias=False)
@@ -342,32 +340,12 @@ class SpatialMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     def no_weight_decay(self):
         return {"*.A_log", "*.D", "*.state_fusion.alpha", "*norm*"}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse=False):
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ):
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if max_index < len(self.feature_info) - 1:
+    def prune_norm_and_head(self, max_index: int, prune_norm: bool, prune_head: bool):
+        # the norm and the head read the last stage's width: with stages gone, both go and the model ends at the map
+        stages_gone = max_index < len(self.feature_info) - 1
+        if stages_gone:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or max_index < len(self.feature_info) - 1:
-            self.reset_classifier(0, "")
-        return take_indices
+        super().prune_norm_and_head(max_index, prune_norm or stages_gone, prune_head or stages_gone)
 
     def forward_features(self, x):
         x = self.stem(check_images(self, x))
@@ -395,10 +373,7 @@ _FUSION_KERNELS = ("kernel_3", "kernel_3_1", "kernel_3_2")  # dilations 1, 3, 5
 def checkpoint_filter_fn(state_dict, model):
     """Convert an official Spatial-Mamba checkpoint (Swin-style {'model', 'model_ema', ...} dict, optionally
     'module.'- or 'backbone.'-prefixed) to this implementation's keys. Our own state dicts pass through."""
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
+    state_dict = unwrap(state_dict, ("model", "state_dict", "model_ema"))
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
@@ -427,22 +402,18 @@ def checkpoint_filter_fn(state_dict, model):
     return linear_head_keys_to_fc(out)
 
 
+_FAMILY_CFG = dict(
+    first_conv="stem.conv1.conv", license="apache-2.0", paper_ids="arXiv:2410.15091",
+    paper_name="Spatial-Mamba: Effective Visual State Space Models via Structure-Aware State Fusion",
+    origin_url="https://github.com/EdwardChasel/Spatial-Mamba",
+)
+
+
 def _cfg(url="", drive_page="", **kwargs):
-    return {
-        "url": url,
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1.conv", "classifier": "head.fc",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2410.15091",
-        "paper_name": "Spatial-Mamba: Effective Visual State Space Models via Structure-Aware State Fusion",
-        "origin_url": "https://github.com/EdwardChasel/Spatial-Mamba",
-        "notes": (f"the official weights are on a Google Drive page ({drive_page}, linked from "
-                  "https://github.com/EdwardChasel/Spatial-Mamba): download the file by hand, then pass "
-                  "pretrained_cfg_overlay=dict(file=PATH)",),
-        **kwargs,
-    }
+    notes = (f"the official weights are on a Google Drive page ({drive_page}, linked from "
+             "https://github.com/EdwardChasel/Spatial-Mamba): download the file by hand, then pass "
+             "pretrained_cfg_overlay=dict(file=PATH)",)
+    return zoo_cfg(url, _FAMILY_CFG, notes=notes, **kwargs)
 
 
 # The official weights are Google Drive pages (HTML, no direct file), so no url: pretrained=True without a

@@ -11,14 +11,12 @@ the official LayerNorm2d / Linear2d on NCHW are a LayerNorm / Linear on NHWC wit
 four-way cross scan is one fused ``selective_scan_2d`` over the "cross" routes; delta, B and C are computed
 per pixel for every route (they are pointwise projections), so no permuted copy of the input is made.
 """
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models import register_notrace_module
@@ -26,13 +24,15 @@ from timm.models.mambaout import Downsample, Stem
 
 from vmamba_kernels import selective_scan_2d
 
-from ._builder import build_zoo_model
+from ._builder import build_zoo_model, zoo_cfg
+from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import LowPrecisionLayerNorm, RouteScanParams, per_route_linear
 from ..layers.routes import device_routes
+from ..layers.scan_params import resolve_dt_rank
 
 __all__ = ['VMamba', 'SS2D', 'MultiHeadScan', 'ScanRouteAttention']
 
@@ -55,7 +55,7 @@ class SS2D(RouteScanParams):
             act_layer=nn.SiLU,
     ):
         d_inner = int(ssm_ratio * dim)
-        dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        dt_rank = resolve_dt_rank(dim, dt_rank)
         super().__init__(num_routes=4, channels=d_inner, d_state=d_state, dt_rank=dt_rank)
         self.in_proj = nn.Linear(dim, d_inner, bias=False)
         self.conv2d = nn.Conv2d(
@@ -124,7 +124,7 @@ class MultiHeadScan(RouteScanParams):
         if len(patterns) != num_heads:
             raise ValueError(f'one scan pattern per head: num_heads={num_heads}, got patterns {patterns}')
         head_dim = dim // num_heads
-        dt_rank = math.ceil(head_dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        dt_rank = resolve_dt_rank(head_dim, dt_rank)
         super().__init__(num_routes=4 * num_heads, channels=head_dim, d_state=d_state, dt_rank=dt_rank)
         self.num_heads, self.head_dim, self.patterns = num_heads, head_dim, patterns
         self.conv2d = nn.Conv2d(dim, dim, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=dim, bias=conv_bias)
@@ -272,17 +272,6 @@ class VMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     def no_weight_decay(self):
         return {'*.A_logs', '*.Ds', '*.dt_projs_bias', '*norm*'}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(check_images(self, x))
         x = self.stages(x)
@@ -337,16 +326,11 @@ def checkpoint_filter_fn(state_dict: dict, model: VMamba) -> dict:
     ``dt_projs_weight`` / ``dt_projs_bias`` parameters, or ``x_proj`` / ``dt_projs`` modules (same values,
     flattened over the routes).
     """
-    for wrapper in ('model', 'model_ema', 'state_dict'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = unwrap(state_dict, ('model', 'model_ema', 'state_dict'))
     ours = model.state_dict()
     out = {}
     for k, v in state_dict.items():
-        for prefix in ('module.', 'backbone.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        k = without_wrapper_prefix(k)
         if k not in ours:
             k = _official_to_ours(k)
             if k is None:
@@ -360,17 +344,14 @@ def checkpoint_filter_fn(state_dict: dict, model: VMamba) -> dict:
     return out
 
 
+_FAMILY_CFG = dict(
+    first_conv='stem.conv1', license='mit', paper_ids='arXiv:2401.10166', paper_name='VMamba: Visual State Space Model',
+    origin_url='https://github.com/MzeroMiko/VMamba',
+)
+
+
 def _cfg(url: str = '', **kwargs):
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1', 'classifier': 'head.fc',
-        'license': 'mit', 'paper_ids': 'arXiv:2401.10166', 'paper_name': 'VMamba: Visual State Space Model',
-        'origin_url': 'https://github.com/MzeroMiko/VMamba',
-        **kwargs,
-    }
+    return zoo_cfg(url, _FAMILY_CFG, **kwargs)
 
 
 _RELEASES = 'https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/'

@@ -1,9 +1,7 @@
-# PlainMamba-L2 UperNet 160k on ADE20K, 512x512 crops.
+# PlainMamba-L2 UperNet 160k on ADE20K, 512x512 crops: the L1 config with the L2 backbone.
 # Source: ChenhongyiYang/PlainMamba downstream/mmsegmentation/plain_mamba_seg_configs/l2_upernet.py
-_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
-           '../_base_/plainmamba.py']
+_base_ = ['./upernet_plainmamba-l1_8xb2-160k_ade20k-512x512.py']
 model = dict(
     backbone=_base_.backbone_l2,
     decode_head=dict(in_channels=_base_.channels_l2),
     auxiliary_head=dict(in_channels=_base_.channels_l2[2]))
-optim_wrapper = dict(paramwise_cfg=_base_.paramwise_cfg)
