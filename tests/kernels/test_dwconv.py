@@ -113,9 +113,8 @@ def test_bad_inputs_name_the_expected_and_actual_shapes():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a CUDA device")
-def test_fused_kernels_on_cuda_match_the_loop_and_are_the_default():
-    """On the device: Spatial-Mamba-like maps (odd size, bf16 out, channels-last), the "auto" choice."""
-    from vmamba_zoo.layers.state_fusion import StateFusion
+def test_fused_kernels_on_cuda_match_the_loop():
+    """On the device: Spatial-Mamba-like maps (odd size, bf16 out, channels-last)."""
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, 70, 15, 13, generator=g).cuda().requires_grad_(True)
@@ -127,7 +126,6 @@ def test_fused_kernels_on_cuda_match_the_loop_and_are_the_default():
     ref = loop_oracle(xr, wr, (1, 3, 5))
     ref.backward(dout.cpu().double())
     assert _rel(out.cpu(), ref) < 5e-2 and _rel(x.grad.cpu(), xr.grad) < 1e-3 and _rel(weight.grad.cpu(), wr.grad) < 1e-3
-    assert StateFusion(70).cuda().resolved_impl(x) == "fused"
 
 
 if __name__ == "__main__":

@@ -19,24 +19,25 @@ copy that casts them to the compute dtype (autocast's, else the parameters'), fo
 tiny products instead of three full-size scalings) and returns a channels_last map, which a channels-last
 caller reads as (B, H, W, C) without a copy. ``impl="nchw"`` is the plain form (pad, conv, scale per dilation
 in the input's layout), kept as the baseline for ``tools/bench_layers.py``; ``impl="merged"`` always runs the
-merged 11×11 kernel, channels_last. Off CUDA, ``impl="auto"`` (the default) runs "channels_last" in eval mode
+merged 11×11 kernel, channels_last. ``impl="auto"`` (the default) runs "channels_last" in eval mode
 and "nchw" in training: on one H100 (bf16, batch 128, model_cards/benchmarks/side_by_side.md) the channels-last
 Spatial-Mamba-T inferred at 2150 img/s against 1709 in NCHW, but trained at 405 against 462.
 
-``impl="fused"`` runs ``vmamba_kernels.dilated_dwconv_sum``: one Triton kernel reads the fp32 states with clamped
-indices (no padded copies), applies every dilated kernel and writes the sum once, channels_last in the compute
-dtype; its backward is two kernels. "auto" picks it for CUDA states with replicate padding (Spatial-Mamba's),
-in training and in eval: on one H100 (bf16, batch 128) PyTorch's dilated depthwise convs, their padded copies
-and the sums took about a third of a Spatial-Mamba-T training step and of its inference.
+``impl="fused"`` runs ``vmamba_kernels.dilated_dwconv_sum``: on CUDA one Triton kernel reads the fp32 states
+with clamped indices (no padded copies), applies every dilated kernel and writes the sum once, channels_last in
+the compute dtype, and its backward is two kernels (elsewhere the op is the plain PyTorch form). It is opt-in:
+its kernels are checked against a per-tap loop under the Triton interpreter but not yet timed on a GPU. It
+targets what a profile of a Spatial-Mamba-T step shows (one H100, bf16, batch 128): PyTorch's dilated
+depthwise kernels, the replicate-padded copies and their backward took about 77 of 228 ms of a training step
+and 21 of 59 ms of inference.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vmamba_kernels import dilated_dwconv_sum
-from vmamba_kernels.dwconv import fused_dwconv_available
 
 __all__ = ["StateFusion", "merge_dilated_kernels", "FUSION_IMPLS"]
 
@@ -147,14 +148,10 @@ class StateFusion(nn.Module):
         """h in the dtype the convs compute in, channels_last: one copy (none if it already is)."""
         return h.to(dtype=self._compute_dtype(h), memory_format=torch.channels_last)
 
-    def resolved_impl(self, h: Optional[torch.Tensor] = None) -> str:
-        """The implementation a call on ``h`` runs: "auto" is "fused" for CUDA states with replicate padding
-        (where the kernels run), else "nchw" in training and "channels_last" in eval."""
+    def resolved_impl(self) -> str:
+        """The implementation this call runs: "auto" is "nchw" in training and "channels_last" in eval."""
         if self.impl != "auto":
             return self.impl
-        if (h is not None and h.is_cuda and self.padding_mode == "replicate" and fused_dwconv_available()
-                and not torch.jit.is_tracing()):
-            return "fused"
         return "nchw" if self.training else "channels_last"
 
     def forward_fused(self, h: torch.Tensor) -> torch.Tensor:
@@ -202,7 +199,7 @@ class StateFusion(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.ndim != 4 or h.shape[1] != self.dim:
             raise ValueError(f"expected states (B, {self.dim}, H, W), got {tuple(h.shape)}")
-        impl = self.resolved_impl(h)
+        impl = self.resolved_impl()
         if impl == "fused" and not (self.merge_at_eval and not self.training):
             return self.forward_fused(h)
         if impl == "nchw" and h.dtype != self.weight.dtype:

@@ -97,9 +97,9 @@ class StructureAwareSSM(nn.Module):
     ``layout="channels_last"`` keeps x, the fused states and y in (B, H, W, C) memory order: the scan reads x
     through strides, the convs run channels_last (cuDNN), and y reaches the LayerNorm without a transpose copy
     or an extra cast. ``layout="channels_first"`` is the NCHW form (x and y as (B, C, L)). Both compute the same
-    function. ``layout="auto"`` (the default), with the state fusion's ``impl="auto"``, runs channels-last
-    wherever the fused state-fusion kernels run (CUDA: they write the fused states channels-last) and in eval
-    mode; it runs channels-first for training with PyTorch's convs, the faster of the two there on one H100
+    function. ``layout="auto"`` (the default) runs channels-last in eval mode and with the fused state fusion
+    (``fusion_impl="fused"``, which writes the fused states channels-last); it runs channels-first for training
+    with PyTorch's convs (``fusion_impl="auto"``), the faster of the two there on one H100
     (Spatial-Mamba-T, bf16, batch 128: inference 2150 against 1709 img/s, training 462 against 405;
     model_cards/benchmarks/side_by_side.md).
     """
@@ -156,7 +156,7 @@ class StructureAwareSSM(nn.Module):
     def forward(self, x):
         layout = self.layout
         if layout == "auto":  # channels-first only for training with PyTorch's convs (see the class docstring)
-            fused = self.state_fusion.resolved_impl(x) == "fused"
+            fused = self.state_fusion.resolved_impl() == "fused"
             layout = "channels_first" if self.training and not fused else "channels_last"
         if layout == "channels_first":
             return self._forward_channels_first(x)
