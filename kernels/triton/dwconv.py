@@ -30,6 +30,21 @@ def _tap(dil_index, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl
 
 
 @triton.jit
+def _tap_coord(o, offset, size, ok, MIRROR: tl.constexpr, CLAMP: tl.constexpr):
+    """The coordinate a tap reads along one axis (o - offset if MIRROR, else o + offset), clamped into
+    [0, size) (CLAMP) or masked out of ``ok`` where it falls outside."""
+    if MIRROR:
+        c = o - offset
+    else:
+        c = o + offset
+    if CLAMP:
+        c = tl.minimum(tl.maximum(c, 0), size - 1)
+    else:
+        ok = ok & (c >= 0) & (c < size)
+    return c, ok
+
+
+@triton.jit
 def dwconv_sum_kernel(
     x, w, out,
     C, H, W, OH, OW, origin,
@@ -53,25 +68,9 @@ def dwconv_sum_kernel(
     for i in tl.static_range(NDIL):
         d = _tap(i, D0, D1, D2, D3)
         for a in tl.static_range(KS):
-            if MIRROR:
-                yy = oy - (a - R) * d
-            else:
-                yy = oy + (a - R) * d
-            if CLAMP:
-                y_ok = p_ok
-                yy = tl.minimum(tl.maximum(yy, 0), H - 1)
-            else:
-                y_ok = p_ok & (yy >= 0) & (yy < H)
+            yy, y_ok = _tap_coord(oy, (a - R) * d, H, p_ok, MIRROR, CLAMP)
             for e in tl.static_range(KS):
-                if MIRROR:
-                    xx = ox - (e - R) * d
-                else:
-                    xx = ox + (e - R) * d
-                if CLAMP:
-                    ok = y_ok
-                    xx = tl.minimum(tl.maximum(xx, 0), W - 1)
-                else:
-                    ok = y_ok & (xx >= 0) & (xx < W)
+                xx, ok = _tap_coord(ox, (e - R) * d, W, y_ok, MIRROR, CLAMP)
                 v = tl.load(x_img + yy[:, None] * sx_h + xx[:, None] * sx_w, mask=ok[:, None] & c_ok[None, :],
                             other=0.0)
                 wt = tl.load(w + ((i * KS + a) * KS + e) * C + c, mask=c_ok, other=0.0)
