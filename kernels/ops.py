@@ -129,8 +129,8 @@ def _check_tensor(name, t, dims, shape=None, device=None, optional=False, dtypes
         want = f"shape {_fmt(shape)}" if shape is not None else f"{dims} dims"
         raise ValueError(f"{name} must have {want}, got shape {tuple(t.shape)}")
     if shape is not None:
-        for i, (want, got) in enumerate(zip(shape, t.shape)):
-            if want is not None and want != got:
+        for i in range(dims):  # indexing, not enumerate(zip(...)): cheaper for torch.compile to trace
+            if shape[i] is not None and shape[i] != t.shape[i]:
                 raise ValueError(f"{name} must have shape {_fmt(shape)}, got {tuple(t.shape)} (dim {i})")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} must have a floating dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
