@@ -100,13 +100,18 @@ def _signature(op, options, tensors):
 
 
 def _check_once(op, options, tensors, check) -> None:
-    """Run ``check()`` unless a call with the same signature passed it; remember a pass (never while compiling
-    or capturing a CUDA graph, when nothing may be cached)."""
+    """Run ``check()`` unless a call with the same signature passed it; remember a pass (never while capturing
+    a CUDA graph, when nothing may be cached). While compiling, the check runs once at trace time on the traced
+    shapes and the cache is not read: a read would make the graph guard on the whole set, which every new eager
+    signature then fails (a recompilation)."""
+    if torch.compiler.is_compiling():
+        check()
+        return
     sig = _signature(op, options, tensors)
     if sig is not None and sig in _VALID_SIGNATURES:
         return
     check()
-    if sig is None or torch.compiler.is_compiling() or capturing():
+    if sig is None or capturing():
         return
     if len(_VALID_SIGNATURES) >= _MAX_SIGNATURES:
         _VALID_SIGNATURES.clear()
@@ -124,8 +129,8 @@ def _check_tensor(name, t, dims, shape=None, device=None, optional=False, dtypes
         want = f"shape {_fmt(shape)}" if shape is not None else f"{dims} dims"
         raise ValueError(f"{name} must have {want}, got shape {tuple(t.shape)}")
     if shape is not None:
-        for i, (want, got) in enumerate(zip(shape, t.shape)):
-            if want is not None and want != got:
+        for i in range(dims):  # indexing, not enumerate(zip(...)): cheaper for torch.compile to trace
+            if shape[i] is not None and shape[i] != t.shape[i]:
                 raise ValueError(f"{name} must have shape {_fmt(shape)}, got {tuple(t.shape)} (dim {i})")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} must have a floating dtype in {[str(d) for d in dtypes]}, got {t.dtype}")

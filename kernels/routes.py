@@ -34,8 +34,8 @@ MULTIHEAD_PATTERNS = ("C", "X", "S", "Z")
 # then builds the routes of whatever grid it is given.
 
 
-def _steps(n) -> torch.Tensor:
-    return torch.arange(n, dtype=torch.long)
+def _steps(n, device=None) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.long, device=device)
 
 
 def _index_value(n):
@@ -108,12 +108,12 @@ def _pattern_pair(pattern: str, t: torch.Tensor, H, W):
     raise ValueError(f"multihead pattern must be one of {MULTIHEAD_PATTERNS}, got {pattern!r}")
 
 
-def _atrous(H, W, step: int) -> torch.Tensor:
+def _atrous(H, W, step: int, device) -> torch.Tensor:
     if step != 2:
         raise ValueError(f"atrous routes are defined for step=2 (EfficientVMamba's 4 sub-grids), got step={step}")
     # Sub-grids (even h, even w) row-major, (odd h, even w) column-major, (even h, odd w) row-major,
     # (odd h, odd w) column-major; the first is the largest, the others are padded (-1) to its length.
-    t = _steps(((H + 1) // 2) * ((W + 1) // 2))
+    t = _steps(((H + 1) // 2) * ((W + 1) // 2), device)
     H, W = _index_value(H), _index_value(W)
     even_h, odd_h, even_w, odd_w = (H + 1) // 2, H // 2, (W + 1) // 2, W // 2
 
@@ -132,8 +132,9 @@ def _atrous(H, W, step: int) -> torch.Tensor:
     ])
 
 
-def scan_routes(name: str, H: int, W: int, **options) -> torch.Tensor:
-    """Route set ``name`` on an H×W grid as a (K, Lr) LongTensor of raster indices, -1 padded.
+def scan_routes(name: str, H: int, W: int, *, device=None, **options) -> torch.Tensor:
+    """Route set ``name`` on an H×W grid as a (K, Lr) LongTensor of raster indices, -1 padded, built on
+    ``device`` (default: the default device).
 
     Options: ``step`` for "atrous" (2); ``patterns`` for "multihead" (default ("C", "X", "S", "Z")).
     """
@@ -152,8 +153,8 @@ def scan_routes(name: str, H: int, W: int, **options) -> torch.Tensor:
         raise ValueError(f"route {name!r} takes options {sorted(allowed)}, got unknown {sorted(unknown)}")
 
     if name == "atrous":
-        return _atrous(H, W, options.get("step", 2))
-    t = _steps(H * W)  # raster order; the count stays an int or a symbolic size
+        return _atrous(H, W, options.get("step", 2), device)
+    t = _steps(H * W, device)  # raster order; the count stays an int or a symbolic size
     H, W = _index_value(H), _index_value(W)
     if name == "raster":
         return t.unsqueeze(0)
@@ -173,18 +174,18 @@ def scan_routes(name: str, H: int, W: int, **options) -> torch.Tensor:
     return torch.stack(routes)
 
 
-def scan_directions(name: str, H: int, W: int, **options) -> torch.Tensor:
+def scan_directions(name: str, H: int, W: int, *, device=None, **options) -> torch.Tensor:
     """(K, L) direction ids of each step (0 start, 1 right, 2 left, 3 up, 4 down): the move that led
     into the pixel, as PlainMamba indexes its ``direction_Bs``. Defined for routes that move between
     4-neighbours ("continuous")."""
     if name != "continuous":
         raise ValueError(f"scan_directions is defined for 'continuous' routes, got {name!r}")
-    routes = scan_routes(name, H, W, **options)
+    routes = scan_routes(name, H, W, device=device, **options)
     W = _index_value(W)
     h, w = routes // W, routes % W
     dh, dw = h[:, 1:] - h[:, :-1], w[:, 1:] - w[:, :-1]
     moves = torch.zeros_like(dh)
     for step, move in (((dw == 1), "right"), ((dw == -1), "left"), ((dh == -1), "up"), ((dh == 1), "down")):
         moves = torch.where(step, DIRECTION_IDS[move], moves)
-    start = torch.full((routes.shape[0], 1), DIRECTION_IDS["start"], dtype=torch.long)
+    start = torch.full((routes.shape[0], 1), DIRECTION_IDS["start"], dtype=torch.long, device=routes.device)
     return torch.cat([start, moves], dim=1)

@@ -170,8 +170,17 @@ def check_manual(model, eager, data, args, device):
     return res
 
 
+def _first_call_s(fn, device):
+    """Seconds of a compiled function's first call: compilation, warm-up and CUDA graph recording."""
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def check_compiled(model, eager, data, args, device):
-    """torch.compile(mode="reduce-overhead"): inference and forward+backward, compared after warm-up."""
+    """torch.compile(mode="reduce-overhead"): inference and forward+backward, compared after warm-up. Records the
+    first call's seconds of each, the graphs compiled (one per mode: more is a recompilation) and graph breaks."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -186,7 +195,8 @@ def check_compiled(model, eager, data, args, device):
         with torch.no_grad(), _autocast(args, device):
             return cm(x).float().clone()
 
-    for _ in range(3):
+    res["first_infer_s"] = _first_call_s(lambda: infer(x1), device)
+    for _ in range(2):
         infer(x1)
     state = _state(model)
     errs = [rel_err(infer(x), eager.infer(state, x)) for x in (x1, x2)]
@@ -201,7 +211,8 @@ def check_compiled(model, eager, data, args, device):
         loss.backward()
         return loss.detach().clone()
 
-    for _ in range(3):
+    res["first_train_s"] = _first_call_s(lambda: train(x1, y1), device)
+    for _ in range(2):
         train(x1, y1)
     state = _state(model)
     errs = []
@@ -211,7 +222,8 @@ def check_compiled(model, eager, data, args, device):
         errs.append(max(rel_err(loss, ref_loss), _grad_err(model, ref_grads)))
     res.update(train_err=errs, train_ok=max(errs) <= tol,
                compiled_train_img_s=_img_s(lambda: train(x1, y1), args.batch_size, args.iters, device),
-               cudagraph_skips=dict(counters["inductor"]).get("cudagraph_skips", 0))
+               cudagraph_skips=dict(counters["inductor"]).get("cudagraph_skips", 0),
+               graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
     return res
 
 

@@ -123,3 +123,16 @@ def test_bad_arguments():
         vk.scan_routes("multihead", 4, 4, patterns=("Q",))
     with pytest.raises(ValueError, match="defined for 'continuous'"):
         vk.scan_directions("cross", 4, 4)
+
+
+@pytest.mark.parametrize("name, options", [("raster", {}), ("cross", {}), ("continuous", {}),
+                                           ("atrous", {"step": 2}), ("multihead", {})])
+def test_routes_built_on_a_device_create_nothing_elsewhere(name, options):
+    """device= builds every tensor there (a compiled graph then holds no host work and no copy); the meta
+    device, which has no data, fails an op that would mix in a tensor made elsewhere."""
+    routes = vk.scan_routes(name, 5, 6, device="meta", **options)
+    want = vk.scan_routes(name, 5, 6, **options)
+    assert routes.device.type == "meta" and routes.shape == want.shape and routes.dtype == want.dtype
+    if name == "continuous":
+        directions = vk.scan_directions(name, 5, 6, device="meta")
+        assert directions.device.type == "meta" and directions.shape == vk.scan_directions(name, 5, 6).shape

@@ -40,3 +40,24 @@ def test_comparison_fails_on_a_different_model():
     twin.model.load_state_dict = lambda state: None  # keep the twin's own (other) parameters
     res = tool.check_eager('m', model, twin, data, args, torch.device('cpu'))
     assert not res['ok'] and res['infer_err'] > 1e-3
+
+
+def test_compiled_check_counts_graphs_and_times_first_calls(monkeypatch):
+    """The compiled path, run on CPU through AOTAutograd (reduce-overhead's inductor and CUDA graphs need a GPU):
+    a zoo model compiles one graph per mode, without graph breaks, and matches its eager twin."""
+    import timm
+    import torch
+    import vmamba_zoo  # noqa: F401  (registers the models)
+    tool = load_tool('check_cuda_graphs')
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda model, mode=None: compile_(model, backend='aot_eager'))
+    args = tool.parse_args(['--amp', 'fp32', '--batch-size', '2', '--iters', '1', '--num-classes', '10'])
+    cpu = torch.device('cpu')
+    torch.manual_seed(0)
+    model = timm.create_model('vmamba_tiny_s1l8', depths=(1, 1, 1, 1), dims=(32, 64, 96, 128), num_classes=10)
+    data = [(torch.randn(2, 3, 32, 32), torch.tensor([1, 7])) for _ in range(2)]
+    twin = tool.Eager(model, args, cpu)
+    res = tool.check_compiled(model, twin, data, args, cpu)
+    assert res['infer_ok'] and res['train_ok'], res
+    assert res['graphs'] == 2 and res['graph_breaks'] == 0, res
+    assert res['first_infer_s'] > 0 and res['first_train_s'] > 0

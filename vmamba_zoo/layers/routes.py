@@ -19,13 +19,13 @@ __all__ = ["ROUTE_TABLES", "device_routes"]
 ROUTE_TABLES = ("routes", "directions", "raster_params")
 
 
-def _build(name: str, H, W, table: str, options: dict) -> torch.Tensor:
-    routes = scan_routes(name, H, W, **options)
+def _build(name: str, H, W, table: str, options: dict, device) -> torch.Tensor:
+    routes = scan_routes(name, H, W, device=device, **options)
     if table == "routes":
         return routes
     if table == "directions":
-        return scan_directions(name, H, W, **options)
-    return scan_routes("raster", H, W).expand_as(routes).contiguous()
+        return scan_directions(name, H, W, device=device, **options)
+    return scan_routes("raster", H, W, device=device).expand_as(routes).contiguous()
 
 
 @functools.lru_cache(maxsize=128)
@@ -33,26 +33,27 @@ def _cached_routes(name: str, table: str, H: int, W: int, options: Tuple, device
     # Built outside inference mode: the scan saves the routes for backward, which an inference tensor
     # cached during evaluation would forbid in a later training step.
     with torch.inference_mode(False):
-        return _build(name, H, W, table, dict(options)).to(device)
+        return _build(name, H, W, table, dict(options), device)
 
 
 def device_routes(name: str, H, W, device: torch.device, table: str = "routes", **options) -> torch.Tensor:
     """``scan_routes(name, H, W, **options)`` on ``device``, cached; the scan ops never modify routes.
     ``table`` picks another table of the same route set (``ROUTE_TABLES``).
 
-    Inside a compiled graph the routes are built in the graph (constants there), not looked up."""
+    Inside a compiled graph the routes are built in the graph, on ``device`` (no host computation or copy there,
+    which would keep CUDA graphs out), and the cache is not read: a compiled graph holds no guard on it."""
     if table not in ROUTE_TABLES:
         raise ValueError(f"table must be one of {ROUTE_TABLES}, got {table!r}")
     if exporting() or torch.jit.is_tracing():
         # Built in the graph from the traced sizes (0-dim tensors under jit.trace, symbolic under
         # torch.export), so that an exported or traced model follows its input's size.
-        return _build(name, H, W, table, options).to(device)
+        return _build(name, H, W, table, options, device)
     H, W = int(H), int(W)
     if torch.compiler.is_compiling():
-        return _build(name, H, W, table, options).to(device)
+        return _build(name, H, W, table, options, device)
     key = (name, table, H, W, tuple(sorted(options.items())), torch.device(device))
     if key not in _built and capturing():
-        # Building them copies from host memory, which a CUDA graph capture forbids; so would caching them.
+        # A routes tensor cached during a capture would live in the graph's memory pool.
         raise RuntimeError(f"device_routes{key[:5]} is first asked for while a CUDA graph is captured; run the "
                            "model once before capturing it (that call builds and caches its routes)")
     _built.add(key)
