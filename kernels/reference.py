@@ -17,6 +17,7 @@ The 2D form is gather → 1D scan → scatter, routes folded into channels (rout
 and B/C group k), which is what the fused kernels must reproduce.
 """
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -56,12 +57,24 @@ def _grouped_time_major(BC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return BC.permute(3, 0, 1, 2).unsqueeze(3)
 
 
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """``F.softplus``. In eager fp32 on CPU, as max(x, 0) + log1p(exp(-|x|)) with log1p(e) formed as
+    log(u) + (e - (u - 1)) / u, u = 1 + e (the rounding of u corrected to first order, a few ulps): the
+    CPU's log1p is scalar code, several times slower than the rest of the scan's discretization. Above 20
+    the added term is below half an ulp of x, so the result is x, as in softplus's threshold."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or _is_traced() or x.requires_grad:
+        return F.softplus(x)
+    e = x.abs().neg_().exp_()
+    u = e + 1.0
+    return x.clamp_min(0.0).add_(u.log().add_((e - (u - 1.0)).div_(u)))
+
+
 def _delta(delta, delta_bias, delta_softplus, dtype):
     """(pre, dt): delta (+ bias) before and after the optional softplus, in the compute dtype."""
     pre = delta.to(dtype)
     if delta_bias is not None:
         pre = pre + delta_bias.to(dtype)[:, None]
-    return pre, (F.softplus(pre) if delta_softplus else pre)
+    return pre, (_softplus(pre) if delta_softplus else pre)
 
 
 def _shift(x: torch.Tensor, k: int, value: float, dim: int) -> torch.Tensor:
@@ -79,14 +92,23 @@ def _shift(x: torch.Tensor, k: int, value: float, dim: int) -> torch.Tensor:
     return torch.where(inside, moved, torch.full((), value, dtype=x.dtype, device=x.device))
 
 
-def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int):
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int, in_place: bool = False):
     """Hillis-Steele scan of the affine maps h -> a_t h + b_t along ``dim``: after ``steps`` doublings, b
     holds h_t from h = 0 over windows of 2**steps and a their decay products. Every step is one
-    fused multiply-add over the whole tensor, with nothing sequential in time."""
+    fused multiply-add over the whole tensor, with nothing sequential in time. ``in_place`` (eager, known
+    sizes) updates a and b in place, only where a step changes them: the padded shifts' fresh tensors cost
+    more than the arithmetic at the chunk level."""
     k = 1
     for _ in range(steps):
-        b = torch.addcmul(b, a, _shift(b, k, 0.0, dim))
-        a = a * _shift(a, k, 1.0, dim)
+        if in_place:
+            n = b.shape[dim]
+            if k >= n:
+                break
+            b.narrow(dim, k, n - k).addcmul_(a.narrow(dim, k, n - k), b.narrow(dim, 0, n - k).clone())
+            a.narrow(dim, k, n - k).mul_(a.narrow(dim, 0, n - k).clone())
+        else:
+            b = torch.addcmul(b, a, _shift(b, k, 0.0, dim))
+            a = a * _shift(a, k, 1.0, dim)
         k *= 2
     return a, b
 
@@ -121,7 +143,7 @@ def _position_major(t: torch.Tensor, n, chunk: int) -> torch.Tensor:
 
 
 def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.Tensor, L, readout=None,
-                  chunk_dim: int = 0):
+                  chunk_dim: int = 0, prepare=None, functional: bool = False):
     """h_t = decay_t * h_{t-1} + drive_t from h_{-1} = 0, for steps laid out in chunks: decay and drive
     are (chunk position, ..., chunk index, ...) with the chunk index at ``chunk_dim`` of a position's
     slice (padding: decay 1 and drive 0 keep h); ``chunk_decay`` (a position's shape) is each chunk's
@@ -136,7 +158,11 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     update is the plain recurrence (a product and a sum, no division), so no decay can overflow, and
     the Python loop runs ``chunk`` times whatever the length. With symbolic sizes (export) the
     chunk-level scan runs a fixed ``log2(MAX_TRACED_CHUNKS)`` doublings, which covers
-    MAX_TRACED_CHUNKS chunks."""
+    MAX_TRACED_CHUNKS chunks.
+
+    ``prepare(j)``, where given, writes position j of decay and drive (eager only: they may be left unwritten
+    until then), so that the first pass reads each position while it is still in cache. ``functional``
+    keeps every state its own tensor (a readout that autograd records reads them)."""
     chunk, n = drive.shape[0], drive.shape[chunk_dim + 1]
     if isinstance(n, int) and not _is_traced():
         if n > MAX_TRACED_CHUNKS:
@@ -146,21 +172,34 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
         chunk_steps = int(math.log2(MAX_TRACED_CHUNKS))
     # Eager calls update buffers in place: a fresh state-sized tensor per position would cost page faults
     # comparable to the arithmetic. Traced calls (export), and any call autograd records, stay functional.
-    in_place = not _is_traced() and not (decay.requires_grad or drive.requires_grad)
+    in_place = not (functional or _is_traced() or decay.requires_grad or drive.requires_grad)
+    if prepare is not None:
+        if not in_place:
+            raise ValueError("prepare is for eager scans only")
+        prepare(0)
     h, spare = drive[0].clone(), (torch.empty_like(drive[0]) if in_place else None)
+    out = None
+    if in_place and readout is not None:  # each position's readout written into its slot of one buffer
+        first = readout(h, 0)
+        out = first.new_empty((first.shape[0], chunk) + first.shape[1:])
     for j in range(1, chunk):  # the same rounding both ways: eager and exported programs agree
+        if prepare is not None:
+            prepare(j)
         if in_place:
             h, spare = torch.addcmul(drive[j], decay[j], h, out=spare), h
         else:
             h = torch.addcmul(drive[j], decay[j], h)
-    _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=chunk_dim)
+    _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=chunk_dim, in_place=in_place)
     h = _shift(ends, 1, 0.0, dim=chunk_dim)  # each chunk's start: the end of the one before
     kept = []
     for j in range(chunk):  # in place, drive becomes the states
         h = drive[j].addcmul_(decay[j], h) if in_place else torch.addcmul(drive[j], decay[j], h)
-        kept.append(h if readout is None else readout(h, j))
+        if out is not None:
+            readout(h, j, out=out[:, j])
+        else:
+            kept.append(h if readout is None else readout(h, j))
     if readout is not None:
-        out = torch.stack(kept, 1)
+        out = torch.stack(kept, 1) if out is None else out
     else:  # (chunk index, position, ...): time order
         out = (drive if in_place else torch.stack(kept)).movedim(chunk_dim + 1, 0)
     if isinstance(n, int) and n == 0:  # an empty sequence: its last state is h_{-1} = 0
@@ -200,6 +239,24 @@ def _eager_blocks(Bt, Dm: int, G: int, states_per_channel):
             for r in range(Bt) for c0, c1 in channels]
 
 
+_SCRATCH = threading.local()  # per thread: {(name, dtype, device): flat buffer}
+
+
+def _scratch(name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized eager work buffer of ``shape``, kept per thread and reused by the next call: on CPU a
+    fresh state-sized tensor costs a page fault per 4 KiB written, comparable to the arithmetic on it. A
+    buffer grown past 2 * BLOCK_ELEMENTS (a block of one long row) is not kept."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key, numel = (name, like.dtype, like.device), math.prod(shape)
+    if numel > 2 * BLOCK_ELEMENTS:
+        buffers.pop(key, None)
+        return like.new_empty(shape)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = like.new_empty(max(numel, BLOCK_ELEMENTS))
+    return buffer[:numel].view(shape)
+
+
 def _scan_time_major(u, dt, A, B, dtype, C=None):
     """u, dt (Bt, Dm, L), A (Dm, N), B and C (Bt, [G,] N, L) → (every state (L, Bt, Dm, N), or with C
     y = <C_t, h_t> (L, Bt, Dm)) and the last state (Bt, Dm, N).
@@ -212,26 +269,54 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
     n = _chunk_count(L, SCAN_CHUNK)
 
     def grouped_steps(BC):  # (Bt, [G,] N, L) → (chunk, N, n, Bt, G, 1), contiguous: products follow its layout
+        if not _is_traced():  # a broadcast over rows or steps (stride 0) is laid out once and stays broadcast
+            if BC.shape[0] > 1 and BC.stride(0) == 0:
+                BC = BC[:1]
+            if BC.shape[-1] > 1 and BC.stride(-1) == 0:  # → (1, N, 1, Bt|1, G, 1)
+                return _grouped_time_major(BC[..., :1], dtype).unsqueeze(0).permute(0, 5, 1, 2, 3, 4).contiguous()
         return _position_major(_grouped_time_major(BC, dtype), n, SCAN_CHUNK).permute(0, 5, 1, 2, 3, 4).contiguous()
+
+    def step(BC, j):  # position j of a grouped B or C, which may be the same at every position
+        return BC[j if BC.shape[0] > 1 else 0]
 
     Bg = grouped_steps(B)
     G = Bg.shape[4]
     A_t = A.to(dtype).t()[:, None, None]  # (N, 1, 1, Dm)
     dt_t = _position_major(dt.permute(2, 0, 1), n, SCAN_CHUNK)  # (chunk, n, Bt, Dm)
-    decay = (dt_t.unsqueeze(1) * A_t).exp_()  # (chunk, N, n, Bt, Dm)
     chunk_decay = (dt_t.sum(0) * A_t).exp_()
     dt_u = (dt_t * _position_major(u.to(dtype).permute(2, 0, 1), n, SCAN_CHUNK)).unsqueeze(1)
-    drive = (dt_u.unflatten(-1, (G, Dm // G)) * Bg).flatten(-2, -1)
+    # in inference mode a parameter's view still says requires_grad, but nothing is recorded
+    eager = not _is_traced() and not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, dt, A, B, C)))
+    if eager:  # each position's decay and drive written just before the scan's first pass reads them
+        shape = (SCAN_CHUNK, A_t.shape[0]) + dt_t.shape[1:]  # (chunk, N, n, Bt, Dm)
+        decay = _scratch("decay", shape, dt_t)
+        drive = _scratch("drive", shape, dt_t) if C is not None else dt_t.new_empty(shape)  # or the states
+
+        def prepare(j):
+            torch.mul(dt_t[j], A_t, out=decay[j]).exp_()
+            torch.mul(dt_u[j].unflatten(-1, (G, Dm // G)), step(Bg, j), out=drive[j].unflatten(-1, (G, Dm // G)))
+    else:
+        decay = (dt_t.unsqueeze(1) * A_t).exp_()  # (chunk, N, n, Bt, Dm)
+        drive = (dt_u.unflatten(-1, (G, Dm // G)) * Bg).flatten(-2, -1)
+        prepare = None
     last_state = lambda h: h.permute(1, 2, 0)  # (N, Bt, Dm) → (Bt, Dm, N)
     if C is None:
-        states, last = _chunked_scan(decay, drive, chunk_decay, L, chunk_dim=1)
+        states, last = _chunked_scan(decay, drive, chunk_decay, L, chunk_dim=1, prepare=prepare)
         return states.permute(0, 2, 3, 1), last_state(last)
     Cg = grouped_steps(C)
+    product = []  # one position's products with C, reused by every position of an eager scan
 
-    def contract_C(h, j):  # <C_t, h_t> over N: (N, n, Bt, Dm) → (n, Bt, Dm)
-        return (h.unflatten(-1, (G, Dm // G)) * Cg[j]).sum(0).flatten(-2, -1)
+    def contract_C(h, j, out=None):  # <C_t, h_t> over N: (N, n, Bt, Dm) → (n, Bt, Dm)
+        h = h.unflatten(-1, (G, Dm // G))
+        if out is None:
+            return (h * step(Cg, j)).sum(0).flatten(-2, -1)
+        if not product:
+            product.append(torch.empty_like(h))
+        return torch.sum(torch.mul(h, step(Cg, j), out=product[0]), 0, out=out.unflatten(-1, (G, Dm // G)))
 
-    y, last = _chunked_scan(decay, drive, chunk_decay, L, contract_C, chunk_dim=1)
+    y, last = _chunked_scan(decay, drive, chunk_decay, L, contract_C, chunk_dim=1, prepare=prepare,
+                            functional=C.requires_grad and torch.is_grad_enabled())
     return y, last_state(last)
 
 
@@ -388,6 +473,11 @@ def _route_scatter(values: torch.Tensor, index: torch.Tensor, L: int, shared: bo
     """Adjoint of ``_route_gather``: values (Bt, K, Lr, F) added into (Bt, L, K, F), or (Bt, L, F)."""
     Bt, K, Lr, Fe = values.shape
     route = torch.arange(K, device=index.device)[:, None].expand_as(index)
+    if not _is_traced():  # rows of F added in place: several times faster than index_put's accumulation
+        flat = index if shared else index * K + route
+        out = values.new_zeros(Bt, L if shared else L * K, Fe)
+        out.index_add_(1, flat.reshape(-1), values.reshape(Bt, K * Lr, Fe))
+        return out if shared else out.view(Bt, L, K, Fe)
     out = values.new_zeros(L, K, Bt, Fe).index_put((index, route), values.permute(1, 2, 0, 3), accumulate=True)
     out = out.permute(2, 0, 1, 3)
     return out.sum(2) if shared else out
