@@ -227,6 +227,9 @@ class VMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linear from 0 over all blocks.
     """
+    # check_images refuses dynamo=False; onnxruntime rejects any other size in the graphs it wrote
+    torchscript_onnx_unsupported = ("its graph keeps sizes of the example input as constants (the scan's reshapes "
+                                    "of the route-folded tensors), so the file fails at any other input size")
 
     def __init__(
             self,
