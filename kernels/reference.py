@@ -17,6 +17,7 @@ The 2D form is gather → 1D scan → scatter, routes folded into channels (rout
 and B/C group k), which is what the fused kernels must reproduce.
 """
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
 SCAN_CHUNK = 16  # steps per chunk: the Python loop's length; the chunk-level scan covers L / SCAN_CHUNK
 MAX_TRACED_CHUNKS = 2 ** 20  # chunks the fixed chunk-level scan of an exported graph covers
 BLOCK_ELEMENTS = 1 << 22  # states per eager block (16 MiB in fp32)
+_LOG2_E = 1.0 / math.log(2.0)
 
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -56,12 +58,24 @@ def _grouped_time_major(BC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return BC.permute(3, 0, 1, 2).unsqueeze(3)
 
 
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """``F.softplus``. In eager fp32 on CPU, as max(x, 0) + log1p(exp(-|x|)) with log1p(e) formed as
+    log(u) + (e - (u - 1)) / u, u = 1 + e (the rounding of u corrected to first order, a few ulps): the
+    CPU's log1p is scalar code, several times slower than the rest of the scan's discretization. Above 20
+    the added term is below half an ulp of x, so the result is x, as in softplus's threshold."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or _is_traced() or x.requires_grad:
+        return F.softplus(x)
+    e = x.abs().neg_().exp_()
+    u = e + 1.0
+    return x.clamp_min(0.0).add_(u.log().add_((e - (u - 1.0)).div_(u)))
+
+
 def _delta(delta, delta_bias, delta_softplus, dtype):
     """(pre, dt): delta (+ bias) before and after the optional softplus, in the compute dtype."""
     pre = delta.to(dtype)
     if delta_bias is not None:
         pre = pre + delta_bias.to(dtype)[:, None]
-    return pre, (F.softplus(pre) if delta_softplus else pre)
+    return pre, (_softplus(pre) if delta_softplus else pre)
 
 
 def _shift(x: torch.Tensor, k: int, value: float, dim: int) -> torch.Tensor:
@@ -79,14 +93,23 @@ def _shift(x: torch.Tensor, k: int, value: float, dim: int) -> torch.Tensor:
     return torch.where(inside, moved, torch.full((), value, dtype=x.dtype, device=x.device))
 
 
-def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int):
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int, in_place: bool = False):
     """Hillis-Steele scan of the affine maps h -> a_t h + b_t along ``dim``: after ``steps`` doublings, b
     holds h_t from h = 0 over windows of 2**steps and a their decay products. Every step is one
-    fused multiply-add over the whole tensor, with nothing sequential in time."""
+    fused multiply-add over the whole tensor, with nothing sequential in time. ``in_place`` (eager, known
+    sizes) updates a and b in place, only where a step changes them: the padded shifts' fresh tensors cost
+    more than the arithmetic at the chunk level."""
     k = 1
     for _ in range(steps):
-        b = torch.addcmul(b, a, _shift(b, k, 0.0, dim))
-        a = a * _shift(a, k, 1.0, dim)
+        if in_place:
+            n = b.shape[dim]
+            if k >= n:
+                break
+            b.narrow(dim, k, n - k).addcmul_(a.narrow(dim, k, n - k), b.narrow(dim, 0, n - k).clone())
+            a.narrow(dim, k, n - k).mul_(a.narrow(dim, 0, n - k).clone())
+        else:
+            b = torch.addcmul(b, a, _shift(b, k, 0.0, dim))
+            a = a * _shift(a, k, 1.0, dim)
         k *= 2
     return a, b
 
@@ -121,7 +144,7 @@ def _position_major(t: torch.Tensor, n, chunk: int) -> torch.Tensor:
 
 
 def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.Tensor, L, readout=None,
-                  chunk_dim: int = 0):
+                  chunk_dim: int = 0, prepare=None, functional: bool = False):
     """h_t = decay_t * h_{t-1} + drive_t from h_{-1} = 0, for steps laid out in chunks: decay and drive
     are (chunk position, ..., chunk index, ...) with the chunk index at ``chunk_dim`` of a position's
     slice (padding: decay 1 and drive 0 keep h); ``chunk_decay`` (a position's shape) is each chunk's
@@ -136,7 +159,11 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     update is the plain recurrence (a product and a sum, no division), so no decay can overflow, and
     the Python loop runs ``chunk`` times whatever the length. With symbolic sizes (export) the
     chunk-level scan runs a fixed ``log2(MAX_TRACED_CHUNKS)`` doublings, which covers
-    MAX_TRACED_CHUNKS chunks."""
+    MAX_TRACED_CHUNKS chunks.
+
+    ``prepare(j)``, where given, writes position j of decay and drive (eager only: they may be left unwritten
+    until then), so that the first pass reads each position while it is still in cache. ``functional``
+    keeps every state its own tensor (a readout that autograd records reads them)."""
     chunk, n = drive.shape[0], drive.shape[chunk_dim + 1]
     if isinstance(n, int) and not _is_traced():
         if n > MAX_TRACED_CHUNKS:
@@ -146,21 +173,38 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
         chunk_steps = int(math.log2(MAX_TRACED_CHUNKS))
     # Eager calls update buffers in place: a fresh state-sized tensor per position would cost page faults
     # comparable to the arithmetic. Traced calls (export), and any call autograd records, stay functional.
-    in_place = not _is_traced() and not (decay.requires_grad or drive.requires_grad)
-    h, spare = drive[0].clone(), (torch.empty_like(drive[0]) if in_place else None)
+    in_place = not (functional or _is_traced() or decay.requires_grad or drive.requires_grad)
+    if prepare is not None:
+        if not in_place:
+            raise ValueError("prepare is for eager scans only")
+        prepare(0)
+    if in_place:  # every position's view made once
+        decay, drive_at = decay.unbind(0), drive.unbind(0)
+    else:
+        drive_at = drive
+    h, spare = drive_at[0].clone(), (torch.empty_like(drive_at[0]) if in_place else None)
+    out = None
+    if in_place and readout is not None:  # each position's readout written into its slot of one buffer
+        first = readout(h, 0)
+        out = first.new_empty((first.shape[0], chunk) + first.shape[1:])
     for j in range(1, chunk):  # the same rounding both ways: eager and exported programs agree
+        if prepare is not None:
+            prepare(j)
         if in_place:
-            h, spare = torch.addcmul(drive[j], decay[j], h, out=spare), h
+            h, spare = torch.addcmul(drive_at[j], decay[j], h, out=spare), h
         else:
-            h = torch.addcmul(drive[j], decay[j], h)
-    _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=chunk_dim)
+            h = torch.addcmul(drive_at[j], decay[j], h)
+    _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=chunk_dim, in_place=in_place)
     h = _shift(ends, 1, 0.0, dim=chunk_dim)  # each chunk's start: the end of the one before
     kept = []
     for j in range(chunk):  # in place, drive becomes the states
-        h = drive[j].addcmul_(decay[j], h) if in_place else torch.addcmul(drive[j], decay[j], h)
-        kept.append(h if readout is None else readout(h, j))
+        h = drive_at[j].addcmul_(decay[j], h) if in_place else torch.addcmul(drive_at[j], decay[j], h)
+        if out is not None:
+            readout(h, j, out=out[:, j])
+        else:
+            kept.append(h if readout is None else readout(h, j))
     if readout is not None:
-        out = torch.stack(kept, 1)
+        out = torch.stack(kept, 1) if out is None else out
     else:  # (chunk index, position, ...): time order
         out = (drive if in_place else torch.stack(kept)).movedim(chunk_dim + 1, 0)
     if isinstance(n, int) and n == 0:  # an empty sequence: its last state is h_{-1} = 0
@@ -200,6 +244,24 @@ def _eager_blocks(Bt, Dm: int, G: int, states_per_channel):
             for r in range(Bt) for c0, c1 in channels]
 
 
+_SCRATCH = threading.local()  # per thread: {(name, dtype, device): flat buffer}
+
+
+def _scratch(name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized eager work buffer of ``shape``, kept per thread and reused by the next call: on CPU a
+    fresh state-sized tensor costs a page fault per 4 KiB written, comparable to the arithmetic on it. A
+    buffer grown past 2 * BLOCK_ELEMENTS (a block of one long row) is not kept."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key, numel = (name, like.dtype, like.device), math.prod(shape)
+    if numel > 2 * BLOCK_ELEMENTS:
+        buffers.pop(key, None)
+        return like.new_empty(shape)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = like.new_empty(max(numel, BLOCK_ELEMENTS))
+    return buffer[:numel].view(shape)
+
+
 def _scan_time_major(u, dt, A, B, dtype, C=None):
     """u, dt (Bt, Dm, L), A (Dm, N), B and C (Bt, [G,] N, L) → (every state (L, Bt, Dm, N), or with C
     y = <C_t, h_t> (L, Bt, Dm)) and the last state (Bt, Dm, N).
@@ -212,26 +274,61 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
     n = _chunk_count(L, SCAN_CHUNK)
 
     def grouped_steps(BC):  # (Bt, [G,] N, L) → (chunk, N, n, Bt, G, 1), contiguous: products follow its layout
+        if not _is_traced():  # a broadcast over rows or steps (stride 0) is laid out once and stays broadcast
+            if BC.shape[0] > 1 and BC.stride(0) == 0:
+                BC = BC[:1]
+            if BC.shape[-1] > 1 and BC.stride(-1) == 0:  # → (1, N, 1, Bt|1, G, 1)
+                return _grouped_time_major(BC[..., :1], dtype).unsqueeze(0).permute(0, 5, 1, 2, 3, 4).contiguous()
         return _position_major(_grouped_time_major(BC, dtype), n, SCAN_CHUNK).permute(0, 5, 1, 2, 3, 4).contiguous()
+
+    def step(BC, j):  # position j of a grouped B or C, which may be the same at every position
+        return BC[j if BC.shape[0] > 1 else 0]
 
     Bg = grouped_steps(B)
     G = Bg.shape[4]
-    A_t = A.to(dtype).t()[:, None, None]  # (N, 1, 1, Dm)
+    # in inference mode a parameter's view still says requires_grad, but nothing is recorded
+    eager = not _is_traced() and not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, dt, A, B, C)))
+    # Eager decays are exp2(dt * A log2(e)): on CPU torch's exp2 runs about 3x faster than its exp, the
+    # scan's costliest step (the extra rounding of A log2(e) is within fp32's). Exporters have no exp2.
+    A_t = A.to(dtype).t()[:, None, None] * (_LOG2_E if eager else 1.0)  # (N, 1, 1, Dm)
+    exp_ = torch.Tensor.exp2_ if eager else torch.Tensor.exp_
     dt_t = _position_major(dt.permute(2, 0, 1), n, SCAN_CHUNK)  # (chunk, n, Bt, Dm)
-    decay = (dt_t.unsqueeze(1) * A_t).exp_()  # (chunk, N, n, Bt, Dm)
-    chunk_decay = (dt_t.sum(0) * A_t).exp_()
+    chunk_decay = exp_(dt_t.sum(0) * A_t)
     dt_u = (dt_t * _position_major(u.to(dtype).permute(2, 0, 1), n, SCAN_CHUNK)).unsqueeze(1)
-    drive = (dt_u.unflatten(-1, (G, Dm // G)) * Bg).flatten(-2, -1)
+    if eager:  # each position's decay and drive written just before the scan's first pass reads them
+        shape = (SCAN_CHUNK, A_t.shape[0]) + dt_t.shape[1:]  # (chunk, N, n, Bt, Dm)
+        decay = _scratch("decay", shape, dt_t)
+        drive = _scratch("drive", shape, dt_t) if C is not None else dt_t.new_empty(shape)  # or the states
+        views = [t.unbind(0) for t in (dt_t, dt_u.unflatten(-1, (G, Dm // G)), decay,
+                                       drive.unflatten(-1, (G, Dm // G)))]
+        Bs = Bg.unbind(0) if Bg.shape[0] > 1 else [Bg[0]] * SCAN_CHUNK
+
+        def prepare(j):
+            dt_j, dt_u_j, decay_j, drive_j = (v[j] for v in views)
+            exp_(torch.mul(dt_j, A_t, out=decay_j))
+            torch.mul(dt_u_j, Bs[j], out=drive_j)
+    else:
+        decay = exp_(dt_t.unsqueeze(1) * A_t)  # (chunk, N, n, Bt, Dm)
+        drive = (dt_u.unflatten(-1, (G, Dm // G)) * Bg).flatten(-2, -1)
+        prepare = None
     last_state = lambda h: h.permute(1, 2, 0)  # (N, Bt, Dm) → (Bt, Dm, N)
     if C is None:
-        states, last = _chunked_scan(decay, drive, chunk_decay, L, chunk_dim=1)
+        states, last = _chunked_scan(decay, drive, chunk_decay, L, chunk_dim=1, prepare=prepare)
         return states.permute(0, 2, 3, 1), last_state(last)
     Cg = grouped_steps(C)
+    product = []  # one position's products with C, reused by every position of an eager scan
 
-    def contract_C(h, j):  # <C_t, h_t> over N: (N, n, Bt, Dm) → (n, Bt, Dm)
-        return (h.unflatten(-1, (G, Dm // G)) * Cg[j]).sum(0).flatten(-2, -1)
+    def contract_C(h, j, out=None):  # <C_t, h_t> over N: (N, n, Bt, Dm) → (n, Bt, Dm)
+        h = h.unflatten(-1, (G, Dm // G))
+        if out is None:
+            return (h * step(Cg, j)).sum(0).flatten(-2, -1)
+        if not product:
+            product.append(torch.empty_like(h))
+        return torch.sum(torch.mul(h, step(Cg, j), out=product[0]), 0, out=out.unflatten(-1, (G, Dm // G)))
 
-    y, last = _chunked_scan(decay, drive, chunk_decay, L, contract_C, chunk_dim=1)
+    y, last = _chunked_scan(decay, drive, chunk_decay, L, contract_C, chunk_dim=1, prepare=prepare,
+                            functional=C.requires_grad and torch.is_grad_enabled())
     return y, last_state(last)
 
 
@@ -270,8 +367,9 @@ def selective_scan_ref(
     dtype = compute_dtype(u, delta, A, B, C)
     Bt, Dm, L = u.shape
     blocks = _eager_blocks(Bt, Dm, 1 if B.dim() == 3 else B.shape[1], A.shape[1] * L)
-    if len(blocks) > 1:
-        y, last = u.new_empty((Bt, Dm, L), dtype=dtype), u.new_empty((Bt, Dm, A.shape[1]), dtype=dtype)
+    if len(blocks) > 1:  # y laid out time-major, as each block's output
+        y = u.new_empty((L, Bt, Dm), dtype=dtype).permute(1, 2, 0)
+        last = u.new_empty((Bt, Dm, A.shape[1]), dtype=dtype)
     for rows, channels, groups in blocks:
         B_b, C_b = ((t[rows] if t.dim() == 3 else t[rows, groups]) for t in (B, C))
         bias = None if delta_bias is None else delta_bias[channels]
@@ -282,7 +380,7 @@ def selective_scan_ref(
         else:
             y[rows, channels], last[rows, channels] = y_b.permute(1, 2, 0), last_b
     if D is not None:
-        y = y + D.to(dtype)[:, None] * u.to(dtype)
+        y = torch.addcmul(y, D.to(dtype)[:, None], u.to(dtype))
     if z is not None:
         y = y * F.silu(z.to(dtype))
     out = y.to(u.dtype if out_dtype is None else out_dtype)
@@ -377,17 +475,27 @@ def selective_scan_states_bwd_ref(dstates, u, delta, A, B, delta_bias=None, delt
 
 
 def _route_gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """t (Bt, L, K, F), or (Bt, L, F) shared by routes; index (K, Lr) → (Bt, K, Lr, F)."""
+    """t (Bt, L, K, F), or (Bt, L, F) shared by routes; index (K, Lr) → (Bt, K, Lr, F), a view of memory laid
+    out (Bt, Lr, K, F): the scan's channels-first view (``_channels_first``) and its time-major one are then
+    views too, with no transposed copy."""
+    K = index.shape[0]
     if t.dim() == 3:
-        return t[:, index]
-    route = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
-    return t[:, index, route]
+        rows = t.index_select(1, index.t().reshape(-1))
+    else:
+        route = torch.arange(K, device=index.device)
+        rows = t.flatten(1, 2).index_select(1, (index.t() * K + route).reshape(-1))
+    return rows.unflatten(1, (-1, K)).transpose(1, 2)
 
 
 def _route_scatter(values: torch.Tensor, index: torch.Tensor, L: int, shared: bool) -> torch.Tensor:
     """Adjoint of ``_route_gather``: values (Bt, K, Lr, F) added into (Bt, L, K, F), or (Bt, L, F)."""
     Bt, K, Lr, Fe = values.shape
     route = torch.arange(K, device=index.device)[:, None].expand_as(index)
+    if not _is_traced():  # rows of F added in place: several times faster than index_put's accumulation
+        flat = (index if shared else index * K + route).t()  # step-major, as _route_gather lays values out
+        out = values.new_zeros(Bt, L if shared else L * K, Fe)
+        out.index_add_(1, flat.reshape(-1), values.transpose(1, 2).reshape(Bt, Lr * K, Fe))
+        return out if shared else out.view(Bt, L, K, Fe)
     out = values.new_zeros(L, K, Bt, Fe).index_put((index, route), values.permute(1, 2, 0, 3), accumulate=True)
     out = out.permute(2, 0, 1, 3)
     return out.sum(2) if shared else out
@@ -442,7 +550,9 @@ def selective_scan_2d_ref(
     dtype = compute_dtype(x, delta, A, B, C)
     folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     y = selective_scan_ref(**folded, delta_softplus=delta_softplus, out_dtype=dtype)
-    y = _channels_last(y, K) * (routes >= 0)[None, :, :, None].to(dtype)
+    y = _channels_last(y, K)
+    if _is_traced() or bool((routes < 0).any()):  # padded steps write nothing
+        y = y * (routes >= 0)[None, :, :, None].to(dtype)
     out = _route_scatter(y, routes.clamp(min=0), H * W, shared=(merge == "sum"))
     shape = (Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm)
     return out.reshape(shape).to(x.dtype)

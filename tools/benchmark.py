@@ -8,6 +8,8 @@ For each model, precision (fp32, bf16/fp16 autocast) and memory format (contiguo
   a step and the host's part of it (until the step's Python returns, before the device finishes): a host time
   near the step time means the host bounds training;
 - latency at batch 1 (median ms);
+- with ``--modes ...,ort``, the batch-1 latency of onnxruntime (CPU, as many intra-op threads as torch uses) on
+  ``--onnx-dir``/MODEL.onnx, a file tools/export.py wrote, beside PyTorch's in the same run;
 - peak memory of inference and of training (CUDA only);
 - cold start: seconds from building the model to the end of its first training step (``first_step_s``), which
   holds Triton's compilation and any tile tuning. ``--empty-triton-cache`` gives each run an empty Triton
@@ -61,7 +63,9 @@ def build_parser():
     p.add_argument('--channels-last', action='store_true', help='run channels_last instead of contiguous')
     p.add_argument('--memory-formats', default=None,
                    help="comma list of 'contiguous', 'channels_last' (overrides --channels-last)")
-    p.add_argument('--modes', default='infer,train,latency', help="comma list of 'infer', 'train', 'latency'")
+    p.add_argument('--modes', default='infer,train,latency',
+                   help="comma list of 'infer', 'train', 'latency', 'ort' (needs --onnx-dir)")
+    p.add_argument('--onnx-dir', default=None, help="folder of MODEL.onnx files (tools/export.py) for the 'ort' mode")
     p.add_argument('--warmup', type=int, default=10, help='untimed iterations per measurement')
     p.add_argument('--iters', type=int, default=30, help='timed iterations per measurement')
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
@@ -246,8 +250,14 @@ def bench_model(name, args, device, amp, memory_format):
         x1 = batch(1)
         row['latency_ms'] = round(1000 * timer.run(infer_fn('latency', x1), args.warmup, max(args.iters, 3)), 3)
 
+    def measure_ort():
+        x1 = batch(1)
+        row['ort_latency_ms'] = round(1000 * timer.run(onnxruntime_fn(name, args.onnx_dir, x1), args.warmup,
+                                                       max(args.iters, 3)), 3)
+
     measured = []
-    for mode, fn in (('train', measure_train), ('infer', measure_infer), ('latency', measure_latency)):
+    for mode, fn in (('train', measure_train), ('infer', measure_infer), ('latency', measure_latency),
+                     ('ort', measure_ort)):
         if mode not in modes:
             continue
         try:
@@ -264,6 +274,19 @@ def bench_model(name, args, device, amp, memory_format):
     return row
 
 
+def onnxruntime_fn(name, folder, x):
+    """A call of an onnxruntime CPU session of ``folder/name.onnx`` on x, with torch's thread count."""
+    import onnxruntime as ort
+    path = os.path.join(folder, f'{name}.onnx')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no {name}.onnx in --onnx-dir (tools/export.py writes it)')
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    feed = {session.get_inputs()[0].name: x.cpu().numpy()}
+    return lambda: session.run(None, feed)
+
+
 def failed(status):
     """Whether a row's status reports an error (an eager fallback is a note, not a failure)."""
     return any(part.split(': ', 1)[-1].startswith('error ') or part.startswith('error ')
@@ -274,6 +297,7 @@ COLUMNS = [
     ('model', 'model'), ('params_m', 'params (M)'), ('precision', 'precision'), ('memory_format', 'memory format'),
     ('infer_img_s', 'infer img/s'), ('train_img_s', 'train img/s'), ('train_step_ms', 'train step (ms)'),
     ('train_host_ms', 'train step host (ms)'), ('first_step_s', 'first step (s)'), ('latency_ms', 'latency bs1 (ms)'),
+    ('ort_latency_ms', 'onnxruntime bs1 (ms)'),
     ('infer_peak_mib', 'infer peak MiB'), ('train_peak_mib', 'train peak MiB'), ('cuda_graphs', 'CUDA graphs'),
     ('status', 'status'),
 ]
@@ -313,8 +337,10 @@ def main(argv=None):
     if any(f not in ('contiguous', 'channels_last') for f in formats):
         raise UsageError(f"--memory-formats must list contiguous/channels_last, got {args.memory_formats!r}")
     modes = parse_csv_list(args.modes)
-    if not modes or any(m not in ('infer', 'train', 'latency') for m in modes):
-        raise UsageError(f"--modes must list infer/train/latency, got {args.modes!r}")
+    if not modes or any(m not in ('infer', 'train', 'latency', 'ort') for m in modes):
+        raise UsageError(f"--modes must list infer/train/latency/ort, got {args.modes!r}")
+    if 'ort' in modes and not (args.onnx_dir and os.path.isdir(args.onnx_dir)):
+        raise UsageError(f"--modes ort needs --onnx-dir, a folder of MODEL.onnx files, got {args.onnx_dir!r}")
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
         raise UsageError('--batch-size and --iters must be >= 1, --warmup >= 0')
     device_name = args.device

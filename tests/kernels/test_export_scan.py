@@ -110,3 +110,33 @@ def test_long_sequences_and_large_decays_match_the_oracle(scale):
     ref = torch.autograd.grad((want * dout).sum(), list(x.values()))
     for name, a, b in zip(x, got, ref):
         assert _rel(a, b) < 1e-3, name
+
+
+def test_autograd_through_the_reference_when_only_C_needs_gradients():
+    # the eager scan updates its buffers in place; a readout that autograd records must still see each state
+    x = _inputs(2, 4, 40, 3, None, torch.float32, seed=5)
+    C = x.pop("C").requires_grad_()
+    out = reference.selective_scan_ref(**x, C=C, delta_softplus=True)
+    want = per_step_scan(**x, C=C, delta_softplus=True)[0]
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    assert _rel(torch.autograd.grad((out * w).sum(), C)[0], torch.autograd.grad((want * w).sum(), C)[0]) < 1e-5
+
+
+def test_fast_softplus_matches_torch_within_a_few_ulps():
+    x = torch.cat([torch.linspace(-80, 120, 100001), torch.randn(10000) * 4])  # no fp32 underflow
+    want = torch.nn.functional.softplus(x.double())
+    got = reference._softplus(x)
+    assert ((got.double() - want).abs() / want).max() < 4e-7  # fp32 ulp is 1.2e-7 relative
+    assert torch.equal(got[x > 20], x[x > 20])  # softplus's threshold: the identity above 20
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_B_and_C_broadcast_over_rows_and_steps_match_the_oracle(groups):
+    # stride-0 B and C (one value for every row and step, as ViM2's channel scan passes them) stay broadcast
+    x = _inputs(5, 4, 37, 3, groups, torch.float32, seed=7)
+    for name in ("B", "C"):
+        one = x[name][:1, ..., :1]
+        x[name] = one.expand(x[name].shape)
+    out, last = reference.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    want, want_last, _ = per_step_scan(**x, delta_softplus=True)
+    assert x["B"].stride(0) == 0 and _rel(out, want) < 1e-5 and _rel(last, want_last) < 1e-5

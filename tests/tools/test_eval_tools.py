@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import timm
@@ -213,6 +214,27 @@ def test_benchmark_cpu_smoke_writes_tables(tmp_path):
     assert md.count('| efficientvmamba_tiny |') == 4 and meta['rows'] == json.loads(json.dumps(meta['rows']))
 
 
+def test_benchmark_times_onnxruntime_beside_eager(tmp_path):
+    pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
+    model = timm.create_model('test_resnet').eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: 'batch', 2: 'height', 3: 'width'},)).save(str(tmp_path / 'test_resnet.onnx'))
+    out = tmp_path / 'bench'
+    proc = run_script('benchmark.py', '--models', 'test_resnet,efficientvmamba_tiny', '--modes', 'latency,ort',
+                      '--onnx-dir', tmp_path, '--img-size', '32', '--iters', '2', '--warmup', '1', '--amp', 'fp32',
+                      '--device', 'cpu', '--out-dir', out)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # a model without its file is a failed row
+    rows = {r['model']: r for r in json.loads((out / 'benchmark.json').read_text())['rows']}
+    assert rows['test_resnet']['status'] == 'ok' and rows['test_resnet']['ort_latency_ms'] > 0
+    missing = rows['efficientvmamba_tiny']
+    assert missing['latency_ms'] > 0 and 'ort_latency_ms' not in missing
+    assert 'ort: error FileNotFoundError: no efficientvmamba_tiny.onnx in --onnx-dir' in missing['status']
+    assert '| onnxruntime bs1 (ms) |' in (out / 'benchmark.md').read_text()
+
+
 def test_benchmark_model_lists():
     bench = load_tool('benchmark')
     names = bench.resolve_models('zoo-tiny,baselines')
@@ -230,6 +252,7 @@ def test_tools_bad_arguments(capsys):
             ('flops', ['--models', 'nope_xyz'], "unknown model 'nope_xyz'"),
             ('flops', ['--counters', 'abacus'], '--counters'),
             ('benchmark', ['--amp', 'fp8'], '--amp must list'),
+            ('benchmark', ['--modes', 'latency,ort'], '--modes ort needs --onnx-dir'),
             ('benchmark', ['--models', 'resnet18', '--device', 'cuda:7'] if not torch.cuda.is_available()
              else ['--models', 'nope_xyz'], 'CUDA is not available' if not torch.cuda.is_available()
              else 'unknown model'),

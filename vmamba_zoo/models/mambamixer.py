@@ -35,6 +35,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import PatchMerging
 
 from vmamba_kernels import selective_scan, selective_scan_2d
+from vmamba_kernels.reference import exporting
 
 from ._builder import build_zoo_model, zoo_cfg
 from ..checkpoint import backbone_weights, unwrap
@@ -133,6 +134,19 @@ class SelectiveChannelMixer(RouteScanParams):
         self.act = act_layer()
         self.out_proj = nn.Linear(width, dim, bias=False)
 
+    def causal_conv(self, u: torch.Tensor) -> torch.Tensor:
+        """conv1d's causal outputs, (tokens, K, L). On CPU in eager mode as d_conv shifted multiply-adds: oneDNN's
+        2-channel depthwise convolution over thousands of tokens takes longer than the whole channel scan."""
+        L = u.shape[-1]
+        if not u.is_cpu or torch.jit.is_tracing() or exporting():
+            return self.conv1d(u)[..., :L]
+        taps = self.conv1d.kernel_size[0]
+        w, padded = self.conv1d.weight[:, 0, :, None], F.pad(u, (taps - 1, 0))  # w (K, taps, 1)
+        y = w[:, 0] * padded[..., :L]
+        for i in range(1, taps):
+            y = torch.addcmul(y, w[:, i], padded[..., i:i + L])
+        return y if self.conv1d.bias is None else y + self.conv1d.bias[:, None]
+
     def scan(self, seq: torch.Tensor) -> torch.Tensor:
         """seq (tokens, L) → the forward scan plus the flipped-back reversed scan, (tokens, L).
 
@@ -145,7 +159,7 @@ class SelectiveChannelMixer(RouteScanParams):
         K, L = self.num_directions, seq.shape[-1]
         T, N = seq.shape[0], self.d_state
         u = torch.stack([seq, seq.flip(-1)], dim=1)  # (tokens, K, L): forward and reversed channel order
-        u = self.act(self.conv1d(u)[..., :L])  # causal along the channel sequence
+        u = self.act(self.causal_conv(u))  # causal along the channel sequence
         w = self.x_proj_weight.view(K, 1 + 2 * N)
         a = (w[:, 0] * self.dt_projs_weight.view(K)).unsqueeze(-1)  # (K, 1): delta per unit of u
         delta = (u * a).to(u.dtype)

@@ -282,6 +282,9 @@ class SpatialMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     are for comparisons (`tools/bench_layers.py`). Neither changes the state dict.
     """
     global_pools = ("avg", "max", "")
+    # check_images refuses dynamo=False; onnxruntime rejects any other size in the graphs it wrote
+    torchscript_onnx_unsupported = ("its graph keeps sizes of the example input as constants (the state fusion's "
+                                    "broadcasts), so the file fails at any other input size")
 
     def __init__(
             self,

@@ -11,6 +11,7 @@ the official LayerNorm2d / Linear2d on NCHW are a LayerNorm / Linear on NHWC wit
 four-way cross scan is one fused ``selective_scan_2d`` over the "cross" routes; delta, B and C are computed
 per pixel for every route (they are pointwise projections), so no permuted copy of the input is made.
 """
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -92,10 +93,15 @@ class ScanRouteAttention(nn.Module):
         self.dim = dim
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        y_sum = y.sum(self.dim)
-        y_std = y.std(self.dim)
-        y_min = y.amin(self.dim, keepdim=True)
-        cv = y_std / ((y - y_min).mean(self.dim) + 1e-5)
+        # over the K route slices one at a time: on CPU, torch.std's reduction of a few (K = 4) values per
+        # output runs tens of times slower than these elementwise steps
+        routes = y.unbind(self.dim)
+        K = len(routes)
+        y_sum = sum(routes[1:], routes[0])
+        y_mean = y_sum / K
+        y_min = functools.reduce(torch.minimum, routes)
+        y_var = sum((r - y_mean).square() for r in routes) / (K - 1)
+        cv = y_var.sqrt() / (y_mean - y_min + 1e-5)
         return y_sum * F.relu(cv - self.t)
 
 
@@ -221,6 +227,9 @@ class VMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linear from 0 over all blocks.
     """
+    # check_images refuses dynamo=False; onnxruntime rejects any other size in the graphs it wrote
+    torchscript_onnx_unsupported = ("its graph keeps sizes of the example input as constants (the scan's reshapes "
+                                    "of the route-folded tensors), so the file fails at any other input size")
 
     def __init__(
             self,
