@@ -178,11 +178,7 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
         if not in_place:
             raise ValueError("prepare is for eager scans only")
         prepare(0)
-    if in_place:  # every position's view made once
-        decay, drive_at = decay.unbind(0), drive.unbind(0)
-    else:
-        drive_at = drive
-    h, spare = drive_at[0].clone(), (torch.empty_like(drive_at[0]) if in_place else None)
+    h, spare = drive[0].clone(), (torch.empty_like(drive[0]) if in_place else None)
     out = None
     if in_place and readout is not None:  # each position's readout written into its slot of one buffer
         first = readout(h, 0)
@@ -191,14 +187,14 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
         if prepare is not None:
             prepare(j)
         if in_place:
-            h, spare = torch.addcmul(drive_at[j], decay[j], h, out=spare), h
+            h, spare = torch.addcmul(drive[j], decay[j], h, out=spare), h
         else:
-            h = torch.addcmul(drive_at[j], decay[j], h)
+            h = torch.addcmul(drive[j], decay[j], h)
     _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=chunk_dim, in_place=in_place)
     h = _shift(ends, 1, 0.0, dim=chunk_dim)  # each chunk's start: the end of the one before
     kept = []
     for j in range(chunk):  # in place, drive becomes the states
-        h = drive_at[j].addcmul_(decay[j], h) if in_place else torch.addcmul(drive_at[j], decay[j], h)
+        h = drive[j].addcmul_(decay[j], h) if in_place else torch.addcmul(drive[j], decay[j], h)
         if out is not None:
             readout(h, j, out=out[:, j])
         else:
@@ -300,14 +296,10 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
         shape = (SCAN_CHUNK, A_t.shape[0]) + dt_t.shape[1:]  # (chunk, N, n, Bt, Dm)
         decay = _scratch("decay", shape, dt_t)
         drive = _scratch("drive", shape, dt_t) if C is not None else dt_t.new_empty(shape)  # or the states
-        views = [t.unbind(0) for t in (dt_t, dt_u.unflatten(-1, (G, Dm // G)), decay,
-                                       drive.unflatten(-1, (G, Dm // G)))]
-        Bs = Bg.unbind(0) if Bg.shape[0] > 1 else [Bg[0]] * SCAN_CHUNK
 
         def prepare(j):
-            dt_j, dt_u_j, decay_j, drive_j = (v[j] for v in views)
-            exp_(torch.mul(dt_j, A_t, out=decay_j))
-            torch.mul(dt_u_j, Bs[j], out=drive_j)
+            exp_(torch.mul(dt_t[j], A_t, out=decay[j]))
+            torch.mul(dt_u[j].unflatten(-1, (G, Dm // G)), step(Bg, j), out=drive[j].unflatten(-1, (G, Dm // G)))
     else:
         decay = exp_(dt_t.unsqueeze(1) * A_t)  # (chunk, N, n, Bt, Dm)
         drive = (dt_u.unflatten(-1, (G, Dm // G)) * Bg).flatten(-2, -1)
@@ -367,9 +359,8 @@ def selective_scan_ref(
     dtype = compute_dtype(u, delta, A, B, C)
     Bt, Dm, L = u.shape
     blocks = _eager_blocks(Bt, Dm, 1 if B.dim() == 3 else B.shape[1], A.shape[1] * L)
-    if len(blocks) > 1:  # y laid out time-major, as each block's output
-        y = u.new_empty((L, Bt, Dm), dtype=dtype).permute(1, 2, 0)
-        last = u.new_empty((Bt, Dm, A.shape[1]), dtype=dtype)
+    if len(blocks) > 1:
+        y, last = u.new_empty((Bt, Dm, L), dtype=dtype), u.new_empty((Bt, Dm, A.shape[1]), dtype=dtype)
     for rows, channels, groups in blocks:
         B_b, C_b = ((t[rows] if t.dim() == 3 else t[rows, groups]) for t in (B, C))
         bias = None if delta_bias is None else delta_bias[channels]
@@ -380,7 +371,7 @@ def selective_scan_ref(
         else:
             y[rows, channels], last[rows, channels] = y_b.permute(1, 2, 0), last_b
     if D is not None:
-        y = torch.addcmul(y, D.to(dtype)[:, None], u.to(dtype))
+        y = y + D.to(dtype)[:, None] * u.to(dtype)
     if z is not None:
         y = y * F.silu(z.to(dtype))
     out = y.to(u.dtype if out_dtype is None else out_dtype)
@@ -475,16 +466,11 @@ def selective_scan_states_bwd_ref(dstates, u, delta, A, B, delta_bias=None, delt
 
 
 def _route_gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """t (Bt, L, K, F), or (Bt, L, F) shared by routes; index (K, Lr) → (Bt, K, Lr, F), a view of memory laid
-    out (Bt, Lr, K, F): the scan's channels-first view (``_channels_first``) and its time-major one are then
-    views too, with no transposed copy."""
-    K = index.shape[0]
+    """t (Bt, L, K, F), or (Bt, L, F) shared by routes; index (K, Lr) → (Bt, K, Lr, F)."""
     if t.dim() == 3:
-        rows = t.index_select(1, index.t().reshape(-1))
-    else:
-        route = torch.arange(K, device=index.device)
-        rows = t.flatten(1, 2).index_select(1, (index.t() * K + route).reshape(-1))
-    return rows.unflatten(1, (-1, K)).transpose(1, 2)
+        return t[:, index]
+    route = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
+    return t[:, index, route]
 
 
 def _route_scatter(values: torch.Tensor, index: torch.Tensor, L: int, shared: bool) -> torch.Tensor:
@@ -492,9 +478,9 @@ def _route_scatter(values: torch.Tensor, index: torch.Tensor, L: int, shared: bo
     Bt, K, Lr, Fe = values.shape
     route = torch.arange(K, device=index.device)[:, None].expand_as(index)
     if not _is_traced():  # rows of F added in place: several times faster than index_put's accumulation
-        flat = (index if shared else index * K + route).t()  # step-major, as _route_gather lays values out
+        flat = index if shared else index * K + route
         out = values.new_zeros(Bt, L if shared else L * K, Fe)
-        out.index_add_(1, flat.reshape(-1), values.transpose(1, 2).reshape(Bt, Lr * K, Fe))
+        out.index_add_(1, flat.reshape(-1), values.reshape(Bt, K * Lr, Fe))
         return out if shared else out.view(Bt, L, K, Fe)
     out = values.new_zeros(L, K, Bt, Fe).index_put((index, route), values.permute(1, 2, 0, 3), accumulate=True)
     out = out.permute(2, 0, 1, 3)
@@ -550,9 +536,7 @@ def selective_scan_2d_ref(
     dtype = compute_dtype(x, delta, A, B, C)
     folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     y = selective_scan_ref(**folded, delta_softplus=delta_softplus, out_dtype=dtype)
-    y = _channels_last(y, K)
-    if _is_traced() or bool((routes < 0).any()):  # padded steps write nothing
-        y = y * (routes >= 0)[None, :, :, None].to(dtype)
+    y = _channels_last(y, K) * (routes >= 0)[None, :, :, None].to(dtype)
     out = _route_scatter(y, routes.clamp(min=0), H * W, shared=(merge == "sum"))
     shape = (Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm)
     return out.reshape(shape).to(x.dtype)
