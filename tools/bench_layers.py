@@ -7,7 +7,8 @@ say why each exists):
 - state fusion, on the scan's (B, 2C, H, W) fp32 states: ``StateFusion(impl=...)`` for every impl in
   ``FUSION_IMPLS`` ("nchw" is the baseline: pad, conv and scale per dilation in NCHW);
 - block, on a (B, H, W, C) map: ``SpatialMambaBlock`` with (mixer_layout, fusion_impl) = (channels_first, nchw)
-  (the baseline), (channels_last, channels_last) (the default) and (channels_last, merged).
+  (the baseline), (channels_last, channels_last) (the eval default), (channels_last, merged) and (channels_last,
+  fused) (the fused Triton kernels of ``vmamba_kernels.dilated_dwconv_sum``, opt-in).
 
 Each row has the median GPU time of ``--reps`` runs after ``--warmup`` (torch.cuda.Event; wall time on CPU),
 the number of aten ops that launch work (views excluded; counted once with a dispatch mode, a proxy for kernel
@@ -38,6 +39,7 @@ BLOCK_VARIANTS = {
     "baseline_nchw": dict(mixer_layout="channels_first", fusion_impl="nchw"),
     "channels_last": dict(mixer_layout="channels_last", fusion_impl="channels_last"),
     "channels_last_merged": dict(mixer_layout="channels_last", fusion_impl="merged"),
+    "channels_last_fused": dict(mixer_layout="channels_last", fusion_impl="fused"),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _NO_LAUNCH = {"aten.detach", "aten._local_scalar_dense", "aten.lift_fresh", "aten.alias"}

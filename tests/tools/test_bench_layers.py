@@ -11,8 +11,9 @@ def test_bench_layers_cpu_smoke(tmp_path):
     assert_ok(proc)
     data = json.loads(out.read_text())
     rows = {(r["group"], r["impl"]): r for r in data["rows"]}
-    assert set(rows) == {("fusion", "nchw"), ("fusion", "channels_last"), ("fusion", "merged"),
-                         ("block", "baseline_nchw"), ("block", "channels_last"), ("block", "channels_last_merged")}
+    assert set(rows) == {("fusion", "nchw"), ("fusion", "channels_last"), ("fusion", "merged"), ("fusion", "fused"),
+                         ("block", "baseline_nchw"), ("block", "channels_last"), ("block", "channels_last_merged"),
+                         ("block", "channels_last_fused")}
     for r in rows.values():
         assert r["stage"] == 0 and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
         assert r["rel_err_vs_baseline"] < 1e-5, r  # fp32: the candidates are one function

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model, register_notrace_module
@@ -136,9 +137,10 @@ class SelectiveChannelMixer(RouteScanParams):
 
     def causal_conv(self, u: torch.Tensor) -> torch.Tensor:
         """conv1d's causal outputs, (tokens, K, L). On CPU in eager mode as d_conv shifted multiply-adds: oneDNN's
-        2-channel depthwise convolution over thousands of tokens takes longer than the whole channel scan."""
+        2-channel depthwise convolution over thousands of tokens takes longer than the whole channel scan. Under a
+        dispatch mode (torch's flop counter) it stays the conv, so that counters see the model's own op."""
         L = u.shape[-1]
-        if not u.is_cpu or torch.jit.is_tracing() or exporting():
+        if not u.is_cpu or torch.jit.is_tracing() or exporting() or is_in_torch_dispatch_mode():
             return self.conv1d(u)[..., :L]
         taps = self.conv1d.kernel_size[0]
         w, padded = self.conv1d.weight[:, 0, :, None], F.pad(u, (taps - 1, 0))  # w (K, taps, 1)
