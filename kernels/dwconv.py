@@ -8,27 +8,16 @@ convs to its own slow kernels (cuDNN is not used for them), after a padded copy 
 outputs in more passes. Elsewhere, and as the oracle of the tests, it is that plain PyTorch form. Both compute
 in fp32 (fp64 for fp64 inputs) whatever the autocast state, and return ``out_dtype``.
 """
-import functools
 import importlib
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dilated_dwconv_sum", "dilated_dwconv_sum_ref", "fused_dwconv_available"]
+from .ops import resolve_backend
 
-
-@functools.lru_cache(maxsize=None)
-@torch.compiler.assume_constant_result
-def fused_dwconv_available() -> bool:
-    """True when the fused Triton kernel can run (triton importable)."""
-    try:
-        importlib.import_module("vmamba_kernels.triton.dwconv")
-    except ImportError:
-        return False
-    return True
+__all__ = ["dilated_dwconv_sum", "dilated_dwconv_sum_ref"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -101,17 +90,11 @@ _fused_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _use_fused(x: Tensor, backend: str) -> bool:
-    if backend == "auto":
-        return x.is_cuda and x.dtype != torch.float64 and fused_dwconv_available() and not torch.jit.is_tracing()
-    if backend == "triton":
-        if not fused_dwconv_available():
-            raise ValueError("backend='triton' needs the triton package; use backend='reference' or 'auto'")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(f"backend='triton' runs on CUDA tensors, got x on {x.device}")
-        return True
-    if backend == "reference":
+    """The scan ops' backend choice (``resolve_backend``, with its errors); "auto" keeps fp64 and traced calls on
+    the PyTorch form."""
+    if resolve_backend(backend, x.device) != "triton":
         return False
-    raise ValueError(f"backend must be one of ('auto', 'reference', 'triton'), got {backend!r}")
+    return backend != "auto" or (x.dtype != torch.float64 and not torch.jit.is_tracing())
 
 
 def dilated_dwconv_sum(x: Tensor, weight: Tensor, dilations: Sequence[int], *, out_dtype: Optional[torch.dtype] = None,
