@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import timm
 import vmamba_kernels
+from vmamba_zoo.layers.route_scan import fused_projections
 from vmamba_zoo.models.efficientvmamba import (
     BiAttn, EVSSBlock, EfficientScan2d, EfficientVMambaStage, PatchMerging, checkpoint_filter_fn)
 
@@ -286,3 +287,80 @@ def test_pretrained_file_loads_through_timm(tmp_path):
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert torch.equal(model.stages[2].blocks[0].conv_pw.weight, sd['layers.2.1.conv_pw.0.weight'])
     assert model.pretrained_cfg['hf_hub_id'] == 'TerryPei/EfficientVMamba-Tiny'
+
+
+# ------------------------------------------------------------------------------------------------
+# What the training forward saves for backward (CUDA's fused projections, under bf16 autocast)
+
+def saved_tensors(fn):
+    """Every tensor that autograd saves while fn() runs."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
+def saved_bytes_per_image(module, make_input):
+    """Bytes saved per image, each storage once: the difference of two batch sizes (weight casts and routes do
+    not scale with the batch)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    sizes = []
+    for batch in (1, 3):
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in saved_tensors(lambda: module(make_input(batch)))}
+        sizes.append(sum(n for ptr, n in storages.items() if ptr not in params))
+    return (sizes[1] - sizes[0]) / 2
+
+
+def test_es2d_training_forward_saves_one_delta_per_pixel():
+    """The fused form projects every route at every pixel; what the backward needs is, per pixel (bf16): the
+    input (C), in_proj's output (2·Di: conv input and gate), the conv output and its SiLU (2·Di), x_proj's
+    output (K·(R + 2N): dt, B, C), one delta (Di, its own route's), the scan output, the normalized output, the
+    gate and their product (4·Di), and the out-norm's mean and rstd. K deltas per pixel exceed it."""
+    C, H, W = 16, 8, 6
+    m = randomize_(EfficientScan2d(C, d_state=4)).train()
+    Di, K, R, N = m.d_inner, m.num_routes, m.dt_rank, m.d_state
+    needed_per_pixel = 2 * (C + 9 * Di + K * (R + 2 * N)) + 2 * 4
+    with fused_projections(True), torch.autocast('cpu', dtype=torch.bfloat16):
+        per_image = saved_bytes_per_image(m, lambda b: torch.randn(b, H, W, C, requires_grad=True))
+    assert 0 < per_image <= H * W * needed_per_pixel
+
+
+class LayerNormInFp32(torch.nn.LayerNorm):
+    """LayerNorm as CUDA autocast runs it: in fp32, whatever the input (CPU autocast keeps bf16)."""
+
+    def forward(self, x):
+        with torch.autocast('cpu', enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def small_model(norm_layer=torch.nn.LayerNorm):
+    torch.manual_seed(0)
+    model = timm.create_model('efficientvmamba_tiny', dims=16, depths=(1, 1, 1, 1), norm_layer=norm_layer)
+    return randomize_(model).train()
+
+
+@pytest.mark.parametrize('norm_layer', [torch.nn.LayerNorm, LayerNormInFp32], ids=['cpu-autocast', 'cuda-autocast'])
+def test_training_step_is_bitwise_the_every_route_delta_form(monkeypatch, norm_layer):
+    """Outputs and every gradient equal those of the form that hands the scan every route's delta (odd map
+    sizes included)."""
+    from vmamba_zoo.models import efficientvmamba
+    model = small_model(norm_layer)
+    x = torch.randn(2, 3, 60, 52)  # stage maps 15x13, 8x7, 4x4, 2x2
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        with fused_projections(True), torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(xr)
+        (out.float() * g).sum().backward()
+        return [out, xr.grad] + [p.grad for p in model.parameters()]
+
+    g = torch.randn(2, model.num_classes)
+    ours = step()
+    with monkeypatch.context() as mp:
+        mp.setattr(efficientvmamba, 'owned_values', lambda per_route, owned_entries: per_route)
+        every_route = step()
+    names = ['out', 'x'] + [n for n, _ in model.named_parameters()]
+    for name, a, b in zip(names, ours, every_route):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name

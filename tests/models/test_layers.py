@@ -136,3 +136,11 @@ def test_device_routes_tables():
                        torch.arange(12).expand(4, 12))
     with pytest.raises(ValueError, match="table must be one of"):
         device_routes('cross', 3, 4, torch.device('cpu'), table='params')
+
+
+@pytest.mark.parametrize('H,W', [(4, 6), (5, 3), (1, 1)])
+def test_device_routes_owned_entries_of_atrous_routes(H, W):
+    """Atrous route k = (h parity) + 2·(w parity) visits pixel (h, w): its entry is p·K + k."""
+    owned = device_routes('atrous', H, W, torch.device('cpu'), table='owned_entries', step=2)
+    h, w = torch.arange(H).view(H, 1), torch.arange(W).view(1, W)
+    assert torch.equal(owned, ((h * W + w) * 4 + h % 2 + 2 * (w % 2)).flatten())

@@ -15,8 +15,10 @@ from vmamba_kernels.graphs import capturing
 __all__ = ["ROUTE_TABLES", "device_routes"]
 
 # What a route set provides: the routes, the direction id of each step (``scan_directions``), or the raster
-# route once per route, for parameters every route reads in raster order (``param_routes`` of the 2D scan).
-ROUTE_TABLES = ("routes", "directions", "raster_params")
+# route once per route, for parameters every route reads in raster order (``param_routes`` of the 2D scan), or,
+# for a route set that visits every pixel once (atrous), the (H·W,) positions p·K + k of each pixel p's own
+# route k among per-route values laid out (..., H·W, K, ...): the only ones the scan reads.
+ROUTE_TABLES = ("routes", "directions", "raster_params", "owned_entries")
 
 
 def _build(name: str, H, W, table: str, options: dict, device) -> torch.Tensor:
@@ -25,7 +27,18 @@ def _build(name: str, H, W, table: str, options: dict, device) -> torch.Tensor:
         return routes
     if table == "directions":
         return scan_directions(name, H, W, device=device, **options)
+    if table == "owned_entries":
+        return _owned_entries(routes, H, W)
     return scan_routes("raster", H, W, device=device).expand_as(routes).contiguous()
+
+
+def _owned_entries(routes: torch.Tensor, H, W) -> torch.Tensor:
+    K, Lr = routes.shape
+    # Padded steps (-1) write to a slot past the grid, which is dropped.
+    pixels = routes.flatten().masked_fill(routes.flatten() < 0, H * W)
+    entries = (pixels * K).view(K, Lr) + torch.arange(K, device=routes.device).view(K, 1)
+    owned = torch.full((H * W + 1,), -1, dtype=torch.long, device=routes.device)
+    return owned.scatter_(0, pixels, entries.flatten())[:H * W]
 
 
 @functools.lru_cache(maxsize=128)

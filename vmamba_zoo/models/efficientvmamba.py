@@ -50,6 +50,15 @@ __all__ = ['EfficientVMamba']
 ATROUS_PARITIES = ((0, 0), (1, 0), (0, 1), (1, 1))
 
 
+def owned_values(per_route: torch.Tensor, owned_entries: torch.Tensor) -> torch.Tensor:
+    """per_route (Bt, H, W, K, F) → (Bt, H, W, 1, F): each pixel's values for the route that visits it
+    (``owned_entries``, the ``device_routes`` table). The scan reads nothing else, so it keeps (and saves for
+    backward) one value per pixel instead of K; the others' gradient is zero, as the scan's own. An index
+    select, whose backward keeps only the index (gather's would keep per_route alive)."""
+    Bt, H, W, _, F_ = per_route.shape
+    return per_route.flatten(1, 3).index_select(1, owned_entries).view(Bt, H, W, 1, F_)
+
+
 @register_notrace_module  # routes depend on the runtime map size
 class EfficientScan2d(nn.Module):
     """ES2D: the SS2D mixer of EVSS blocks with the atrous (stride-2 sub-grid) scan.
@@ -141,6 +150,8 @@ class EfficientScan2d(nn.Module):
             # Every route's projections of every pixel: two GEMMs instead of eight on strided sub-grid copies,
             # scattered back (the step is bound by launches); route k reads only its own pixels' values.
             delta, B, C = route_projections(x, self.x_proj_weight, self.dt_projs_weight, self.route_eye)
+            owned_entries = device_routes('atrous', H, W, x.device, table='owned_entries', step=2)
+            delta = owned_values(delta, owned_entries).expand(Bt, H, W, K, Di)
         y = selective_scan_2d(
             x, delta, -torch.exp(at_least_fp32(self.A_logs)).view(K, Di, N), B, C,
             D=at_least_fp32(self.Ds).view(K, Di),
