@@ -11,6 +11,7 @@ input, None for an absent input.
 """
 from typing import Optional, Protocol, Tuple, runtime_checkable
 
+import torch
 from torch import Tensor
 
 __all__ = ["ScanBackend", "SavingScanBackend"]
@@ -42,13 +43,16 @@ class ScanBackend(Protocol):
 
     def selective_scan_2d_fwd(self, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                               D: Optional[Tensor], delta_bias: Optional[Tensor], routes: Tensor,
-                              param_routes: Tensor, delta_softplus: bool, merge: str) -> Tensor:
-        """out: (Bt, H, W, Dm) for merge "sum", (Bt, H, W, K, Dm) for "none"."""
+                              param_routes: Tensor, delta_softplus: bool, merge: str,
+                              out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """out: (Bt, H, W, Dm) for merge "sum", (Bt, H, W, K, Dm) for "none", in ``out_dtype`` (None: x's
+        dtype; a wider one gives what a copy of x in it would)."""
 
     def selective_scan_2d_bwd(self, dout: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                               D: Optional[Tensor], delta_bias: Optional[Tensor], routes: Tensor,
                               param_routes: Tensor, delta_softplus: bool, merge: str) -> Grads:
-        """(dx, ddelta, dA, dB, dC, dD, ddelta_bias)."""
+        """(dx, ddelta, dA, dB, dC, dD, ddelta_bias); dout is in out's dtype, and one wider than x's gives the
+        gradients of a copy of x in it."""
 
 
 @runtime_checkable
@@ -57,13 +61,14 @@ class SavingScanBackend(ScanBackend, Protocol):
     backward does not recompute them. ``ops`` uses these where a backend has them."""
 
     def chunk_states_shape(self, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                           delta_bias: Optional[Tensor], routes: Tensor) -> tuple:
+                           delta_bias: Optional[Tensor], routes: Tensor,
+                           out_dtype: Optional[torch.dtype] = None) -> tuple:
         """The shape of the saved states for these inputs (for fake tensors under torch.compile)."""
 
     def selective_scan_2d_fwd_saving(self, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                                      D: Optional[Tensor], delta_bias: Optional[Tensor], routes: Tensor,
-                                     param_routes: Tensor, delta_softplus: bool, merge: str
-                                     ) -> Tuple[Tensor, Tensor]:
+                                     param_routes: Tensor, delta_softplus: bool, merge: str,
+                                     out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
         """(out, chunk_states)."""
 
     def selective_scan_2d_bwd_from_saved(self, dout: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor,

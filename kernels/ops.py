@@ -87,7 +87,12 @@ def _backend(name: str):
 
 
 def _signature(op, options, tensors):
-    """What the shape, dtype and device checks of a call depend on; None where an argument is not a tensor."""
+    """What the shape, dtype and device checks of a call depend on; None where an argument is not a tensor or
+    an option cannot be a key (a wrong type, which the checks then report)."""
+    try:
+        hash(options)
+    except TypeError:
+        return None
     sig = [op, options]
     for t in tensors:
         if t is None:
@@ -328,12 +333,13 @@ _selective_scan_states_fwd.register_autograd(_states_backward, setup_context=_st
 @torch.library.custom_op("vmamba::selective_scan_2d_fwd", mutates_args=())
 def _selective_scan_2d_fwd(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                            delta_bias: Optional[Tensor], routes: Tensor, param_routes: Tensor,
-                           delta_softplus: bool, merge: str, backend: str, save_chunks: bool
-                           ) -> Tuple[Tensor, Tensor]:
-    """Returns out and, with ``save_chunks`` on a backend that has them, the scan's chunk-start states for
-    the backward (empty otherwise: the backward then recomputes what it needs)."""
+                           delta_softplus: bool, merge: str, backend: str, save_chunks: bool,
+                           out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """Returns out (in ``out_dtype``, default x's dtype) and, with ``save_chunks`` on a backend that has them,
+    the scan's chunk-start states for the backward (empty otherwise: the backward then recomputes what it
+    needs)."""
     impl = _backend(backend)
-    args = (x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge)
+    args = (x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, out_dtype)
     if save_chunks and hasattr(impl, "selective_scan_2d_fwd_saving"):
         out, chunk_states = impl.selective_scan_2d_fwd_saving(*args)
         return out.contiguous(), chunk_states
@@ -341,13 +347,14 @@ def _selective_scan_2d_fwd(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
 
 
 @_selective_scan_2d_fwd.register_fake
-def _(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, backend, save_chunks):
+def _(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, backend, save_chunks,
+      out_dtype=None):
     shape = delta.shape[:4] + delta.shape[4:] if merge == "none" else delta.shape[:3] + delta.shape[4:]
     chunk_states = x.new_empty(0, dtype=torch.float32)
     if save_chunks and backend == "triton":
-        chunk_states = x.new_empty(_triton_backend().chunk_states_shape(x, delta, A, B, C, D, delta_bias, routes),
-                                   dtype=torch.float32)
-    return x.new_empty(shape), chunk_states
+        chunk_states = x.new_empty(_triton_backend().chunk_states_shape(x, delta, A, B, C, D, delta_bias, routes,
+                                                                        out_dtype), dtype=torch.float32)
+    return x.new_empty(shape, dtype=x.dtype if out_dtype is None else out_dtype), chunk_states
 
 
 @torch.library.custom_op("vmamba::selective_scan_2d_bwd", mutates_args=())
@@ -368,17 +375,18 @@ def _(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, chunk_states
 
 
 def _scan_2d_setup(ctx, inputs, output):
-    x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, backend, _ = inputs
+    x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, backend, _, _ = inputs
     ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, routes, param_routes, output[1])
     ctx.delta_softplus, ctx.merge, ctx.backend = delta_softplus, merge, backend
 
 
 def _scan_2d_backward(ctx, dout, _dchunk_states):
+    """dout arrives in out's dtype; the gradients are in their inputs' dtypes."""
     x, delta, A, B, C, D, delta_bias, routes, param_routes, chunk_states = ctx.saved_tensors
     grads = _selective_scan_2d_bwd(dout.contiguous(), x, delta, A, B, C, D, delta_bias, routes, param_routes,
                                    chunk_states, ctx.delta_softplus, ctx.merge, ctx.backend)
     grads = [None if t is None else g for t, g in zip((x, delta, A, B, C, D, delta_bias), grads)]
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 _selective_scan_2d_fwd.register_autograd(_scan_2d_backward, setup_context=_scan_2d_setup)
@@ -420,7 +428,7 @@ def selective_scan_states(u, delta, A, B, delta_bias=None, delta_softplus=False,
 
 
 def selective_scan_2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *, routes,
-                      param_routes=None, merge="sum", backend="auto"):
+                      param_routes=None, merge="sum", out_dtype=None, backend="auto"):
     """Fused 2D selective scan along K routes, in spatial channels-last layout.
 
     D, delta_bias and delta_softplus mean and default as in ``selective_scan`` (mamba_ssm's
@@ -430,25 +438,44 @@ def selective_scan_2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     B, C: (Bt, H, W, K, N); A: (K, Dm, N); D, delta_bias: (K, Dm); routes, param_routes: (K, Lr) long.
     Step t of route k reads x at pixel routes[k, t] and delta/B/C at pixel param_routes[k, t]; its output
     goes to pixel routes[k, t]. merge="sum" → (Bt, H, W, Dm); merge="none" → (Bt, H, W, K, Dm).
+
+    The output is in ``out_dtype`` (None: x's dtype), a floating dtype at least as wide as x's: a bf16 x with
+    out_dtype=torch.float32 gives what an fp32 copy of x would, bit for bit and gradients included, without
+    the copy (the scan widens x as it reads it; x's gradient is rounded back to bf16 once, as the copy's
+    backward would).
     """
     if param_routes is None:
         param_routes = routes
     if reference.exporting():
         return reference.selective_scan_2d_ref(x, delta, A, B, C, D, delta_bias, bool(delta_softplus), routes,
-                                               param_routes, merge)
+                                               param_routes, merge, out_dtype)
     if not torch.jit.is_tracing():
-        _check_once("2d", (merge, param_routes is routes), (x, delta, A, B, C, D, delta_bias, routes, param_routes),
-                    lambda: _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge))
+        _check_once("2d", (merge, param_routes is routes, out_dtype),
+                    (x, delta, A, B, C, D, delta_bias, routes, param_routes),
+                    lambda: _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge,
+                                             out_dtype))
         _check_2d_route_values(routes, param_routes, delta.shape[1], delta.shape[2])
     # Chunk states are worth writing only when a backward will read them.
     save_chunks = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, delta, A, B, C, D, delta_bias))
     out, _ = _selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes,
-                                    bool(delta_softplus), merge, resolve_backend(backend, delta.device), save_chunks)
+                                    bool(delta_softplus), merge, resolve_backend(backend, delta.device), save_chunks,
+                                    out_dtype)
     return out
 
 
-def _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge):
+def _check_out_dtype(out_dtype, x):
+    """None, or a floating dtype that holds every value of x's dtype (bf16 → fp16 would not)."""
+    if out_dtype is None:
+        return
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in _FLOAT_DTYPES or (
+            torch.promote_types(x.dtype, out_dtype) != out_dtype):
+        raise TypeError(f"out_dtype must be None or a floating dtype at least as wide as x's ({x.dtype}), "
+                        f"one of {[str(d) for d in _FLOAT_DTYPES if torch.promote_types(x.dtype, d) == d]}, "
+                        f"got {out_dtype!r}")
+
+
+def _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, merge, out_dtype=None):
     _check_tensor("delta", delta, 5)
     Bt, H, W, K, Dm = delta.shape
     dev = delta.device
@@ -456,6 +483,7 @@ def _check_2d_inputs(x, delta, A, B, C, D, delta_bias, routes, param_routes, mer
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be (Bt, H, W, Dm) = ({Bt}, {H}, {W}, {Dm}) or (Bt, H, W, K, Dm), got {got}")
     _check_tensor("x", x, x.dim(), (Bt, H, W, Dm) if x.dim() == 4 else (Bt, H, W, K, Dm), dev)
+    _check_out_dtype(out_dtype, x)
     _check_tensor("A", A, 3, (K, Dm, None), dev)
     N = A.shape[2]
     _check_tensor("B", B, 5, (Bt, H, W, K, N), dev)

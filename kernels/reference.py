@@ -529,22 +529,37 @@ def selective_scan_2d_ref(
     routes: torch.Tensor,
     param_routes: torch.Tensor,
     merge: str,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Gather along each route, scan, write each step's output to its pixel (validated inputs: each
-    route visits a pixel at most once)."""
+    route visits a pixel at most once). The output is in ``out_dtype`` (default x's dtype); an fp64 one
+    computes in fp64, as an fp64 x would."""
     Bt, H, W, K, Dm = delta.shape
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    x = _widened(x, out_dtype, compute_dtype(x, delta, A, B, C))
     dtype = compute_dtype(x, delta, A, B, C)
     folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     y = selective_scan_ref(**folded, delta_softplus=delta_softplus, out_dtype=dtype)
     y = _channels_last(y, K) * (routes >= 0)[None, :, :, None].to(dtype)
     out = _route_scatter(y, routes.clamp(min=0), H * W, shared=(merge == "sum"))
     shape = (Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm)
-    return out.reshape(shape).to(x.dtype)
+    return out.reshape(shape).to(out_dtype)
+
+
+def _widened(x: torch.Tensor, dtype: torch.dtype, floor: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x in ``dtype`` where that is wider than x's dtype (and than ``floor``, a precision the scan reaches
+    anyway): the scan then runs as on a copy of x in ``dtype``. x itself otherwise."""
+    have = x.dtype if floor is None else torch.promote_types(x.dtype, floor)
+    return x if torch.promote_types(have, dtype) == have else x.to(dtype)
 
 
 def selective_scan_2d_bwd_ref(dout, x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes,
                               merge):
-    """Gradients of ``selective_scan_2d_ref`` for x, delta, A, B, C, D, delta_bias."""
+    """Gradients of ``selective_scan_2d_ref`` for x, delta, A, B, C, D, delta_bias. A dout wider than x
+    (the output of a wider ``out_dtype``) gives the gradients of a copy of x in dout's dtype: x's gradient is
+    summed over routes in that dtype and rounded to x's once."""
+    x_dtype = x.dtype
+    x = _widened(x, dout.dtype)
     Bt, H, W, K, Dm = delta.shape
     L = H * W
     dtype = compute_dtype(x, delta, A, B, C)
@@ -560,7 +575,7 @@ def selective_scan_2d_bwd_ref(dout, x, delta, A, B, C, D, delta_bias, delta_soft
     dB = _route_scatter(dB.to(dtype).permute(0, 1, 3, 2) * valid, param_at, L, shared=False)
     dC = _route_scatter(dC.to(dtype).permute(0, 1, 3, 2) * valid, param_at, L, shared=False)
     return (
-        dx.reshape(x.shape).to(x.dtype),
+        dx.reshape(x.shape).to(x_dtype),
         ddelta.reshape(delta.shape).to(delta.dtype),
         dA.reshape(A.shape).to(A.dtype),
         dB.reshape(B.shape).to(B.dtype),
@@ -592,8 +607,10 @@ class ReferenceBackend:
         return selective_scan_states_bwd_ref(dstates, u, delta, A, B, delta_bias, delta_softplus)
 
     @staticmethod
-    def selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
-        return selective_scan_2d_ref(x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge)
+    def selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge,
+                              out_dtype=None):
+        return selective_scan_2d_ref(x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge,
+                                     out_dtype)
 
     @staticmethod
     def selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):

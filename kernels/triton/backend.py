@@ -48,8 +48,8 @@ __all__ = [
 ]
 
 
-def _is_fp64(*tensors) -> bool:
-    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+def _is_fp64(*tensors, out_dtype=None) -> bool:
+    return out_dtype == torch.float64 or any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,27 +130,30 @@ def selective_scan_states_bwd(dstates, u, delta, A, B, delta_bias, delta_softplu
 # 2D: selective_scan_2d
 
 
-def _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, save_chunks):
+def _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, save_chunks,
+            out_dtype=None):
+    """out is written in ``out_dtype`` (None: x's dtype); the kernels read x in its own dtype and widen it."""
     Bt, H, W, K, Dm = delta.shape
     L = H * W
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     if L == 0:  # an empty grid: nothing to scan (the kernels would read a route's first step)
-        out = x.new_empty((Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm))
+        out = x.new_empty((Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm), dtype=out_dtype)
         states = x.new_empty(chunk_states_shape(x, delta, A, B, C, D, delta_bias, routes), dtype=torch.float32)
         return out, states
     pb = problem_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     plan = route_plan(pb.routes, pb.param_routes, L)
     if n1_applies(pb, routes, param_routes):
         if merge == "none":
-            out = empty(Bt, H, W, K, Dm, device=x.device, dtype=x.dtype)
+            out = empty(Bt, H, W, K, Dm, device=x.device, dtype=out_dtype)
             states = run_fwd_n1(pb, plan, delta_softplus, out, (L * K * Dm, Dm, K * Dm), scan.MERGE_STORE,
                                  plan.x_visited, save_chunks)
         else:
-            out = empty(Bt, H, W, Dm, device=x.device, dtype=x.dtype)
+            out = empty(Bt, H, W, Dm, device=x.device, dtype=out_dtype)
             states = run_fwd_n1(pb, plan, delta_softplus, out, (L * Dm, 0, Dm), scan.MERGE_SERIAL,
                                  plan.x_visited_any, save_chunks)
         return out, states
     if merge == "none":
-        out = empty(Bt, H, W, K, Dm, device=x.device, dtype=x.dtype)
+        out = empty(Bt, H, W, K, Dm, device=x.device, dtype=out_dtype)
         states = run_fwd(pb, plan, delta_softplus, scan.OUT_Y, out, (L * K * Dm, Dm, K * Dm, 1, 0),
                           out_visited=plan.x_visited, save_chunks=save_chunks)
         return out, states
@@ -158,8 +161,8 @@ def _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softpl
         acc = torch.zeros(Bt, H, W, Dm, device=x.device, dtype=torch.float32)
         states = run_fwd(pb, plan, delta_softplus, scan.OUT_Y, acc, (L * Dm, 0, Dm, 1, 0), scan.MERGE_ATOMIC,
                           save_chunks=save_chunks)
-        return acc.to(x.dtype), states
-    out = empty(Bt, H, W, Dm, device=x.device, dtype=x.dtype)
+        return acc.to(out_dtype), states
+    out = empty(Bt, H, W, Dm, device=x.device, dtype=out_dtype)
     states = run_fwd(pb, plan, delta_softplus, scan.OUT_Y, out, (L * Dm, 0, Dm, 1, 0), scan.MERGE_SERIAL,
                       out_visited=plan.x_visited_any, save_chunks=save_chunks)
     return out, states
@@ -189,8 +192,8 @@ def _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_
     elif settings["atomic_merge"]:
         dx = torch.zeros(Bt, H, W, Dm, device=x.device, dtype=torch.float32)
         sdx, dx_merge = (L * Dm, 0, Dm, 1), scan.MERGE_ATOMIC
-    else:
-        dx = empty(Bt, H, W, Dm, device=x.device, dtype=x.dtype)
+    else:  # summed over routes in dout's dtype where wider (a wider out_dtype's), as a copy of x in it would be
+        dx = empty(Bt, H, W, Dm, device=x.device, dtype=torch.promote_types(x.dtype, dout.dtype))
         sdx, dx_merge = (L * Dm, 0, Dm, 1), scan.MERGE_SERIAL
     ddelta = empty(Bt, H, W, K, Dm, device=x.device, dtype=delta.dtype)
     if single_state:
@@ -212,41 +215,45 @@ def _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_
             None if delta_bias is None else dbias.reshape(delta_bias.shape).to(delta_bias.dtype))
 
 
-def selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
-    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+def selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge,
+                          out_dtype=None):
+    if _is_fp64(x, delta, A, B, C, D, delta_bias, out_dtype=out_dtype):
         return ReferenceBackend.selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes,
-                                                  delta_softplus, merge)
-    return _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, False)[0]
+                                                  delta_softplus, merge, out_dtype)
+    return _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, False,
+                   out_dtype)[0]
 
 
 def selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
-    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+    """dout is in out's dtype (a wider out_dtype's, or x's); the gradients in their inputs' dtypes."""
+    if _is_fp64(dout, x, delta, A, B, C, D, delta_bias):
         return ReferenceBackend.selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes,
                                                   delta_softplus, merge)
     return _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, None)
 
 
-def chunk_states_shape(x, delta, A, B, C, D, delta_bias, routes):
+def chunk_states_shape(x, delta, A, B, C, D, delta_bias, routes, out_dtype=None):
     """Shape of the chunk states ``selective_scan_2d_fwd_saving`` returns: (Bt, K, ceil(Lr / chunk_size(N)),
-    Dm, next_pow2(N)), or (0,) for fp64 inputs, which the reference serves."""
-    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+    Dm, next_pow2(N)), or (0,) for fp64 inputs or output, which the reference serves."""
+    if _is_fp64(x, delta, A, B, C, D, delta_bias, out_dtype=out_dtype):
         return (0,)
     Bt, K, Dm, N = delta.shape[0], delta.shape[3], delta.shape[4], A.shape[2]
     return (Bt, K, cdiv(routes.shape[1], chunk_size(N)), Dm, next_pow2(N))
 
 
-def selective_scan_2d_fwd_saving(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge):
+def selective_scan_2d_fwd_saving(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge,
+                                 out_dtype=None):
     """Forward that also returns the chunk states (fp32, ``chunk_states_shape``) for
     ``selective_scan_2d_bwd_from_saved``."""
-    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+    if _is_fp64(x, delta, A, B, C, D, delta_bias, out_dtype=out_dtype):
         return selective_scan_2d_fwd(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus,
-                                     merge), x.new_empty(0, dtype=torch.float32)
-    return _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, True)
+                                     merge, out_dtype), x.new_empty(0, dtype=torch.float32)
+    return _fwd_2d(x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge, True, out_dtype)
 
 
 def selective_scan_2d_bwd_from_saved(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes,
                                      delta_softplus, merge, chunk_states):
-    if _is_fp64(x, delta, A, B, C, D, delta_bias):
+    if _is_fp64(dout, x, delta, A, B, C, D, delta_bias):
         return selective_scan_2d_bwd(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes,
                                      delta_softplus, merge)
     return _bwd_2d(dout, x, delta, A, B, C, D, delta_bias, routes, param_routes, delta_softplus, merge,
@@ -264,14 +271,15 @@ def _split_batch(fn, batch_args, param_outputs=()):
     the batch are concatenated, parameter gradients (positions ``param_outputs``) summed."""
 
     @functools.wraps(fn)
-    def run(*args):
+    def run(*args, **options):  # options (keywords) carry no batch
         total = args[batch_args[0]].shape[0]
         if total <= MAX_GRID_BATCH:
-            return fn(*args)
+            return fn(*args, **options)
         parts = []
         for start in range(0, total, MAX_GRID_BATCH):
             piece = slice(start, start + MAX_GRID_BATCH)
-            parts.append(fn(*[a[piece] if i in batch_args and a is not None else a for i, a in enumerate(args)]))
+            parts.append(fn(*[a[piece] if i in batch_args and a is not None else a for i, a in enumerate(args)],
+                            **options))
         if not isinstance(parts[0], tuple):
             return torch.cat(parts)
         return tuple(None if outs[0] is None else

@@ -199,8 +199,9 @@ def _output_loads(C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img, so_
             zv = tl.load(z_img + k * sz_k + p[:, None] * sz_t + offs_d[None, :] * sz_d, mask=m, other=0.0)
         if MERGE == 1:
             first = tl.load(first_visit + k * Lr + t, mask=t < Lr, other=1)
+            # in out's dtype, which may be wider than x's (out_dtype): rounded to x's, the sum would lose bits
             old = tl.load(out_img + k * so_k + p[:, None] * so_t + offs_d[None, :] * so_d,
-                          mask=m & (first == 0)[:, None], other=0.0).to(xv.dtype)
+                          mask=m & (first == 0)[:, None], other=0.0)
     return Cv, zv, old
 
 

@@ -1,6 +1,9 @@
-"""Independent oracles for the kernel tests: a plain per-step loop, written from the recurrence."""
+"""Independent oracles for the kernel tests: a plain per-step loop, written from the recurrence, and the
+scan of a widened copy of x (what a wider out_dtype must equal)."""
 import torch
 import torch.nn.functional as F
+
+from vmamba_kernels import selective_scan_2d
 
 
 def per_step_scan(u, delta, A, B, C=None, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -58,3 +61,21 @@ def gather_scan_scatter(x, delta, A, B, C, D, delta_bias, routes, param_routes, 
             out[:, p, k] += y[:, :, t]
     out = out.reshape(Bt, H, W, K, Dm)
     return out.sum(3) if merge == "sum" else out
+
+
+def _scan_and_grads(x, others, routes, merge, dout=None, **options):
+    """out and the gradients of x and the other inputs (dout: fresh random unless given); x's gradient is in
+    x's dtype either way."""
+    leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for t in others]
+    scanned = leaves[0].to(options.pop("copy_to")) if "copy_to" in options else leaves[0]
+    out = selective_scan_2d(scanned, *leaves[1:], delta_softplus=True, routes=routes, merge=merge, **options)
+    dout = torch.randn_like(out) if dout is None else dout
+    return out, torch.autograd.grad(out, leaves, dout), dout
+
+
+def wider_out_and_copy_forms(x, others, routes, merge, out_dtype, backend="auto"):
+    """(out, grads) of x scanned with ``out_dtype``, and of a copy of x in out_dtype scanned (same dout)."""
+    out, grads, dout = _scan_and_grads(x, others, routes, merge, out_dtype=out_dtype, backend=backend)
+    copy_out, copy_grads, _ = _scan_and_grads(x, others, routes, merge, dout, copy_to=out_dtype, backend=backend)
+    return (out, grads), (copy_out, copy_grads)
+

@@ -140,3 +140,33 @@ def test_B_and_C_broadcast_over_rows_and_steps_match_the_oracle(groups):
     out, last = reference.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
     want, want_last, _ = per_step_scan(**x, delta_softplus=True)
     assert x["B"].stride(0) == 0 and _rel(out, want) < 1e-5 and _rel(last, want_last) < 1e-5
+
+
+class _Scan2d(torch.nn.Module):
+    """GroupMamba's scan call; ``copy``: on an fp32 copy of x instead of x with an fp32 out_dtype."""
+
+    def __init__(self, routes, copy):
+        super().__init__()
+        self.register_buffer("routes", routes, persistent=False)
+        self.copy = copy
+
+    def forward(self, x, delta, A, B, C, D, delta_bias):
+        if self.copy:
+            x, out_dtype = x.float(), None
+        else:
+            out_dtype = torch.float32
+        return vk.selective_scan_2d(x, delta, A, B, C, D, delta_bias, True, routes=self.routes, merge="none",
+                                    out_dtype=out_dtype)
+
+
+def test_exported_2d_scan_with_a_wider_out_dtype_is_the_scan_of_a_widened_copy():
+    """The export path (standard operators) honours out_dtype: a bf16 x with an fp32 output exports, and its
+    program gives, bit for bit, what the exported scan of an fp32 copy gives."""
+    Bt, H, W, K, Dm = 2, 3, 4, 4, 3
+    low = lambda *shape: torch.randn(*shape).bfloat16()
+    args = (low(Bt, H, W, K, Dm), low(Bt, H, W, K, Dm) * 0.5, -torch.rand(K, Dm, 1) - 0.1, low(Bt, H, W, K, 1),
+            low(Bt, H, W, K, 1), torch.randn(K, Dm), torch.randn(K, Dm))
+    routes = vk.scan_routes("cross", H, W)
+    outs = [torch.export.export(_Scan2d(routes, copy), args).module()(*args) for copy in (False, True)]
+    assert outs[0].dtype == torch.float32 and torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])

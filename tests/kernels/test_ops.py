@@ -1,5 +1,6 @@
 """Custom-op plumbing: opcheck, torch.compile, FLOP counting, backend choice, defaults and input checks."""
 import inspect
+import re
 
 import pytest
 import torch
@@ -44,6 +45,10 @@ def test_opcheck_states_and_2d(contiguous):
     for merge, save_chunks in (("sum", True), ("none", False)):
         torch.library.opcheck(torch.ops.vmamba.selective_scan_2d_fwd,
                               (*args.values(), routes, routes, True, merge, "reference", save_chunks))
+    low_x = args["x"].detach().bfloat16().requires_grad_()  # an output wider than x
+    torch.library.opcheck(torch.ops.vmamba.selective_scan_2d_fwd,
+                          (low_x, *list(args.values())[1:], routes, routes, True, "none", "reference", True,
+                           torch.float32))
 
 
 class TinyCrossMixer(nn.Module):
@@ -78,6 +83,25 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
     (g,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(g, g_eager)
+
+
+def test_torch_compile_with_a_wider_out_dtype():
+    """The fake kernel gives the compiled graph out's dtype: a bf16 x with an fp32 output, bitwise as eager."""
+    args = _scan_2d_args(H=3, W=3)
+    leaves = [args["x"].bfloat16()] + [args[k] for k in ("delta", "A", "B", "C", "D", "delta_bias")]
+    routes = vk.scan_routes("cross", 3, 3)
+    f = lambda *a: vk.selective_scan_2d(*a, delta_softplus=True, routes=routes, merge="none",
+                                        out_dtype=torch.float32)
+
+    def run(fn):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        out = fn(*inputs)
+        return (out, *torch.autograd.grad(out.square().sum(), inputs))
+
+    eager, compiled = run(f), run(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    assert compiled[0].dtype == torch.float32 and compiled[1].dtype == torch.bfloat16
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
 
 
 def test_torch_compile_1d_and_states():
@@ -206,6 +230,20 @@ def test_bad_input_2d():
         vk.selective_scan_2d(**{**args, "B": torch.randn(1, 3, 4, 4, 3)}, routes=routes)
     with pytest.raises(ValueError, match=r"D must have shape \(4, 2\), got shape \(2,\)"):
         vk.selective_scan_2d(**{**args, "D": torch.randn(2)}, routes=routes)
+
+
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                               (torch.float32, torch.int32), (torch.float32, "float32"),
+                                               (torch.float32, [torch.float32])])
+def test_bad_out_dtype_2d(x_dtype, out_dtype):
+    """out_dtype must hold every value of x's dtype (bf16 and fp16 each hold values the other cannot)."""
+    args = _scan_2d_args()
+    args["x"] = args["x"].to(x_dtype)
+    routes = vk.scan_routes("cross", 3, 4)
+    vk.selective_scan_2d(**args, routes=routes)  # the same call without out_dtype passes (and is remembered)
+    expected = rf"out_dtype must be None or a floating dtype at least as wide as x's \({x_dtype}\)"
+    with pytest.raises(TypeError, match=expected + r".*got " + re.escape(repr(out_dtype))):
+        vk.selective_scan_2d(**args, routes=routes, out_dtype=out_dtype)
 
 
 def test_param_routes_padding_checked_once_per_version(monkeypatch):

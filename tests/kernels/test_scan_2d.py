@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vmamba_kernels as vk
-from tests.kernels.oracle import gather_scan_scatter
+from tests.kernels.oracle import gather_scan_scatter, wider_out_and_copy_forms
 
 
 def _rel(a, b):
@@ -95,3 +95,31 @@ def test_low_precision(dtype):
     want = gather_scan_scatter(**x, routes=routes, param_routes=routes, merge="sum", delta_softplus=True)
     assert out.dtype == dtype
     assert _rel(out, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+
+GRAD_NAMES = ("x", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+@pytest.mark.parametrize("route_set", ["cross", "atrous"])  # every route at every pixel; padded routes
+@pytest.mark.parametrize("N", [1, 2], ids=["d_state1", "d_state2"])
+@pytest.mark.parametrize("merge", ["sum", "none"])
+@pytest.mark.parametrize("per_route_x", [False, True], ids=["shared_x", "per_route_x"])
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                               (torch.float32, torch.float64)],
+                         ids=["bf16_x_fp32_out", "fp16_x_fp32_out", "fp32_x_fp64_out"])
+def test_wider_out_dtype_is_the_scan_of_a_widened_copy_of_x(x_dtype, out_dtype, per_route_x, merge, N, route_set):
+    """GroupMamba's call: a bf16 x (dt, B, C in bf16 too, A, D and the bias in fp32) with an fp32 output gives,
+    bit for bit, the output and every gradient of the scan of an fp32 copy of x, whose gradient the copy's
+    backward rounds to bf16; an fp64 output computes in fp64, as an fp64 copy would."""
+    routes = vk.scan_routes(route_set, 3, 5)
+    inputs = _inputs(routes, 3, 5, N=N, per_route_x=per_route_x, dtype=torch.float32)
+    low = {name: inputs[name].to(x_dtype) for name in ("x", "delta", "B", "C")}
+    others = [low.get(name, inputs[name]) for name in GRAD_NAMES[1:]]
+    (out, grads), (copy_out, copy_grads) = wider_out_and_copy_forms(low["x"], others, routes, merge, out_dtype)
+    assert out.dtype == out_dtype and grads[0].dtype == x_dtype
+    assert torch.isfinite(out).all() and torch.equal(out, copy_out)
+    for name, g, want in zip(GRAD_NAMES, grads, copy_grads):
+        assert g.dtype == want.dtype and torch.equal(g, want), name
+    narrow = vk.selective_scan_2d(low["x"], *others, delta_softplus=True, routes=routes, merge=merge)
+    assert narrow.dtype == x_dtype  # out_dtype None keeps x's dtype

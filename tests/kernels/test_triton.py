@@ -20,6 +20,7 @@ import pytest
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 GROUPS = ("scan_1d", "states", "cross_sum", "continuous_params", "atrous_odd", "multihead_none", "per_route_x",
           "batch_split", "single_state")
+WIDER_OUT_CASES = 6  # cases of the "wider_out" group
 
 
 def _run_group(group):
@@ -42,6 +43,17 @@ def test_triton_matches_reference(group):
                               f"finite={r['finite']}" for r in bad)
     repeats = [r for r in records if r["kind"] == "repeat"]
     assert repeats and all(r["bitwise_equal"] for r in repeats), [r for r in repeats if not r["bitwise_equal"]]
+
+
+def test_wider_out_dtype_is_the_scan_of_a_widened_copy_of_x():
+    """bf16 x with out_dtype fp32 gives, bit for bit, the output and every gradient of the scan of an fp32
+    copy of x (x's gradient rounded to bf16 as the copy's backward rounds it), on the d_state-1 and the
+    general kernels, merge "none" (GroupMamba's) and "sum", shared and per-route x."""
+    records = [r for r in _run_group("wider_out") if r["kind"] == "equal"]
+    assert len(records) == WIDER_OUT_CASES * 2 * 8, len(records)  # two paths, out and 7 gradients each
+    bad = [r for r in records if not (r["finite"] and r["equal"])]
+    assert not bad, "\n".join(f"{r['case']} {r['name']} {r['dtypes']}: equal={r['equal']} finite={r['finite']}"
+                              for r in bad)
 
 
 @pytest.mark.parametrize("CPG", [1, 3, 4, 8, 16, 96, 384, 768])
@@ -131,6 +143,7 @@ def _child(group):
     torch.set_num_threads(1)
     _vectorize_interpreter_scan()
     import vmamba_kernels as vk
+    from oracle import wider_out_and_copy_forms  # this file's folder: the child runs it as a script
     from vmamba_kernels import reference
     from vmamba_kernels.triton import alloc
     from vmamba_kernels.triton import backend as tri
@@ -152,6 +165,12 @@ def _child(group):
             err = float((g64 - w64).norm() / w64.norm().clamp_min(1e-30)) if finite else float("inf")
             emit(kind="compare", case=case, name=name, dtype=str(dtype).replace("torch.", ""), rel_err=err,
                  finite=finite)
+
+    def equal(case, names, got, want):
+        for name, g, w in zip(names, got, want):
+            same = g.dtype == w.dtype and torch.equal(g, w)
+            emit(kind="equal", case=case, name=name, dtypes=[str(g.dtype), str(w.dtype)], equal=same,
+                 finite=bool(torch.isfinite(g).all()))
 
     def repeat(case, run):
         first, second = run(), run()
@@ -284,6 +303,25 @@ def _child(group):
         compare(case + "/op", names, run("triton"), want, torch.float32)
         compare(case + "/compiled", names, run("triton", compiled=True), want, torch.float32)
 
+    def wider_out(case, routes, H, W, Bt, Dm, N, merge, per_route_x):
+        """bf16 x (and dt, B, C) with out_dtype fp32 against the scan of an fp32 copy of x, bitwise: through the
+        op (its forward saves the chunk states, its backward reads them), and the backend's plain forward and
+        recomputing backward."""
+        K = routes.shape[0]
+        x = torch.randn(*((Bt, H, W, K, Dm) if per_route_x else (Bt, H, W, Dm))).to(bf16)
+        others = [(torch.rand(Bt, H, W, K, Dm) * 0.8 - 0.4).to(bf16), -(torch.rand(K, Dm, N) + 0.3),
+                  torch.randn(Bt, H, W, K, N).to(bf16), torch.randn(Bt, H, W, K, N).to(bf16), torch.randn(K, Dm),
+                  torch.randn(K, Dm) * 0.3]
+        names = ("out", "dx", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias")
+        (out, grads), (copy_out, copy_grads) = wider_out_and_copy_forms(x, others, routes, merge, f32, "triton")
+        equal(case + "/op", names, (out, *grads), (copy_out, *copy_grads))
+        args = (*others, routes, routes, True, merge)
+        dout = torch.randn_like(copy_out)
+        got = (tri.selective_scan_2d_fwd(x, *args, out_dtype=f32), *tri.selective_scan_2d_bwd(dout, x, *args))
+        copy_grads = tri.selective_scan_2d_bwd(dout, x.float(), *args)
+        equal(case + "/recomputing", names, got,
+              (tri.selective_scan_2d_fwd(x.float(), *args), copy_grads[0].to(bf16), *copy_grads[1:]))
+
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     if group == "scan_1d":
         scan_1d("plain", 2, 4, 8, 1, 0, f32, D=False, z=False, bias=False, softplus=False, last=False)
@@ -358,8 +396,37 @@ def _child(group):
         same_chunk_states("n1_step_axis_1_states", vk.scan_routes("cross", 4, 6), 4, 6, 2, 10, f32, "sum")
         tiles.INTERPRET_N1_TILE = {"TT": 4, "LT": 1, "BD": 8, "VEC": 1, "FLIP": False}
         scan_2d("n1_step_axis_1_one_segment", vk.scan_routes("continuous", 3, 4), 3, 4, 1, 5, 1, f32, "sum")
+    elif group == "wider_out":
+        _round_interpreter_narrowing_to_nearest_even()
+        cross = vk.scan_routes("cross", 3, 4)  # every pixel on every route: a shared x's gradient sums four
+        wider_out("n1_per_route_none", cross, 3, 4, 2, 8, 1, "none", per_route_x=True)  # GroupMamba's call
+        wider_out("n1_shared_sum", cross, 3, 4, 1, 8, 1, "sum", per_route_x=False)
+        wider_out("n1_atrous_per_route_sum", vk.scan_routes("atrous", 3, 5), 3, 5, 1, 4, 1, "sum", per_route_x=True)
+        wider_out("general_per_route_none", cross, 3, 4, 1, 4, 2, "none", per_route_x=True)
+        wider_out("general_shared_sum", cross, 3, 4, 1, 4, 2, "sum", per_route_x=False)
+        tri.set_n1_kernel(False)
+        wider_out("general_n1_per_route_none", cross, 3, 4, 1, 8, 1, "none", per_route_x=True)
     else:
         raise SystemExit(f"unknown group {group!r}")
+
+
+def _round_interpreter_narrowing_to_nearest_even():
+    """The interpreter narrows fp32 to bf16 by dropping the low bits; GPUs round to nearest even (the rounding
+    Triton's downcasts ask for, and torch's casts use). Bitwise comparisons with torch's casts need the GPU's."""
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncate = interpreter.InterpreterBuilder.create_fp_trunc
+
+    def create_fp_trunc(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return truncate(self, src, dst_type)
+        rounded = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16)
+        return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+
+    interpreter.InterpreterBuilder.create_fp_trunc = create_fp_trunc
 
 
 def _vectorize_interpreter_scan():

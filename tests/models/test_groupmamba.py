@@ -11,11 +11,14 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
+from vmamba_kernels import selective_scan_2d
 
 from vmamba_zoo.layers.route_scan import fused_projections
+from vmamba_zoo.layers.scan_params import at_least_fp32
+from vmamba_zoo.models import groupmamba
 from vmamba_zoo.models.groupmamba import (
-    ChannelAffinity, GroupMamba, GroupedLayerNorm, GroupedLinear, GroupedSingleScan2d, GroupMambaMixer,
-    checkpoint_filter_fn)
+    ChannelAffinity, GroupMamba, GroupMambaBlock, GroupedLayerNorm, GroupedLinear, GroupedSingleScan2d,
+    GroupMambaMixer, checkpoint_filter_fn)
 
 DATA = Path(__file__).resolve().parents[1] / 'data'
 
@@ -204,6 +207,53 @@ def _count_mixer_ops(m, x, Count):
     with Count():
         y.sum().backward()
     Count.fwd, Count.bwd = fwd, Count.n - fwd
+
+
+def saved_bytes(fn):
+    """fn()'s result and the bytes of the distinct storages autograd saves for its backward."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()  # saved storages stay alive: their addresses differ
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def fp32_copy_scan(x, *args, out_dtype=None, **kwargs):
+    """The scan as GroupMamba called it before out_dtype: on an fp32 copy of x, whose dtype the output takes."""
+    return selective_scan_2d(at_least_fp32(x), *args, **kwargs)
+
+
+def test_bf16_scan_reads_x_without_an_fp32_copy(monkeypatch):
+    """Under bf16 autocast, in the form CUDA runs, the scan reads the bf16 SiLU(conv) output and writes fp32:
+    the block's output and every gradient equal those of the scan of an fp32 copy of x, bit for bit, and the
+    copy (4 bytes per element of x) is no longer saved for the backward."""
+    block = GroupMambaBlock(32, mlp_ratio=2)
+    perturb_(block)
+    x = torch.randn(2, 5, 6, 32)
+    params = [x.requires_grad_()] + list(block.parameters())
+    dout = None
+
+    def run():
+        nonlocal dout
+        with fused_projections(True), torch.autocast('cpu', dtype=torch.bfloat16):
+            out, saved = saved_bytes(lambda: block(x))
+        dout = torch.randn_like(out) if dout is None else dout
+        return out, torch.autograd.grad(out, params, dout), saved
+
+    out, grads, saved = run()
+    monkeypatch.setattr(groupmamba, 'selective_scan_2d', fp32_copy_scan)
+    copy_out, copy_grads, copy_saved = run()
+    assert torch.isfinite(out).all() and torch.equal(out, copy_out)
+    names = ['x'] + [n for n, _ in block.named_parameters()]
+    for name, g, want in zip(names, grads, copy_grads):
+        assert torch.equal(g, want), name
+    x_elements = 2 * 5 * 6 * 32  # (B, H, W, K, d_inner) with ssm_ratio 1
+    assert copy_saved - saved >= 4 * x_elements, (copy_saved, saved)
 
 
 def test_channel_affinity_is_squeeze_excite_over_tokens():

@@ -150,16 +150,18 @@ class GroupedSingleScan2d(nn.Module):
         x = self.act(self.conv2d(x)).permute(0, 2, 3, 1).reshape(Bt, H, W, K, self.d_inner)
 
         x_dbl = self.x_proj(x)
-        # The official scan runs in fp32 (force_fp32) and normalizes its fp32 output. An fp32 x gives that
-        # output; dt, B and C are read as they are, since the kernels widen them to fp32 exactly as a cast
-        # would (and round their gradients back as the cast's backward would), without three fp32 copies.
+        # The official scan runs in fp32 (force_fp32) and normalizes its fp32 output: out_dtype asks for that
+        # output. x, dt, B and C are read as they are, since the kernels widen them to fp32 exactly as a cast
+        # would (and round their gradients back as the cast's backward would), without fp32 copies (x's
+        # would be saved for the backward in every block).
         f32 = at_least_fp32
         dt = self._dt_proj(x_dbl)
         b, c = x_dbl[..., self.dt_rank:].split(self.d_state, dim=-1)
         y = selective_scan_2d(
-            f32(x), dt, -torch.exp(f32(self.A_log)), b, c, f32(self.D),
+            x, dt, -torch.exp(f32(self.A_log)), b, c, f32(self.D),
             delta_bias=f32(self.dt_proj_bias), delta_softplus=True,
             routes=device_routes('cross', H, W, x.device), merge='none',  # route k is group k's scan order
+            out_dtype=torch.promote_types(x.dtype, torch.float32),  # at_least_fp32's dtype
         )
         y = self.out_norm(y).to(z.dtype) * z
         return self.out_proj(y)
