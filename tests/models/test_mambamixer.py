@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import vmamba_zoo.models.mambamixer as mm
+from vmamba_zoo.layers.route_scan import fused_projections
 
+from .test_efficientvmamba import LayerNormInFp32
 from .test_vmamba import _naive_scan, _randomize
 
 
@@ -243,3 +245,97 @@ def test_vim2_saved_activations_do_not_grow_with_the_channel_d_state():
         saved[N] = _saved_bytes(lambda: model(x).sum(), list(model.parameters()))
     per_token_bc = 2 * 2 * (32 - 4) * 4 * (32 * 16 * 16 + 64 * 8 * 8 + 2 * 96 * 4 * 4 + 64 * 2 * 2) * 2
     assert abs(saved[32] - saved[4]) < 0.01 * per_token_bc, (saved, per_token_bc)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the training forward keeps for backward, in the form CUDA runs (fused projections, bf16 autocast; CUDA's
+# autocast runs LayerNorm in fp32, which CPU autocast does not: the tests force it)
+
+def _saved_bytes_per_image(module, make_input) -> float:
+    """Bytes kept per image, each storage once: the difference of batches 3 and 1 (weight casts, routes and
+    parameters do not grow with the batch)."""
+    sizes = []
+    for batch in (1, 3):
+        x = make_input(batch)
+        with fused_projections(True), torch.autocast('cpu', dtype=torch.bfloat16):
+            sizes.append(_saved_bytes(lambda: module(x), list(module.parameters())))
+    return (sizes[1] - sizes[0]) / 2
+
+
+def test_token_mixer_keeps_what_its_backward_reads(monkeypatch):
+    """Per pixel (bf16): in_proj's input (C) and output (2·Di: conv input and gate), the conv output and its SiLU
+    (2·Di), x_proj's output (K·(R + 2N)) with B and C made contiguous (2·K·N), the K routes' deltas (K·Di), the
+    scan output and out_proj's input (2·Di). The LayerNorm's fp32 copy of the scan output and the product's fp32
+    normalized output (8·Di bytes) exceed it."""
+    monkeypatch.setattr(torch.nn.LayerNorm, 'forward', LayerNormInFp32.forward)
+    C, H, W = 16, 6, 5
+    m = mm.SelectiveTokenMixer(C, d_state=4).train()
+    _randomize(m, 5)
+    Di, K, R, N = m.channels, m.num_routes, m.dt_rank, m.d_state
+    needed_per_pixel = 2 * (C + 6 * Di + K * Di + K * (R + 4 * N))
+    per_image = _saved_bytes_per_image(m, lambda b: torch.randn(b, H, W, C, requires_grad=True))
+    assert 0 < per_image <= H * W * needed_per_pixel, (per_image, H * W * needed_per_pixel)
+
+
+def test_channel_mixer_keeps_what_its_backward_reads():
+    """Per token (bf16): in_proj's input (C) and output (2·L: sequence and gate), per direction the SiLU output u,
+    the scan's u² and delta and the output's y + D (4·K·L), the directions' sum, SiLU(gate) and out_proj's input
+    (3·L). The stacked directions and the conv output (2·K·L + K·(d_conv - 1) more) exceed it."""
+    C, L, tokens = 6, 24, 10
+    m = mm.SelectiveChannelMixer(C, width=L, d_state=4).train()
+    _randomize(m, 6)
+    K = m.num_directions
+    needed_per_token = 2 * (C + 5 * L + 4 * K * L)
+    per_image = _saved_bytes_per_image(m, lambda b: torch.randn(b, tokens, C, requires_grad=True))
+    assert 0 < per_image <= tokens * needed_per_token, (per_image, tokens * needed_per_token)
+
+
+def _recorded_inputs(model, kinds):
+    """Forward pre-hooks that record the input shape of every module of the given kinds."""
+    shapes = []
+    for module in model.modules():
+        if isinstance(module, kinds):
+            module.register_forward_pre_hook(lambda mod, args: shapes.append((mod, args[0].shape)))
+    return shapes
+
+
+@pytest.mark.parametrize('form', ['cuda', 'cpu'])
+def test_training_step_is_bitwise_the_form_that_keeps_every_intermediate(monkeypatch, form):
+    """Outputs and every gradient equal those of the form that keeps the recomputed steps' tensors (odd map
+    sizes included), and in the CUDA form at least those tensors are no longer kept: per token-mixer pixel the
+    LayerNorm's fp32 copy of the scan output, its fp32 output and its mean and rstd, per channel-mixer token the
+    stacked directions and the conv output."""
+    if form == 'cuda':
+        monkeypatch.setattr(torch.nn.LayerNorm, 'forward', LayerNormInFp32.forward)
+    model = mm.MambaMixer(dims=(8, 16, 24, 32), depths=(1, 1, 2, 1), num_classes=10, d_state=4,
+                          channel_d_state=4).train()
+    _randomize(model, 7)
+    shapes = _recorded_inputs(model, (mm.SelectiveTokenMixer, mm.SelectiveChannelMixer))
+    x, g = torch.randn(2, 3, 44, 36), torch.randn(2, 10)  # stage maps 11x9, 6x5, 3x3, 2x2
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        shapes.clear()
+        with fused_projections(True if form == 'cuda' else None), torch.autocast('cpu', dtype=torch.bfloat16):
+            saved = _saved_bytes(lambda: outs.append(model(xr)), list(model.parameters()))
+        (outs[-1].float() * g).sum().backward()
+        return [outs[-1], xr.grad] + [p.grad for p in model.parameters()], saved
+
+    outs = []
+    ours, saved = step()
+    with monkeypatch.context() as mp:
+        mp.setattr(mm, 'recomputed_in_backward', lambda fn, *args: fn(*args))
+        kept, saved_kept = step()
+    names = ['out', 'x'] + [n for n, _ in model.named_parameters()]
+    for name, a, b in zip(names, ours, kept):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+    if form == 'cuda':
+        dropped = 0
+        for module, shape in shapes:
+            if isinstance(module, mm.SelectiveTokenMixer):
+                dropped += shape[:-1].numel() * (8 * module.channels + 8)
+            else:
+                K, L, taps = module.num_directions, module.width, module.conv1d.kernel_size[0]
+                dropped += shape[:-1].numel() * 2 * K * (2 * L + taps - 1)
+        assert saved_kept - saved >= dropped, (saved_kept, saved, dropped)

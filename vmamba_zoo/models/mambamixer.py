@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils.checkpoint import checkpoint as recompute_checkpoint
 
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model, register_notrace_module
@@ -44,12 +45,23 @@ from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
-from ..layers.route_scan import RouteScanParams
+from ..layers.route_scan import RouteScanParams, fewer_launches
 from ..layers.routes import device_routes
 from ..layers.scan_params import resolve_dt_rank
 
 
 __all__ = ['MambaMixer', 'SelectiveTokenMixer', 'SelectiveChannelMixer']
+
+
+def recomputed_in_backward(fn, *args):
+    """fn(*args), whose intermediate tensors the backward recomputes from args instead of autograd keeping
+    them: for a few memory-bound steps whose inputs are kept anyway. The recomputation runs the same kernels on
+    the same inputs (under the forward's autocast state), so outputs and gradients are bit for bit those of
+    fn(*args). Without autograd, and when traced or exported, it is fn(*args)."""
+    if not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.jit.is_scripting() or exporting():
+        return fn(*args)
+    return recompute_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
 
 @register_notrace_module  # routes depend on the runtime map size
 class SelectiveTokenMixer(RouteScanParams):
@@ -94,8 +106,12 @@ class SelectiveTokenMixer(RouteScanParams):
             x, delta, A, Bs, Cs, D, delta_bias, delta_softplus=True,
             routes=device_routes('cross', H, W, x.device), merge='sum',
         )
-        y = self.out_norm(y) * self.act(z)
-        return self.out_proj(y)
+        # Under CUDA autocast the LayerNorm would keep an fp32 copy of y and the product its fp32 output, 8 bytes
+        # per channel and pixel (15% of what ViM2-T keeps for backward), where the recomputation keeps y: 2 bytes
+        return self.out_proj(recomputed_in_backward(self.gated_norm, y, z))
+
+    def gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.out_norm(y) * self.act(z)
 
 
 @register_notrace_module  # shape-dependent reshapes and slicing of the token batch
@@ -135,12 +151,19 @@ class SelectiveChannelMixer(RouteScanParams):
         self.act = act_layer()
         self.out_proj = nn.Linear(width, dim, bias=False)
 
-    def causal_conv(self, u: torch.Tensor) -> torch.Tensor:
-        """conv1d's causal outputs, (tokens, K, L). On CPU in eager mode as d_conv shifted multiply-adds: oneDNN's
+    @staticmethod
+    def runs_conv1d(u: torch.Tensor) -> bool:
+        """Whether ``causal_conv`` runs conv1d. On CPU in eager mode it runs d_conv shifted multiply-adds: oneDNN's
         2-channel depthwise convolution over thousands of tokens takes longer than the whole channel scan. Under a
-        dispatch mode (torch's flop counter) it stays the conv, so that counters see the model's own op."""
+        dispatch mode (torch's flop counter) it stays the conv, so that counters see the model's own op, and so
+        does it where ``fused_projections(True)`` asks for the CUDA form on CPU."""
+        return (not u.is_cpu or fewer_launches(u) or torch.jit.is_tracing() or exporting()
+                or is_in_torch_dispatch_mode())
+
+    def causal_conv(self, u: torch.Tensor, as_conv1d: bool) -> torch.Tensor:
+        """conv1d's causal outputs, (tokens, K, L), by conv1d or by shifted multiply-adds (``runs_conv1d``)."""
         L = u.shape[-1]
-        if not u.is_cpu or torch.jit.is_tracing() or exporting() or is_in_torch_dispatch_mode():
+        if as_conv1d:
             return self.conv1d(u)[..., :L]
         taps = self.conv1d.kernel_size[0]
         w, padded = self.conv1d.weight[:, 0, :, None], F.pad(u, (taps - 1, 0))  # w (K, taps, 1)
@@ -148,6 +171,10 @@ class SelectiveChannelMixer(RouteScanParams):
         for i in range(1, taps):
             y = torch.addcmul(y, w[:, i], padded[..., i:i + L])
         return y if self.conv1d.bias is None else y + self.conv1d.bias[:, None]
+
+    def directions(self, seq: torch.Tensor, as_conv1d: bool) -> torch.Tensor:
+        """seq (tokens, L) → SiLU of the causal conv of its forward and reversed channel order, (tokens, K, L)."""
+        return self.act(self.causal_conv(torch.stack([seq, seq.flip(-1)], dim=1), as_conv1d))
 
     def scan(self, seq: torch.Tensor) -> torch.Tensor:
         """seq (tokens, L) → the forward scan plus the flipped-back reversed scan, (tokens, L).
@@ -160,8 +187,10 @@ class SelectiveChannelMixer(RouteScanParams):
         (16x the size of u at N = 16; it was 70% of the model's activation memory)."""
         K, L = self.num_directions, seq.shape[-1]
         T, N = seq.shape[0], self.d_state
-        u = torch.stack([seq, seq.flip(-1)], dim=1)  # (tokens, K, L): forward and reversed channel order
-        u = self.act(self.causal_conv(u))  # causal along the channel sequence
+        # seq is kept anyway (a view of in_proj's output, whose gate half is kept): recomputing the stacked
+        # directions and the conv output from it saves the two (tokens, K, L) tensors that the conv and SiLU
+        # would keep. The conv's form is chosen here, so that the recomputation repeats the forward's.
+        u = recomputed_in_backward(self.directions, seq, self.runs_conv1d(seq))
         w = self.x_proj_weight.view(K, 1 + 2 * N)
         a = (w[:, 0] * self.dt_projs_weight.view(K)).unsqueeze(-1)  # (K, 1): delta per unit of u
         delta = (u * a).to(u.dtype)
