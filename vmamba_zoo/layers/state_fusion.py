@@ -14,23 +14,22 @@ and in PyTorch it is no faster on GPU (it is on CPU), so it is opt-in here (``me
 
 Layout (``impl``). PyTorch sends a depthwise conv to cuDNN whenever the input's suggested memory format is
 channels_last, but rejects cuDNN for dilated depthwise convs on NCHW-contiguous input and falls back to its own
-slow kernels. ``impl="channels_last"`` therefore moves the states to channels_last once, in the same
+slow kernels. The default ``impl="channels_last"`` therefore moves the states to channels_last once, in the same
 copy that casts them to the compute dtype (autocast's, else the parameters'), folds α into the kernels (three
 tiny products instead of three full-size scalings) and returns a channels_last map, which a channels-last
 caller reads as (B, H, W, C) without a copy. ``impl="nchw"`` is the plain form (pad, conv, scale per dilation
 in the input's layout), kept as the baseline for ``tools/bench_layers.py``; ``impl="merged"`` always runs the
-merged 11×11 kernel, channels_last.
+merged 11×11 kernel, channels_last. ``impl="auto"`` (the default) runs "channels_last" in eval mode
+and "nchw" in training: on one H100 (bf16, batch 128, model_cards/benchmarks/side_by_side.md) the channels-last
+Spatial-Mamba-T inferred at 2150 img/s against 1709 in NCHW, but trained at 405 against 462.
 
 ``impl="fused"`` runs ``vmamba_kernels.dilated_dwconv_sum``: on CUDA one Triton kernel reads the fp32 states
 with clamped indices (no padded copies), applies every dilated kernel and writes the sum once, channels_last in
-the compute dtype, and its backward is two kernels (elsewhere the op is the plain PyTorch form). It targets what
-a profile of a Spatial-Mamba-T step showed (one H100, bf16, batch 128): PyTorch's dilated depthwise kernels, the
-replicate-padded copies and their backward took about 77 of 228 ms of a training step and 21 of 59 ms of
-inference (model_cards/benchmarks/profile_h100_5a74902.md).
-
-``impl="auto"`` (the default) runs "fused" where its kernels run (CUDA with Triton, replicate borders, not
-traced or exported); elsewhere "channels_last" in eval mode and "nchw" in training, the faster of those two
-there.
+the compute dtype, and its backward is two kernels (elsewhere the op is the plain PyTorch form). It is opt-in:
+its kernels are checked against a per-tap loop under the Triton interpreter but not yet timed on a GPU. It
+targets what a profile of a Spatial-Mamba-T step shows (one H100, bf16, batch 128): PyTorch's dilated
+depthwise kernels, the replicate-padded copies and their backward took about 77 of 228 ms of a training step
+and 21 of 59 ms of inference.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -82,10 +81,10 @@ class StateFusion(nn.Module):
         padding_mode: border handling of every conv ("replicate" in Spatial-Mamba).
         merge_at_eval: in eval mode run the single merged kernel instead of one conv per dilation (same
             result). The merged kernel is rebuilt from the parameters on every call, so it never goes stale.
-        impl: "auto" (default: "fused" on CUDA; elsewhere "nchw" in training, "channels_last" in eval), "fused"
-            (``vmamba_kernels.dilated_dwconv_sum``), "channels_last" (cuDNN-eligible layout, α folded into the
-            kernels, one cast), "nchw" (pad, conv and scale per dilation in the input's layout) or "merged" (the
-            merged kernel in training too). All compute the same function; see the module docstring.
+        impl: "auto" (default: "nchw" in training, "channels_last" in eval), "channels_last" (cuDNN-eligible
+            layout, α folded into the kernels, one cast), "nchw" (pad, conv and scale per dilation in the input's
+            layout) or "merged" (the merged kernel in training too). All compute the same function; see the
+            module docstring.
 
     Parameters: ``weight`` (n, C, 1, k, k) and ``alpha`` (n,), all initialised to ones.
     """
