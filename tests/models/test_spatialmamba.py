@@ -121,28 +121,6 @@ def test_state_fusion_impls_match_plain_nchw_convs_with_grads(impl, train):
     assert f.resolved_impl() == (("nchw" if train else "channels_last") if impl == "auto" else impl)
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_auto_fusion_runs_the_fused_kernels_where_they_run(train, monkeypatch):
-    """"auto" is the fused op on CUDA (with Triton), never for other borders, off CUDA or while traced; the mixer
-    then stays channels-last in training too, since the fused op writes its output channels-last."""
-    import vmamba_zoo.layers.state_fusion as state_fusion
-    f = random_fusion(6, seed=4).train(train)
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    cpu_form = "nchw" if train else "channels_last"
-    monkeypatch.setattr(state_fusion, "resolve_backend", lambda backend, device: "triton" if device.type == "cuda"
-                        else "reference")
-    assert f.resolved_impl(cuda) == "fused"
-    assert f.resolved_impl(cpu) == f.resolved_impl() == cpu_form
-    f.padding_mode = "zeros"  # the fused kernels clamp at the borders: replicate only
-    assert f.resolved_impl(cuda) == cpu_form
-    f.padding_mode = "replicate"
-    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
-    assert f.resolved_impl(cuda) == cpu_form
-    monkeypatch.undo()
-    monkeypatch.setattr(state_fusion, "resolve_backend", lambda backend, device: "reference")  # no Triton
-    assert f.resolved_impl(cuda) == cpu_form
-
-
 def test_state_fusion_channels_last_casts_once_to_the_autocast_dtype():
     f = random_fusion(4, seed=5)
     h = torch.randn(1, 4, 7, 9)

@@ -31,13 +31,13 @@ targets what a profile of a Spatial-Mamba-T step shows (one H100, bf16, batch 12
 depthwise kernels, the replicate-padded copies and their backward took about 77 of 228 ms of a training step
 and 21 of 59 ms of inference.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vmamba_kernels import dilated_dwconv_sum, resolve_backend
+from vmamba_kernels import dilated_dwconv_sum
 
 __all__ = ["StateFusion", "merge_dilated_kernels", "FUSION_IMPLS"]
 
@@ -148,14 +148,10 @@ class StateFusion(nn.Module):
         """h in the dtype the convs compute in, channels_last: one copy (none if it already is)."""
         return h.to(dtype=self._compute_dtype(h), memory_format=torch.channels_last)
 
-    def resolved_impl(self, device: Optional[torch.device] = None) -> str:
-        """The implementation a call on ``device`` runs. "auto" is "fused" where the fused kernels run (CUDA with
-        Triton, replicated borders, not traced), else "nchw" in training and "channels_last" in eval."""
+    def resolved_impl(self) -> str:
+        """The implementation this call runs: "auto" is "nchw" in training and "channels_last" in eval."""
         if self.impl != "auto":
             return self.impl
-        if (device is not None and self.padding_mode == "replicate" and not torch.jit.is_tracing()
-                and resolve_backend("auto", torch.device(device)) == "triton"):
-            return "fused"
         return "nchw" if self.training else "channels_last"
 
     def forward_fused(self, h: torch.Tensor) -> torch.Tensor:
@@ -168,7 +164,7 @@ class StateFusion(nn.Module):
 
     def forward_dilated(self, h: torch.Tensor) -> torch.Tensor:
         """Training form: one padded depthwise conv per dilation, weighted by alpha."""
-        if self.resolved_impl(h.device) == "nchw":
+        if self.resolved_impl() == "nchw":
             return self._forward_dilated_nchw(h)
         h = self._channels_last(h)
         # α scales the kernels, not the outputs; cast once here rather than per conv by autocast
@@ -194,7 +190,7 @@ class StateFusion(nn.Module):
     def forward_merged(self, h: torch.Tensor) -> torch.Tensor:
         """Eval form: one padded depthwise conv with the merged kernel."""
         kernel = self.merged_kernel()
-        if self.resolved_impl(h.device) == "nchw":
+        if self.resolved_impl() == "nchw":
             return self._conv(h, kernel, kernel.shape[-1] // 2, 1)
         h = self._channels_last(h)
         with torch.autocast(h.device.type, enabled=False):
@@ -203,7 +199,7 @@ class StateFusion(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.ndim != 4 or h.shape[1] != self.dim:
             raise ValueError(f"expected states (B, {self.dim}, H, W), got {tuple(h.shape)}")
-        impl = self.resolved_impl(h.device)
+        impl = self.resolved_impl()
         if impl == "fused" and not (self.merge_at_eval and not self.training):
             return self.forward_fused(h)
         if impl == "nchw" and h.dtype != self.weight.dtype:

@@ -156,7 +156,7 @@ class StructureAwareSSM(nn.Module):
     def forward(self, x):
         layout = self.layout
         if layout == "auto":  # channels-first only for training with PyTorch's convs (see the class docstring)
-            fused = self.state_fusion.resolved_impl(x.device) == "fused"
+            fused = self.state_fusion.resolved_impl() == "fused"
             layout = "channels_first" if self.training and not fused else "channels_last"
         if layout == "channels_first":
             return self._forward_channels_first(x)
