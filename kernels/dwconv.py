@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import resolve_backend
+from .reference import exporting
 
 __all__ = ["dilated_dwconv_sum", "dilated_dwconv_sum_ref"]
 
@@ -90,11 +91,11 @@ _fused_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _use_fused(x: Tensor, backend: str) -> bool:
-    """The scan ops' backend choice (``resolve_backend``, with its errors); "auto" keeps fp64 and traced calls on
-    the PyTorch form."""
+    """The scan ops' backend choice (``resolve_backend``, with its errors); "auto" keeps fp64, traced and exported
+    calls on the PyTorch form (exporters cannot translate the custom op)."""
     if resolve_backend(backend, x.device) != "triton":
         return False
-    return backend != "auto" or (x.dtype != torch.float64 and not torch.jit.is_tracing())
+    return backend != "auto" or (x.dtype != torch.float64 and not torch.jit.is_tracing() and not exporting())
 
 
 def dilated_dwconv_sum(x: Tensor, weight: Tensor, dilations: Sequence[int], *, out_dtype: Optional[torch.dtype] = None,
