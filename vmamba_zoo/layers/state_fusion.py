@@ -25,11 +25,10 @@ Spatial-Mamba-T inferred at 2150 img/s against 1709 in NCHW, but trained at 405 
 
 ``impl="fused"`` runs ``vmamba_kernels.dilated_dwconv_sum``: on CUDA one Triton kernel reads the fp32 states
 with clamped indices (no padded copies), applies every dilated kernel and writes the sum once, channels_last in
-the compute dtype, and its backward is two kernels (elsewhere the op is the plain PyTorch form). It is opt-in:
-its kernels are checked against a per-tap loop under the Triton interpreter but not yet timed on a GPU. It
-targets what a profile of a Spatial-Mamba-T step shows (one H100, bf16, batch 128): PyTorch's dilated
-depthwise kernels, the replicate-padded copies and their backward took about 77 of 228 ms of a training step
-and 21 of 59 ms of inference.
+the compute dtype, and its backward is two kernels (elsewhere the op is the plain PyTorch form). Its kernels
+match a per-tap loop on an H100, but it is opt-in because it is slower there: Spatial-Mamba-T (bf16, batch 128,
+one process) inferred at 913 img/s against 2152 with the default convs and trained at 515 against 550, though with
+a 19.1 against 23.3 GB training peak (model_cards/benchmarks/side_by_side.md).
 """
 from typing import Sequence, Tuple
 
