@@ -3,7 +3,8 @@
 - ``init_dt_projection_``: dt_proj's weight uniform in ±rank^-0.5 and its bias the inverse softplus of a
   log-uniform dt in [dt_min, dt_max], so that the scan's step sizes start spread over two decades;
 - ``init_A_log_and_D_``: S4D-real A = -(1..N) per channel (stored as log), D = 1;
-- ``at_least_fp32``: a scan parameter as the scan reads it (fp32, fp64 kept for gradcheck);
+- ``at_least_fp32`` (and its ``at_least_fp32_dtype``): a scan parameter as the scan reads it (fp32, fp64 kept for
+  gradcheck);
 - ``resolve_dt_rank``: the rank of the dt projection, ``'auto'`` being Mamba's ceil(width / 16).
 
 The init functions fill the given tensors in place and draw their random numbers in one fixed order
@@ -14,7 +15,8 @@ from typing import Union
 
 import torch
 
-__all__ = ["at_least_fp32", "init_A_log_and_D_", "init_dt_projection_", "resolve_dt_rank"]
+__all__ = ["at_least_fp32", "at_least_fp32_dtype", "init_A_log_and_D_", "init_dt_projection_",
+           "resolve_dt_rank"]
 
 
 def resolve_dt_rank(width: int, dt_rank: Union[int, str] = 'auto') -> int:
@@ -22,10 +24,15 @@ def resolve_dt_rank(width: int, dt_rank: Union[int, str] = 'auto') -> int:
     return math.ceil(width / 16) if dt_rank == 'auto' else int(dt_rank)
 
 
+def at_least_fp32_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half and bfloat16, the dtype itself otherwise (fp32, fp64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in fp32 where it is half or bfloat16: the official codes keep A, D and the dt bias in fp32 under
     autocast. fp32 and fp64 tensors pass unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.to(at_least_fp32_dtype(t.dtype))
 
 
 @torch.no_grad()

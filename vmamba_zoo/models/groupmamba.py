@@ -35,7 +35,8 @@ from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
-from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
+from ..layers.scan_params import (at_least_fp32, at_least_fp32_dtype, init_A_log_and_D_, init_dt_projection_,
+                                  resolve_dt_rank)
 from ..layers.stages import ChannelsLastStagesMixin
 
 __all__ = ['GroupMamba']
@@ -161,7 +162,7 @@ class GroupedSingleScan2d(nn.Module):
             x, dt, -torch.exp(f32(self.A_log)), b, c, f32(self.D),
             delta_bias=f32(self.dt_proj_bias), delta_softplus=True,
             routes=device_routes('cross', H, W, x.device), merge='none',  # route k is group k's scan order
-            out_dtype=torch.promote_types(x.dtype, torch.float32),  # at_least_fp32's dtype
+            out_dtype=at_least_fp32_dtype(x.dtype),
         )
         y = self.out_norm(y).to(z.dtype) * z
         return self.out_proj(y)
