@@ -131,3 +131,24 @@ def test_fused_kernels_on_cuda_match_the_loop():
 if __name__ == "__main__":
     for record in _all_checks("triton"):
         print(json.dumps(record), flush=True)
+
+
+def test_export_keeps_the_standard_operator_form(monkeypatch):
+    """Where the fused kernels run (CUDA, here stood in for by a backend choice that answers "triton"), an exported
+    program still holds standard convolutions, never the custom op that exporters cannot translate; and its output
+    is the loop's."""
+    import vmamba_kernels.dwconv as dwconv
+
+    monkeypatch.setattr(dwconv, "resolve_backend", lambda backend, device: "triton")
+
+    class Fusion(torch.nn.Module):
+        def forward(self, x, weight):
+            return dilated_dwconv_sum(x, weight, (1, 3, 5))
+
+    x, weight = torch.randn(2, 4, 9, 7), torch.randn(3, 4, 3, 3)
+    program = torch.export.export(Fusion(), (x, weight))
+    targets = {str(node.target) for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+               for node in module.graph.nodes if node.op == "call_function"}  # autocast regions are subgraphs
+    assert not any("vmamba" in t for t in targets), targets
+    assert any("conv" in t for t in targets), targets
+    assert _rel(program.module()(x, weight), loop_oracle(x, weight, (1, 3, 5))) < 1e-5
