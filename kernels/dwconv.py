@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import resolve_backend
-from .reference import exporting
+from .ops import uses_fused_kernels
 
 __all__ = ["dilated_dwconv_sum", "dilated_dwconv_sum_ref"]
 
@@ -90,14 +89,6 @@ def _backward(ctx, g):
 _fused_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def _use_fused(x: Tensor, backend: str) -> bool:
-    """The scan ops' backend choice (``resolve_backend``, with its errors); "auto" keeps fp64, traced and exported
-    calls on the PyTorch form (exporters cannot translate the custom op)."""
-    if resolve_backend(backend, x.device) != "triton":
-        return False
-    return backend != "auto" or (x.dtype != torch.float64 and not torch.jit.is_tracing() and not exporting())
-
-
 def dilated_dwconv_sum(x: Tensor, weight: Tensor, dilations: Sequence[int], *, out_dtype: Optional[torch.dtype] = None,
                        channels_last: bool = False, backend: str = "auto") -> Tensor:
     """Σ_i depthwise conv of x with weight[i] at dilation dilations[i], borders replicated.
@@ -119,6 +110,6 @@ def dilated_dwconv_sum(x: Tensor, weight: Tensor, dilations: Sequence[int], *, o
     if weight.device != x.device:
         raise ValueError(f"x is on {x.device} but weight on {weight.device}")
     out_dtype = out_dtype or x.dtype
-    if _use_fused(x, backend) and len(dilations) <= 4:
+    if uses_fused_kernels(x, backend) and len(dilations) <= 4:
         return _fused_fwd(x, weight, dilations, out_dtype, bool(channels_last))
     return dilated_dwconv_sum_ref(x, weight, dilations, out_dtype, channels_last)

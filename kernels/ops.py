@@ -78,6 +78,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def uses_fused_kernels(x: Tensor, backend: str) -> bool:
+    """Whether an op runs its fused kernels on ``x``: ``resolve_backend``'s choice (with its errors), except that
+    "auto" keeps fp64, traced and exported calls on the PyTorch form (exporters cannot translate custom ops, and
+    FLOP counters read the standard ones)."""
+    if resolve_backend(backend, x.device) != "triton":
+        return False
+    return backend != "auto" or (x.dtype != torch.float64 and not torch.jit.is_tracing() and not reference.exporting())
+
+
 def _backend(name: str):
     return _triton_backend() if name == "triton" else reference.ReferenceBackend
 

@@ -55,6 +55,8 @@ def compile_kernel(fn, constants: dict, num_warps: int, arch: int = 90, maxnreg=
             signature[name] = "*" + _TYPES[str(args[name].dtype)]
             if args[name].data_ptr() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(args[name], float):
+            signature[name] = "fp32"
         else:
             value = int(args[name])
             if value == 1 and not param.do_not_specialize:

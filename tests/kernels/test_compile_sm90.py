@@ -143,3 +143,25 @@ def test_chunk_loop_instructions_are_read_from_the_sass():
         assert loop["MUFU"] == 3 * TT * VEC, (TT, VEC, loop)
         assert loop["LDG"] > 0 and loop["STG"] > 0 and loop["BRA"] > 0, loop
         assert not offline.inner_loop_instructions(kernel, min_length=100_000)
+
+
+@pytest.mark.parametrize("N, G", [(16, 4), (96, 1), (768, 1)], ids=["groupmamba_grouped", "stage1", "wide"])
+def test_layer_norm_compiles_for_sm90(N, G):
+    """Both LayerNorm kernels with the launchers' tiles, bf16 rows in, fp32 out (autocast's), without spills."""
+    import torch
+    from vmamba_kernels.triton import layer_norm as ln
+
+    BM, BN, warps = ln._tile(N, G)
+    M = 4 * BM
+    x, out = torch.empty(M, N, dtype=torch.bfloat16), torch.empty(M, N)
+    w, stats = torch.empty(G, N), torch.empty(M)
+    fwd = compile_kernel(ln.layer_norm_fwd_kernel, dict(HAS_W=True, HAS_B=True, G=G, BM=BM, BN=BN), warps,
+                         args=dict(x=x, w=w, b=w, out=out, mean=stats, rstd=stats, M=M, N=N, eps=1e-5,
+                                   sx_m=N, so_m=N))
+    parts = torch.empty(4, G, N)
+    bwd = compile_kernel(ln.layer_norm_bwd_kernel, dict(HAS_W=True, HAS_B=True, G=G, BM=BM, BN=BN), warps,
+                         args=dict(dy=out, x=x, w=w, mean=stats, rstd=stats, dx=x, dw_part=parts, db_part=parts,
+                                   M=M, N=N, sdy_m=N, sx_m=N, sdx_m=N))
+    for kernel in (fwd, bwd):
+        usage = resource_usage(kernel)
+        assert 0 < usage["registers"] <= 255 and usage["spill_stores"] == 0, usage

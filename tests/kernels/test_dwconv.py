@@ -137,9 +137,9 @@ def test_export_keeps_the_standard_operator_form(monkeypatch):
     """Where the fused kernels run (CUDA, here stood in for by a backend choice that answers "triton"), an exported
     program still holds standard convolutions, never the custom op that exporters cannot translate; and its output
     is the loop's."""
-    import vmamba_kernels.dwconv as dwconv
+    import vmamba_kernels.ops as ops
 
-    monkeypatch.setattr(dwconv, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "triton")
 
     class Fusion(torch.nn.Module):
         def forward(self, x, weight):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from vmamba_kernels import scan_directions, scan_routes
 from vmamba_zoo.layers import (RouteScanParams, at_least_fp32, device_routes, init_A_log_and_D_, init_dt_projection_,
                                per_route_linear)
-from vmamba_zoo.layers.route_scan import LowPrecisionLayerNorm, route_projections
+from vmamba_zoo.layers.norm import LowPrecisionLayerNorm
+from vmamba_zoo.layers.route_scan import route_projections
 
 
 @pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-12), (torch.float32, 1e-5)])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .scan_params import init_A_log_and_D_, init_dt_projection_
 
-__all__ = ["LowPrecisionLayerNorm", "RouteScanParams", "fewer_launches", "fused_projections", "per_route_linear",
+__all__ = ["RouteScanParams", "fewer_launches", "fused_projections", "per_route_linear",
            "route_projections"]
 
 _fused = {"forced": None}
@@ -75,21 +75,6 @@ def route_projections(
     w_dt = (dt_projs_weight.unsqueeze(-1) * route_eye.view(K, 1, 1, K)).to(x.dtype)
     delta = F.linear(dts, w_dt.view(K * C, R * K)).unflatten(-1, (K, C))
     return delta, Bs.unflatten(-1, (N, K)).transpose(-1, -2), Cs.unflatten(-1, (N, K)).transpose(-1, -2)
-
-
-class LowPrecisionLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters) for an input already in autocast's dtype, such as a scan's output:
-    normalized in that dtype (the kernel still accumulates in fp32) instead of autocast's fp32 copy in and fp32
-    result out, which the next GEMM casts back. Weight and bias are rounded to that dtype; outside autocast, or
-    for other inputs, it is ``nn.LayerNorm``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        if torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device) \
-                and not torch.jit.is_scripting():
-            with torch.autocast(device, enabled=False):
-                return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
-        return super().forward(x)
 
 
 class RouteScanParams(nn.Module):

@@ -39,7 +39,8 @@ from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
-from ..layers.route_scan import LowPrecisionLayerNorm, fewer_launches, route_projections
+from ..layers.norm import LayerNorm, LowPrecisionLayerNorm
+from ..layers.route_scan import fewer_launches, route_projections
 from ..layers.routes import device_routes
 from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
 
@@ -171,7 +172,7 @@ class BiAttn(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         reduced = int(dim * act_ratio)
-        self.norm = nn.LayerNorm(dim, **dd)
+        self.norm = LayerNorm(dim, **dd)
         self.global_reduce = nn.Linear(dim, reduced, **dd)
         self.act = nn.GELU()
         self.channel_select = nn.Linear(reduced, dim, **dd)
@@ -193,7 +194,7 @@ class EVSSBlock(nn.Module):
             d_state: int = 16,
             ssm_ratio: float = 2.0,
             dt_rank: Union[int, str] = 'auto',
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             device=None,
             dtype=None,
     ):
@@ -221,7 +222,7 @@ class PatchMerging(nn.Module):
     """2x2 patch merging, channels-last: [x(0::2, 0::2), x(1::2, 0::2), x(0::2, 1::2), x(1::2, 1::2)] → LN → Linear.
     Odd maps are zero-padded at the bottom/right before the split, as upstream."""
 
-    def __init__(self, dim: int, out_dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
+    def __init__(self, dim: int, out_dim: int, norm_layer=LayerNorm, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.norm = norm_layer(4 * dim, **dd)
@@ -260,7 +261,7 @@ class EfficientVMambaStage(nn.Module):
             dt_rank: Union[int, str] = 'auto',
             ir_expand_ratio: float = 4.0,
             ir_se_ratio: float = 0.125,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             device=None,
             dtype=None,
     ):
@@ -314,7 +315,7 @@ class EfficientVMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
             ir_se_ratio: float = 0.125,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             device=None,
             dtype=None,
     ):

@@ -26,13 +26,14 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
-from vmamba_kernels import selective_scan_2d
+from vmamba_kernels import layer_norm, selective_scan_2d
 
 from ._builder import build_zoo_model, zoo_cfg
 from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
+from ..layers.norm import LayerNorm
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
 from ..layers.scan_params import (at_least_fp32, at_least_fp32_dtype, init_A_log_and_D_, init_dt_projection_,
@@ -81,7 +82,8 @@ class GroupedLinear(nn.Module):
 
 
 class GroupedLayerNorm(nn.Module):
-    """LayerNorm over the last dim of a (..., K, C) tensor with a separate affine per group."""
+    """LayerNorm over the last dim of a (..., K, C) tensor with a separate affine per group
+    (``vmamba_kernels.layer_norm`` with (K, C) parameters: one fused kernel on CUDA)."""
 
     def __init__(self, num_channels: int, groups: int, eps: float = 1e-5):
         super().__init__()
@@ -89,10 +91,8 @@ class GroupedLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(groups, num_channels))
         self.bias = nn.Parameter(torch.zeros(groups, num_channels))
 
-    def forward(self, x):
-        # no affine inside layer_norm (its weight cannot differ per group); one addcmul applies it. The
-        # normalized shape is the parameters' (a constant), not x's, which the TorchScript ONNX exporter traces.
-        return torch.addcmul(self.bias, F.layer_norm(x, self.weight.shape[-1:], eps=self.eps), self.weight)
+    def forward(self, x, out_dtype=None):
+        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
 
 class GroupedSingleScan2d(nn.Module):
@@ -164,7 +164,7 @@ class GroupedSingleScan2d(nn.Module):
             routes=device_routes('cross', H, W, x.device), merge='none',  # route k is group k's scan order
             out_dtype=at_least_fp32_dtype(x.dtype),
         )
-        y = self.out_norm(y).to(z.dtype) * z
+        y = self.out_norm(y, out_dtype=z.dtype) * z  # rounded once in the kernel, as the cast would
         return self.out_proj(y)
 
     def _dt_proj(self, x_dbl):
@@ -194,7 +194,7 @@ class GroupMambaMixer(nn.Module):
 
     def __init__(self, dim: int, d_state: int = 1, d_conv: int = 3, ssm_ratio: float = 1.0, reduction: int = 16):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
         self.affinity = ChannelAffinity(dim, reduction)
         self.ssm = GroupedSingleScan2d(dim, d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv)
         self.proj = nn.Linear(dim, dim)
@@ -243,7 +243,7 @@ class GroupMambaBlock(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0., norm_eps: float = 1e-6):
         super().__init__()
         self.mixer = GroupMambaMixer(dim)
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm = LayerNorm(dim, eps=norm_eps)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -260,8 +260,8 @@ class ClassTokenBlock(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: float, norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
         self.mixer = GroupMambaMixer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -289,7 +289,7 @@ class Stem(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.proj = nn.Conv2d(hidden_dim, out_dim, 3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(out_dim)
+        self.norm = LayerNorm(out_dim)
 
     def forward(self, x):
         return self.norm(self.proj(self.conv(x)).permute(0, 2, 3, 1))
@@ -301,7 +301,7 @@ class Downsample(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(out_dim)
+        self.norm = LayerNorm(out_dim)
 
     def forward(self, x):
         return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -325,7 +325,7 @@ class GroupMambaStage(nn.Module):
         self.blocks = nn.Sequential(*[
             GroupMambaBlock(dim, mlp_ratio, drop_path=drop_path[j], norm_eps=norm_eps) for j in range(depth)])
         # upstream normalizes stages 1-3 here; the last stage's norm is applied to the class token instead
-        self.norm = nn.LayerNorm(dim, eps=norm_eps) if out_norm else nn.Identity()
+        self.norm = LayerNorm(dim, eps=norm_eps) if out_norm else nn.Identity()
 
     def forward(self, x):
         x = self.downsample(x)
@@ -401,7 +401,7 @@ class GroupMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         self.num_features = self.head_hidden_size = prev_dim
 
         self.cls_block = ClassTokenBlock(prev_dim, mlp_ratios[-1])
-        self.norm = nn.LayerNorm(prev_dim, eps=1e-6)
+        self.norm = LayerNorm(prev_dim, eps=1e-6)
         # the pooling (class token or mean) and ``norm`` come before the head, so the head itself never pools
         self.head = channels_last_head(prev_dim, num_classes, '', drop_rate)
         self.dist_head = (nn.Linear(prev_dim, num_classes) if num_classes > 0 else nn.Identity()) \

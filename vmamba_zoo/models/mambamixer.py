@@ -44,6 +44,7 @@ from ..checkpoint import backbone_weights, unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
+from ..layers.norm import LayerNorm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import RouteScanParams, fewer_launches
 from ..layers.routes import device_routes
@@ -91,7 +92,7 @@ class SelectiveTokenMixer(RouteScanParams):
         self.conv2d = nn.Conv2d(
             d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
         self.act = act_layer()
-        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_norm = LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +220,7 @@ class MixerLayer(nn.Module):
     """Pre-norm residual layer: x + DropPath(mixer(LayerNorm(x))). Its output is the y^(i) that the weighted
     averaging re-uses (the sum over earlier outputs replaces the plain chain of residual layers)."""
 
-    def __init__(self, dim: int, mixer: nn.Module, drop_path: float = 0., norm_layer=nn.LayerNorm):
+    def __init__(self, dim: int, mixer: nn.Module, drop_path: float = 0., norm_layer=LayerNorm):
         super().__init__()
         self.norm = norm_layer(dim)
         self.mixer = mixer
@@ -258,7 +259,7 @@ class MambaMixerBlock(nn.Module):
             dt_rank: Union[int, str] = 'auto',
             channel_d_state: int = 16,
             channel_d_conv: int = 4,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
     ):
         super().__init__()
         if index < 1:
@@ -316,7 +317,7 @@ class MambaMixerStage(nn.Module):
             channel_width: int,
             drop_path: Sequence[float],
             downsample: bool,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             **block_kwargs,
     ):
         super().__init__()
@@ -350,7 +351,7 @@ class MambaMixerStage(nn.Module):
 class Stem(nn.Module):
     """Conv 4x4 stride 4 → channels-last → LayerNorm."""
 
-    def __init__(self, in_chans: int, dim: int, patch_size: int = 4, norm_layer=nn.LayerNorm):
+    def __init__(self, in_chans: int, dim: int, patch_size: int = 4, norm_layer=LayerNorm):
         super().__init__()
         self.conv = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         self.norm = norm_layer(dim)
@@ -394,7 +395,7 @@ class MambaMixer(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
             channel_d_conv: int = 4,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             img_size: Optional[Union[int, Tuple[int, int]]] = None,  # any size works; accepted for timm
     ):
         super().__init__()

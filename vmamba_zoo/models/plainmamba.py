@@ -34,6 +34,7 @@ from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
+from ..layers.norm import LayerNorm
 from ..layers.routes import device_routes
 from ..layers.scan_params import init_A_log_and_D_, resolve_dt_rank
 
@@ -202,7 +203,7 @@ class PlainMambaLayer(nn.Module):
 
     def __init__(self, dim: int, drop_path: float = 0., with_dwconv: bool = False, **mixer_kwargs):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
         self.mamba = PlainMamba2D(dim, **mixer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.dw = nn.Sequential(
@@ -265,7 +266,7 @@ class PlainMamba(ClassifierHeadMixin, nn.Module):
             for i in range(depth)
         ])
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'layers.{i}') for i in range(depth)]
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.norm = LayerNorm(embed_dim, eps=norm_eps)
         self.head = channels_last_head(embed_dim, num_classes, global_pool, drop_rate)
 
         # the official training init (mmcls init_cfg): every Linear, dt_proj included, is

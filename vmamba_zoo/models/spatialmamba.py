@@ -25,6 +25,7 @@ from ..checkpoint import unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
+from ..layers.norm import LayerNorm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.scan_params import init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
 from ..layers.state_fusion import FUSION_IMPLS, StateFusion
@@ -141,7 +142,7 @@ class StructureAwareSSM(nn.Module):
         self.state_fusion = StateFusion(
             d_inner, kernel_size=3, dilations=(1, 3, 5), padding_mode="replicate", merge_at_eval=fusion_merge_at_eval,
             impl=fusion_impl)
-        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_norm = LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_ssm_parameters()
@@ -208,7 +209,7 @@ class SpatialMambaBlock(nn.Module):
             d_state: int = 1,
             drop_path: float = 0.,
             proj_drop: float = 0.,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             fusion_merge_at_eval: bool = False,
             fusion_impl: str = "auto",
             mixer_layout: str = "auto",
@@ -244,7 +245,7 @@ class SpatialMambaStage(nn.Module):
             d_state: int = 1,
             drop_path: Sequence[float] = (),
             proj_drop: float = 0.,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             fusion_merge_at_eval: bool = False,
             fusion_impl: str = "auto",
             mixer_layout: str = "auto",
@@ -298,7 +299,7 @@ class SpatialMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             fusion_merge_at_eval: bool = False,
             fusion_impl: str = "auto",
             mixer_layout: str = "auto",

@@ -31,7 +31,8 @@ from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
-from ..layers.route_scan import LowPrecisionLayerNorm, RouteScanParams, per_route_linear
+from ..layers.norm import LayerNorm, LowPrecisionLayerNorm
+from ..layers.route_scan import RouteScanParams, per_route_linear
 from ..layers.routes import device_routes
 from ..layers.scan_params import resolve_dt_rank
 
@@ -137,9 +138,9 @@ class MultiHeadScan(RouteScanParams):
         self.act = act_layer()
         self.x_ssproj = nn.Linear(dim, num_heads * head_dim, bias=False)
         self.gfu = ScanRouteAttention(gfu_t, dim=-2)
-        self.cat_norm = nn.LayerNorm(num_heads * head_dim)
+        self.cat_norm = LayerNorm(num_heads * head_dim)
         self.y_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
-        self.out_norm = nn.LayerNorm(dim)
+        self.out_norm = LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -167,7 +168,7 @@ class VSSBlock(nn.Module):
             mixer_kwargs: Optional[dict] = None,
             mlp_ratio: float = 4.0,
             drop_path: float = 0.,
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
     ):
         super().__init__()
         mixer_cls = {'ss2d': SS2D, 'mhs': MultiHeadScan}[mixer]
@@ -192,7 +193,7 @@ class VMambaStage(nn.Module):
             depth: int,
             downsample: bool,
             drop_path: Sequence[float],
-            norm_layer=nn.LayerNorm,
+            norm_layer=LayerNorm,
             **block_kwargs,
     ):
         super().__init__()
@@ -246,7 +247,7 @@ class VMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
             img_size: Optional[Union[int, Tuple[int, int]]] = None,  # any size works; accepted for timm
     ):
         super().__init__()
-        norm_layer = nn.LayerNorm  # eps 1e-5 as the official LayerNorm2d
+        norm_layer = LayerNorm  # eps 1e-5 as the official LayerNorm2d
         self.check_global_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
