@@ -166,6 +166,10 @@ def test_fused_kernels_on_cuda_match_the_oracle_and_autocast():
         assert _rel(out.cpu(), ref) < 1e-3
         for got, want, tol in zip(grads, ref_grads, (5e-2, 1e-3, 1e-3)):
             assert torch.isfinite(got).all() and _rel(got.cpu(), want) < tol
+        # a bf16 result is the fp32 one rounded once, as a cast of it (what read_by_gemm relies on)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            low = layer_norm(x, w, b, out_dtype=torch.bfloat16)
+        assert low.dtype == torch.bfloat16 and torch.equal(low, out.detach().bfloat16())
 
 
 if __name__ == "__main__":

@@ -145,3 +145,23 @@ def test_device_routes_owned_entries_of_atrous_routes(H, W):
     owned = device_routes('atrous', H, W, torch.device('cpu'), table='owned_entries', step=2)
     h, w = torch.arange(H).view(H, 1), torch.arange(W).view(1, W)
     assert torch.equal(owned, ((h * W + w) * 4 + h % 2 + 2 * (w % 2)).flatten())
+
+
+def test_layer_norm_module_is_nn_layer_norm_with_its_keys():
+    """The zoo's LayerNorm loads nn.LayerNorm's state dict and computes the same (off CUDA: bitwise), with or
+    without ``read_by_gemm``, which only changes the dtype under CUDA autocast; other norms pass through it."""
+    from vmamba_zoo.layers.norm import LayerNorm, read_by_gemm
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(24, eps=1e-6)
+    nn.init.normal_(ln.weight)
+    nn.init.normal_(ln.bias)
+    ours = LayerNorm(24, eps=1e-6)
+    ours.load_state_dict(ln.state_dict())
+    x = torch.randn(2, 5, 24) * 2 + 1
+    assert torch.equal(ours(x), ln(x))
+    assert read_by_gemm(ours) is ours and ours.autocast_output
+    assert torch.equal(ours(x), ln(x))
+    plain = nn.LayerNorm(4)
+    assert read_by_gemm(plain) is plain and not hasattr(plain, 'autocast_output')
+    with pytest.raises(ValueError, match=r"LayerNorm\(24\) normalizes the last dim of \(\.\.\., 24\) inputs, got \(2, 5, 23\)"):
+        ours(torch.randn(2, 5, 23))

@@ -14,12 +14,18 @@ import torch.nn.functional as F
 
 from vmamba_kernels import layer_norm
 
-__all__ = ["LayerNorm", "LowPrecisionLayerNorm"]
+__all__ = ["LayerNorm", "LowPrecisionLayerNorm", "read_by_gemm"]
 
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dim, run by ``vmamba_kernels.layer_norm`` (fused on CUDA). Other normalized
-    shapes, and TorchScript, run ``nn.LayerNorm`` itself."""
+    shapes, and TorchScript, run ``nn.LayerNorm`` itself.
+
+    ``autocast_output`` (set by ``read_by_gemm``): under CUDA autocast return autocast's dtype instead of fp32,
+    for a norm whose only reader is a GEMM or conv, which would cast the fp32 result so at once. The kernel
+    rounds once, as that cast does: the same values, without the fp32 copy and the cast's pass over it."""
+
+    autocast_output = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.normalized_shape) != 1 or torch.jit.is_scripting():
@@ -27,7 +33,18 @@ class LayerNorm(nn.LayerNorm):
         if x.dim() < 1 or x.shape[-1] != self.normalized_shape[0]:
             raise ValueError(f"LayerNorm({self.normalized_shape[0]}) normalizes the last dim of (..., "
                              f"{self.normalized_shape[0]}) inputs, got {tuple(x.shape)}")
-        return layer_norm(x, self.weight, self.bias, self.eps)
+        out_dtype = None
+        if self.autocast_output and x.is_cuda and torch.is_autocast_enabled("cuda"):
+            out_dtype = torch.get_autocast_dtype("cuda")
+        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
+
+
+def read_by_gemm(norm: nn.Module) -> nn.Module:
+    """``norm``, returning autocast's dtype under CUDA autocast if it is a ``LayerNorm``: for a norm whose output
+    only a GEMM or conv reads (any other norm is returned as it is)."""
+    if isinstance(norm, LayerNorm):
+        norm.autocast_output = True
+    return norm
 
 
 class LowPrecisionLayerNorm(LayerNorm):

@@ -39,7 +39,7 @@ from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
-from ..layers.norm import LayerNorm, LowPrecisionLayerNorm
+from ..layers.norm import LayerNorm, LowPrecisionLayerNorm, read_by_gemm
 from ..layers.route_scan import fewer_launches, route_projections
 from ..layers.routes import device_routes
 from ..layers.scan_params import at_least_fp32, init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
@@ -200,7 +200,7 @@ class EVSSBlock(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm = norm_layer(dim, **dd)
+        self.norm = read_by_gemm(norm_layer(dim, **dd))
         self.ssm = EfficientScan2d(dim, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, **dd)
         self.conv_branch = nn.Sequential(OrderedDict([
             ('conv_dw', nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)),
@@ -225,7 +225,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int, norm_layer=LayerNorm, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm = norm_layer(4 * dim, **dd)
+        self.norm = read_by_gemm(norm_layer(4 * dim, **dd))
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
-from ..layers.norm import LayerNorm
+from ..layers.norm import LayerNorm, read_by_gemm
 from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
 from ..layers.scan_params import (at_least_fp32, at_least_fp32_dtype, init_A_log_and_D_, init_dt_projection_,
@@ -243,7 +243,7 @@ class GroupMambaBlock(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0., norm_eps: float = 1e-6):
         super().__init__()
         self.mixer = GroupMambaMixer(dim)
-        self.norm = LayerNorm(dim, eps=norm_eps)
+        self.norm = read_by_gemm(LayerNorm(dim, eps=norm_eps))
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -261,7 +261,7 @@ class ClassTokenBlock(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float, norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=norm_eps)
-        self.norm2 = LayerNorm(dim, eps=norm_eps)
+        self.norm2 = read_by_gemm(LayerNorm(dim, eps=norm_eps))
         self.mixer = GroupMambaMixer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 

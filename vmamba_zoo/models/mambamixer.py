@@ -44,7 +44,7 @@ from ..checkpoint import backbone_weights, unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
-from ..layers.norm import LayerNorm
+from ..layers.norm import LayerNorm, read_by_gemm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.route_scan import RouteScanParams, fewer_launches
 from ..layers.routes import device_routes
@@ -222,7 +222,7 @@ class MixerLayer(nn.Module):
 
     def __init__(self, dim: int, mixer: nn.Module, drop_path: float = 0., norm_layer=LayerNorm):
         super().__init__()
-        self.norm = norm_layer(dim)
+        self.norm = read_by_gemm(norm_layer(dim))
         self.mixer = mixer
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 

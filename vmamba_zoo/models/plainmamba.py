@@ -34,7 +34,7 @@ from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
-from ..layers.norm import LayerNorm
+from ..layers.norm import LayerNorm, read_by_gemm
 from ..layers.routes import device_routes
 from ..layers.scan_params import init_A_log_and_D_, resolve_dt_rank
 
@@ -203,7 +203,7 @@ class PlainMambaLayer(nn.Module):
 
     def __init__(self, dim: int, drop_path: float = 0., with_dwconv: bool = False, **mixer_kwargs):
         super().__init__()
-        self.norm = LayerNorm(dim)
+        self.norm = read_by_gemm(LayerNorm(dim))
         self.mamba = PlainMamba2D(dim, **mixer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.dw = nn.Sequential(

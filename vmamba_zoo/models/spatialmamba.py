@@ -25,7 +25,7 @@ from ..checkpoint import unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
-from ..layers.norm import LayerNorm
+from ..layers.norm import LayerNorm, read_by_gemm
 from ..layers.stages import ChannelsLastStagesMixin
 from ..layers.scan_params import init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
 from ..layers.state_fusion import FUSION_IMPLS, StateFusion
@@ -216,13 +216,13 @@ class SpatialMambaBlock(nn.Module):
     ):
         super().__init__()
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm1 = norm_layer(dim)
+        self.norm1 = read_by_gemm(norm_layer(dim))
         self.mixer = StructureAwareSSM(
             dim, d_state=d_state, proj_drop=proj_drop, fusion_merge_at_eval=fusion_merge_at_eval,
             fusion_impl=fusion_impl, layout=mixer_layout)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm2 = norm_layer(dim)
+        self.norm2 = read_by_gemm(norm_layer(dim))
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 

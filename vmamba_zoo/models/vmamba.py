@@ -31,7 +31,7 @@ from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.stages import ChannelsLastStagesMixin
-from ..layers.norm import LayerNorm, LowPrecisionLayerNorm
+from ..layers.norm import LayerNorm, LowPrecisionLayerNorm, read_by_gemm
 from ..layers.route_scan import RouteScanParams, per_route_linear
 from ..layers.routes import device_routes
 from ..layers.scan_params import resolve_dt_rank
@@ -172,10 +172,10 @@ class VSSBlock(nn.Module):
     ):
         super().__init__()
         mixer_cls = {'ss2d': SS2D, 'mhs': MultiHeadScan}[mixer]
-        self.norm1 = norm_layer(dim)
+        self.norm1 = read_by_gemm(norm_layer(dim))
         self.mixer = mixer_cls(dim, **(mixer_kwargs or {}))
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
+        self.norm2 = read_by_gemm(norm_layer(dim))
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
