@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vmamba_zoo.models.mambamixer as mm
+from vmamba_zoo.layers.norm import LayerNorm
 from vmamba_zoo.layers.route_scan import fused_projections
 
 from .test_efficientvmamba import LayerNormInFp32
@@ -267,7 +268,8 @@ def test_token_mixer_keeps_what_its_backward_reads(monkeypatch):
     (2·Di), x_proj's output (K·(R + 2N)) with B and C made contiguous (2·K·N), the K routes' deltas (K·Di), the
     scan output and out_proj's input (2·Di). The LayerNorm's fp32 copy of the scan output and the product's fp32
     normalized output (8·Di bytes) exceed it."""
-    monkeypatch.setattr(torch.nn.LayerNorm, 'forward', LayerNormInFp32.forward)
+    for cls in (torch.nn.LayerNorm, LayerNorm):
+        monkeypatch.setattr(cls, 'forward', LayerNormInFp32.forward)
     C, H, W = 16, 6, 5
     m = mm.SelectiveTokenMixer(C, d_state=4).train()
     _randomize(m, 5)
@@ -305,8 +307,9 @@ def test_training_step_is_bitwise_the_form_that_keeps_every_intermediate(monkeyp
     sizes included), and in the CUDA form at least those tensors are no longer kept: per token-mixer pixel the
     LayerNorm's fp32 copy of the scan output, its fp32 output and its mean and rstd, per channel-mixer token the
     stacked directions and the conv output."""
-    if form == 'cuda':
-        monkeypatch.setattr(torch.nn.LayerNorm, 'forward', LayerNormInFp32.forward)
+    if form == 'cuda':  # PyTorch's LayerNorm under CUDA autocast (the fused one keeps less: the bf16 input)
+        for cls in (torch.nn.LayerNorm, LayerNorm):
+            monkeypatch.setattr(cls, 'forward', LayerNormInFp32.forward)
     model = mm.MambaMixer(dims=(8, 16, 24, 32), depths=(1, 1, 2, 1), num_classes=10, d_state=4,
                           channel_d_state=4).train()
     _randomize(model, 7)

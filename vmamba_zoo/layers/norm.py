@@ -11,12 +11,14 @@ EfficientVMamba-T's. Under autocast it returns fp32, as ``nn.LayerNorm`` does.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from vmamba_kernels import layer_norm
 
 __all__ = ["LayerNorm", "LowPrecisionLayerNorm", "read_by_gemm"]
 
 
+@register_notrace_module  # torch.fx (timm's feature extraction) records it as one call, as it does nn.LayerNorm
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dim, run by ``vmamba_kernels.layer_norm`` (fused on CUDA). Other normalized
     shapes, and TorchScript, run ``nn.LayerNorm`` itself.
@@ -47,6 +49,7 @@ def read_by_gemm(norm: nn.Module) -> nn.Module:
     return norm
 
 
+@register_notrace_module
 class LowPrecisionLayerNorm(LayerNorm):
     """``nn.LayerNorm`` (same parameters) for an input already in autocast's dtype, such as a scan's output:
     the result stays in that dtype instead of autocast's fp32, which the next GEMM casts back. On CUDA the fused

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_module, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
@@ -81,6 +81,7 @@ class GroupedLinear(nn.Module):
         return F.linear(x.flatten(-2), block_diagonal(self.weight, self.eye), bias).unflatten(-1, (K, O))
 
 
+@register_notrace_module  # the op checks shapes in Python; fx records the norm as one call
 class GroupedLayerNorm(nn.Module):
     """LayerNorm over the last dim of a (..., K, C) tensor with a separate affine per group
     (``vmamba_kernels.layer_norm`` with (K, C) parameters: one fused kernel on CUDA)."""
