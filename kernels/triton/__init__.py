@@ -20,6 +20,7 @@ from .backend import (
     selective_scan_fwd,
     selective_scan_states_bwd,
     selective_scan_states_fwd,
+    set_adjoint_scan,
     set_atomic_merge,
     set_n1_kernel,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "selective_scan_fwd",
     "selective_scan_states_bwd",
     "selective_scan_states_fwd",
+    "set_adjoint_scan",
     "set_atomic_merge",
     "set_n1_kernel",
 ]

@@ -25,6 +25,7 @@ from .launches import (
     run_bwd_n1,
     run_fwd,
     run_fwd_n1,
+    set_adjoint_scan,
     set_atomic_merge,
     set_n1_kernel,
     settings,
@@ -43,6 +44,7 @@ __all__ = [
     "selective_scan_2d_bwd_from_saved",
     "chunk_size",
     "chunk_states_shape",
+    "set_adjoint_scan",
     "set_atomic_merge",
     "set_n1_kernel",
 ]

@@ -165,11 +165,8 @@ def _over_states(v, BN: tl.constexpr):
 
 
 @triton.jit
-def _discretize(xv, dt_raw, Bv, m, A_k, bias_k, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """fp32 x, dt before softplus (with bias), dt (zero at padded steps, which leave the state unchanged),
-    B, and the recurrence coefficients decay = exp(dt·A), drive = dt·x·B as [BT, BD, BN] tiles."""
-    xv = xv.to(tl.float32)
-    Bv = Bv.to(tl.float32)
+def _step_dt(dt_raw, m, bias_k, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """fp32 dt before softplus (with bias), and dt (zero at padded steps, which leave the state unchanged)."""
     dt_pre = dt_raw.to(tl.float32)
     if HAS_BIAS:
         dt_pre = dt_pre + bias_k[None, :]
@@ -177,10 +174,52 @@ def _discretize(xv, dt_raw, Bv, m, A_k, bias_k, HAS_BIAS: tl.constexpr, SOFTPLUS
         dt = _softplus(dt_pre)
     else:
         dt = dt_pre
-    dt = tl.where(m, dt, 0.0)
+    return dt_pre, tl.where(m, dt, 0.0)
+
+
+@triton.jit
+def _discretize(xv, dt_raw, Bv, m, A_k, bias_k, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """fp32 x, dt before softplus (with bias), dt (``_step_dt``), B, and the recurrence coefficients
+    decay = exp(dt·A), drive = dt·x·B as [BT, BD, BN] tiles."""
+    xv = xv.to(tl.float32)
+    Bv = Bv.to(tl.float32)
+    dt_pre, dt = _step_dt(dt_raw, m, bias_k, HAS_BIAS, SOFTPLUS)
     decay = tl.exp(dt[:, :, None] * A_k[None, :, :])
     drive = (dt * xv)[:, :, None] * _over_states(Bv, A_k.shape[1])
     return xv, dt_pre, dt, Bv, decay, drive
+
+
+@triton.jit
+def _next_decay(routes, param_routes, dt_img, sdt_k, sdt_t, sdt_d, k, t0, rows, Lr, offs_d, mask_d, A_k, bias_k,
+                GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """decay_{t+1} = exp(dt_{t+1}·A) of steps t = t0 + rows, [BT, BD, BN]: delta read again at the next step's
+    position. It is 1 where step t + 1 is padded or past the route's end (dt is zero there), so that the
+    adjoint passes the gradient arriving there (dlast, or 0) unchanged."""
+    _, q1, v1 = _positions(routes, param_routes, k, t0 + 1, rows, Lr, GATHER, False)  # not EVEN_T: t + 1 may be Lr
+    m1 = v1[:, None] & mask_d[None, :]
+    dt1 = tl.load(dt_img + k * sdt_k + q1[:, None] * sdt_t + offs_d[None, :] * sdt_d, mask=m1, other=0.0)
+    _, dt1 = _step_dt(dt1, m1, bias_k, HAS_BIAS, SOFTPLUS)
+    return tl.exp(dt1[:, :, None] * A_k[None, :, :])
+
+
+@triton.jit
+def _adjoint(decay, decay_next, gout, carry, rows, ADJOINT: tl.constexpr):
+    """g_t = gout_t + decay_{t+1}·g_{t+1} over a chunk, from the carry that enters from the next chunk: g, and
+    the carry into the previous chunk (decay·g at the first step with ADJOINT 4, g with ADJOINT 2, see the
+    kernel)."""
+    first = rows == 0
+    # Both combine (later, earlier): the later segment's map applies first.
+    if ADJOINT == 2:
+        g_adj, d_adj = tl.associative_scan((decay_next, gout), 0, _affine_combine, reverse=True)
+        g = g_adj * carry[None, :, :] + d_adj
+        carry = tl.sum(tl.where(first[:, None, None], g, 0.0), axis=0)
+    else:
+        ones = tl.full(decay.shape, 1.0, tl.float32)
+        a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay, decay * gout, ones, gout), 0, _adjoint_combine,
+                                                         reverse=True)
+        g = g_adj * carry[None, :, :] + d_adj
+        carry = tl.sum(tl.where(first[:, None, None], a_adj * carry[None, :, :] + b_adj, 0.0), axis=0)
+    return g, carry
 
 
 @triton.jit
@@ -363,15 +402,18 @@ def selective_scan_bwd_kernel(
     sP_j, sP_b, sP_k, sP_t, sP_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATHER: tl.constexpr, IN_MODE: tl.constexpr, DX_MERGE: tl.constexpr, ZERO_UNVISITED: tl.constexpr,
-    HAS_DLAST: tl.constexpr,
+    HAS_DLAST: tl.constexpr, ADJOINT: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """Gradients of one (image, channel block) over routes [k_lo, k_hi), chunks from last to first.
 
     Each chunk's states are recomputed from the state saved at its start (chunk size BT == SAVE_T), then
-    the adjoint recurrence g_t = gout_t + decay_{t+1}·g_{t+1} runs as a reverse associative scan whose
-    carry is the gradient decay·g entering the chunk from the next one. IN_MODE 1: the incoming gradient
-    is dout on y (gout = dy·C); IN_MODE 2: it is the gradient of every state.
+    the adjoint recurrence g_t = gout_t + decay_{t+1}·g_{t+1} runs as a reverse associative scan
+    (``_adjoint``). ADJOINT 4 scans 4-tuples (decay_t·g_t and g_t as maps of the gradient arriving after the
+    chunk) from the chunk's own decays, and carries decay·g into the previous chunk; ADJOINT 2 scans
+    (decay_{t+1}, gout_t) pairs, reading delta again one step later (``_next_decay``), and carries g: half
+    the scan's operands, for one more delta load and exp. IN_MODE 1: the incoming gradient is dout on y
+    (gout = dy·C); IN_MODE 2: it is the gradient of every state.
     dB/dC are summed over this program's channels into dB_part/dC_part[pid_d]; dA, dD, delta_bias over
     its steps into per-image partials. The caller reduces the partials in a fixed order.
     """
@@ -439,12 +481,11 @@ def selective_scan_bwd_kernel(
                 gout = tl.load(g_img + k * sg_k + p[:, None, None] * sg_t + offs_d[None, :, None] * sg_d
                                + offs_n[None, None, :] * sg_n, mask=m[:, :, None] & mask_n[None, None, :],
                                other=0.0).to(tl.float32)
-            ones = tl.full(decay.shape, 1.0, tl.float32)
-            a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay, decay * gout, ones, gout), 0,
-                                                             _adjoint_combine, reverse=True)
-            g = g_adj * carry[None, :, :] + d_adj
-            carry = tl.sum(tl.where((rows == 0)[:, None, None], a_adj * carry[None, :, :] + b_adj, 0.0),
-                           axis=0)
+            decay_next = decay  # unused by ADJOINT 4
+            if ADJOINT == 2:
+                decay_next = _next_decay(routes, param_routes, dt_img, sdt_k, sdt_t, sdt_d, k, c * BT, rows, Lr,
+                                         offs_d, mask_d, A_k, bias_k, GATHER, HAS_BIAS, SOFTPLUS)
+            g, carry = _adjoint(decay, decay_next, gout, carry, rows, ADJOINT)
 
             gB = tl.sum(g * _over_states(Bv, BN), axis=2)
             d_arg = g * (hs - drive)  # gradient of dt·A inside exp: g_t·decay_t·h_{t-1}

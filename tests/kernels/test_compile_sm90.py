@@ -33,10 +33,12 @@ def test_forward_compiles_for_sm90(case):
     assert kernel.asm["cubin"]
 
 
-@pytest.mark.parametrize("N, BT, BD, warps", [(1, 64, 32, 8), (1, 64, 64, 4), (16, 16, 8, 8), (16, 16, 16, 4)])
-def test_backward_compiles_for_sm90(N, BT, BD, warps):
-    constants = dict(SHARED, IN_MODE=1, DX_MERGE=scan.MERGE_SERIAL, HAS_DLAST=False, BT=BT, BD=BD, BN=N,
-                     EVEN_D=True, EVEN_T=False)
+# The adjoint scan's forms (set_adjoint_scan): the default 4-tuple reverse scan and the 2-tuple one.
+@pytest.mark.parametrize("N, BT, BD, warps, adjoint", [
+    (1, 64, 32, 8, 4), (1, 64, 64, 4, 4), (16, 16, 8, 8, 4), (16, 16, 16, 4, 4), (16, 16, 8, 8, 2), (16, 16, 16, 4, 2)])
+def test_backward_compiles_for_sm90(N, BT, BD, warps, adjoint):
+    constants = dict(SHARED, IN_MODE=1, DX_MERGE=scan.MERGE_SERIAL, HAS_DLAST=False, ADJOINT=adjoint, BT=BT, BD=BD,
+                     BN=N, EVEN_D=True, EVEN_T=False)
     kernel = compile_kernel(scan.selective_scan_bwd_kernel, constants, warps)
     usage = resource_usage(kernel)
     assert 0 < usage["registers"] <= 255 and usage["spill_stores"] >= 0, usage
