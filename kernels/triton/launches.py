@@ -54,7 +54,8 @@ __all__ = [
 # Which kernels serve a problem (set with the functions below; read by the backend functions too).
 settings = {"atomic_merge": os.environ.get("VMAMBA_KERNELS_ATOMIC_MERGE", "0") == "1",
             "n1_kernel": os.environ.get("VMAMBA_KERNELS_N1", "1") == "1",
-            "adjoint": 2 if os.environ.get("VMAMBA_KERNELS_ADJOINT", "4") == "2" else 4}
+            "adjoint": 2 if os.environ.get("VMAMBA_KERNELS_ADJOINT", "4") == "2" else 4,
+            "adjoint_flip": os.environ.get("VMAMBA_KERNELS_ADJOINT_FLIP", "0") == "1"}
 
 
 def set_n1_kernel(enabled: bool) -> None:
@@ -68,13 +69,15 @@ def set_atomic_merge(enabled: bool) -> None:
     settings["atomic_merge"] = bool(enabled)
 
 
-def set_adjoint_scan(form: int = 4) -> None:
+def set_adjoint_scan(form: int = 4, flip: bool = False) -> None:
     """How the general backward (``selective_scan_bwd_kernel``) scans its adjoint: ``form`` 4 (the default) or 2,
-    the 2-tuple scan that rereads delta one step later (not timed on a GPU yet). Tiles picked so far are
-    forgotten: they were picked for the previous form (the tile table does not tell the forms apart)."""
+    the 2-tuple scan that rereads delta one step later; ``flip`` runs the reverse scan as a forward scan between
+    flips. Neither is timed on a GPU yet. Tiles picked so far are forgotten: they were picked for the previous
+    form (the tile table does not tell the forms apart)."""
     if form not in (2, 4):
         raise ValueError(f"adjoint scan form must be 2 or 4, got {form!r}")
     settings["adjoint"] = form
+    settings["adjoint_flip"] = bool(flip)
     tiles.bwd_tuner.cache.clear()
 
 
@@ -449,7 +452,7 @@ def run_bwd(pb: Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, sd
         sP_j=dB_part.stride(0), sP_b=dB_part.stride(1), sP_k=dB_part.stride(2), sP_t=dB_part.stride(3),
         sP_n=dB_part.stride(4),
         IN_MODE=in_mode, DX_MERGE=dx_merge, ZERO_UNVISITED=pb.gather and dx_merge != scan.MERGE_ATOMIC,
-        HAS_DLAST=dlast_state is not None, ADJOINT=settings["adjoint"], BT=BT,
+        HAS_DLAST=dlast_state is not None, ADJOINT=settings["adjoint"], FLIP=settings["adjoint_flip"], BT=BT,
     )
     kw["HAS_D"] = kw["HAS_D"] and in_mode == 1
     BD = _launch_bwd(lambda meta: (cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K), **kw)

@@ -203,22 +203,42 @@ def _next_decay(routes, param_routes, dt_img, sdt_k, sdt_t, sdt_d, k, t0, rows, 
 
 
 @triton.jit
-def _adjoint(decay, decay_next, gout, carry, rows, ADJOINT: tl.constexpr):
+def _adjoint(decay, decay_next, gout, carry, rows, ADJOINT: tl.constexpr, FLIP: tl.constexpr):
     """g_t = gout_t + decay_{t+1}·g_{t+1} over a chunk, from the carry that enters from the next chunk: g, and
     the carry into the previous chunk (decay·g at the first step with ADJOINT 4, g with ADJOINT 2, see the
-    kernel)."""
-    first = rows == 0
+    kernel). Triton lowers a reverse scan through lane shuffles of every operand, in and out; with FLIP the
+    steps are flipped and scanned forward instead: register moves where a thread holds all steps of its
+    elements (the d_state-16 tiles), shared memory where steps span warps (d_state 1's 64-step chunks)."""
+    BT: tl.constexpr = rows.shape[0]
+    if ADJOINT == 2:
+        a = decay_next
+    else:
+        a = decay
+    if FLIP:
+        a = tl.flip(a, 0)
+        gout = tl.flip(gout, 0)
+        first = rows == BT - 1  # the chunk's first step, last once flipped
+    else:
+        first = rows == 0
     # Both combine (later, earlier): the later segment's map applies first.
     if ADJOINT == 2:
-        g_adj, d_adj = tl.associative_scan((decay_next, gout), 0, _affine_combine, reverse=True)
+        if FLIP:
+            g_adj, d_adj = tl.associative_scan((a, gout), 0, _affine_combine)
+        else:
+            g_adj, d_adj = tl.associative_scan((a, gout), 0, _affine_combine, reverse=True)
         g = g_adj * carry[None, :, :] + d_adj
         carry = tl.sum(tl.where(first[:, None, None], g, 0.0), axis=0)
     else:
-        ones = tl.full(decay.shape, 1.0, tl.float32)
-        a_adj, b_adj, g_adj, d_adj = tl.associative_scan((decay, decay * gout, ones, gout), 0, _adjoint_combine,
-                                                         reverse=True)
+        ones = tl.full(a.shape, 1.0, tl.float32)
+        if FLIP:
+            a_adj, b_adj, g_adj, d_adj = tl.associative_scan((a, a * gout, ones, gout), 0, _adjoint_combine)
+        else:
+            a_adj, b_adj, g_adj, d_adj = tl.associative_scan((a, a * gout, ones, gout), 0, _adjoint_combine,
+                                                             reverse=True)
         g = g_adj * carry[None, :, :] + d_adj
         carry = tl.sum(tl.where(first[:, None, None], a_adj * carry[None, :, :] + b_adj, 0.0), axis=0)
+    if FLIP:
+        g = tl.flip(g, 0)
     return g, carry
 
 
@@ -402,18 +422,18 @@ def selective_scan_bwd_kernel(
     sP_j, sP_b, sP_k, sP_t, sP_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATHER: tl.constexpr, IN_MODE: tl.constexpr, DX_MERGE: tl.constexpr, ZERO_UNVISITED: tl.constexpr,
-    HAS_DLAST: tl.constexpr, ADJOINT: tl.constexpr,
+    HAS_DLAST: tl.constexpr, ADJOINT: tl.constexpr, FLIP: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """Gradients of one (image, channel block) over routes [k_lo, k_hi), chunks from last to first.
 
     Each chunk's states are recomputed from the state saved at its start (chunk size BT == SAVE_T), then
     the adjoint recurrence g_t = gout_t + decay_{t+1}·g_{t+1} runs as a reverse associative scan
-    (``_adjoint``). ADJOINT 4 scans 4-tuples (decay_t·g_t and g_t as maps of the gradient arriving after the
-    chunk) from the chunk's own decays, and carries decay·g into the previous chunk; ADJOINT 2 scans
-    (decay_{t+1}, gout_t) pairs, reading delta again one step later (``_next_decay``), and carries g: half
-    the scan's operands, for one more delta load and exp. IN_MODE 1: the incoming gradient is dout on y
-    (gout = dy·C); IN_MODE 2: it is the gradient of every state.
+    (``_adjoint``; FLIP: as a forward scan between flips). ADJOINT 4 scans 4-tuples (decay_t·g_t and g_t as
+    maps of the gradient arriving after the chunk) from the chunk's own decays, and carries decay·g into the
+    previous chunk; ADJOINT 2 scans (decay_{t+1}, gout_t) pairs, reading delta again one step later
+    (``_next_decay``), and carries g: half the scan's operands, for one more delta load and exp. IN_MODE 1:
+    the incoming gradient is dout on y (gout = dy·C); IN_MODE 2: it is the gradient of every state.
     dB/dC are summed over this program's channels into dB_part/dC_part[pid_d]; dA, dD, delta_bias over
     its steps into per-image partials. The caller reduces the partials in a fixed order.
     """
@@ -485,7 +505,7 @@ def selective_scan_bwd_kernel(
             if ADJOINT == 2:
                 decay_next = _next_decay(routes, param_routes, dt_img, sdt_k, sdt_t, sdt_d, k, c * BT, rows, Lr,
                                          offs_d, mask_d, A_k, bias_k, GATHER, HAS_BIAS, SOFTPLUS)
-            g, carry = _adjoint(decay, decay_next, gout, carry, rows, ADJOINT)
+            g, carry = _adjoint(decay, decay_next, gout, carry, rows, ADJOINT, FLIP)
 
             gB = tl.sum(g * _over_states(Bv, BN), axis=2)
             d_arg = g * (hs - drive)  # gradient of dt·A inside exp: g_t·decay_t·h_{t-1}

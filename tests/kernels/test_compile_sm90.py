@@ -33,15 +33,33 @@ def test_forward_compiles_for_sm90(case):
     assert kernel.asm["cubin"]
 
 
-# The adjoint scan's forms (set_adjoint_scan): the default 4-tuple reverse scan and the 2-tuple one.
-@pytest.mark.parametrize("N, BT, BD, warps, adjoint", [
-    (1, 64, 32, 8, 4), (1, 64, 64, 4, 4), (16, 16, 8, 8, 4), (16, 16, 16, 4, 4), (16, 16, 8, 8, 2), (16, 16, 16, 4, 2)])
-def test_backward_compiles_for_sm90(N, BT, BD, warps, adjoint):
-    constants = dict(SHARED, IN_MODE=1, DX_MERGE=scan.MERGE_SERIAL, HAS_DLAST=False, ADJOINT=adjoint, BT=BT, BD=BD,
-                     BN=N, EVEN_D=True, EVEN_T=False)
+# The adjoint scan's forms (set_adjoint_scan): the default 4-tuple reverse scan, the 2-tuple one, and either
+# flipped and scanned forward (also where steps span warps: d_state 1's 64-step chunks).
+@pytest.mark.parametrize("N, BT, BD, warps, adjoint, flip", [
+    (1, 64, 32, 8, 4, False), (1, 64, 64, 4, 4, False), (16, 16, 8, 8, 4, False), (16, 16, 16, 4, 4, False),
+    (16, 16, 8, 8, 2, False), (16, 16, 16, 4, 2, False), (16, 16, 16, 4, 2, True), (16, 16, 16, 4, 4, True),
+    (1, 64, 32, 8, 4, True)])
+def test_backward_compiles_for_sm90(N, BT, BD, warps, adjoint, flip):
+    constants = dict(SHARED, IN_MODE=1, DX_MERGE=scan.MERGE_SERIAL, HAS_DLAST=False, ADJOINT=adjoint, FLIP=flip,
+                     BT=BT, BD=BD, BN=N, EVEN_D=True, EVEN_T=False)
     kernel = compile_kernel(scan.selective_scan_bwd_kernel, constants, warps)
     usage = resource_usage(kernel)
     assert 0 < usage["registers"] <= 255 and usage["spill_stores"] >= 0, usage
+
+
+def test_backward_flip_avoids_the_reverse_scan_shuffles():
+    """Triton reverses a reverse scan's operands across lanes, in and out, even where each thread holds all
+    steps (d_state 16); flipped steps scanned forward stay in registers. Should a Triton release stop
+    shuffling, the flip would no longer be needed."""
+    from vmamba_kernels.triton.offline import inner_loop_instructions
+
+    shuffles = {}
+    for flip in (False, True):
+        constants = dict(SHARED, IN_MODE=1, DX_MERGE=scan.MERGE_SERIAL, HAS_DLAST=False, ADJOINT=4, FLIP=flip,
+                         BT=16, BD=16, BN=16, EVEN_D=True, EVEN_T=False)
+        kernel = compile_kernel(scan.selective_scan_bwd_kernel, constants, 8)
+        shuffles[flip] = inner_loop_instructions(kernel)["SHFL"]
+    assert 0 < shuffles[True] < shuffles[False] / 2, shuffles
 
 
 def test_route_plan_compiles_for_sm90():

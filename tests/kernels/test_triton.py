@@ -397,28 +397,32 @@ def _child(group):
         tiles.INTERPRET_N1_TILE = {"TT": 4, "LT": 1, "BD": 8, "VEC": 1, "FLIP": False}
         scan_2d("n1_step_axis_1_one_segment", vk.scan_routes("continuous", 3, 4), 3, 4, 1, 5, 1, f32, "sum")
     elif group == "adjoint_forms":
-        # The backward's 2-tuple adjoint scan (the default is the 4-tuple one): through a final state gradient in
-        # a padded last chunk and into whole chunks (EVEN_T, where step t + 1 of the last row is past the end),
-        # every state's gradient, routes padded at their ends, and parameters read along other routes than x
-        # (decay_{t+1} at the next step's parameter position).
+        # The backward's other adjoint scans (the default is the 4-tuple reverse scan): the 2-tuple scan through
+        # a final state gradient in a padded last chunk and into whole chunks (EVEN_T, where step t + 1 of the
+        # last row is past the end), every state's gradient, routes padded at their ends, and parameters read
+        # along other routes than x (decay_{t+1} at the next step's parameter position); then both scans
+        # flipped and scanned forward.
         from vmamba_kernels.triton import scan
 
         forms, kernel = set(), scan.selective_scan_bwd_kernel
 
         class Spy:  # the forms the backward launches with (the interpreter launches the kernel directly)
             def __getitem__(self, grid):
-                return lambda **kw: (forms.add(kw["ADJOINT"]), kernel[grid](**kw))[1]
+                return lambda **kw: (forms.add((kw["ADJOINT"], kw["FLIP"])), kernel[grid](**kw))[1]
 
         scan.selective_scan_bwd_kernel = Spy()
         raster = vk.scan_routes("raster", 3, 3).expand(4, -1).contiguous()
-        tri.set_adjoint_scan(2)
-        scan_1d("adjoint_2/dlast", 1, 6, 9, 3, 0, f32, D=True, z=True, bias=True, softplus=True, last=True)
-        scan_2d("adjoint_2/atrous", vk.scan_routes("atrous", 3, 5), 3, 5, 1, 3, 2, f32, "sum")
-        scan_1d("adjoint_2/even", 1, 4, 8, 2, 0, f32, D=False, z=False, bias=False, softplus=False, last=True)
-        states("adjoint_2/states", 1, 4, 6, 2, 2, f32, bias=True, softplus=True)
-        scan_2d("adjoint_2/params", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 3, 3, f32, "none",
-                param_routes=raster)
-        assert forms == {2}, forms
+        for form, flip in ((2, False), (2, True), (4, True)):
+            tri.set_adjoint_scan(form, flip)
+            name = f"adjoint_{form}{'_flip' if flip else ''}"
+            scan_1d(name + "/dlast", 1, 6, 9, 3, 0, f32, D=True, z=True, bias=True, softplus=True, last=True)
+            scan_2d(name + "/atrous", vk.scan_routes("atrous", 3, 5), 3, 5, 1, 3, 2, f32, "sum")
+            if not flip:
+                scan_1d(name + "/even", 1, 4, 8, 2, 0, f32, D=False, z=False, bias=False, softplus=False, last=True)
+                states(name + "/states", 1, 4, 6, 2, 2, f32, bias=True, softplus=True)
+                scan_2d(name + "/params", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 3, 3, f32, "none",
+                        param_routes=raster)
+        assert forms == {(2, False), (2, True), (4, True)}, forms
     elif group == "wider_out":
         _round_interpreter_narrowing_to_nearest_even()
         cross = vk.scan_routes("cross", 3, 4)  # every pixel on every route: a shared x's gradient sums four
