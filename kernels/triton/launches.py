@@ -55,7 +55,7 @@ __all__ = [
 settings = {"atomic_merge": os.environ.get("VMAMBA_KERNELS_ATOMIC_MERGE", "0") == "1",
             "n1_kernel": os.environ.get("VMAMBA_KERNELS_N1", "1") == "1",
             "adjoint": 2 if os.environ.get("VMAMBA_KERNELS_ADJOINT", "4") == "2" else 4,
-            "adjoint_flip": os.environ.get("VMAMBA_KERNELS_ADJOINT_FLIP", "0") == "1"}
+            "adjoint_flip": {"1": True, "0": False}.get(os.environ.get("VMAMBA_KERNELS_ADJOINT_FLIP", "auto"))}
 
 
 def set_n1_kernel(enabled: bool) -> None:
@@ -69,15 +69,19 @@ def set_atomic_merge(enabled: bool) -> None:
     settings["atomic_merge"] = bool(enabled)
 
 
-def set_adjoint_scan(form: int = 4, flip: bool = False) -> None:
+def set_adjoint_scan(form: int = 4, flip: Optional[bool] = None) -> None:
     """How the general backward (``selective_scan_bwd_kernel``) scans its adjoint: ``form`` 4 (the default) or 2,
     the 2-tuple scan that rereads delta one step later; ``flip`` runs the reverse scan as a forward scan between
-    flips. Neither is timed on a GPU yet. Tiles picked so far are forgotten: they were picked for the previous
+    flips of the steps, None (the default) where d_state > 1. There each thread holds its chunk's steps, and
+    Triton's reverse scan would still move every operand across lanes, in and out: on one H100, EfficientVMamba-T
+    trained at 67.2 ms per step flipped against 71.0 and 72.6 unflipped (form 2 flipped: 72.9;
+    model_cards/benchmarks/side_by_side.md). With d_state 1 a chunk spans warps and the flips cost more than they
+    save (offline sm_90 instruction counts). Tiles picked so far are forgotten: they were picked for the previous
     form (the tile table does not tell the forms apart)."""
     if form not in (2, 4):
         raise ValueError(f"adjoint scan form must be 2 or 4, got {form!r}")
     settings["adjoint"] = form
-    settings["adjoint_flip"] = bool(flip)
+    settings["adjoint_flip"] = None if flip is None else bool(flip)
     tiles.bwd_tuner.cache.clear()
 
 
@@ -452,7 +456,8 @@ def run_bwd(pb: Problem, plan, softplus, chunk_states, dout, sg, in_mode, dx, sd
         sP_j=dB_part.stride(0), sP_b=dB_part.stride(1), sP_k=dB_part.stride(2), sP_t=dB_part.stride(3),
         sP_n=dB_part.stride(4),
         IN_MODE=in_mode, DX_MERGE=dx_merge, ZERO_UNVISITED=pb.gather and dx_merge != scan.MERGE_ATOMIC,
-        HAS_DLAST=dlast_state is not None, ADJOINT=settings["adjoint"], FLIP=settings["adjoint_flip"], BT=BT,
+        HAS_DLAST=dlast_state is not None, ADJOINT=settings["adjoint"],
+        FLIP=pb.N > 1 if settings["adjoint_flip"] is None else settings["adjoint_flip"], BT=BT,
     )
     kw["HAS_D"] = kw["HAS_D"] and in_mode == 1
     BD = _launch_bwd(lambda meta: (cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K), **kw)

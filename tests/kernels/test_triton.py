@@ -412,7 +412,7 @@ def _child(group):
 
         scan.selective_scan_bwd_kernel = Spy()
         raster = vk.scan_routes("raster", 3, 3).expand(4, -1).contiguous()
-        for form, flip in ((2, False), (2, True), (4, True)):
+        for form, flip in ((2, False), (2, True), (4, True), (4, False)):
             tri.set_adjoint_scan(form, flip)
             name = f"adjoint_{form}{'_flip' if flip else ''}"
             scan_1d(name + "/dlast", 1, 6, 9, 3, 0, f32, D=True, z=True, bias=True, softplus=True, last=True)
@@ -422,7 +422,7 @@ def _child(group):
                 states(name + "/states", 1, 4, 6, 2, 2, f32, bias=True, softplus=True)
                 scan_2d(name + "/params", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 3, 3, f32, "none",
                         param_routes=raster)
-        assert forms == {(2, False), (2, True), (4, True)}, forms
+        assert forms == {(2, False), (2, True), (4, True), (4, False)}, forms
     elif group == "wider_out":
         _round_interpreter_narrowing_to_nearest_even()
         cross = vk.scan_routes("cross", 3, 4)  # every pixel on every route: a shared x's gradient sums four
