@@ -41,7 +41,7 @@ def _triton():
 def _rows(t: Tensor) -> Tensor:
     """(..., N) as (M, N) rows with unit feature stride: a view where the strides allow, else a copy."""
     rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 or rows.shape[0] <= 1 else rows.contiguous()
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _affine_rows(t: Optional[Tensor], features: int) -> Optional[Tensor]:
@@ -128,19 +128,17 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
-        if p.dim() == 1 and p.shape[0] == N:
-            continue
-        if p.dim() == 2 and p.shape[1] == N and x.dim() >= 2 and p.shape[0] == x.shape[-2]:
-            continue
-        raise ValueError(f"{name} must be (N,) = ({N},), or (G, N) = ({x.shape[-2] if x.dim() >= 2 else 'G'}, {N}) "
-                         f"for x (..., G, N), for x of shape {tuple(x.shape)}; got {tuple(p.shape)}")
+        plain = p.dim() == 1 and p.shape[0] == N
+        grouped = p.dim() == 2 and p.shape[1] == N and x.dim() >= 2 and p.shape[0] == x.shape[-2]
+        if not (plain or grouped):
+            raise ValueError(f"{name} must be (N,) = ({N},), or (G, N) = ({x.shape[-2] if x.dim() >= 2 else 'G'}, "
+                             f"{N}) for x (..., G, N), for x of shape {tuple(x.shape)}; got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} on {p.device}")
     if bias is not None and bias.dim() == 2 and weight is None:
         raise ValueError(f"a grouped bias {tuple(bias.shape)} needs the grouped weight of the same shape")
     if weight is not None and bias is not None and weight.shape != bias.shape:
         raise ValueError(f"weight and bias must have one shape, got {tuple(weight.shape)} and {tuple(bias.shape)}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and p.device != x.device:
-            raise ValueError(f"x is on {x.device} but {name} on {p.device}")
     groups = weight.shape[0] if weight is not None and weight.dim() == 2 else 1
     fusable = (0 < N <= MAX_FUSED_FEATURES and groups & (groups - 1) == 0 and x.numel() > 0
                and x.dtype in (torch.float16, torch.bfloat16, torch.float32))

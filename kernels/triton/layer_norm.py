@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 _TILE_ELEMENTS = 4096  # BM·BN per program: 32 fp32 values per thread and tensor at 4 warps
-MAX_FEATURES = 8192
 
 
 @triton.jit
@@ -123,4 +122,3 @@ def layer_norm_bwd(dy2d, x2d, weight, has_bias, mean, rstd, groups):
     dw = dw_part.sum(0) if dw_part is not None else None
     db = db_part.sum(0) if db_part is not None else None
     return dx, dw, db
-
