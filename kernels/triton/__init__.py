@@ -7,7 +7,8 @@ Importing it imports triton; the rest of ``vmamba_kernels`` does not.
 - ``tiles``: the tile configurations, the tuners that pick one per problem, and the committed tile table;
 - ``launches``: each op as a problem of K scans, its kernel arguments and its launch;
 - ``backend``: the backend functions built from those launches;
-- ``scan`` / ``scan_n1``: the kernels; ``route_plan``: what they need to know about a route set.
+- ``scan`` / ``scan_n1`` / ``scan_steps``: the kernels (general; d_state 1; the forward with d_state > 1, step by
+  step); ``route_plan``: what they need to know about a route set.
 """
 from .backend import (
     chunk_size,
@@ -23,6 +24,7 @@ from .backend import (
     set_adjoint_scan,
     set_atomic_merge,
     set_n1_kernel,
+    set_steps_kernel,
 )
 
 __all__ = [
@@ -39,4 +41,5 @@ __all__ = [
     "set_adjoint_scan",
     "set_atomic_merge",
     "set_n1_kernel",
+    "set_steps_kernel",
 ]

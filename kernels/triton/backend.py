@@ -28,6 +28,7 @@ from .launches import (
     set_adjoint_scan,
     set_atomic_merge,
     set_n1_kernel,
+    set_steps_kernel,
     settings,
 )
 from .route_plan import route_plan
@@ -47,6 +48,7 @@ __all__ = [
     "set_adjoint_scan",
     "set_atomic_merge",
     "set_n1_kernel",
+    "set_steps_kernel",
 ]
 
 

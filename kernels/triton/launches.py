@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..graphs import capturing
-from . import scan, scan_n1, tiles
+from . import scan, scan_n1, scan_steps, tiles
 from .alloc import empty, persistent
 from .tiles import (
     INTERPRET,
@@ -30,6 +30,7 @@ from .tiles import (
     next_pow2,
     prune_bwd,
     prune_fwd,
+    steps_tuner,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "set_adjoint_scan",
     "set_atomic_merge",
     "set_n1_kernel",
+    "set_steps_kernel",
     "settings",
 ]
 
@@ -54,6 +56,7 @@ __all__ = [
 # Which kernels serve a problem (set with the functions below; read by the backend functions too).
 settings = {"atomic_merge": os.environ.get("VMAMBA_KERNELS_ATOMIC_MERGE", "0") == "1",
             "n1_kernel": os.environ.get("VMAMBA_KERNELS_N1", "1") == "1",
+            "steps_kernel": os.environ.get("VMAMBA_KERNELS_STEPS", "1") == "1",
             "adjoint": 2 if os.environ.get("VMAMBA_KERNELS_ADJOINT", "4") == "2" else 4,
             "adjoint_flip": {"1": True, "0": False}.get(os.environ.get("VMAMBA_KERNELS_ADJOINT_FLIP", "auto"))}
 
@@ -62,6 +65,12 @@ def set_n1_kernel(enabled: bool) -> None:
     """Whether 2D scans with d_state 1 use their own forward kernel (``scan_n1.py``, the default) or the
     general one (for comparisons)."""
     settings["n1_kernel"] = bool(enabled)
+
+
+def set_steps_kernel(enabled: bool) -> None:
+    """Whether forwards with d_state > 1 (outputs y or the backward's chunk states) run step by step
+    (``scan_steps.py``, the default) or as chunks with the general kernel (for comparisons)."""
+    settings["steps_kernel"] = bool(enabled)
 
 
 def set_atomic_merge(enabled: bool) -> None:
@@ -107,6 +116,15 @@ def _launch_fwd(grid, **kw):
         return
     kw.update(even_flags(kw))
     scan.selective_scan_fwd_kernel[grid(kw)](**kw)
+
+
+def _launch_steps(grid, **kw):
+    if INTERPRET:
+        kw.update(BD=8 if kw["BATCH_LANES"] else min(8, next_pow2(kw["CPG"])), num_warps=1)
+        kw["EVEN_D"] = kw["CPG"] % kw["BD"] == 0
+        scan_steps.selective_scan_steps_fwd_kernel[grid(kw)](**kw)
+    else:
+        _tuned(steps_tuner, grid, kw)
 
 
 def _launch_n1(grid, **kw):
@@ -316,13 +334,50 @@ def run_fwd(pb: Problem, plan, softplus, out_mode, out=None, so=(0, 0, 0, 0, 0),
         OUT_MODE=out_mode, MERGE=merge, ZERO_UNVISITED=pb.gather and out_visited is not None and out is not None,
         STORE_LAST=last_state is not None, SAVE_CHUNKS=save_chunks, SAVE_T=save_t,
     )
-    grid_k = pb.K
 
     def grid(meta):
-        return (cdiv(pb.CPG, meta["BD"]), pb.Bt, grid_k)
+        return (cdiv(pb.CPG, meta["BD"]), pb.Bt, pb.K)
 
-    _launch_fwd(grid, **kw)
+    if steps_apply(pb, out_mode, merge):
+        del kw["so_n"]  # it writes no states
+        batch_lanes = pb.CPG == 1  # (1D only: steps_apply)
+        kw.update({"PACK": 1} if batch_lanes else _packed_states(pb, BN, with_C=out_mode == scan.OUT_Y),
+                  Bt=pb.Bt, BATCH_LANES=batch_lanes, EVEN_N=pb.N == BN, FAST_MATH=not INTERPRET)
+        if batch_lanes:
+            _launch_steps(lambda meta: (cdiv(pb.Bt, meta["BD"]), 1, pb.K), **kw)
+        else:
+            _launch_steps(grid, **kw)
+    else:
+        _launch_fwd(grid, **kw)
     return chunk_states
+
+
+_PACKED = {4: torch.int64, 2: torch.int32}
+
+
+def _packed_states(pb: Problem, BN: int, with_C: bool) -> dict:
+    """Arguments of the step-by-step forward that read bf16 B and C ``PACK`` states at a time (as int64 or
+    int32, see ``scan_steps._state_row``), where their states are contiguous, fill BN and every row is aligned
+    to PACK elements; PACK 1 (as stored) otherwise."""
+    tensors = [("B", pb.B, pb.sB)] + ([("C", pb.C, pb.sC)] if with_C else [])
+    for pack, dtype in _PACKED.items():
+        if pb.N == BN and pb.N % pack == 0 and all(
+                M.dtype == torch.bfloat16 and s[3] == 1 and all(v % pack == 0 for v in s[:3])
+                and M.data_ptr() % (2 * pack) == 0 for _, M, s in tensors):
+            kw = {"PACK": pack}
+            for name, M, s in tensors:
+                kw[name] = M.view(dtype)
+                kw.update({f"s{name}_{axis}": v // pack for axis, v in zip("bkt", s[:3])})
+            return kw
+    return {"PACK": 1}
+
+
+def steps_apply(pb: Problem, out_mode, merge) -> bool:
+    """Whether the step-by-step forward (``scan_steps.py``) serves a problem: d_state > 1, outputs y or chunk
+    states only, no atomic merge, and lanes to fill: 8 or more channels, which it puts on lanes, or, in 1D, one
+    channel per scan (ViM2's channel mixer), where it puts images on lanes."""
+    return (settings["steps_kernel"] and pb.N > 1 and (pb.CPG >= 8 or (pb.CPG == 1 and not pb.gather))
+            and out_mode in (scan.OUT_NONE, scan.OUT_Y) and merge != scan.MERGE_ATOMIC)
 
 
 def n1_applies(pb: Problem, routes, param_routes) -> bool:

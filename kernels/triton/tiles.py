@@ -19,7 +19,7 @@ import triton
 from triton.runtime.autotuner import Autotuner
 
 from ..graphs import capturing
-from . import scan, scan_n1
+from . import scan, scan_n1, scan_steps
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -442,4 +442,24 @@ bwd_tuner = _tuner(
 
 
 # By the name of the kernel each tunes (the table's kernel key).
-TUNERS = {t.base_fn.__name__: t for t in (fwd_tuner, n1_tuner, n1_bwd_tuner, bwd_tuner)}
+# d_state > 1 forward, step by step (scan_steps.py): (BD channels, num_warps). A thread holds
+# BN·BD / (32·num_warps) states of one channel: all of them where BD = 32·num_warps; fewer channels per
+# program (smaller BD) spread a channel's states over 2 or 4 lanes, for problems with few channels.
+STEPS_TILES = [(32, 1), (64, 2), (128, 4), (16, 1), (8, 1), (32, 2), (64, 4), (16, 2)]
+
+
+def prune_steps(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    if args["BATCH_LANES"]:  # lanes over images: any block fits
+        return list(configs)
+    keep = [cfg for cfg in configs if cfg.kwargs["BD"] <= max(8, next_pow2(args["CPG"]))]
+    return keep or [min(configs, key=lambda c: c.kwargs["BD"])]
+
+
+steps_tuner = _tuner(
+    configs=[triton.Config({"BD": bd}, num_warps=w) for bd, w in STEPS_TILES],
+    key=["CPG", "N", "K", "BN", "OUT_MODE", "MERGE", "GATHER", "HAS_Z", "HAS_D", "SAVE_CHUNKS", "BATCH_LANES"],
+    prune_configs_by={"early_config_prune": prune_steps},
+)(triton.heuristics({"EVEN_D": lambda a: a["CPG"] % a["BD"] == 0})(scan_steps.selective_scan_steps_fwd_kernel))
+
+TUNERS = {t.base_fn.__name__: t for t in (fwd_tuner, n1_tuner, n1_bwd_tuner, bwd_tuner, steps_tuner)}

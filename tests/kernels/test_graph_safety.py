@@ -24,7 +24,7 @@ from vmamba_kernels import ops
 pytest.importorskip("triton")
 from vmamba_kernels.triton import backend, launches, route_plan, tiles  # noqa: E402
 
-TUNERS = ("fwd_tuner", "bwd_tuner", "n1_tuner", "n1_bwd_tuner")
+TUNERS = ("fwd_tuner", "bwd_tuner", "n1_tuner", "n1_bwd_tuner", "steps_tuner")
 SYNCS = ("aten._local_scalar_dense", "aten.equal", "aten.item")
 CASES = {
     # name: (op, d_state, route set, merge, per-route x, parameters in raster order)

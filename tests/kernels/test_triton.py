@@ -19,7 +19,7 @@ import pytest
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 GROUPS = ("scan_1d", "states", "cross_sum", "continuous_params", "atrous_odd", "multihead_none", "per_route_x",
-          "batch_split", "single_state", "adjoint_forms")
+          "batch_split", "single_state", "adjoint_forms", "steps")
 WIDER_OUT_CASES = 6  # cases of the "wider_out" group
 
 
@@ -213,14 +213,20 @@ def _child(group):
         repeat(case, lambda: (tri.selective_scan_states_fwd(*args), *tri.selective_scan_states_bwd(dstates, *args)))
 
     def scan_2d(case, routes, H, W, Bt, Dm, N, dtype, merge, per_route_x=False, param_routes=None, D=True,
-                bias=True, softplus=True):
+                bias=True, softplus=True, bc_offset=None):
+        """bc_offset: B and C sliced out of one (…, K, offset + 2N) projection at that offset, as models make
+        them (contiguous states, rows aligned or not)."""
         K = routes.shape[0]
         param_routes = routes if param_routes is None else param_routes
         x = torch.randn(*((Bt, H, W, K, Dm) if per_route_x else (Bt, H, W, Dm))).to(dtype)
         delta = (torch.rand(Bt, H, W, K, Dm) * 0.8 - 0.4).to(dtype)
         A = -(torch.rand(K, Dm, N) + 0.3)
-        B = torch.randn(Bt, H, W, K, N).to(dtype)
-        C = torch.randn(Bt, H, W, K, N).to(dtype)
+        if bc_offset is None:
+            B = torch.randn(Bt, H, W, K, N).to(dtype)
+            C = torch.randn(Bt, H, W, K, N).to(dtype)
+        else:
+            BC = torch.randn(Bt, H, W, K, bc_offset + 2 * N).to(dtype)
+            B, C = BC[..., bc_offset:bc_offset + N], BC[..., bc_offset + N:]
         Dv = torch.randn(K, Dm) if D else None
         bv = torch.randn(K, Dm) * 0.3 if bias else None
         args = (x, delta, A, B, C, Dv, bv, routes, param_routes, softplus, merge)
@@ -269,19 +275,20 @@ def _child(group):
                     tri.selective_scan_2d_bwd(dout, *run_args, routes, routes, True, "sum"),
                     reference.selective_scan_2d_bwd_ref(dout, *run_args, True, routes, routes, "sum"), torch.float32)
 
-    def same_chunk_states(case, routes, H, W, Bt, Dm, dtype, merge):
-        """The d_state-1 kernel saves the chunk states the general kernel saves (the backward reads them)."""
+    def same_chunk_states(case, routes, H, W, Bt, Dm, dtype, merge, N=1, use_kernel=tri.set_n1_kernel):
+        """The d_state-1 kernel (or, with N > 1 and ``use_kernel=set_steps_kernel``, the step-by-step one) saves
+        the chunk states the general kernel saves (the backward reads them)."""
         K = routes.shape[0]
         args = (torch.randn(Bt, H, W, Dm).to(dtype), (torch.rand(Bt, H, W, K, Dm) * 0.8 - 0.4).to(dtype),
-                -(torch.rand(K, Dm, 1) + 0.3), torch.randn(Bt, H, W, K, 1).to(dtype),
-                torch.randn(Bt, H, W, K, 1).to(dtype), torch.randn(K, Dm), torch.randn(K, Dm) * 0.3, routes, routes,
+                -(torch.rand(K, Dm, N) + 0.3), torch.randn(Bt, H, W, K, N).to(dtype),
+                torch.randn(Bt, H, W, K, N).to(dtype), torch.randn(K, Dm), torch.randn(K, Dm) * 0.3, routes, routes,
                 True, merge)
         out, states = tri.selective_scan_2d_fwd_saving(*args)
-        tri.set_n1_kernel(False)
+        use_kernel(False)
         try:
             general_out, general_states = tri.selective_scan_2d_fwd_saving(*args)
         finally:
-            tri.set_n1_kernel(True)
+            use_kernel(True)
         compare(case + "/vs_general", ("out", "chunk_states"), (out, states), (general_out, general_states), dtype)
 
     def through_op(case, routes, H, W, Bt, Dm, N):
@@ -423,6 +430,55 @@ def _child(group):
                 scan_2d(name + "/params", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 3, 3, f32, "none",
                         param_routes=raster)
         assert forms == {(2, False), (2, True), (4, True), (4, False)}, forms
+    elif group == "steps":
+        # d_state > 1 with 8 or more channels runs scan_steps' forward: B and C read 4, 2 or 1 states at a time
+        # (bf16 rows aligned to 4, to 2, or neither; fp32), channel blocks that do not divide the channels (12),
+        # d_state that fills no power of two (3), padded routes, parameters read along other routes (PlainMamba's),
+        # per-route outputs, the 1D op (z, a final state and its gradient), and the chunk states it saves.
+        launched = set()
+        launch = launches._launch_steps
+
+        def spy(grid, **kw):
+            launched.add((kw["PACK"], kw["EVEN_N"], kw["CPG"] % 8 == 0, kw["BATCH_LANES"]))
+            return launch(grid, **kw)
+
+        def channel_scans(case, T, K, L, N, dtype):
+            """ViM2's channel mixer: one channel per scan (images on lanes), B and C broadcast over scans and
+            steps."""
+            u = torch.randn(T, K, L).to(dtype)
+            delta = (torch.rand(T, K, L) * 0.5).to(dtype)
+            b, c = torch.randn(1, K, N, 1).to(dtype), torch.randn(1, K, N, 1).to(dtype)
+            args = (u, delta, -(torch.rand(K, N) + 0.3), b.expand(T, K, N, L), c.expand(T, K, N, L), None, None,
+                    torch.randn(K) * 0.3, True)
+            out, state = tri.selective_scan_fwd(*args)
+            ref_out, ref_state = reference.selective_scan_ref(*args, return_last_state=True)
+            compare(case, ("out", "last_state"), (out, state), (ref_out, ref_state), dtype)
+            dout = torch.randn_like(ref_out)
+            names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
+            compare(case, names, tri.selective_scan_bwd(dout, None, *args),
+                    reference.selective_scan_bwd_ref(dout, None, *args), dtype)
+
+        launches._launch_steps = spy
+        cross = vk.scan_routes("cross", 3, 4)
+        raster = vk.scan_routes("raster", 3, 3).expand(4, -1).contiguous()
+        scan_2d("steps_cross_bf16_pack4", cross, 3, 4, 2, 8, 4, bf16, "sum")
+        scan_2d("steps_cross_bf16_pack2", cross, 3, 4, 1, 8, 4, bf16, "sum", bc_offset=2)
+        scan_2d("steps_cross_bf16_pack1", cross, 3, 4, 1, 8, 4, bf16, "sum", bc_offset=1)
+        scan_2d("steps_cross_f32_12_channels", cross, 3, 4, 1, 12, 2, f32, "sum")
+        scan_2d("steps_atrous_padded_n3", vk.scan_routes("atrous", 3, 5), 3, 5, 1, 8, 3, f32, "sum", bias=False)
+        scan_2d("steps_continuous_raster_params", vk.scan_routes("continuous", 3, 3), 3, 3, 1, 8, 4, bf16, "sum",
+                param_routes=raster)
+        scan_2d("steps_per_route_none", cross, 3, 4, 1, 8, 2, f32, "none", per_route_x=True, D=False)
+        scan_1d("steps_1d", 2, 16, 9, 4, 2, f32, D=True, z=True, bias=True, softplus=True, last=True)
+        through_op("steps_op", cross, 3, 4, 1, 8, 4)
+        same_chunk_states("steps_cross_states", vk.scan_routes("cross", 4, 5), 4, 5, 2, 8, f32, "sum", N=4,
+                          use_kernel=tri.set_steps_kernel)
+        channel_scans("steps_channel_scans", 11, 2, 7, 16, f32)  # 11 images: a block of 8 lanes and a partial one
+        channel_scans("steps_channel_scans_bf16", 9, 2, 6, 4, bf16)
+        assert {pack for pack, _, _, _ in launched} == {1, 2, 4}, launched
+        assert {even_n for _, even_n, _, _ in launched} == {True, False}, launched
+        assert {even_d for _, _, even_d, _ in launched} == {True, False}, launched
+        assert {lanes for _, _, _, lanes in launched} == {True, False}, launched
     elif group == "wider_out":
         _round_interpreter_narrowing_to_nearest_even()
         cross = vk.scan_routes("cross", 3, 4)  # every pixel on every route: a shared x's gradient sums four
