@@ -38,7 +38,7 @@ from ..checkpoint import backbone_weights, unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
-from ..layers.stages import ChannelsLastStagesMixin
+from ..layers.stages import ChannelsLastStagesMixin, Stage
 from ..layers.norm import LayerNorm, LowPrecisionLayerNorm, read_by_gemm
 from ..layers.route_scan import fewer_launches, route_projections
 from ..layers.routes import device_routes
@@ -184,24 +184,14 @@ class BiAttn(nn.Module):
 
 
 class EVSSBlock(nn.Module):
-    """Efficient visual state-space block: ES2D and a conv branch on the same normalized input, each gated by
-    the one shared BiAttn, summed into the residual. No MLP."""
+    """Efficient visual state-space block: ES2D (with ``ssm_kwargs``) and a conv branch on the same normalized
+    input, each gated by the one shared BiAttn, summed into the residual. No MLP."""
 
-    def __init__(
-            self,
-            dim: int,
-            drop_path: float = 0.,
-            d_state: int = 16,
-            ssm_ratio: float = 2.0,
-            dt_rank: Union[int, str] = 'auto',
-            norm_layer=LayerNorm,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, dim: int, drop_path: float = 0., norm_layer=LayerNorm, device=None, dtype=None, **ssm_kwargs):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.norm = read_by_gemm(norm_layer(dim, **dd))
-        self.ssm = EfficientScan2d(dim, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, **dd)
+        self.ssm = EfficientScan2d(dim, **ssm_kwargs, **dd)
         self.conv_branch = nn.Sequential(OrderedDict([
             ('conv_dw', nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)),
             ('norm', nn.BatchNorm2d(dim, **dd)),
@@ -240,14 +230,10 @@ class ToChannelsLast(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-class ChannelsFirst(nn.Sequential):
-    """Runs NCHW blocks on a channels-last stream."""
+class EfficientVMambaStage(Stage):
+    """Patch merging (unless the first stage), then EVSS blocks (``block_type='evss'``, with ``evss_kwargs``) or
+    MobileNetV2 inverted residuals ('ir': dw 3x3, ReLU, SE), which run channels-first."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-class EfficientVMambaStage(nn.Module):
     def __init__(
             self,
             in_dim: int,
@@ -256,44 +242,26 @@ class EfficientVMambaStage(nn.Module):
             block_type: str,
             drop_path: Sequence[float],
             downsample: bool,
-            d_state: int = 16,
-            ssm_ratio: float = 2.0,
-            dt_rank: Union[int, str] = 'auto',
             ir_expand_ratio: float = 4.0,
             ir_se_ratio: float = 0.125,
             norm_layer=LayerNorm,
             device=None,
             dtype=None,
+            **evss_kwargs,
     ):
         dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.grad_checkpointing = False
-        self.downsample = PatchMerging(in_dim, dim, norm_layer=norm_layer, **dd) if downsample else nn.Identity()
+        merge = PatchMerging(in_dim, dim, norm_layer=norm_layer, **dd) if downsample else None
         if block_type == 'evss':
-            self.blocks = nn.Sequential(*[
-                EVSSBlock(
-                    dim, drop_path=drop_path[i], d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank,
-                    norm_layer=norm_layer, **dd)
-                for i in range(depth)])
+            blocks = [EVSSBlock(dim, drop_path=drop_path[i], norm_layer=norm_layer, **dd, **evss_kwargs)
+                      for i in range(depth)]
         elif block_type == 'ir':
-            self.blocks = ChannelsFirst(*[
-                InvertedResidual(
-                    dim, dim, dw_kernel_size=3, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU,
-                    se_layer=partial(SqueezeExcite, rd_ratio=ir_se_ratio), drop_path_rate=drop_path[i], **dd)
-                for i in range(depth)])
+            blocks = [InvertedResidual(
+                dim, dim, dw_kernel_size=3, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU,
+                se_layer=partial(SqueezeExcite, rd_ratio=ir_se_ratio), drop_path_rate=drop_path[i], **dd)
+                for i in range(depth)]
         else:
             raise ValueError(f"block_type must be 'evss' or 'ir', got {block_type!r}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            if isinstance(self.blocks, ChannelsFirst):
-                x = checkpoint_seq(self.blocks, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            else:
-                x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x
+        super().__init__(merge, blocks, channels_first=block_type == 'ir')
 
 
 class EfficientVMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
