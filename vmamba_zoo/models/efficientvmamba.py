@@ -85,9 +85,6 @@ class EfficientScan2d(nn.Module):
             dt_rank: Union[int, str] = 'auto',
             d_conv: int = 3,
             conv_bias: bool = True,
-            dt_min: float = 0.001,
-            dt_max: float = 0.1,
-            dt_init_floor: float = 1e-4,
             device=None,
             dtype=None,
     ):
@@ -97,7 +94,6 @@ class EfficientScan2d(nn.Module):
         self.d_inner = d_inner = int(ssm_ratio * dim)
         self.dt_rank = resolve_dt_rank(dim, dt_rank)
         self.d_state = d_state
-        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False, **dd)
         self.act = nn.SiLU()
@@ -116,10 +112,10 @@ class EfficientScan2d(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """Mamba's initialization, as upstream: x_proj like nn.Linear, dt_proj uniform ±R^-0.5 with a bias that
-        puts softplus(bias) log-uniformly in [dt_min, dt_max], S4D-real A, D = 1."""
+        puts softplus(bias) log-uniformly in ``init_dt_projection_``'s range, S4D-real A, D = 1."""
         bound = 1. / math.sqrt(self.d_inner)
         self.x_proj_weight.uniform_(-bound, bound)
-        init_dt_projection_(self.dt_projs_weight, self.dt_projs_bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_dt_projection_(self.dt_projs_weight, self.dt_projs_bias)
         init_A_log_and_D_(self.A_logs, self.Ds)
 
     def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -104,16 +104,7 @@ class GroupedSingleScan2d(nn.Module):
     which group k follows route k of ``scan_routes("cross", H, W)``.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            d_state: int = 1,
-            ssm_ratio: float = 1.0,
-            d_conv: int = 3,
-            dt_min: float = 0.001,
-            dt_max: float = 0.1,
-            dt_init_floor: float = 1e-4,
-    ):
+    def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 1.0, d_conv: int = 3):
         super().__init__()
         if dim % NUM_GROUPS:
             raise ValueError(f"GroupMamba needs channels divisible by {NUM_GROUPS}, got {dim}")
@@ -131,7 +122,7 @@ class GroupedSingleScan2d(nn.Module):
         # dt_proj's bias is the scan's delta_bias (added inside the scan before the softplus)
         self.dt_proj_weight = nn.Parameter(torch.empty(groups, d_inner, dt_rank))
         self.dt_proj_bias = nn.Parameter(torch.empty(groups, d_inner))
-        init_dt_projection_(self.dt_proj_weight, self.dt_proj_bias, dt_min, dt_max, dt_init_floor)
+        init_dt_projection_(self.dt_proj_weight, self.dt_proj_bias)
         self.A_log = nn.Parameter(torch.empty(groups, d_inner, d_state))
         self.D = nn.Parameter(torch.empty(groups, d_inner))
         init_A_log_and_D_(self.A_log, self.D)

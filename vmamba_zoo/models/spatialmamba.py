@@ -112,9 +112,6 @@ class StructureAwareSSM(nn.Module):
             expand: float = 2.0,
             d_conv: int = 3,
             dt_rank: Union[int, str] = "auto",
-            dt_min: float = 0.001,
-            dt_max: float = 0.1,
-            dt_init_floor: float = 1e-4,
             proj_drop: float = 0.,
             fusion_merge_at_eval: bool = False,
             fusion_impl: str = "auto",
@@ -130,7 +127,6 @@ class StructureAwareSSM(nn.Module):
         self.d_inner = d_inner = int(expand * dim)
         self.d_state = d_state
         self.dt_rank = resolve_dt_rank(dim, dt_rank)
-        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
 
         self.in_proj = nn.Linear(dim, d_inner * 2, bias=False)
         self.conv = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
@@ -149,9 +145,10 @@ class StructureAwareSSM(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
-        """Mamba's init for x_proj, dt_proj (softplus(bias) log-uniform in [dt_min, dt_max]), A (S4D real), D."""
+        """Mamba's init for x_proj, dt_proj (softplus(bias) log-uniform in ``init_dt_projection_``'s range),
+        A (S4D real), D."""
         self.x_proj.reset_parameters()
-        init_dt_projection_(self.dt_proj.weight, self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_dt_projection_(self.dt_proj.weight, self.dt_proj.bias)
         init_A_log_and_D_(self.A_log, self.D)
 
     def forward(self, x):
