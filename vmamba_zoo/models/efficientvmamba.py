@@ -226,9 +226,18 @@ class ToChannelsLast(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
+def inverted_residual(dim: int, drop_path: float = 0., ir_expand_ratio: float = 4.0, ir_se_ratio: float = 0.125,
+                      device=None, dtype=None) -> InvertedResidual:
+    """The MobileNetV2 block of the later stages (NCHW): 1x1 expansion, dw 3x3, SE, 1x1 projection, ReLU."""
+    return InvertedResidual(
+        dim, dim, dw_kernel_size=3, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU,
+        se_layer=partial(SqueezeExcite, rd_ratio=ir_se_ratio), drop_path_rate=drop_path, device=device, dtype=dtype)
+
+
 class EfficientVMambaStage(Stage):
-    """Patch merging (unless the first stage), then EVSS blocks (``block_type='evss'``, with ``evss_kwargs``) or
-    MobileNetV2 inverted residuals ('ir': dw 3x3, ReLU, SE), which run channels-first."""
+    """Patch merging (unless the first stage), then EVSS blocks (``block_type='evss'``) or MobileNetV2 inverted
+    residuals ('ir', run channels-first); ``block_kwargs`` are the options of that block type
+    (``EVSSBlock``'s ES2D options, or ``inverted_residual``'s)."""
 
     def __init__(
             self,
@@ -238,23 +247,18 @@ class EfficientVMambaStage(Stage):
             block_type: str,
             drop_path: Sequence[float],
             downsample: bool,
-            ir_expand_ratio: float = 4.0,
-            ir_se_ratio: float = 0.125,
             norm_layer=LayerNorm,
             device=None,
             dtype=None,
-            **evss_kwargs,
+            **block_kwargs,
     ):
         dd = {'device': device, 'dtype': dtype}
         merge = PatchMerging(in_dim, dim, norm_layer=norm_layer, **dd) if downsample else None
         if block_type == 'evss':
-            blocks = [EVSSBlock(dim, drop_path=drop_path[i], norm_layer=norm_layer, **dd, **evss_kwargs)
+            blocks = [EVSSBlock(dim, drop_path=drop_path[i], norm_layer=norm_layer, **dd, **block_kwargs)
                       for i in range(depth)]
         elif block_type == 'ir':
-            blocks = [InvertedResidual(
-                dim, dim, dw_kernel_size=3, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU,
-                se_layer=partial(SqueezeExcite, rd_ratio=ir_se_ratio), drop_path_rate=drop_path[i], **dd)
-                for i in range(depth)]
+            blocks = [inverted_residual(dim, drop_path[i], **dd, **block_kwargs) for i in range(depth)]
         else:
             raise ValueError(f"block_type must be 'evss' or 'ir', got {block_type!r}")
         super().__init__(merge, blocks, channels_first=block_type == 'ir')
@@ -306,13 +310,14 @@ class EfficientVMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         ]))
 
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        block_kwargs = {'evss': dict(d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank),
+                        'ir': dict(ir_expand_ratio=ir_expand_ratio, ir_se_ratio=ir_se_ratio)}
         self.stages = nn.Sequential()
         self.feature_info = []
         for i in range(num_stages):
             self.stages.append(EfficientVMambaStage(
                 dims[max(i - 1, 0)], dims[i], depths[i], block_types[i], drop_path=dpr[i], downsample=i > 0,
-                d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, ir_expand_ratio=ir_expand_ratio,
-                ir_se_ratio=ir_se_ratio, norm_layer=norm_layer, **dd))
+                norm_layer=norm_layer, **dd, **block_kwargs.get(block_types[i], {})))
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
 
         self.norm = norm_layer(self.num_features, **dd)
