@@ -199,24 +199,16 @@ class StructureAwareSSM(nn.Module):
 
 
 class SpatialMambaBlock(nn.Module):
-    def __init__(
-            self,
-            dim: int,
-            mlp_ratio: float = 4.0,
-            d_state: int = 1,
-            drop_path: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer=LayerNorm,
-            fusion_merge_at_eval: bool = False,
-            fusion_impl: str = "auto",
-            mixer_layout: str = "auto",
-    ):
+    """x + cpe1(x), then x + DropPath(mixer(norm1(x))), x + cpe2(x) and x + DropPath(mlp(norm2(x))); channels-last.
+    The mixer is ``StructureAwareSSM`` with ``layout=mixer_layout`` and ``mixer_kwargs`` (d_state, fusion_impl,
+    fusion_merge_at_eval)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0., proj_drop: float = 0.,
+                 norm_layer=LayerNorm, mixer_layout: str = "auto", **mixer_kwargs):
         super().__init__()
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = read_by_gemm(norm_layer(dim))
-        self.mixer = StructureAwareSSM(
-            dim, d_state=d_state, proj_drop=proj_drop, fusion_merge_at_eval=fusion_merge_at_eval,
-            fusion_impl=fusion_impl, layout=mixer_layout)
+        self.mixer = StructureAwareSSM(dim, proj_drop=proj_drop, layout=mixer_layout, **mixer_kwargs)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = read_by_gemm(norm_layer(dim))
