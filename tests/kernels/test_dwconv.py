@@ -70,29 +70,17 @@ def _check(case, backend, out_dtype, channels_last, strided):
     return records
 
 
+VARIANTS = ((torch.float32, False, False), (torch.bfloat16, True, True))  # (out_dtype, channels_last, strided)
+
+
 def _all_checks(backend):
-    records = []
-    for case in CASES:
-        for out_dtype, channels_last, strided in ((torch.float32, False, False), (torch.bfloat16, True, True)):
-            records += _check(case, backend, out_dtype, channels_last, strided)
-    return records
+    return [record for case in CASES for variant in VARIANTS for record in _check(case, backend, *variant)]
 
 
-def _assert_good(records):
-    from .interpreted import assert_within_tolerance  # (the child runs this file as a script)
-    assert_within_tolerance(records, 3 * 2 * len(CASES))
-    assert all(r["ok"] for r in records if r["what"] == "layout")
-
-
-def test_reference_form_matches_the_loop():
-    _assert_good(_all_checks("reference"))
-
-
-def test_fused_kernels_match_the_loop_under_the_interpreter():
-    pytest.importorskip("triton")
-    from .interpreted import records_under_interpreter
-    records = records_under_interpreter(__file__)
-    _assert_good(records)
+@pytest.mark.parametrize("form", ["reference", "triton"])
+def test_pytorch_form_and_fused_kernels_match_the_loop(form):
+    from .interpreted import assert_within_tolerance, records_of_form  # (the child runs this file as a script)
+    assert_within_tolerance(records_of_form(form, __file__, _all_checks), 3 * len(VARIANTS) * len(CASES))
 
 
 def test_bad_inputs_name_the_expected_and_actual_shapes():

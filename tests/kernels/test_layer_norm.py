@@ -76,30 +76,19 @@ def _check(case, backend, dtype, strided):
     return records
 
 
+VARIANTS = ((torch.float32, False), (torch.bfloat16, True), (torch.float16, False))  # (dtype, strided)
+
+
 def _all_checks(backend):
-    records = []
-    for case in CASES:
-        for dtype, strided in ((torch.float32, False), (torch.bfloat16, True), (torch.float16, False)):
-            records += _check(case, backend, dtype, strided)
-    return records
+    return [record for case in CASES for variant in VARIANTS for record in _check(case, backend, *variant)]
 
 
-def _assert_good(records):
-    from .interpreted import assert_within_tolerance  # (the child runs this file as a script)
+@pytest.mark.parametrize("form", ["reference", "triton"])
+def test_pytorch_form_and_fused_kernels_match_the_row_oracle(form):
+    from .interpreted import assert_within_tolerance, records_of_form  # (the child runs this file as a script)
+    records = records_of_form(form, __file__, _all_checks)
     assert_within_tolerance(records, 3 * 2 * len(CASES))
-    assert all(r["ok"] for r in records if r["what"] == "dtypes")
-
-
-def test_reference_form_matches_the_row_oracle():
-    _assert_good(_all_checks("reference"))
-
-
-def test_fused_kernels_match_the_row_oracle_under_the_interpreter():
-    pytest.importorskip("triton")
-    from .interpreted import records_under_interpreter
-    records = records_under_interpreter(__file__)
-    _assert_good(records)
-    assert any(r["what"] == "opcheck" and r["ok"] for r in records)
+    assert form == "reference" or any(r["what"] == "opcheck" for r in records)
 
 
 def test_reference_form_is_nn_layer_norm():

@@ -1,13 +1,43 @@
-"""timm's intermediate-feature API for the zoo's staged, channels-last backbones."""
-from typing import List, Optional, Tuple, Union
+"""The stages of the zoo's channels-last backbones, and timm's intermediate-feature API over them."""
+from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
 from .input_size import check_images
 
-__all__ = ["ChannelsLastStagesMixin"]
+__all__ = ["ChannelsLastStagesMixin", "Stage"]
+
+
+class Stage(nn.Module):
+    """One stage of a channels-last backbone: ``downsample`` (None: none), the ``blocks`` in order, then ``norm``
+    (None: none). The blocks run through timm's ``checkpoint_seq`` while ``grad_checkpointing`` is set.
+
+    ``channels_first``: the blocks are NCHW modules (timm's inverted residuals), so the map is permuted to
+    (B, C, H, W) for them and back after; each block is still checkpointed on its own."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: Iterable[nn.Module], norm: Optional[nn.Module] = None,
+                 channels_first: bool = False):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.channels_first = channels_first
+        self.downsample = nn.Identity() if downsample is None else downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.channels_first:
+            x = x.permute(0, 3, 1, 2)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        if self.channels_first:
+            x = x.permute(0, 2, 3, 1)
+        return x if self.norm is None else self.norm(x)
 
 
 class ChannelsLastStagesMixin:

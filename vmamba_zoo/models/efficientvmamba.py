@@ -38,7 +38,7 @@ from ..checkpoint import backbone_weights, unwrap
 from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_keys_to_fc
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
-from ..layers.stages import ChannelsLastStagesMixin
+from ..layers.stages import ChannelsLastStagesMixin, Stage
 from ..layers.norm import LayerNorm, LowPrecisionLayerNorm, read_by_gemm
 from ..layers.route_scan import fewer_launches, route_projections
 from ..layers.routes import device_routes
@@ -85,9 +85,6 @@ class EfficientScan2d(nn.Module):
             dt_rank: Union[int, str] = 'auto',
             d_conv: int = 3,
             conv_bias: bool = True,
-            dt_min: float = 0.001,
-            dt_max: float = 0.1,
-            dt_init_floor: float = 1e-4,
             device=None,
             dtype=None,
     ):
@@ -97,7 +94,6 @@ class EfficientScan2d(nn.Module):
         self.d_inner = d_inner = int(ssm_ratio * dim)
         self.dt_rank = resolve_dt_rank(dim, dt_rank)
         self.d_state = d_state
-        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False, **dd)
         self.act = nn.SiLU()
@@ -116,10 +112,10 @@ class EfficientScan2d(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """Mamba's initialization, as upstream: x_proj like nn.Linear, dt_proj uniform ±R^-0.5 with a bias that
-        puts softplus(bias) log-uniformly in [dt_min, dt_max], S4D-real A, D = 1."""
+        puts softplus(bias) log-uniformly in ``init_dt_projection_``'s range, S4D-real A, D = 1."""
         bound = 1. / math.sqrt(self.d_inner)
         self.x_proj_weight.uniform_(-bound, bound)
-        init_dt_projection_(self.dt_projs_weight, self.dt_projs_bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_dt_projection_(self.dt_projs_weight, self.dt_projs_bias)
         init_A_log_and_D_(self.A_logs, self.Ds)
 
     def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,24 +180,14 @@ class BiAttn(nn.Module):
 
 
 class EVSSBlock(nn.Module):
-    """Efficient visual state-space block: ES2D and a conv branch on the same normalized input, each gated by
-    the one shared BiAttn, summed into the residual. No MLP."""
+    """Efficient visual state-space block: ES2D (with ``ssm_kwargs``) and a conv branch on the same normalized
+    input, each gated by the one shared BiAttn, summed into the residual. No MLP."""
 
-    def __init__(
-            self,
-            dim: int,
-            drop_path: float = 0.,
-            d_state: int = 16,
-            ssm_ratio: float = 2.0,
-            dt_rank: Union[int, str] = 'auto',
-            norm_layer=LayerNorm,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, dim: int, drop_path: float = 0., norm_layer=LayerNorm, device=None, dtype=None, **ssm_kwargs):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.norm = read_by_gemm(norm_layer(dim, **dd))
-        self.ssm = EfficientScan2d(dim, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, **dd)
+        self.ssm = EfficientScan2d(dim, **ssm_kwargs, **dd)
         self.conv_branch = nn.Sequential(OrderedDict([
             ('conv_dw', nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)),
             ('norm', nn.BatchNorm2d(dim, **dd)),
@@ -240,14 +226,19 @@ class ToChannelsLast(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-class ChannelsFirst(nn.Sequential):
-    """Runs NCHW blocks on a channels-last stream."""
+def inverted_residual(dim: int, drop_path: float = 0., ir_expand_ratio: float = 4.0, ir_se_ratio: float = 0.125,
+                      device=None, dtype=None) -> InvertedResidual:
+    """The MobileNetV2 block of the later stages (NCHW): 1x1 expansion, dw 3x3, SE, 1x1 projection, ReLU."""
+    return InvertedResidual(
+        dim, dim, dw_kernel_size=3, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU,
+        se_layer=partial(SqueezeExcite, rd_ratio=ir_se_ratio), drop_path_rate=drop_path, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
+class EfficientVMambaStage(Stage):
+    """Patch merging (unless the first stage), then EVSS blocks (``block_type='evss'``) or MobileNetV2 inverted
+    residuals ('ir', run channels-first); ``block_kwargs`` are the options of that block type
+    (``EVSSBlock``'s ES2D options, or ``inverted_residual``'s)."""
 
-class EfficientVMambaStage(nn.Module):
     def __init__(
             self,
             in_dim: int,
@@ -256,44 +247,21 @@ class EfficientVMambaStage(nn.Module):
             block_type: str,
             drop_path: Sequence[float],
             downsample: bool,
-            d_state: int = 16,
-            ssm_ratio: float = 2.0,
-            dt_rank: Union[int, str] = 'auto',
-            ir_expand_ratio: float = 4.0,
-            ir_se_ratio: float = 0.125,
             norm_layer=LayerNorm,
             device=None,
             dtype=None,
+            **block_kwargs,
     ):
         dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.grad_checkpointing = False
-        self.downsample = PatchMerging(in_dim, dim, norm_layer=norm_layer, **dd) if downsample else nn.Identity()
+        merge = PatchMerging(in_dim, dim, norm_layer=norm_layer, **dd) if downsample else None
         if block_type == 'evss':
-            self.blocks = nn.Sequential(*[
-                EVSSBlock(
-                    dim, drop_path=drop_path[i], d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank,
-                    norm_layer=norm_layer, **dd)
-                for i in range(depth)])
+            blocks = [EVSSBlock(dim, drop_path=drop_path[i], norm_layer=norm_layer, **dd, **block_kwargs)
+                      for i in range(depth)]
         elif block_type == 'ir':
-            self.blocks = ChannelsFirst(*[
-                InvertedResidual(
-                    dim, dim, dw_kernel_size=3, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU,
-                    se_layer=partial(SqueezeExcite, rd_ratio=ir_se_ratio), drop_path_rate=drop_path[i], **dd)
-                for i in range(depth)])
+            blocks = [inverted_residual(dim, drop_path[i], **dd, **block_kwargs) for i in range(depth)]
         else:
             raise ValueError(f"block_type must be 'evss' or 'ir', got {block_type!r}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            if isinstance(self.blocks, ChannelsFirst):
-                x = checkpoint_seq(self.blocks, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            else:
-                x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x
+        super().__init__(merge, blocks, channels_first=block_type == 'ir')
 
 
 class EfficientVMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
@@ -342,13 +310,14 @@ class EfficientVMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         ]))
 
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        block_kwargs = {'evss': dict(d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank),
+                        'ir': dict(ir_expand_ratio=ir_expand_ratio, ir_se_ratio=ir_se_ratio)}
         self.stages = nn.Sequential()
         self.feature_info = []
         for i in range(num_stages):
             self.stages.append(EfficientVMambaStage(
                 dims[max(i - 1, 0)], dims[i], depths[i], block_types[i], drop_path=dpr[i], downsample=i > 0,
-                d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, ir_expand_ratio=ir_expand_ratio,
-                ir_se_ratio=ir_se_ratio, norm_layer=norm_layer, **dd))
+                norm_layer=norm_layer, **dd, **block_kwargs.get(block_types[i], {})))
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
 
         self.norm = norm_layer(self.num_features, **dd)

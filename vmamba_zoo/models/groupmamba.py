@@ -16,14 +16,13 @@ LayerNorm, then timm's ``ClassifierHead`` (dropout, ``fc``) and a distillation h
 (as timm's DeiT does).
 """
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import DropPath, register_notrace_module, trunc_normal_
-from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
 from vmamba_kernels import layer_norm, selective_scan_2d
@@ -38,7 +37,7 @@ from ..layers.route_scan import fewer_launches, per_route_linear
 from ..layers.routes import device_routes
 from ..layers.scan_params import (at_least_fp32, at_least_fp32_dtype, init_A_log_and_D_, init_dt_projection_,
                                   resolve_dt_rank)
-from ..layers.stages import ChannelsLastStagesMixin
+from ..layers.stages import ChannelsLastStagesMixin, Stage
 
 __all__ = ['GroupMamba']
 
@@ -105,16 +104,7 @@ class GroupedSingleScan2d(nn.Module):
     which group k follows route k of ``scan_routes("cross", H, W)``.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            d_state: int = 1,
-            ssm_ratio: float = 1.0,
-            d_conv: int = 3,
-            dt_min: float = 0.001,
-            dt_max: float = 0.1,
-            dt_init_floor: float = 1e-4,
-    ):
+    def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 1.0, d_conv: int = 3):
         super().__init__()
         if dim % NUM_GROUPS:
             raise ValueError(f"GroupMamba needs channels divisible by {NUM_GROUPS}, got {dim}")
@@ -132,7 +122,7 @@ class GroupedSingleScan2d(nn.Module):
         # dt_proj's bias is the scan's delta_bias (added inside the scan before the softplus)
         self.dt_proj_weight = nn.Parameter(torch.empty(groups, d_inner, dt_rank))
         self.dt_proj_bias = nn.Parameter(torch.empty(groups, d_inner))
-        init_dt_projection_(self.dt_proj_weight, self.dt_proj_bias, dt_min, dt_max, dt_init_floor)
+        init_dt_projection_(self.dt_proj_weight, self.dt_proj_bias)
         self.A_log = nn.Parameter(torch.empty(groups, d_inner, d_state))
         self.D = nn.Parameter(torch.empty(groups, d_inner))
         init_A_log_and_D_(self.A_log, self.D)
@@ -308,35 +298,6 @@ class Downsample(nn.Module):
         return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-class GroupMambaStage(nn.Module):
-    def __init__(
-            self,
-            in_dim: int,
-            dim: int,
-            depth: int,
-            mlp_ratio: float,
-            drop_path: List[float],
-            downsample: bool = True,
-            out_norm: bool = True,
-            norm_eps: float = 1e-6,
-    ):
-        super().__init__()
-        self.grad_checkpointing = False
-        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            GroupMambaBlock(dim, mlp_ratio, drop_path=drop_path[j], norm_eps=norm_eps) for j in range(depth)])
-        # upstream normalizes stages 1-3 here; the last stage's norm is applied to the class token instead
-        self.norm = LayerNorm(dim, eps=norm_eps) if out_norm else nn.Identity()
-
-    def forward(self, x):
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
-
-
 class GroupMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """GroupMamba: stem → 4 stages of modulated group Mamba blocks → class-token pooling → head (+ dist head).
 
@@ -392,9 +353,11 @@ class GroupMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         self.feature_info = []
         cur, prev_dim = 0, embed_dims[0]
         for i in range(num_stages):
-            self.stages.append(GroupMambaStage(
-                prev_dim, embed_dims[i], depths[i], mlp_ratios[i], dpr[cur:cur + depths[i]],
-                downsample=i > 0, out_norm=i < num_stages - 1,
+            self.stages.append(Stage(
+                Downsample(prev_dim, embed_dims[i]) if i > 0 else None,
+                [GroupMambaBlock(embed_dims[i], mlp_ratios[i], drop_path=dpr[cur + j]) for j in range(depths[i])],
+                # upstream normalizes stages 1-3 here; the last stage's norm is applied to the class token instead
+                norm=LayerNorm(embed_dims[i], eps=1e-6) if i < num_stages - 1 else None,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
             cur += depths[i]

@@ -8,14 +8,14 @@ every hidden state, a dilated-conv fusion of those states across the image grid,
 conv position encoding and an MLP. The model is channels-last (B, H, W, C) between the convolutional stem,
 the blocks and the convolutional downsamplers.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models import register_notrace_module
 
 from vmamba_kernels import selective_scan_states
@@ -26,7 +26,7 @@ from ..layers.heads import ClassifierHeadMixin, channels_last_head, linear_head_
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
 from ..layers.norm import LayerNorm, read_by_gemm
-from ..layers.stages import ChannelsLastStagesMixin
+from ..layers.stages import ChannelsLastStagesMixin, Stage
 from ..layers.scan_params import init_A_log_and_D_, init_dt_projection_, resolve_dt_rank
 from ..layers.state_fusion import FUSION_IMPLS, StateFusion
 
@@ -112,9 +112,6 @@ class StructureAwareSSM(nn.Module):
             expand: float = 2.0,
             d_conv: int = 3,
             dt_rank: Union[int, str] = "auto",
-            dt_min: float = 0.001,
-            dt_max: float = 0.1,
-            dt_init_floor: float = 1e-4,
             proj_drop: float = 0.,
             fusion_merge_at_eval: bool = False,
             fusion_impl: str = "auto",
@@ -130,7 +127,6 @@ class StructureAwareSSM(nn.Module):
         self.d_inner = d_inner = int(expand * dim)
         self.d_state = d_state
         self.dt_rank = resolve_dt_rank(dim, dt_rank)
-        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
 
         self.in_proj = nn.Linear(dim, d_inner * 2, bias=False)
         self.conv = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
@@ -149,9 +145,10 @@ class StructureAwareSSM(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
-        """Mamba's init for x_proj, dt_proj (softplus(bias) log-uniform in [dt_min, dt_max]), A (S4D real), D."""
+        """Mamba's init for x_proj, dt_proj (softplus(bias) log-uniform in ``init_dt_projection_``'s range),
+        A (S4D real), D."""
         self.x_proj.reset_parameters()
-        init_dt_projection_(self.dt_proj.weight, self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_dt_projection_(self.dt_proj.weight, self.dt_proj.bias)
         init_A_log_and_D_(self.A_log, self.D)
 
     def forward(self, x):
@@ -202,24 +199,16 @@ class StructureAwareSSM(nn.Module):
 
 
 class SpatialMambaBlock(nn.Module):
-    def __init__(
-            self,
-            dim: int,
-            mlp_ratio: float = 4.0,
-            d_state: int = 1,
-            drop_path: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer=LayerNorm,
-            fusion_merge_at_eval: bool = False,
-            fusion_impl: str = "auto",
-            mixer_layout: str = "auto",
-    ):
+    """x + cpe1(x), then x + DropPath(mixer(norm1(x))), x + cpe2(x) and x + DropPath(mlp(norm2(x))); channels-last.
+    The mixer is ``StructureAwareSSM`` with ``layout=mixer_layout`` and ``mixer_kwargs`` (d_state, fusion_impl,
+    fusion_merge_at_eval)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0., proj_drop: float = 0.,
+                 norm_layer=LayerNorm, mixer_layout: str = "auto", **mixer_kwargs):
         super().__init__()
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = read_by_gemm(norm_layer(dim))
-        self.mixer = StructureAwareSSM(
-            dim, d_state=d_state, proj_drop=proj_drop, fusion_merge_at_eval=fusion_merge_at_eval,
-            fusion_impl=fusion_impl, layout=mixer_layout)
+        self.mixer = StructureAwareSSM(dim, proj_drop=proj_drop, layout=mixer_layout, **mixer_kwargs)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = read_by_gemm(norm_layer(dim))
@@ -231,42 +220,6 @@ class SpatialMambaBlock(nn.Module):
         x = x + self.drop_path1(self.mixer(self.norm1(x)))
         x = x + self.cpe2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
-
-
-class SpatialMambaStage(nn.Module):
-    def __init__(
-            self,
-            dim: int,
-            dim_out: int,
-            depth: int,
-            downsample: bool,
-            mlp_ratio: float = 4.0,
-            d_state: int = 1,
-            drop_path: Sequence[float] = (),
-            proj_drop: float = 0.,
-            norm_layer=LayerNorm,
-            fusion_merge_at_eval: bool = False,
-            fusion_impl: str = "auto",
-            mixer_layout: str = "auto",
-    ):
-        super().__init__()
-        self.grad_checkpointing = False
-        self.downsample = Downsample(dim, dim_out) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            SpatialMambaBlock(
-                dim_out, mlp_ratio=mlp_ratio, d_state=d_state,
-                drop_path=drop_path[j] if drop_path else 0., proj_drop=proj_drop, norm_layer=norm_layer,
-                fusion_merge_at_eval=fusion_merge_at_eval, fusion_impl=fusion_impl, mixer_layout=mixer_layout)
-            for j in range(depth)
-        ])
-
-    def forward(self, x):
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
         return x
 
 
@@ -320,15 +273,17 @@ class SpatialMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
 
         self.stem = Stem(in_chans, dims[0])
         dp_rates = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        block_kwargs = dict(mlp_ratio=mlp_ratio, d_state=d_state, proj_drop=proj_drop_rate, norm_layer=norm_layer,
+                            fusion_merge_at_eval=fusion_merge_at_eval, fusion_impl=fusion_impl, mixer_layout=mixer_layout)
         self.stages = nn.Sequential()
         self.feature_info = []
         prev_dim, stride = dims[0], 4
         for i, depth in enumerate(depths):
             stride *= 2 if i > 0 else 1
-            self.stages.append(SpatialMambaStage(
-                prev_dim, dims[i], depth, downsample=i > 0, mlp_ratio=mlp_ratio, d_state=d_state,
-                drop_path=dp_rates[i], proj_drop=proj_drop_rate, norm_layer=norm_layer,
-                fusion_merge_at_eval=fusion_merge_at_eval, fusion_impl=fusion_impl, mixer_layout=mixer_layout))
+            self.stages.append(Stage(
+                Downsample(prev_dim, dims[i]) if i > 0 else None,
+                [SpatialMambaBlock(dims[i], drop_path=dp_rates[i][j], **block_kwargs) for j in range(depth)],
+            ))
             self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f"stages.{i}"))
             prev_dim = dims[i]
         self.norm = norm_layer(self.num_features)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import DropPath, Mlp
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models import register_notrace_module
 from timm.models.mambaout import Downsample, Stem
 
@@ -30,7 +30,7 @@ from ..checkpoint import unwrap, without_wrapper_prefix
 from ..layers.heads import ClassifierHeadMixin, channels_last_head
 from ..layers.init import init_linear_and_norm
 from ..layers.input_size import check_images
-from ..layers.stages import ChannelsLastStagesMixin
+from ..layers.stages import ChannelsLastStagesMixin, Stage
 from ..layers.norm import LayerNorm, LowPrecisionLayerNorm, read_by_gemm
 from ..layers.route_scan import RouteScanParams, per_route_linear
 from ..layers.routes import device_routes
@@ -184,35 +184,6 @@ class VSSBlock(nn.Module):
         return x
 
 
-class VMambaStage(nn.Module):
-
-    def __init__(
-            self,
-            dim: int,
-            dim_out: int,
-            depth: int,
-            downsample: bool,
-            drop_path: Sequence[float],
-            norm_layer=LayerNorm,
-            **block_kwargs,
-    ):
-        super().__init__()
-        self.grad_checkpointing = False
-        # official downsample "v3": 3x3 stride-2 conv then LayerNorm, at the end of the previous layer
-        self.downsample = Downsample(dim, dim_out, norm_layer=norm_layer) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            VSSBlock(dim_out, drop_path=drop_path[j], norm_layer=norm_layer, **block_kwargs) for j in range(depth)
-        ])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x
-
-
 class VMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
     """VMamba v2 (VSSM with patchembed v2, downsample v3, LayerNorm), channels-last internally.
 
@@ -264,9 +235,11 @@ class VMamba(ClassifierHeadMixin, ChannelsLastStagesMixin, nn.Module):
         for i, depth in enumerate(depths):
             if i > 0:
                 stride *= 2
-            self.stages.append(VMambaStage(
-                prev_dim, dims[i], depth, downsample=i > 0, drop_path=dpr[cur:cur + depth], norm_layer=norm_layer,
-                mixer=mixer, mixer_kwargs=mixer_kwargs, mlp_ratio=mlp_ratio,
+            self.stages.append(Stage(
+                # official downsample "v3": 3x3 stride-2 conv then LayerNorm, at the end of the previous layer
+                Downsample(prev_dim, dims[i], norm_layer=norm_layer) if i > 0 else None,
+                [VSSBlock(dims[i], mixer=mixer, mixer_kwargs=mixer_kwargs, mlp_ratio=mlp_ratio, drop_path=dpr[cur + j],
+                          norm_layer=norm_layer) for j in range(depth)],
             ))
             prev_dim, cur = dims[i], cur + depth
             self.feature_info.append(dict(num_chs=dims[i], reduction=stride, module=f'stages.{i}'))
