@@ -393,11 +393,11 @@ class _Capture:
 
 def _captured_launches(spec, tri):
     """(tuner, arguments) of every tuned launch of the training path (forward saving chunk states, then the
-    backward) at ``spec``'s shape, batch 2 on CPU with every launch stubbed out; for d_state 1 both with the
-    d_state-1 kernels and with the general ones."""
+    backward) at ``spec``'s shape, batch 2 on CPU with every launch stubbed out; both with the d_state-1 kernels
+    (d_state 1) or the step-by-step forward (d_state > 1) and with the general ones."""
     from vmamba_kernels.triton import launches, route_plan, tiles
 
-    names = ("fwd_tuner", "bwd_tuner", "n1_tuner", "n1_bwd_tuner")
+    names = ("fwd_tuner", "bwd_tuner", "n1_tuner", "n1_bwd_tuner", "steps_tuner")
     saved = {n: getattr(launches, n) for n in names}
     saved_plan_kernel = route_plan.route_plan_kernel
     captures = {n: _Capture(saved[n]) for n in names}
@@ -406,8 +406,9 @@ def _captured_launches(spec, tri):
             setattr(launches, n, captures[n])
         route_plan.route_plan_kernel = _NoLaunch()
         inputs = make_inputs(spec, 2, torch.bfloat16, "cpu")
-        for single_state in ((True, False) if spec["N"] == 1 and spec["op"] == "2d" else (True,)):
-            tri.set_n1_kernel(single_state)
+        own_kernel = tri.set_n1_kernel if spec["N"] == 1 else tri.set_steps_kernel
+        for own in ((True, False) if spec["op"] == "2d" else (True,)):
+            own_kernel(own)
             if spec["op"] == "states":
                 args = (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["delta_bias"], True)
                 tri.selective_scan_states_bwd(torch.ones(*inputs["u"].shape[:2], spec["N"], inputs["u"].shape[2]),
@@ -419,6 +420,7 @@ def _captured_launches(spec, tri):
                 tri.selective_scan_2d_bwd_from_saved(torch.ones_like(out), *args, states)
     finally:
         tri.set_n1_kernel(True)
+        tri.set_steps_kernel(True)
         for n in names:
             setattr(launches, n, saved[n])
         route_plan.route_plan_kernel = saved_plan_kernel
@@ -435,9 +437,9 @@ def register_report(names):
     from vmamba_kernels.triton import offline, tiles
 
     prunes = {"fwd_tuner": tiles.prune_fwd, "bwd_tuner": tiles.prune_bwd, "n1_tuner": tiles.prune_n1,
-              "n1_bwd_tuner": tiles.prune_n1_bwd}
+              "n1_bwd_tuner": tiles.prune_n1_bwd, "steps_tuner": tiles.prune_steps}
     labels = {"fwd_tuner": "forward", "bwd_tuner": "backward", "n1_tuner": "forward, d_state 1",
-              "n1_bwd_tuner": "backward, d_state 1"}
+              "n1_bwd_tuner": "backward, d_state 1", "steps_tuner": "forward, step by step"}
     rows = []
     for name in names:
         for tuner_name, tuner, kw in _captured_launches(SHAPES[name], tri):

@@ -120,7 +120,7 @@ def _launch_fwd(grid, **kw):
 
 def _launch_steps(grid, **kw):
     if INTERPRET:
-        kw.update(BD=8 if kw["BATCH_LANES"] else min(8, next_pow2(kw["CPG"])), num_warps=1)
+        kw.update(BD=8 if kw["BATCH_LANES"] else min(8, next_pow2(kw["CPG"])), UNROLL=1, num_warps=1)
         kw["EVEN_D"] = kw["CPG"] % kw["BD"] == 0
         scan_steps.selective_scan_steps_fwd_kernel[grid(kw)](**kw)
     else:

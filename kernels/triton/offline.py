@@ -96,10 +96,11 @@ def resource_usage(compiled, arch: str = "sm_90a") -> dict:
     return usage
 
 
-def inner_loop_instructions(compiled, min_length: int = 150) -> collections.Counter:
+def inner_loop_instructions(compiled, min_length: int = 150, containing: str = "MUFU") -> collections.Counter:
     """Opcode counts of the innermost long loop of a compiled kernel's SASS: the shortest loop (a backward
-    branch and the code it jumps over) of at least ``min_length`` instructions, which in the scan kernels is
-    the chunk loop (shorter loops zero outputs). Empty when there is none."""
+    branch and the code it jumps over) of at least ``min_length`` instructions that holds a ``containing``
+    instruction (None: any), which in the scan kernels is the chunk or step loop: the one that computes
+    exponentials (the loops that zero outputs hold none). Empty when there is none."""
     cuobjdump = _bundled_tool("cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -116,6 +117,6 @@ def inner_loop_instructions(compiled, min_length: int = 150) -> collections.Coun
         target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
         if target and int(target.group(1), 16) < address:
             body = [op for a, op, _ in code if int(target.group(1), 16) <= a <= address]
-            if len(body) >= min_length:
+            if len(body) >= min_length and (containing is None or containing in body):
                 loops.append(body)
     return collections.Counter(min(loops, key=len)) if loops else collections.Counter()

@@ -10,7 +10,9 @@ of them where BD < 32·num_warps), and walks a route step by step:
 
 which is one exp and three multiply-adds per state and step. The states of a channel stay in one thread, so
 the sum over states needs no exchange; the loads of step t + 1 (and the route positions of step t + 2) are
-issued before step t is computed, so that memory latency overlaps the recurrence.
+issued before step t is computed, so that memory latency overlaps the recurrence. ``UNROLL`` 2 unrolls the step
+loop, so that one step's exponentials can overlap the previous step's multiply-adds where too few warps run to
+hide their latency (few channels and images).
 
 The state tile is [states, channels] so that Triton's default layout puts channels across lanes and warps
 and a channel's states in one thread's registers. The channel and state strides are not specialized on
@@ -133,8 +135,8 @@ def selective_scan_steps_fwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATHER: tl.constexpr, OUT_MODE: tl.constexpr, MERGE: tl.constexpr, ZERO_UNVISITED: tl.constexpr,
     STORE_LAST: tl.constexpr, SAVE_CHUNKS: tl.constexpr, SAVE_T: tl.constexpr, FAST_MATH: tl.constexpr,
-    PACK: tl.constexpr, BATCH_LANES: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    PACK: tl.constexpr, BATCH_LANES: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_d, pid_b, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lanes = pid_d * BD + tl.arange(0, BD)
@@ -179,7 +181,7 @@ def selective_scan_steps_fwd_kernel(
                                              so_t, so_d, first_visit, k, 0, Lr, p0, q0, v0, chan, offs_n, mask_l,
                                              mask_n, OUT_MODE, HAS_Z, MERGE, PACK, EVEN_N, BATCH_LANES)
         p1, q1, v1 = _positions(routes, param_routes, k, 1, 0, Lr, GATHER, False)
-        for t in range(0, Lr):
+        for t in tl.range(0, Lr, loop_unroll_factor=UNROLL):
             # step t + 1's loads and step t + 2's positions, before step t's arithmetic
             x1, d1, B1, C1, z1, o1 = _step_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k,
                                                  sB_t, sB_n, C_img, sC_k, sC_t, sC_n, z_img, sz_k, sz_t, sz_d, out_img,

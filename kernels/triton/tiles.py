@@ -442,10 +442,11 @@ bwd_tuner = _tuner(
 
 
 # By the name of the kernel each tunes (the table's kernel key).
-# d_state > 1 forward, step by step (scan_steps.py): (BD channels, num_warps). A thread holds
-# BN·BD / (32·num_warps) states of one channel: all of them where BD = 32·num_warps; fewer channels per
+# d_state > 1 forward, step by step (scan_steps.py): (BD channels, num_warps, step loop unrolling). A thread
+# holds BN·BD / (32·num_warps) states of one channel: all of them where BD = 32·num_warps; fewer channels per
 # program (smaller BD) spread a channel's states over 2 or 4 lanes, for problems with few channels.
-STEPS_TILES = [(32, 1), (64, 2), (128, 4), (16, 1), (8, 1), (32, 2), (64, 4), (16, 2)]
+STEPS_TILES = [(32, 1, 1), (64, 2, 1), (128, 4, 1), (16, 1, 1), (8, 1, 1), (32, 2, 1), (64, 4, 1), (16, 2, 1),
+               (32, 1, 2), (16, 1, 2), (8, 1, 2)]
 
 
 def prune_steps(configs, named_args, **kwargs):
@@ -457,7 +458,7 @@ def prune_steps(configs, named_args, **kwargs):
 
 
 steps_tuner = _tuner(
-    configs=[triton.Config({"BD": bd}, num_warps=w) for bd, w in STEPS_TILES],
+    configs=[triton.Config({"BD": bd, "UNROLL": unroll}, num_warps=w) for bd, w, unroll in STEPS_TILES],
     key=["CPG", "N", "K", "BN", "OUT_MODE", "MERGE", "GATHER", "HAS_Z", "HAS_D", "SAVE_CHUNKS", "BATCH_LANES"],
     prune_configs_by={"early_config_prune": prune_steps},
 )(triton.heuristics({"EVEN_D": lambda a: a["CPG"] % a["BD"] == 0})(scan_steps.selective_scan_steps_fwd_kernel))
