@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
 """Paper top-1 against measured throughput: the picture for choosing a backbone.
 
-Reads committed benchmark JSON, in either of the two formats this repository writes:
+Reads committed benchmark records, in either of the two formats this repository writes, each given as a JSON file
+or as an entry of ``model_cards/benchmarks/history.json`` (``PATH/history.json:NAME``, NAME the file name the record
+was committed as; see tools/bench_records.py):
 
 - the side-by-side harness (``{"meta": ..., "results": [{"model": "zoo_vmamba_t", "config": "vmamba_tiny_s1l8",
   "infer_bf16_img_s": ..., "train_bf16_img_s": ...}, ...]}``, official implementations included);
 - ``tools/benchmark.py`` (``{"rows": [{"model": ..., "precision": "bf16", "infer_img_s": ...}]}``, or a
-  ``{"runs": [{"rows": [...]}]}`` history).
+  ``{"runs": [{"rows": [...]}]}`` record of several runs).
 
 and draws two panels, inference and training img/s (x) against ImageNet-1k top-1 from the papers (y), one
-point per zoo model and baseline, with each family's official code where the file has it. Later files win
+point per zoo model and baseline, with each family's official code where the record has it. Later records win
 where two give the same model.
 
     python tools/plot_benchmarks.py model_cards/benchmarks/side_by_side_h100_abc1234.json \
         --out model_cards/throughput_accuracy.png
+    python tools/plot_benchmarks.py model_cards/benchmarks/history.json:side_by_side_h100_ff64ae9.json \
+        model_cards/benchmarks/side_by_side_h100_abc1234.json    # an earlier record, then the latest
     python tools/plot_benchmarks.py A.json --markdown        # also print the table behind the plot
     python tools/plot_benchmarks.py A.json --superseded plainmamba_l1,vim2_tiny   # hollow: code since replaced
 """
@@ -23,6 +27,7 @@ import json
 import os
 import sys
 
+from toolkit.bench_records import load_record, split_spec
 from toolkit.cli import ToolArgumentParser, UsageError, run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,10 +60,12 @@ def paper_top1(paper_dir=PAPER_DIR):
 
 
 def read_points(path):
-    """[(model, implementation, infer img/s or None, train img/s or None)] from one benchmark file."""
+    """[(model, implementation, infer img/s or None, train img/s or None)] from one benchmark record: a file, or
+    ``HISTORY.json:NAME``."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = load_record(path)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from e
     except (OSError, ValueError) as e:
         raise UsageError(f'cannot read benchmark JSON {path}: {e}') from e
     points = []
@@ -89,8 +96,14 @@ def read_points(path):
     return points
 
 
+def record_name(spec):
+    """The file name a record was committed as: ``side_by_side_h100_ff64ae9.json`` for the file or the history entry."""
+    path, name = split_spec(spec)
+    return name or os.path.basename(path)
+
+
 def merge(paths):
-    """(model, implementation) -> [infer, train]; later files win, value by value."""
+    """(model, implementation) -> [infer, train]; later records win, value by value."""
     table = {}
     for path in paths:
         for model, impl, infer, train in read_points(path):
@@ -176,7 +189,10 @@ def plot(table, top1, out, title, superseded=(), superseded_label='measured with
 
 def build_parser():
     p = ToolArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('inputs', nargs='+', help='benchmark JSON files (side-by-side harness or tools/benchmark.py)')
+    p.add_argument('inputs', nargs='+', metavar='RECORD',
+                   help='benchmark records (side-by-side harness or tools/benchmark.py): JSON files, or entries of a '
+                        'history as PATH/history.json:NAME (model_cards/benchmarks/history.json:'
+                        'side_by_side_h100_ff64ae9.json); later records win')
     p.add_argument('--out', default=os.path.join(REPO, 'model_cards', 'throughput_accuracy.png'))
     p.add_argument('--paper-dir', default=PAPER_DIR, help="folder of the papers' numbers (<family>.json)")
     p.add_argument('--title', default=None)
@@ -193,7 +209,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     table = merge(args.inputs)
     top1 = paper_top1(args.paper_dir)
-    title = args.title or 'Top-1 against throughput; data: ' + ', '.join(os.path.basename(p) for p in args.inputs)
+    title = args.title or 'Top-1 against throughput; data: ' + ', '.join(record_name(p) for p in args.inputs)
     superseded = [m for m in args.superseded.split(',') if m]
     unknown = sorted(set(superseded) - {m for m, impl in table if impl == 'vmamba_zoo'})
     if unknown:

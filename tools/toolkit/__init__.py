@@ -5,5 +5,6 @@
 - ``checkpoint_io``: reading weights from training checkpoints and official files, saving weights;
 - ``evaluation``: the distributed runtime and top-1/top-5 evaluation;
 - ``image_data``: the datasets (image folders, the embedded digits) and their samplers;
-- ``cuda_graphs``: the CUDA-graph capture recipe for inference and training steps.
+- ``cuda_graphs``: the CUDA-graph capture recipe for inference and training steps;
+- ``bench_records``: the benchmark records of ``model_cards/benchmarks/`` and their ``history.json``.
 """
