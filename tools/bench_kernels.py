@@ -406,6 +406,7 @@ def _captured_launches(spec, tri):
             setattr(launches, n, captures[n])
         route_plan.route_plan_kernel = _NoLaunch()
         inputs = make_inputs(spec, 2, torch.bfloat16, "cpu")
+        steps_default = launches.settings["steps_kernel"]
         own_kernel = tri.set_n1_kernel if spec["N"] == 1 else tri.set_steps_kernel
         for own in ((True, False) if spec["op"] == "2d" else (True,)):
             own_kernel(own)
@@ -420,7 +421,7 @@ def _captured_launches(spec, tri):
                 tri.selective_scan_2d_bwd_from_saved(torch.ones_like(out), *args, states)
     finally:
         tri.set_n1_kernel(True)
-        tri.set_steps_kernel(True)
+        tri.set_steps_kernel(steps_default)
         for n in names:
             setattr(launches, n, saved[n])
         route_plan.route_plan_kernel = saved_plan_kernel

@@ -1,5 +1,6 @@
 """Triton forward kernel of the selective scan with several states per channel (d_state > 1), one step at a
-time: the forward of EfficientVMamba, PlainMamba and ViM2 (and of the 1D op with d_state > 1).
+time: the forward of EfficientVMamba, PlainMamba and ViM2 (and of the 1D op with d_state > 1) where
+``launches.steps_apply`` says so (``set_steps_kernel``).
 
 The general kernel (``scan.py``) solves chunks of steps as [BT, BD, BN] tiles with an associative scan, whose
 lane shuffles, masks and partial products cost several times the recurrence itself. Here a program owns one
