@@ -67,16 +67,19 @@ def _grouped_time_major(BC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return BC.permute(3, 0, 1, 2).unsqueeze(3)
 
 
-def _softplus(x: torch.Tensor) -> torch.Tensor:
-    """``F.softplus``. In eager fp32 on CPU, as max(x, 0) + log1p(exp(-|x|)) with log1p(e) formed as
-    log(u) + (e - (u - 1)) / u, u = 1 + e (the rounding of u corrected to first order, a few ulps): the
-    CPU's log1p is scalar code, several times slower than the rest of the scan's discretization. Above 20
-    the added term is below half an ulp of x, so the result is x, as in softplus's threshold."""
+def _softplus(x: torch.Tensor, work=()) -> torch.Tensor:
+    """``F.softplus``; with ``work`` (three buffers like x), in place: x becomes the result. In eager fp32 on
+    CPU, as max(x, 0) + log1p(exp(-|x|)) with log1p(e) formed as log(u) + (e - (u - 1)) / u, u = 1 + e (the
+    rounding of u corrected to first order, a few ulps): the CPU's log1p is scalar code, several times slower
+    than the rest of the scan's discretization. Above 20 the added term is below half an ulp of x, so the
+    result is x, as in softplus's threshold."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or _is_traced() or x.requires_grad:
-        return F.softplus(x)
-    e = x.abs().neg_().exp_()
-    u = e + 1.0
-    return x.clamp_min(0.0).add_(u.log().add_((e - (u - 1.0)).div_(u)))
+        return x.copy_(F.softplus(x)) if work else F.softplus(x)
+    e, u, t = work or (None, None, None)
+    e = torch.abs(x, out=e).neg_().exp_()
+    u = torch.add(e, 1.0, out=u)
+    e.sub_(torch.sub(u, 1.0, out=t)).div_(u)  # u - 1 is exact: e - (u - 1) is the rounding of u
+    return (x.clamp_min_(0.0) if work else x.clamp_min(0.0)).add_(u.log_().add_(e))
 
 
 def _delta(delta, delta_bias, delta_softplus, dtype, bias_view=(-1, 1)):
@@ -359,81 +362,82 @@ def _steps_of(t: torch.Tensor, t0: int, n: int) -> torch.Tensor:
     return t if t.shape[0] == 1 else t[t0:t0 + n]
 
 
-def _blocked_scan(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+def _blocked_scan(u, delta, delta_bias, delta_softplus: bool, A, B, C, y):
     """The eager forward of R independent rows of Dg channels that share B_t and C_t within a row, time-major:
-    u, dt (L, R, Dg) and A (R, N, Dg) in the compute dtype, B and C (L, R, N, 1), or (1, R, N, 1) where every
-    step shares them. Returns y_t = <C_t, h_t> (L, R, Dg) and the last state (R, N, Dg).
+    u, delta (L, R, Dg), delta_bias (R, Dg) or None, and A (R, N, Dg) in the compute dtype; B and C
+    (L, R, N, 1), or (1, R, N, 1) where every step shares them. Writes y_t = <C_t, h_t> to y (L, R, Dg) and
+    returns the last state (R, N, Dg).
 
-    Each time block's decays exp2(dt A log2(e)) and drives dt u B are formed by one product each over the
-    whole block, its states by one multiply-add per step written over the drives, and its readout by one
-    product: a few operations per step, on buffers of at most BLOCK_ELEMENTS // 4 states that stay in cache
-    (a scan over all L steps at once would stream every state through memory several times). Rows are scanned
-    in groups whose blocks hold at least 16 steps. Rows of few channels hold their states N-major, so that
-    products broadcast over N along long rows and the readout sums whole rows."""
+    Each time block's dt = softplus(delta + bias), its decays exp2(dt A log2(e)) and its drives dt u B are
+    formed by a few products over the whole block, its states by one multiply-add per step written over the
+    drives, and its readout by one product: a few operations per step, on buffers of at most
+    BLOCK_ELEMENTS // 4 states that stay in cache (a scan over all L steps at once would stream every state
+    through memory several times). Rows are scanned in groups whose blocks hold at least 16 steps. Rows of few
+    channels hold their states N-major, so that products broadcast over N along long rows and the readout
+    sums whole rows."""
     L, R, Dg = u.shape
     N = A.shape[1]
     budget = max(BLOCK_ELEMENTS // 4, 1)
     rows = max(1, min(R, budget // (16 * max(N * Dg, 1))))
-    y, dtu = u.new_empty((L, R, Dg)), dt * u
-    last = [_scan_rows(dt[:, r], dtu[:, r], A[r], B[:, r], C[:, r], y[:, r], budget)
+    last = [_scan_rows(u[:, r], delta[:, r], None if delta_bias is None else delta_bias[r], delta_softplus, A[r],
+                       B[:, r], C[:, r], y[:, r], budget)
             for r in (slice(r0, r0 + rows) for r0 in range(0, max(R, 1), rows))]
-    return y, (last[0] if len(last) == 1 else torch.cat(last))
+    return last[0] if len(last) == 1 else torch.cat(last)
 
 
-def _scan_rows(dt, dtu, A, B, C, y, budget):
-    """``_blocked_scan`` of one group of rows, given dt u: writes y, returns the last state (a new tensor)."""
-    L, R, Dg = dt.shape
+def _scan_rows(u, delta, delta_bias, delta_softplus, A, B, C, y, budget):
+    """``_blocked_scan`` of one group of rows: writes y, returns the last state (a new tensor)."""
+    L, R, Dg = u.shape
     N = A.shape[1]
     n_major = Dg < BMM_CHANNELS
     sub, chunk = _time_blocks(max(R * N * Dg, 1), L, budget)
     steps = sub * chunk
     A = _state_layout(A * _LOG2_E, n_major)  # exp2 runs about 3x faster than exp on CPU
     B, C = (_state_layout(t, n_major) for t in (B, C))
-    decay, drive = (_states(steps, R, N, Dg, dt, n_major, name) for name in ("decay", "drive"))
-    last = _states(1, R, N, Dg, dt, n_major)[0].zero_()
-    if sub > 1:
-        chunk_decay = _chunk_decays(dt, A, chunk, n_major)
-        spare = [_states(sub, R, N, Dg, dt, n_major, name) for name in ("ping", "pong", "starts")]
+    decay, drive = (_states(steps, R, N, Dg, u, n_major, name) for name in ("decay", "drive"))
+    inputs = [_scratch(name, (steps, R, Dg), u) for name in ("dt", "dt_u", "softplus_e", "softplus_u", "softplus_t")]
+    spare = [_states(sub, R, N, Dg, u, n_major, name) for name in ("ping", "pong", "starts", "chunk_decay")]
+    last = _states(1, R, N, Dg, u, n_major)[0].zero_()
+    each_step = tuple(zip(decay.unbind(0), drive.unbind(0))) if sub == 1 else ()  # views made once
     for t0 in range(0, L, steps):
         n = min(steps, L - t0)
-        torch.mul(dt[t0:t0 + n, :, None], A, out=decay[:n]).exp2_()
-        torch.mul(dtu[t0:t0 + n, :, None], _steps_of(B, t0, n), out=drive[:n])
+        dt, dtu, *work = (t[:n] for t in inputs)
+        torch.add(delta[t0:t0 + n], delta_bias, out=dt) if delta_bias is not None else dt.copy_(delta[t0:t0 + n])
+        if delta_softplus:
+            _softplus(dt, work)
+        torch.mul(dt[:, :, None], A, out=decay[:n]).exp2_()
+        torch.mul(torch.mul(dt, u[t0:t0 + n], out=dtu)[:, :, None], _steps_of(B, t0, n), out=drive[:n])
         if sub == 1:
             h = last
-            for d, v in zip(decay[:n].unbind(0), drive[:n].unbind(0)):
+            for d, v in each_step[:n]:
                 h = v.addcmul_(d, h)
         else:
-            h = _scan_sub_chunks(decay, drive, n, chunk, chunk_decay[t0 // chunk:], last, spare)
+            h = _scan_sub_chunks(decay, drive, dt, A, chunk, last, spare)
         last.copy_(h)
         _read_out(drive[:n], _steps_of(C, t0, n), y[t0:t0 + n], decay[:n], n_major)
     return last
 
 
-def _chunk_decays(dt, A, chunk: int, n_major: bool) -> torch.Tensor:
-    """Each sub-chunk's product of decays, exp2 of its summed dt times A (chunk index, R, N, Dg), as
-    ``_chunked_scan``'s chunk decays; the steps after L are not summed."""
-    (L, R, Dg), N = dt.shape, A.shape[1]
-    n = -(-L // chunk)
-    sums = F.pad(dt, (0, 0, 0, 0, 0, n * chunk - L)).unflatten(0, (n, chunk)).sum(1)
-    return torch.mul(sums[:, :, None], A, out=_states(n, R, N, Dg, dt, n_major)).exp2_()
-
-
-def _scan_sub_chunks(decay, drive, n: int, chunk: int, chunk_decay, start, spare):
-    """A time block of n steps as sub-chunks of ``chunk`` steps that advance together (``_chunked_scan`` within
-    the block): a pass from zero gives each sub-chunk's end, a doubling scan over the sub-chunks from ``start``
-    their true starts, and a second pass from those the states, written over the drives. Steps after n
-    (decay 1, drive 0) keep the state. Returns the block's last state."""
+def _scan_sub_chunks(decay, drive, dt, A, chunk: int, start, spare):
+    """A time block of n = len(dt) steps as sub-chunks of ``chunk`` steps that advance together
+    (``_chunked_scan`` within the block): a pass from zero gives each sub-chunk's end, a doubling scan over the
+    sub-chunks from ``start`` (their decays: exp2 of their summed dt times A) their true starts, and a second
+    pass from those the states, written over the drives. Steps after n (decay 1, drive 0) keep the state.
+    Returns the block's last state."""
+    n = dt.shape[0]
     count = -(-n // chunk)
     m = count * chunk
     decay[n:m].fill_(1.0)
     drive[n:m].zero_()
     d, v = (t[:m].unflatten(0, (count, chunk)).unbind(1) for t in (decay, drive))
-    ping, pong, starts = (t[:count] for t in spare)
+    ping, pong, starts, chunk_decay = (t[:count] for t in spare)
+    sums = F.pad(dt, (0, 0, 0, 0, 0, m - n)).unflatten(0, (count, chunk)).sum(1)
+    torch.mul(sums[:, :, None], A, out=chunk_decay).exp2_()
     h = v[0]
     for j in range(1, chunk):  # chunk >= MIN_SUB_CHUNK: h is never a view of the drives here
         h = torch.addcmul(v[j], d[j], h, out=ping if j % 2 else pong)
     h[0].addcmul_(chunk_decay[0], start)
-    _doubling_scan(chunk_decay[:count], h, math.ceil(math.log2(count)), dim=0, in_place=True)
+    _doubling_scan(chunk_decay, h, math.ceil(math.log2(count)), dim=0, in_place=True)
     starts[0].copy_(start)
     starts[1:].copy_(h[:-1])
     h = starts
@@ -522,9 +526,10 @@ def _selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, d
     Bt, Dm, L = u.shape
     N, G = A.shape[1], 1 if B.dim() == 3 else B.shape[1]
     R, Dg = Bt * G, Dm // G
+    like = u.new_empty(0, dtype=dtype)
 
-    def time_major(t):  # (Bt, Dm, L) → (L, Bt, G, Dg), contiguous
-        return t.permute(2, 0, 1).to(dtype, memory_format=torch.contiguous_format).view(L, Bt, G, Dg)
+    def time_major(t, name):  # (Bt, Dm, L) → (L, R, Dg) in a work buffer
+        return _scratch(name, (L, Bt, Dm), like).copy_(t.permute(2, 0, 1)).view(L, R, Dg)
 
     def steps(BC):  # (Bt, [G,] N, L) → (L, R, N, 1), or one step where the steps are a broadcast (stride 0)
         BC = BC if BC.dim() == 4 else BC.unsqueeze(1)
@@ -532,14 +537,14 @@ def _selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, d
             BC = BC[..., :1]
         return BC.permute(3, 0, 1, 2).to(dtype).reshape(-1, R, N, 1)
 
-    u = time_major(u)
-    _, dt = _delta(time_major(delta), delta_bias, delta_softplus, dtype, bias_view=(G, Dg))
+    u, y = time_major(u, "u"), _scratch("y", (L, R, Dg), like)
+    bias = None if delta_bias is None else delta_bias.to(dtype).view(G, Dg).expand(Bt, G, Dg).reshape(R, Dg)
     A = A.to(dtype).view(G, Dg, N).transpose(1, 2).expand(Bt, G, N, Dg).reshape(R, N, Dg)
-    y, last = _blocked_scan(u.view(L, R, Dg), dt.view(L, R, Dg), A, steps(B), steps(C))
+    last = _blocked_scan(u, time_major(delta, "delta"), bias, delta_softplus, A, steps(B), steps(C), y)
     if D is not None:
-        y.view(L, Bt, G, Dg).addcmul_(u, D.to(dtype).view(G, Dg))
-    y = y.view(L, Bt, Dm).permute(1, 2, 0)
-    y = y.contiguous() if z is None else F.silu(z.to(dtype)) * y  # the product is laid out like z
+        y.view(L, Bt, G, Dg).addcmul_(u.view(L, Bt, G, Dg), D.to(dtype).view(G, Dg))
+    y = y.view(L, Bt, Dm).permute(1, 2, 0)  # a work buffer: the result is a new tensor either way
+    y = y.clone(memory_format=torch.contiguous_format) if z is None else F.silu(z.to(dtype)) * y
     return y, last.view(Bt, G, N, Dg).transpose(2, 3).reshape(Bt, Dm, N)
 
 
@@ -715,31 +720,34 @@ def selective_scan_2d_ref(
 
 
 def _scan_2d_eager(x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge, dtype):
-    """``selective_scan_2d_ref`` by ``_blocked_scan``: each route's steps gathered time-major (no transposes
-    around the 1D scan), row (k, b) holding route k of batch row b, and each step's output added to its pixel.
-    Returns (Bt, H, W, [K,] Dm) in the compute dtype."""
+    """``selective_scan_2d_ref`` by ``_blocked_scan``: each route's steps gathered time-major into work buffers
+    (no transposes around the 1D scan), row (k, b) holding route k of batch row b, and each step's output
+    added to its pixel. Returns (Bt, H, W, [K,] Dm) in the compute dtype."""
     Bt, H, W, K, Dm = delta.shape
-    L, N = H * W, A.shape[-1]
-    at, param_at = routes.clamp(min=0).t(), param_routes.clamp(min=0).t()  # (Lr, K)
-    route = torch.arange(K, device=routes.device).expand_as(at)
+    L, N, Lr = H * W, A.shape[-1], routes.shape[1]
+    route = torch.arange(K, device=routes.device)
+    pixel = {name: r.clamp(min=0).t() for name, r in (("x", routes), ("param", param_routes))}  # (Lr, K)
+    like = x.new_empty(0, dtype=dtype)
 
-    def gather(t, index):  # (Bt, H, W, [K,] F) → (Lr, K, Bt, F): step s of row (k, b) reads pixel index[s, k]
-        if t.dim() == 4:
-            return t.reshape(Bt, L, -1).transpose(0, 1)[index]
-        return t.reshape(Bt, L, K, -1).permute(1, 2, 0, 3)[index, route]
+    def gather(t, at, name):  # (Bt, H, W, [K,] F) → (Lr, K * Bt, F): step s of row (k, b) reads pixel at[s, k]
+        per_route = t.dim() == 5
+        rows = t.to(dtype).reshape(Bt, L * K if per_route else L, -1).transpose(0, 1)
+        index = (at * K + route if per_route else at).reshape(-1)
+        out = _scratch(name, (Lr * K, Bt * t.shape[-1]), like)
+        return torch.index_select(rows.reshape(rows.shape[0], -1), 0, index, out=out).view(Lr, K * Bt, -1)
 
-    u = gather(x, at).to(dtype)
-    _, dt = _delta(gather(delta, param_at), delta_bias, delta_softplus, dtype, bias_view=(K, 1, Dm))
-    B, C = (gather(t, param_at).to(dtype).flatten(1, 2)[..., None] for t in (B, C))
+    u, y = gather(x, pixel["x"], "u"), _scratch("y", (Lr, K * Bt, Dm), like)
+    B, C = (gather(t, pixel["param"], name)[..., None] for t, name in ((B, "B"), (C, "C")))
+    bias = None if delta_bias is None else delta_bias.to(dtype)[:, None].expand(K, Bt, Dm).reshape(K * Bt, Dm)
     A = A.to(dtype).transpose(1, 2).unsqueeze(1).expand(K, Bt, N, Dm).reshape(K * Bt, N, Dm)
-    y, _ = _blocked_scan(u.flatten(1, 2), dt.flatten(1, 2), A, B, C)
-    y = y.view(u.shape)
+    _blocked_scan(u, gather(delta, pixel["param"], "delta"), bias, delta_softplus, A, B, C, y)
+    y = y.view(Lr, K, Bt, Dm)
     if D is not None:
-        y.addcmul_(u, D.to(dtype).view(K, 1, Dm))
+        y.addcmul_(u.view(Lr, K, Bt, Dm), D.to(dtype).view(K, 1, Dm))
     y.mul_((routes >= 0).t().to(dtype)[:, :, None, None])  # padded steps reach no pixel
     shared = merge == "sum"
-    flat = (at if shared else at * K + route).reshape(-1)
-    out = y.new_zeros((L if shared else L * K, Bt, Dm)).index_add_(0, flat, y.flatten(0, 1))
+    flat = (pixel["x"] if shared else pixel["x"] * K + route).reshape(-1)
+    out = y.new_zeros((L if shared else L * K, Bt, Dm)).index_add_(0, flat, y.view(Lr * K, Bt, Dm))
     out = out.view(L, Bt, Dm).transpose(0, 1) if shared else out.view(L, K, Bt, Dm).permute(2, 0, 1, 3)
     return out.reshape((Bt, H, W, Dm) if shared else (Bt, H, W, K, Dm))
 
