@@ -535,7 +535,7 @@ def _selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, d
         BC = BC if BC.dim() == 4 else BC.unsqueeze(1)
         if BC.shape[-1] > 1 and BC.stride(-1) == 0:
             BC = BC[..., :1]
-        return BC.permute(3, 0, 1, 2).to(dtype).reshape(-1, R, N, 1)
+        return BC.permute(3, 0, 1, 2).to(dtype).reshape(BC.shape[3], R, N, 1)
 
     u, y = time_major(u, "u"), _scratch("y", (L, R, Dg), like)
     bias = None if delta_bias is None else delta_bias.to(dtype).view(G, Dg).expand(Bt, G, Dg).reshape(R, Dg)
@@ -730,11 +730,11 @@ def _scan_2d_eager(x, delta, A, B, C, D, delta_bias, delta_softplus, routes, par
     like = x.new_empty(0, dtype=dtype)
 
     def gather(t, at, name):  # (Bt, H, W, [K,] F) → (Lr, K * Bt, F): step s of row (k, b) reads pixel at[s, k]
-        per_route = t.dim() == 5
-        rows = t.to(dtype).reshape(Bt, L * K if per_route else L, -1).transpose(0, 1)
+        per_route, F_ = t.dim() == 5, t.shape[-1]
+        rows = t.to(dtype).reshape(Bt, L * K if per_route else L, F_).transpose(0, 1)
         index = (at * K + route if per_route else at).reshape(-1)
-        out = _scratch(name, (Lr * K, Bt * t.shape[-1]), like)
-        return torch.index_select(rows.reshape(rows.shape[0], -1), 0, index, out=out).view(Lr, K * Bt, -1)
+        out = _scratch(name, (Lr * K, Bt * F_), like)
+        return torch.index_select(rows.reshape(rows.shape[0], Bt * F_), 0, index, out=out).view(Lr, K * Bt, F_)
 
     u, y = gather(x, pixel["x"], "u"), _scratch("y", (Lr, K * Bt, Dm), like)
     B, C = (gather(t, pixel["param"], name)[..., None] for t, name in ((B, "B"), (C, "C")))

@@ -236,3 +236,17 @@ def test_eager_scans_after_scans_in_inference_mode():
     with torch.no_grad():
         assert torch.equal(vk.selective_scan(**x, delta_softplus=True, backend="reference"), first)
         assert torch.equal(vk.selective_scan_states(**states, delta_softplus=True, backend="reference"), first_states)
+
+
+@pytest.mark.parametrize("Bt,L", [(0, 10), (2, 0)], ids=["no_rows", "no_steps"])
+def test_eager_scans_of_nothing(Bt, L):
+    # an empty batch or sequence: empty outputs, and the last state of no step is h_{-1} = 0
+    x = _inputs(Bt, 4, L, 3, 2, torch.float32, seed=1)
+    routes = vk.scan_routes("cross", 3, 4)
+    with torch.no_grad():
+        out, last = vk.selective_scan(**x, delta_softplus=True, return_last_state=True, backend="reference")
+        out_2d = vk.selective_scan_2d(torch.randn(Bt, 3, 4, 5), torch.randn(Bt, 3, 4, 4, 5), -torch.rand(4, 5, 3),
+                                      torch.randn(Bt, 3, 4, 4, 3), torch.randn(Bt, 3, 4, 4, 3), routes=routes,
+                                      backend="reference")
+    assert out.shape == (Bt, 4, L) and last.shape == (Bt, 4, 3) and not last.any()
+    assert out_2d.shape == (Bt, 3, 4, 5)
