@@ -15,6 +15,11 @@ holds every state.
 
 The 2D form is gather → 1D scan → scatter, routes folded into channels (route k owns channel block k
 and B/C group k), which is what the fused kernels must reproduce.
+
+A forward that autograd does not record and nothing traces (inference, the CPU path) runs ``_blocked_scan``
+instead: the same recurrence, time-major, in time blocks whose decays and drives are formed by a few large
+products and whose states are one multiply-add per step (or per position of sub-chunks that advance together,
+for steps of few states), so that a block's work stays in cache and the number of operations per step is one.
 """
 import math
 import threading
@@ -38,7 +43,11 @@ __all__ = [
 
 SCAN_CHUNK = 16  # steps per chunk: the Python loop's length; the chunk-level scan covers L / SCAN_CHUNK
 MAX_TRACED_CHUNKS = 2 ** 20  # chunks the fixed chunk-level scan of an exported graph covers
-BLOCK_ELEMENTS = 1 << 22  # states per eager block (16 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 22  # states per eager block (16 MiB in fp32); _blocked_scan's time blocks hold a quarter
+SEQUENTIAL_STEP = 1 << 13  # _blocked_scan: a step of at least this many states is one multiply-add
+SUB_CHUNK_STATES = 1 << 16  # _blocked_scan: states that the sub-chunks of a smaller step update at once
+MIN_SUB_CHUNK = 4  # _blocked_scan: steps per sub-chunk, at least
+BMM_CHANNELS = 64  # _blocked_scan: channels per row from which C is read out by batched matrix products
 _LOG2_E = 1.0 / math.log(2.0)
 
 
@@ -58,23 +67,27 @@ def _grouped_time_major(BC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return BC.permute(3, 0, 1, 2).unsqueeze(3)
 
 
-def _softplus(x: torch.Tensor) -> torch.Tensor:
-    """``F.softplus``. In eager fp32 on CPU, as max(x, 0) + log1p(exp(-|x|)) with log1p(e) formed as
-    log(u) + (e - (u - 1)) / u, u = 1 + e (the rounding of u corrected to first order, a few ulps): the
-    CPU's log1p is scalar code, several times slower than the rest of the scan's discretization. Above 20
-    the added term is below half an ulp of x, so the result is x, as in softplus's threshold."""
+def _softplus(x: torch.Tensor, work=()) -> torch.Tensor:
+    """``F.softplus``; with ``work`` (three buffers like x), in place: x becomes the result. In eager fp32 on
+    CPU, as max(x, 0) + log1p(exp(-|x|)) with log1p(e) formed as log(u) + (e - (u - 1)) / u, u = 1 + e (the
+    rounding of u corrected to first order, a few ulps): the CPU's log1p is scalar code, several times slower
+    than the rest of the scan's discretization. Above 20 the added term is below half an ulp of x, so the
+    result is x, as in softplus's threshold."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or _is_traced() or x.requires_grad:
-        return F.softplus(x)
-    e = x.abs().neg_().exp_()
-    u = e + 1.0
-    return x.clamp_min(0.0).add_(u.log().add_((e - (u - 1.0)).div_(u)))
+        return x.copy_(F.softplus(x)) if work else F.softplus(x)
+    e, u, t = work or (None, None, None)
+    e = torch.abs(x, out=e).neg_().exp_()
+    u = torch.add(e, 1.0, out=u)
+    e.sub_(torch.sub(u, 1.0, out=t)).div_(u)  # u - 1 is exact: e - (u - 1) is the rounding of u
+    return (x.clamp_min_(0.0) if work else x.clamp_min(0.0)).add_(u.log_().add_(e))
 
 
-def _delta(delta, delta_bias, delta_softplus, dtype):
-    """(pre, dt): delta (+ bias) before and after the optional softplus, in the compute dtype."""
+def _delta(delta, delta_bias, delta_softplus, dtype, bias_view=(-1, 1)):
+    """(pre, dt): delta (+ bias, viewed as ``bias_view`` to broadcast over delta) before and after the optional
+    softplus, in the compute dtype."""
     pre = delta.to(dtype)
     if delta_bias is not None:
-        pre = pre + delta_bias.to(dtype)[:, None]
+        pre = pre + delta_bias.to(dtype).view(bias_view)
     return pre, (_softplus(pre) if delta_softplus else pre)
 
 
@@ -124,6 +137,13 @@ def exporting() -> bool:
 def _is_traced() -> bool:
     """Sizes may not be Python ints (torch.export, jit.trace): the scan then fixes its step counts."""
     return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
+def _eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a scan of these inputs may update buffers in place: nothing traces it and autograd records none
+    of it (in inference mode a parameter's view still says requires_grad, but nothing is recorded)."""
+    return not _is_traced() and not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
 
 
 def _chunk_count(L, chunk: int):
@@ -179,10 +199,6 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
             raise ValueError("prepare is for eager scans only")
         prepare(0)
     h, spare = drive[0].clone(), (torch.empty_like(drive[0]) if in_place else None)
-    out = None
-    if in_place and readout is not None:  # each position's readout written into its slot of one buffer
-        first = readout(h, 0)
-        out = first.new_empty((first.shape[0], chunk) + first.shape[1:])
     for j in range(1, chunk):  # the same rounding both ways: eager and exported programs agree
         if prepare is not None:
             prepare(j)
@@ -195,12 +211,9 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     kept = []
     for j in range(chunk):  # in place, drive becomes the states
         h = drive[j].addcmul_(decay[j], h) if in_place else torch.addcmul(drive[j], decay[j], h)
-        if out is not None:
-            readout(h, j, out=out[:, j])
-        else:
-            kept.append(h if readout is None else readout(h, j))
+        kept.append(h if readout is None else readout(h, j))
     if readout is not None:
-        out = torch.stack(kept, 1) if out is None else out
+        out = torch.stack(kept, 1)
     else:  # (chunk index, position, ...): time order
         out = (drive if in_place else torch.stack(kept)).movedim(chunk_dim + 1, 0)
     if isinstance(n, int) and n == 0:  # an empty sequence: its last state is h_{-1} = 0
@@ -218,8 +231,8 @@ def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_
 
 
 def _eager_blocks(Bt, Dm: int, G: int, states_per_channel):
-    """(rows, channels, groups) slices scanned together in eager mode, so that a block's states stay near
-    BLOCK_ELEMENTS (in cache) whatever the batch and width: whole rows while they fit, else channels of
+    """(rows, channels, groups) slices that a forward autograd records scans together, so that a block's states
+    stay near BLOCK_ELEMENTS whatever the batch and width: whole rows while they fit, else channels of
     one row, a block lying inside one group of B/C or covering whole groups. One block when sizes are
     symbolic."""
     everything = slice(None)
@@ -240,15 +253,17 @@ def _eager_blocks(Bt, Dm: int, G: int, states_per_channel):
             for r in range(Bt) for c0, c1 in channels]
 
 
-_SCRATCH = threading.local()  # per thread: {(name, dtype, device): flat buffer}
+_SCRATCH = threading.local()  # per thread: {(name, dtype, device, inference mode): flat buffer}
 
 
 def _scratch(name: str, shape, like: torch.Tensor) -> torch.Tensor:
     """An uninitialized eager work buffer of ``shape``, kept per thread and reused by the next call: on CPU a
     fresh state-sized tensor costs a page fault per 4 KiB written, comparable to the arithmetic on it. A
-    buffer grown past 2 * BLOCK_ELEMENTS (a block of one long row) is not kept."""
+    buffer grown past 2 * BLOCK_ELEMENTS (a block of one long row) is not kept. Buffers made in inference
+    mode are kept apart: outside it, an inference tensor may not be updated in place."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    key, numel = (name, like.dtype, like.device), math.prod(shape)
+    key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
+    numel = math.prod(shape)
     if numel > 2 * BLOCK_ELEMENTS:
         buffers.pop(key, None)
         return like.new_empty(shape)
@@ -282,9 +297,7 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
 
     Bg = grouped_steps(B)
     G = Bg.shape[4]
-    # in inference mode a parameter's view still says requires_grad, but nothing is recorded
-    eager = not _is_traced() and not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, dt, A, B, C)))
+    eager = _eager(u, dt, A, B, C)
     # Eager decays are exp2(dt * A log2(e)): on CPU torch's exp2 runs about 3x faster than its exp, the
     # scan's costliest step (the extra rounding of A log2(e) is within fp32's). Exporters have no exp2.
     A_t = A.to(dtype).t()[:, None, None] * (_LOG2_E if eager else 1.0)  # (N, 1, 1, Dm)
@@ -294,8 +307,7 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
     dt_u = (dt_t * _position_major(u.to(dtype).permute(2, 0, 1), n, SCAN_CHUNK)).unsqueeze(1)
     if eager:  # each position's decay and drive written just before the scan's first pass reads them
         shape = (SCAN_CHUNK, A_t.shape[0]) + dt_t.shape[1:]  # (chunk, N, n, Bt, Dm)
-        decay = _scratch("decay", shape, dt_t)
-        drive = _scratch("drive", shape, dt_t) if C is not None else dt_t.new_empty(shape)  # or the states
+        decay, drive = _scratch("decay", shape, dt_t), dt_t.new_empty(shape)  # drive becomes the states
 
         def prepare(j):
             exp_(torch.mul(dt_t[j], A_t, out=decay[j]))
@@ -309,19 +321,144 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
         states, last = _chunked_scan(decay, drive, chunk_decay, L, chunk_dim=1, prepare=prepare)
         return states.permute(0, 2, 3, 1), last_state(last)
     Cg = grouped_steps(C)
-    product = []  # one position's products with C, reused by every position of an eager scan
 
-    def contract_C(h, j, out=None):  # <C_t, h_t> over N: (N, n, Bt, Dm) → (n, Bt, Dm)
-        h = h.unflatten(-1, (G, Dm // G))
-        if out is None:
-            return (h * step(Cg, j)).sum(0).flatten(-2, -1)
-        if not product:
-            product.append(torch.empty_like(h))
-        return torch.sum(torch.mul(h, step(Cg, j), out=product[0]), 0, out=out.unflatten(-1, (G, Dm // G)))
+    def contract_C(h, j):  # <C_t, h_t> over N: (N, n, Bt, Dm) → (n, Bt, Dm)
+        return (h.unflatten(-1, (G, Dm // G)) * step(Cg, j)).sum(0).flatten(-2, -1)
 
     y, last = _chunked_scan(decay, drive, chunk_decay, L, contract_C, chunk_dim=1, prepare=prepare,
                             functional=C.requires_grad and torch.is_grad_enabled())
     return y, last_state(last)
+
+
+def _time_blocks(step: int, L: int, budget: int):
+    """(sub-chunks, steps per sub-chunk) of one time block of ``_blocked_scan`` for steps of ``step`` states. A
+    step of SEQUENTIAL_STEP states or more is one multiply-add, the block one sub-chunk of ``budget`` states; a
+    smaller step's multiply-add would cost little more than its call, so the block's sub-chunks advance together,
+    about SUB_CHUNK_STATES states per multiply-add, at the price of a second pass."""
+    if step >= SEQUENTIAL_STEP:
+        return 1, max(1, min(L, budget // step))
+    sub = max(1, min(-(-SUB_CHUNK_STATES // step), L // MIN_SUB_CHUNK))
+    return sub, max(MIN_SUB_CHUNK, min(budget // (step * sub), -(-L // sub)))
+
+
+def _state_layout(t: torch.Tensor, n_major: bool) -> torch.Tensor:
+    """t (..., R, N, X) in the memory order of ``_blocked_scan``'s states: N before R when ``n_major``, else as
+    shaped; t itself where it already is."""
+    if n_major:
+        return t.transpose(-3, -2).contiguous().transpose(-3, -2)
+    return t.contiguous()
+
+
+def _states(steps: int, R: int, N: int, Dg: int, like: torch.Tensor, n_major: bool, name: Optional[str] = None):
+    """Uninitialized states (steps, R, N, Dg) in ``_state_layout``'s order; the per-thread scratch buffer ``name``
+    where given."""
+    shape = (steps, N, R, Dg) if n_major else (steps, R, N, Dg)
+    t = like.new_empty(shape) if name is None else _scratch(name, shape, like)
+    return t.transpose(1, 2) if n_major else t
+
+
+def _steps_of(t: torch.Tensor, t0: int, n: int) -> torch.Tensor:
+    """Steps t0 .. t0 + n of a time-major t, which may hold one step that every step shares."""
+    return t if t.shape[0] == 1 else t[t0:t0 + n]
+
+
+def _blocked_scan(u, delta, delta_bias, delta_softplus: bool, A, B, C, y):
+    """The eager forward of R independent rows of Dg channels that share B_t and C_t within a row, time-major:
+    u, delta (L, R, Dg), delta_bias (R, Dg) or None, and A (R, N, Dg) in the compute dtype; B and C
+    (L, R, N, 1), or (1, R, N, 1) where every step shares them. Writes y_t = <C_t, h_t> to y (L, R, Dg) and
+    returns the last state (R, N, Dg).
+
+    Each time block's dt = softplus(delta + bias), its decays exp2(dt A log2(e)) and its drives dt u B are
+    formed by a few products over the whole block, its states by one multiply-add per step written over the
+    drives, and its readout by one product: a few operations per step, on buffers of at most
+    BLOCK_ELEMENTS // 4 states that stay in cache (a scan over all L steps at once would stream every state
+    through memory several times). Rows are scanned in groups whose blocks hold at least 16 steps. Rows of few
+    channels hold their states N-major, so that products broadcast over N along long rows and the readout
+    sums whole rows."""
+    L, R, Dg = u.shape
+    N = A.shape[1]
+    budget = max(BLOCK_ELEMENTS // 4, 1)
+    rows = max(1, min(R, budget // (16 * max(N * Dg, 1))))
+    last = [_scan_rows(u[:, r], delta[:, r], None if delta_bias is None else delta_bias[r], delta_softplus, A[r],
+                       B[:, r], C[:, r], y[:, r], budget)
+            for r in (slice(r0, r0 + rows) for r0 in range(0, max(R, 1), rows))]
+    return last[0] if len(last) == 1 else torch.cat(last)
+
+
+def _scan_rows(u, delta, delta_bias, delta_softplus, A, B, C, y, budget):
+    """``_blocked_scan`` of one group of rows: writes y, returns the last state (a new tensor)."""
+    L, R, Dg = u.shape
+    N = A.shape[1]
+    n_major = Dg < BMM_CHANNELS
+    sub, chunk = _time_blocks(max(R * N * Dg, 1), L, budget)
+    steps = sub * chunk
+    A = _state_layout(A * _LOG2_E, n_major)  # exp2 runs about 3x faster than exp on CPU
+    B, C = (_state_layout(t, n_major) for t in (B, C))
+    decay, drive = (_states(steps, R, N, Dg, u, n_major, name) for name in ("decay", "drive"))
+    inputs = [_scratch(name, (steps, R, Dg), u) for name in ("dt", "dt_u", "softplus_e", "softplus_u", "softplus_t")]
+    spare = [_states(sub, R, N, Dg, u, n_major, name) for name in ("ping", "pong", "starts", "chunk_decay")]
+    last = _states(1, R, N, Dg, u, n_major)[0].zero_()
+    each_step = tuple(zip(decay.unbind(0), drive.unbind(0))) if sub == 1 else ()  # views made once
+    for t0 in range(0, L, steps):
+        n = min(steps, L - t0)
+        dt, dtu, *work = (t[:n] for t in inputs)
+        torch.add(delta[t0:t0 + n], delta_bias, out=dt) if delta_bias is not None else dt.copy_(delta[t0:t0 + n])
+        if delta_softplus:
+            _softplus(dt, work)
+        torch.mul(dt[:, :, None], A, out=decay[:n]).exp2_()
+        torch.mul(torch.mul(dt, u[t0:t0 + n], out=dtu)[:, :, None], _steps_of(B, t0, n), out=drive[:n])
+        if sub == 1:
+            h = last
+            for d, v in each_step[:n]:
+                h = v.addcmul_(d, h)
+        else:
+            h = _scan_sub_chunks(decay, drive, dt, A, chunk, last, spare)
+        last.copy_(h)
+        _read_out(drive[:n], _steps_of(C, t0, n), y[t0:t0 + n], decay[:n], n_major)
+    return last
+
+
+def _scan_sub_chunks(decay, drive, dt, A, chunk: int, start, spare):
+    """A time block of n = len(dt) steps as sub-chunks of ``chunk`` steps that advance together
+    (``_chunked_scan`` within the block): a pass from zero gives each sub-chunk's end, a doubling scan over the
+    sub-chunks from ``start`` (their decays: exp2 of their summed dt times A) their true starts, and a second
+    pass from those the states, written over the drives. Steps after n (decay 1, drive 0) keep the state.
+    Returns the block's last state."""
+    n = dt.shape[0]
+    count = -(-n // chunk)
+    m = count * chunk
+    decay[n:m].fill_(1.0)
+    drive[n:m].zero_()
+    d, v = (t[:m].unflatten(0, (count, chunk)).unbind(1) for t in (decay, drive))
+    ping, pong, starts, chunk_decay = (t[:count] for t in spare)
+    sums = F.pad(dt, (0, 0, 0, 0, 0, m - n)).unflatten(0, (count, chunk)).sum(1)
+    torch.mul(sums[:, :, None], A, out=chunk_decay).exp2_()
+    h = v[0]
+    for j in range(1, chunk):  # chunk >= MIN_SUB_CHUNK: h is never a view of the drives here
+        h = torch.addcmul(v[j], d[j], h, out=ping if j % 2 else pong)
+    h[0].addcmul_(chunk_decay[0], start)
+    _doubling_scan(chunk_decay, h, math.ceil(math.log2(count)), dim=0, in_place=True)
+    starts[0].copy_(start)
+    starts[1:].copy_(h[:-1])
+    h = starts
+    for j in range(chunk):
+        h = v[j].addcmul_(d[j], h)
+    return h[-1]
+
+
+def _read_out(states, C, y, spare, n_major: bool) -> None:
+    """y (n, R, Dg) = <C_t, h_t> of a block's states (n, R, N, Dg) and C (n or 1, R, N, 1); ``spare`` is a
+    states-sized buffer free for the products. N-major states are summed over N as whole rows; others by
+    batched (1, N) x (N, Dg) matrix products."""
+    if n_major:
+        torch.sum(torch.mul(states, C, out=spare), 2, out=y)
+        return
+    n, R, N, Dg = states.shape
+    rows = C.expand(n, R, N, 1).reshape(n * R, 1, N)
+    if y.is_contiguous():
+        torch.bmm(rows, states.view(n * R, N, Dg), out=y.view(n * R, 1, Dg))
+    else:
+        y.copy_(torch.bmm(rows, states.view(n * R, N, Dg)).view(n, R, Dg))
 
 
 def selective_scan_states_ref(
@@ -354,9 +491,14 @@ def selective_scan_ref(
     """mamba_ssm's selective scan. Returns out (in ``out_dtype``, default u's dtype) and, with
     ``return_last_state``, the final state (Bt, Dm, N) in the compute dtype.
 
-    In eager mode the scan runs in blocks of rows or channels (``_eager_blocks``), so that memory stays
-    bounded by the output plus about BLOCK_ELEMENTS states, which stay in cache between the passes."""
+    Without autograd or tracing this is ``_blocked_scan``'s. Otherwise the scan runs in blocks of rows or
+    channels (``_eager_blocks``), so that memory stays bounded by the output plus about BLOCK_ELEMENTS states."""
     dtype = compute_dtype(u, delta, A, B, C)
+    out_dtype = u.dtype if out_dtype is None else out_dtype
+    if _eager(u, delta, A, B, C, D, z, delta_bias):
+        y, last = _selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype)
+        out = y.to(out_dtype)
+        return (out, last) if return_last_state else out
     Bt, Dm, L = u.shape
     blocks = _eager_blocks(Bt, Dm, 1 if B.dim() == 3 else B.shape[1], A.shape[1] * L)
     if len(blocks) > 1:
@@ -374,8 +516,36 @@ def selective_scan_ref(
         y = y + D.to(dtype)[:, None] * u.to(dtype)
     if z is not None:
         y = y * F.silu(z.to(dtype))
-    out = y.to(u.dtype if out_dtype is None else out_dtype)
+    out = y.to(out_dtype)
     return (out, last) if return_last_state else out
+
+
+def _selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype):
+    """``selective_scan_ref`` by ``_blocked_scan``: row (b, g) holds the channels of B/C group g of batch row b.
+    Returns y (Bt, Dm, L), contiguous, with D and z applied, and the last state (Bt, Dm, N)."""
+    Bt, Dm, L = u.shape
+    N, G = A.shape[1], 1 if B.dim() == 3 else B.shape[1]
+    R, Dg = Bt * G, Dm // G
+    like = u.new_empty(0, dtype=dtype)
+
+    def time_major(t, name):  # (Bt, Dm, L) → (L, R, Dg) in a work buffer
+        return _scratch(name, (L, Bt, Dm), like).copy_(t.permute(2, 0, 1)).view(L, R, Dg)
+
+    def steps(BC):  # (Bt, [G,] N, L) → (L, R, N, 1), or one step where the steps are a broadcast (stride 0)
+        BC = BC if BC.dim() == 4 else BC.unsqueeze(1)
+        if BC.shape[-1] > 1 and BC.stride(-1) == 0:
+            BC = BC[..., :1]
+        return BC.permute(3, 0, 1, 2).to(dtype).reshape(BC.shape[3], R, N, 1)
+
+    u, y = time_major(u, "u"), _scratch("y", (L, R, Dg), like)
+    bias = None if delta_bias is None else delta_bias.to(dtype).view(G, Dg).expand(Bt, G, Dg).reshape(R, Dg)
+    A = A.to(dtype).view(G, Dg, N).transpose(1, 2).expand(Bt, G, N, Dg).reshape(R, N, Dg)
+    last = _blocked_scan(u, time_major(delta, "delta"), bias, delta_softplus, A, steps(B), steps(C), y)
+    if D is not None:
+        y.view(L, Bt, G, Dg).addcmul_(u.view(L, Bt, G, Dg), D.to(dtype).view(G, Dg))
+    y = y.view(L, Bt, Dm).permute(1, 2, 0)  # a work buffer: the result is a new tensor either way
+    y = y.clone(memory_format=torch.contiguous_format) if z is None else F.silu(z.to(dtype)) * y
+    return y, last.view(Bt, G, N, Dg).transpose(2, 3).reshape(Bt, Dm, N)
 
 
 def _reduce_groups(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -538,12 +708,48 @@ def selective_scan_2d_ref(
     out_dtype = x.dtype if out_dtype is None else out_dtype
     x = _widened(x, out_dtype, compute_dtype(x, delta, A, B, C))
     dtype = compute_dtype(x, delta, A, B, C)
+    if _eager(x, delta, A, B, C, D, delta_bias):
+        out = _scan_2d_eager(x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge, dtype)
+        return out.to(out_dtype)
     folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     y = selective_scan_ref(**folded, delta_softplus=delta_softplus, out_dtype=dtype)
     y = _channels_last(y, K) * (routes >= 0)[None, :, :, None].to(dtype)
     out = _route_scatter(y, routes.clamp(min=0), H * W, shared=(merge == "sum"))
     shape = (Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm)
     return out.reshape(shape).to(out_dtype)
+
+
+def _scan_2d_eager(x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge, dtype):
+    """``selective_scan_2d_ref`` by ``_blocked_scan``: each route's steps gathered time-major into work buffers
+    (no transposes around the 1D scan), row (k, b) holding route k of batch row b, and each step's output
+    added to its pixel. Returns (Bt, H, W, [K,] Dm) in the compute dtype."""
+    Bt, H, W, K, Dm = delta.shape
+    L, N, Lr = H * W, A.shape[-1], routes.shape[1]
+    route = torch.arange(K, device=routes.device)
+    pixel = {name: r.clamp(min=0).t() for name, r in (("x", routes), ("param", param_routes))}  # (Lr, K)
+    like = x.new_empty(0, dtype=dtype)
+
+    def gather(t, at, name):  # (Bt, H, W, [K,] F) → (Lr, K * Bt, F): step s of row (k, b) reads pixel at[s, k]
+        per_route, F_ = t.dim() == 5, t.shape[-1]
+        rows = t.to(dtype).reshape(Bt, L * K if per_route else L, F_).transpose(0, 1)
+        index = (at * K + route if per_route else at).reshape(-1)
+        out = _scratch(name, (Lr * K, Bt * F_), like)
+        return torch.index_select(rows.reshape(rows.shape[0], Bt * F_), 0, index, out=out).view(Lr, K * Bt, F_)
+
+    u, y = gather(x, pixel["x"], "u"), _scratch("y", (Lr, K * Bt, Dm), like)
+    B, C = (gather(t, pixel["param"], name)[..., None] for t, name in ((B, "B"), (C, "C")))
+    bias = None if delta_bias is None else delta_bias.to(dtype)[:, None].expand(K, Bt, Dm).reshape(K * Bt, Dm)
+    A = A.to(dtype).transpose(1, 2).unsqueeze(1).expand(K, Bt, N, Dm).reshape(K * Bt, N, Dm)
+    _blocked_scan(u, gather(delta, pixel["param"], "delta"), bias, delta_softplus, A, B, C, y)
+    y = y.view(Lr, K, Bt, Dm)
+    if D is not None:
+        y.addcmul_(u.view(Lr, K, Bt, Dm), D.to(dtype).view(K, 1, Dm))
+    y.mul_((routes >= 0).t().to(dtype)[:, :, None, None])  # padded steps reach no pixel
+    shared = merge == "sum"
+    flat = (pixel["x"] if shared else pixel["x"] * K + route).reshape(-1)
+    out = y.new_zeros((L if shared else L * K, Bt, Dm)).index_add_(0, flat, y.view(Lr * K, Bt, Dm))
+    out = out.view(L, Bt, Dm).transpose(0, 1) if shared else out.view(L, K, Bt, Dm).permute(2, 0, 1, 3)
+    return out.reshape((Bt, H, W, Dm) if shared else (Bt, H, W, K, Dm))
 
 
 def _widened(x: torch.Tensor, dtype: torch.dtype, floor: Optional[torch.dtype] = None) -> torch.Tensor:

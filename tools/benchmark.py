@@ -7,7 +7,9 @@ For each model, precision (fp32, bf16/fp16 autocast) and memory format (contiguo
 - training img/s at ``--batch-size`` (forward + backward + AdamW step on random labels), with the median time of
   a step and the host's part of it (until the step's Python returns, before the device finishes): a host time
   near the step time means the host bounds training;
-- latency at batch 1 (median ms);
+- latency at batch 1 (median ms); with ``--interleave``, every model's latency is timed round-robin (one call of
+  each model per round), so that the machine's load, wherever it changes, weighs on every row alike, and
+  ``--ratio-to MODEL`` gives each row's latency as a multiple of MODEL's in the same run;
 - with ``--modes ...,ort``, the batch-1 latency of onnxruntime (CPU, as many intra-op threads as torch uses) on
   ``--onnx-dir``/MODEL.onnx, a file tools/export.py wrote, beside PyTorch's in the same run;
 - peak memory of inference and of training (CUDA only);
@@ -24,6 +26,8 @@ the row's ``cuda_graphs`` is true only when every measurement in it replayed a g
     python tools/benchmark.py                                  # zoo T variants + convnext/swin/resnet50/mambaout
     python tools/benchmark.py --models zoo-tiny,baselines --batch-size 128 --amp fp32,bf16 --out-dir DIR
     python tools/benchmark.py --models test_resnet --batch-size 2 --img-size 32 --iters 2 --device cpu   # smoke
+    python tools/benchmark.py --models zoo-tiny,convnext_tiny --device cpu --modes latency --amp fp32 \
+        --interleave --ratio-to convnext_tiny --iters 15 --warmup 5     # CPU latency beside ConvNeXt-T
 
 Model lists: ``zoo`` (every zoo model), ``zoo-tiny`` (the T/L1 variants of each family), ``baselines``
 (convnext_tiny, swin_tiny_patch4_window7_224, resnet50, mambaout_tiny), a family name, or model names.
@@ -68,6 +72,12 @@ def build_parser():
     p.add_argument('--onnx-dir', default=None, help="folder of MODEL.onnx files (tools/export.py) for the 'ort' mode")
     p.add_argument('--warmup', type=int, default=10, help='untimed iterations per measurement')
     p.add_argument('--iters', type=int, default=30, help='timed iterations per measurement')
+    p.add_argument('--interleave', action='store_true',
+                   help="with --modes latency: time the models round-robin, one call of each per round "
+                        "(--warmup rounds, then --iters timed rounds)")
+    p.add_argument('--ratio-to', default=None, metavar='MODEL',
+                   help="give each row's latency as a multiple of MODEL's (one of --models; same precision and "
+                        "memory format)")
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
     p.add_argument('--no-cuda-graphs', dest='cuda_graphs', action='store_false',
                    help='on CUDA, time eager steps instead of CUDA graph replays (graphs: %(default)s)')
@@ -274,6 +284,73 @@ def bench_model(name, args, device, amp, memory_format):
     return row
 
 
+def _measured_row(name, args, device, amp, memory_format):
+    """``bench_model``'s row, or one that says why the model could not be measured."""
+    try:
+        row = bench_model(name, args, device, amp, memory_format)
+    except torch.OutOfMemoryError:
+        row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'status': 'OOM'}
+    except Exception as e:  # noqa: BLE001  (e.g. the model cannot be built at this size)
+        msg = str(e).splitlines()[0][:120] if str(e) else ''
+        row = {'model': name, 'precision': amp, 'memory_format': memory_format,
+               'status': f'error {type(e).__name__}: {msg}'}
+    row.setdefault('cuda_graphs', False)
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+    print(' '.join(f'{k}={v}' for k, v in row.items()), file=sys.stderr, flush=True)
+    return row
+
+
+def interleaved_latency_rows(configs, args, device):
+    """Rows of the batch-1 latency of each (model, precision, memory format) in ``configs``, timed round-robin:
+    every model is built first, then each round times one eager call of each, after --warmup rounds."""
+    timer, rows, calls = Timer(device), [], []
+    for name, amp, memory_format in configs:
+        row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'img_size': args.img_size,
+               'batch_size': 1, 'cuda_graphs': False}
+        try:
+            model = create_model(name, img_size=args.img_size).to(device).eval()
+            fmt = torch.channels_last if memory_format == 'channels_last' else torch.contiguous_format
+            model.to(memory_format=fmt)
+            row['params_m'] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+            x = torch.randn(1, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
+            call = _latency_call(torch.compile(model) if args.compile else model, x, device, amp)
+            call()  # a model that cannot run fails here, before the rounds
+            row['status'] = 'ok'
+            calls.append((row, call))
+        except Exception as e:  # noqa: BLE001  (one failing model must not stop the table)
+            row['status'] = f'error {_reason(e)}'
+        rows.append(row)
+    times = [[] for _ in calls]
+    for r in range(args.warmup + args.iters):
+        for (_, call), spent in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            timer.sync()
+            if r >= args.warmup:
+                spent.append(time.perf_counter() - start)
+    for (row, _), spent in zip(calls, times):
+        row['latency_ms'] = round(1000 * statistics.median(spent), 3)
+    return rows
+
+
+def _latency_call(model, x, device, amp):
+    def call():
+        with torch.inference_mode(), _autocast(device, amp):
+            model(x)
+    return call
+
+
+def add_latency_ratios(rows, reference):
+    """Each row's latency_ratio: its latency over ``reference``'s at the same precision and memory format."""
+    base = {(r['precision'], r['memory_format']): r['latency_ms'] for r in rows
+            if r['model'] == reference and r.get('latency_ms')}
+    for r in rows:
+        ref = base.get((r['precision'], r['memory_format']))
+        if ref and r.get('latency_ms'):
+            r['latency_ratio'] = round(r['latency_ms'] / ref, 2)
+
+
 def onnxruntime_fn(name, folder, x):
     """A call of an onnxruntime CPU session of ``folder/name.onnx`` on x, with torch's thread count."""
     import onnxruntime as ort
@@ -297,6 +374,7 @@ COLUMNS = [
     ('model', 'model'), ('params_m', 'params (M)'), ('precision', 'precision'), ('memory_format', 'memory format'),
     ('infer_img_s', 'infer img/s'), ('train_img_s', 'train img/s'), ('train_step_ms', 'train step (ms)'),
     ('train_host_ms', 'train step host (ms)'), ('first_step_s', 'first step (s)'), ('latency_ms', 'latency bs1 (ms)'),
+    ('latency_ratio', 'latency ratio'),
     ('ort_latency_ms', 'onnxruntime bs1 (ms)'),
     ('infer_peak_mib', 'infer peak MiB'), ('train_peak_mib', 'train peak MiB'), ('cuda_graphs', 'CUDA graphs'),
     ('status', 'status'),
@@ -343,6 +421,8 @@ def main(argv=None):
         raise UsageError(f"--modes ort needs --onnx-dir, a folder of MODEL.onnx files, got {args.onnx_dir!r}")
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
         raise UsageError('--batch-size and --iters must be >= 1, --warmup >= 0')
+    if args.interleave and modes != ['latency']:
+        raise UsageError(f"--interleave times latency only: use --modes latency, got {args.modes!r}")
     device_name = args.device
     if device_name == 'auto':
         device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -357,7 +437,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
         torch.backends.cudnn.allow_tf32 = False
     names = resolve_models(args.models)
-    graphs = graphs_wanted(args, device)
+    if args.ratio_to is not None and args.ratio_to not in names:
+        raise UsageError(f"--ratio-to {args.ratio_to!r} must be one of the models measured: {', '.join(names)}")
+    graphs = graphs_wanted(args, device) and not args.interleave
     commit = args.commit or git_commit()
 
     device_desc = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
@@ -367,34 +449,30 @@ def main(argv=None):
     header = [
         f'Benchmark of {len(names)} models, {stamp}, commit {commit}, on {device_desc}.',
         f'torch {torch.__version__}, timm {__import__("timm").__version__}; input {args.img_size}x{args.img_size}, '
-        f'throughput batch {args.batch_size}, latency batch 1; median of {args.iters} timed iterations after '
-        f'{args.warmup} warm-up; training = forward + backward + AdamW step; TF32 off.',
+        f'throughput batch {args.batch_size}, latency batch 1; ' + (
+            f'latency timed round-robin over the models, one call of each per round: median of {args.iters} '
+            f'rounds after {args.warmup} warm-up rounds' if args.interleave else
+            f'median of {args.iters} timed iterations after {args.warmup} warm-up') +
+        '; training = forward + backward + AdamW step; TF32 off.' + (
+            f' Latency ratio: to {args.ratio_to} in the same run.' if args.ratio_to else ''),
         'CUDA graphs: ' + (
             'on: steps timed as graph replays where a row says cuda_graphs True, eager elsewhere (status says why); '
             'the first step is eager.' if graphs else
-            'off (--no-cuda-graphs): eager steps.' if device.type == 'cuda' else 'off (CPU): eager steps.'),
+            f"off ({'--interleave' if args.interleave else '--no-cuda-graphs'}): eager steps." if device.type == 'cuda'
+            else 'off (CPU): eager steps.'),
         f'Command: `{command}`',
     ]
     print('\n'.join(header), flush=True)
 
-    rows, failures = [], 0
-    for name in names:
-        for amp in precisions:
-            for memory_format in formats:
-                try:
-                    row = bench_model(name, args, device, amp, memory_format)
-                except torch.OutOfMemoryError:
-                    row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'status': 'OOM'}
-                except Exception as e:  # noqa: BLE001  (e.g. the model cannot be built at this size)
-                    msg = str(e).splitlines()[0][:120] if str(e) else ''
-                    row = {'model': name, 'precision': amp, 'memory_format': memory_format,
-                           'status': f'error {type(e).__name__}: {msg}'}
-                row.setdefault('cuda_graphs', False)
-                failures += failed(row['status'])
-                if device.type == 'cuda':
-                    torch.cuda.empty_cache()
-                rows.append(row)
-                print(' '.join(f'{k}={v}' for k, v in row.items()), file=sys.stderr, flush=True)
+    configs = [(name, amp, memory_format) for name in names for amp in precisions for memory_format in formats]
+    rows = interleaved_latency_rows(configs, args, device) if args.interleave else [
+        _measured_row(name, args, device, amp, memory_format) for name, amp, memory_format in configs]
+    if args.interleave:
+        for row in rows:
+            print(' '.join(f'{k}={v}' for k, v in row.items()), file=sys.stderr, flush=True)
+    if args.ratio_to is not None:
+        add_latency_ratios(rows, args.ratio_to)
+    failures = sum(failed(r['status']) for r in rows)
     print(console(rows))
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)

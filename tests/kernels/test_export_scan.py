@@ -1,11 +1,12 @@
-"""The chunked reference scan (the CPU path and the export path) against the per-step oracle:
-outputs, last states, every state and every gradient, across chunk boundaries and eager blocks."""
+"""The reference scans against the per-step oracle: the chunked scan (the export path and the path that autograd
+records) and the blocked eager scan (the CPU inference path), in each of its plans: outputs, last states, every
+state and every gradient, across chunk boundaries, time blocks and eager blocks."""
 import pytest
 import torch
 
 import vmamba_kernels as vk
 from vmamba_kernels import reference
-from tests.kernels.oracle import per_step_scan
+from tests.kernels.oracle import gather_scan_scatter, per_step_scan
 
 
 def _rel(a, b):
@@ -170,3 +171,82 @@ def test_exported_2d_scan_with_a_wider_out_dtype_is_the_scan_of_a_widened_copy()
     outs = [torch.export.export(_Scan2d(routes, copy), args).module()(*args) for copy in (False, True)]
     assert outs[0].dtype == torch.float32 and torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1])
+
+
+# The blocked eager scan's plans: each step one multiply-add, or sub-chunks that advance together; states
+# N-major (readout summed over N) or not (readout by batched products)
+PLANS = {
+    "steps-n-major": dict(SEQUENTIAL_STEP=1, BMM_CHANNELS=1 << 30),
+    "steps-bmm": dict(SEQUENTIAL_STEP=1, BMM_CHANNELS=1),
+    "sub-chunks-n-major": dict(SEQUENTIAL_STEP=1 << 30, BMM_CHANNELS=1 << 30),
+    "sub-chunks-bmm": dict(SEQUENTIAL_STEP=1 << 30, BMM_CHANNELS=1),
+}
+
+
+def _plan(monkeypatch, plan, blocks):
+    for name, value in PLANS[plan].items():
+        monkeypatch.setattr(reference, name, value)
+    if blocks == "many":  # time blocks of 15 or 16 steps (three sub-chunks), a group of one or two rows at a time
+        monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 4 * 16 * 3 * 4)
+        monkeypatch.setattr(reference, "SUB_CHUNK_STATES", 3 * 12)
+
+
+@pytest.mark.parametrize("broadcast", [False, True], ids=["B_C", "broadcast_B_C"])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_eager_scan_plans_match_the_oracle(plan, groups, blocks, broadcast, monkeypatch):
+    _plan(monkeypatch, plan, blocks)
+    x = _inputs(3, 4, 47, 3, groups, torch.float32, seed=11)  # 47 steps: a partial block, padded sub-chunks
+    if broadcast:  # one value for every row and step, as ViM2's channel scan passes them
+        x["B"], x["C"] = (x[k][:1, ..., :1].expand(x[k].shape) for k in ("B", "C"))
+    with torch.no_grad():
+        out, last = vk.selective_scan(**x, delta_softplus=True, return_last_state=True, backend="reference")
+    want, want_last, _ = per_step_scan(**x, delta_softplus=True)
+    assert _rel(out, want) < 1e-5 and _rel(last, want_last) < 1e-5
+
+
+@pytest.mark.parametrize("merge", ["sum", "none"])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_eager_2d_scan_plans_match_the_oracle(plan, blocks, merge, monkeypatch):
+    _plan(monkeypatch, plan, blocks)
+    g = torch.Generator().manual_seed(5)
+    H, W = 11, 9
+    routes = vk.scan_routes("atrous", H, W)  # 30 steps, routes of different lengths, -1 padded
+    K, Bt, Dm, N = routes.shape[0], 2, 4, 3
+    x = dict(x=torch.randn(Bt, H, W, Dm, generator=g), delta=torch.randn(Bt, H, W, K, Dm, generator=g) * 0.5,
+             A=-torch.rand(K, Dm, N, generator=g) - 0.1, B=torch.randn(Bt, H, W, K, N, generator=g),
+             C=torch.randn(Bt, H, W, K, N, generator=g), D=torch.randn(K, Dm, generator=g),
+             delta_bias=torch.randn(K, Dm, generator=g))
+    with torch.no_grad():
+        out = vk.selective_scan_2d(**x, delta_softplus=True, routes=routes, merge=merge, backend="reference")
+    want = gather_scan_scatter(**x, routes=routes, param_routes=routes, merge=merge, delta_softplus=True)
+    assert _rel(out, want) < 1e-5
+
+
+def test_eager_scans_after_scans_in_inference_mode():
+    # work buffers made in inference mode are inference tensors, which may not be updated in place outside it:
+    # the scans there must not reuse them
+    x = _inputs(2, 4, 40, 3, None, torch.float32, seed=4)
+    states = {k: x[k] for k in ("u", "delta", "A", "B", "delta_bias")}
+    with torch.inference_mode():
+        first = vk.selective_scan(**x, delta_softplus=True, backend="reference")
+        first_states = vk.selective_scan_states(**states, delta_softplus=True, backend="reference")
+    with torch.no_grad():
+        assert torch.equal(vk.selective_scan(**x, delta_softplus=True, backend="reference"), first)
+        assert torch.equal(vk.selective_scan_states(**states, delta_softplus=True, backend="reference"), first_states)
+
+
+@pytest.mark.parametrize("Bt,L", [(0, 10), (2, 0)], ids=["no_rows", "no_steps"])
+def test_eager_scans_of_nothing(Bt, L):
+    # an empty batch or sequence: empty outputs, and the last state of no step is h_{-1} = 0
+    x = _inputs(Bt, 4, L, 3, 2, torch.float32, seed=1)
+    routes = vk.scan_routes("cross", 3, 4)
+    with torch.no_grad():
+        out, last = vk.selective_scan(**x, delta_softplus=True, return_last_state=True, backend="reference")
+        out_2d = vk.selective_scan_2d(torch.randn(Bt, 3, 4, 5), torch.randn(Bt, 3, 4, 4, 5), -torch.rand(4, 5, 3),
+                                      torch.randn(Bt, 3, 4, 4, 3), torch.randn(Bt, 3, 4, 4, 3), routes=routes,
+                                      backend="reference")
+    assert out.shape == (Bt, 4, L) and last.shape == (Bt, 4, 3) and not last.any()
+    assert out_2d.shape == (Bt, 3, 4, 5)

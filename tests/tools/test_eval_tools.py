@@ -235,6 +235,27 @@ def test_benchmark_times_onnxruntime_beside_eager(tmp_path):
     assert '| onnxruntime bs1 (ms) |' in (out / 'benchmark.md').read_text()
 
 
+def test_benchmark_interleaved_latency_with_ratios(tmp_path):
+    out = tmp_path / 'bench'
+    proc = run_script('benchmark.py', '--models', 'test_resnet,efficientvmamba_tiny', '--modes', 'latency',
+                      '--interleave', '--ratio-to', 'test_resnet', '--img-size', '32', '--iters', '3', '--warmup',
+                      '1', '--amp', 'fp32', '--memory-formats', 'contiguous,channels_last', '--device', 'cpu',
+                      '--out-dir', out)
+    assert_ok(proc)
+    meta = json.loads((out / 'benchmark.json').read_text())
+    rows = {(r['model'], r['memory_format']): r for r in meta['rows']}
+    assert sorted(rows) == sorted((m, f) for m in ('test_resnet', 'efficientvmamba_tiny')
+                                  for f in ('contiguous', 'channels_last'))
+    for (model, fmt), r in rows.items():
+        assert r['status'] == 'ok' and r['latency_ms'] > 0 and r['batch_size'] == 1, r
+        ref = rows['test_resnet', fmt]['latency_ms']
+        assert r['latency_ratio'] == pytest.approx(r['latency_ms'] / ref, abs=0.006), r
+    assert rows['test_resnet', 'contiguous']['latency_ratio'] == 1.0
+    md = (out / 'benchmark.md').read_text()
+    assert 'round-robin over the models' in md and 'Latency ratio: to test_resnet in the same run.' in md
+    assert '| latency ratio |' in md
+
+
 def test_benchmark_model_lists():
     bench = load_tool('benchmark')
     names = bench.resolve_models('zoo-tiny,baselines')
@@ -253,6 +274,9 @@ def test_tools_bad_arguments(capsys):
             ('flops', ['--counters', 'abacus'], '--counters'),
             ('benchmark', ['--amp', 'fp8'], '--amp must list'),
             ('benchmark', ['--modes', 'latency,ort'], '--modes ort needs --onnx-dir'),
+            ('benchmark', ['--interleave', '--modes', 'infer,latency'], '--interleave times latency only'),
+            ('benchmark', ['--models', 'test_resnet', '--ratio-to', 'resnet50', '--device', 'cpu'],
+             "--ratio-to 'resnet50' must be one of the models measured"),
             ('benchmark', ['--models', 'resnet18', '--device', 'cuda:7'] if not torch.cuda.is_available()
              else ['--models', 'nope_xyz'], 'CUDA is not available' if not torch.cuda.is_available()
              else 'unknown model'),
