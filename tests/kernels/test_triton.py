@@ -86,6 +86,84 @@ def test_single_state_tiles_fill_their_warps():
         assert BD // VEC * LT == 32 * warps, (TT, LT, BD, VEC, warps)
 
 
+def _cuda_available():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="the compiled kernels need a CUDA device")
+def test_steps_forward_on_cuda_matches_the_reference_with_every_tile():
+    """On the device, every tile of the step-by-step forward (the tuner's whole list): model-like problems
+    (EfficientVMamba's cross routes with bf16 B and C read 4 at a time, PlainMamba's snakes with raster parameters,
+    ViM2's one-channel scans with images on lanes), outputs and every gradient (through the backward that reads
+    its chunk states) against the fp64 reference."""
+    import torch
+
+    import vmamba_kernels as vk
+    from vmamba_kernels import reference
+    from vmamba_kernels.triton import backend as tri
+    from vmamba_kernels.triton import launches, tiles
+
+    g = torch.Generator().manual_seed(5)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    def cross_problem(H, W, Dm, N, routes, param_routes):
+        K = routes.shape[0]
+        return (randn(2, H, W, Dm), randn(2, H, W, K, Dm, scale=0.5) - 0.2, -(torch.rand(K, Dm, N, generator=g) + 0.3),
+                randn(2, H, W, K, N), randn(2, H, W, K, N), randn(K, Dm), randn(K, Dm, scale=0.3), routes,
+                param_routes, True, "sum")
+
+    raster = vk.scan_routes("raster", 7, 7).expand(4, -1).contiguous()
+    problems = {"cross": cross_problem(14, 14, 96, 16, vk.scan_routes("cross", 14, 14), None),
+                "snakes_raster_params": cross_problem(7, 7, 40, 16, vk.scan_routes("continuous", 7, 7), raster)}
+    configs = list(tiles.steps_tuner.configs)
+    previous = launches.settings["steps_kernel"]
+    launches.set_steps_kernel(True)
+    try:
+        for name, args in problems.items():
+            args = list(args)
+            args[8] = args[7] if args[8] is None else args[8]
+            cpu = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+            ref_out = reference.selective_scan_2d_ref(*cpu[:7], True, cpu[7], cpu[8], "sum")
+            dout = randn(*ref_out.shape)
+            ref_grads = reference.selective_scan_2d_bwd_ref(dout.double(), *cpu[:7], True, cpu[7], cpu[8], "sum")
+            for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
+                dev = [a.cuda() for a in args[:9]]
+                dev = [a.to(dtype) if i in (0, 1, 3, 4) else a for i, a in enumerate(dev)]
+                for cfg in configs:
+                    tiles.steps_tuner.configs = [cfg]
+                    tiles.steps_tuner.cache.clear()
+                    out, states = tri.selective_scan_2d_fwd_saving(*dev, True, "sum")
+                    grads = tri.selective_scan_2d_bwd_from_saved(dout.cuda().to(dtype), *dev, True, "sum", states)
+                    label = f"{name} {dtype} {tiles.config_label(cfg)}"
+                    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+                        got = got.double().cpu()
+                        assert torch.isfinite(got).all(), label
+                        assert float((got - want).norm() / want.norm()) < tol, label
+        # ViM2's channel mixer: one channel per scan, images on lanes, B and C broadcast over scans and steps
+        T, K, L, N = 300, 2, 40, 16
+        u, delta = randn(T, K, L), torch.rand(T, K, L, generator=g) * 0.5
+        b, c = randn(1, K, N, 1).expand(T, K, N, L), randn(1, K, N, 1).expand(T, K, N, L)
+        A, bias = -(torch.rand(K, N, generator=g) + 0.3), randn(K, scale=0.3)
+        ref_out = reference.selective_scan_ref(u.double(), delta.double(), A.double(), b.double(), c.double(), None,
+                                               None, bias.double(), True)
+        for cfg in configs:
+            tiles.steps_tuner.configs = [cfg]
+            tiles.steps_tuner.cache.clear()
+            out, _ = tri.selective_scan_fwd(u.cuda(), delta.cuda(), A.cuda(), b.cuda(), c.cuda(), None, None,
+                                            bias.cuda(), True)
+            assert float((out.double().cpu() - ref_out).norm() / ref_out.norm()) < 1e-3, tiles.config_label(cfg)
+    finally:
+        tiles.steps_tuner.configs = configs
+        tiles.steps_tuner.cache.clear()
+        launches.set_steps_kernel(previous)
+
+
 @pytest.mark.parametrize("N", [1, 2, 3, 4, 8, 16, 32, 64, 256])
 def test_backward_tiles_fit_every_problem(N):
     """The backward's tuner must always keep a config (Triton raises on an empty list), lead with the default
