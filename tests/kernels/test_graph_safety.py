@@ -67,9 +67,11 @@ class _Recorder:
         self.launches += 1
 
 
-@pytest.fixture
-def stubbed(monkeypatch):
-    """Kernel launches stubbed, every cache of the ops emptied (restored afterwards); returns the recorder."""
+@pytest.fixture(params=[False, True], ids=["chunked_forward", "steps_forward"])
+def stubbed(monkeypatch, request):
+    """Kernel launches stubbed, every cache of the ops emptied (restored afterwards); returns the recorder. Runs
+    with the d_state > 1 forward chunked (the default) and step by step (``set_steps_kernel``)."""
+    monkeypatch.setitem(launches.settings, "steps_kernel", request.param)
     rec = _Recorder()
     mode = tiles.tune_mode()
     tiles.set_tune_mode("tune")  # tuning runs on: what a capture must never start
