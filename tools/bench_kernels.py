@@ -401,12 +401,12 @@ def _captured_launches(spec, tri):
     saved = {n: getattr(launches, n) for n in names}
     saved_plan_kernel = route_plan.route_plan_kernel
     captures = {n: _Capture(saved[n]) for n in names}
+    steps_default = launches.settings["steps_kernel"]
     try:
         for n in names:
             setattr(launches, n, captures[n])
         route_plan.route_plan_kernel = _NoLaunch()
         inputs = make_inputs(spec, 2, torch.bfloat16, "cpu")
-        steps_default = launches.settings["steps_kernel"]
         own_kernel = tri.set_n1_kernel if spec["N"] == 1 else tri.set_steps_kernel
         for own in ((True, False) if spec["op"] == "2d" else (True,)):
             own_kernel(own)

@@ -121,13 +121,20 @@ def _route_params(A, D, delta_bias, k, sA_k, sA_d, sA_n, sD_k, sD_d, offs_d, off
     """A [BD, BN], D and delta_bias [BD] of route k, fp32 (zeros where absent)."""
     A_k = tl.load(A + k * sA_k + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn,
                   other=0.0).to(tl.float32)
+    D_k, bias_k = _route_skip_and_bias(D, delta_bias, k, sD_k, sD_d, offs_d, mask_d, HAS_D, HAS_BIAS)
+    return A_k, D_k, bias_k
+
+
+@triton.jit
+def _route_skip_and_bias(D, delta_bias, k, sD_k, sD_d, offs_d, mask_d, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """D and delta_bias of route k at channels offs_d, fp32 (zeros where absent)."""
     D_k = tl.zeros(offs_d.shape, dtype=tl.float32)
     bias_k = tl.zeros(offs_d.shape, dtype=tl.float32)
     if HAS_D:
         D_k = tl.load(D + k * sD_k + offs_d * sD_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias_k = tl.load(delta_bias + k * sD_k + offs_d * sD_d, mask=mask_d, other=0.0).to(tl.float32)
-    return A_k, D_k, bias_k
+    return D_k, bias_k
 
 
 @triton.jit

@@ -28,7 +28,7 @@ pixel is visited at most once per route.
 import triton
 import triton.language as tl
 
-from .scan import _image_inputs, _positions, _route_range, _zero_unvisited_outputs
+from .scan import _image_inputs, _positions, _route_range, _route_skip_and_bias, _zero_unvisited_outputs
 from .scan_n1 import LOG2E, _sigmoid, _softplus
 
 
@@ -169,12 +169,7 @@ def selective_scan_steps_fwd_kernel(
                        other=0.0).to(tl.float32)
         if FAST_MATH:
             A_nd = A_nd * LOG2E  # exp(dt·A) = exp2(dt·A·log2 e)
-        D_k = tl.zeros([BD], dtype=tl.float32)
-        bias_k = tl.zeros([BD], dtype=tl.float32)
-        if HAS_D:
-            D_k = tl.load(D + k * sD_k + chan * sD_d, mask=mask_l, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias_k = tl.load(delta_bias + k * sD_k + chan * sD_d, mask=mask_l, other=0.0).to(tl.float32)
+        D_k, bias_k = _route_skip_and_bias(D, delta_bias, k, sD_k, sD_d, chan, mask_l, HAS_D, HAS_BIAS)
         h = tl.zeros([BN, BD], dtype=tl.float32)
         p0, q0, v0 = _positions(routes, param_routes, k, 0, 0, Lr, GATHER, False)
         x0, d0, B0, C0, z0, o0 = _step_loads(x_img, sx_k, sx_t, sx_d, dt_img, sdt_k, sdt_t, sdt_d, B_img, sB_k, sB_t,

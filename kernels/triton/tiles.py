@@ -441,7 +441,6 @@ bwd_tuner = _tuner(
     scan.selective_scan_bwd_kernel))
 
 
-# By the name of the kernel each tunes (the table's kernel key).
 # d_state > 1 forward, step by step (scan_steps.py): (BD channels, num_warps, step loop unrolling). A thread
 # holds BN·BD / (32·num_warps) states of one channel: all of them where BD = 32·num_warps; fewer channels per
 # program (smaller BD) spread a channel's states over 2 or 4 lanes, for problems with few channels.
@@ -463,4 +462,5 @@ steps_tuner = _tuner(
     prune_configs_by={"early_config_prune": prune_steps},
 )(triton.heuristics({"EVEN_D": lambda a: a["CPG"] % a["BD"] == 0})(scan_steps.selective_scan_steps_fwd_kernel))
 
+# By the name of the kernel each tunes (the table's kernel key).
 TUNERS = {t.base_fn.__name__: t for t in (fwd_tuner, n1_tuner, n1_bwd_tuner, bwd_tuner, steps_tuner)}
