@@ -22,6 +22,7 @@ from .tiles import (
     chunk_size,
     even_flags,
     even_flags_n1,
+    even_flags_steps,
     fwd_tuner,
     interpret_n1_tile,
     n1_bwd_block_d_candidates,
@@ -122,7 +123,7 @@ def _launch_fwd(grid, **kw):
 def _launch_steps(grid, **kw):
     if INTERPRET:
         kw.update(BD=8 if kw["BATCH_LANES"] else min(8, next_pow2(kw["CPG"])), UNROLL=1, num_warps=1)
-        kw["EVEN_D"] = kw["CPG"] % kw["BD"] == 0
+        kw.update(even_flags_steps(kw))
         scan_steps.selective_scan_steps_fwd_kernel[grid(kw)](**kw)
     else:
         _tuned(steps_tuner, grid, kw)

@@ -456,11 +456,15 @@ def prune_steps(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: c.kwargs["BD"])]
 
 
+def even_flags_steps(args):
+    return {"EVEN_D": args["CPG"] % args["BD"] == 0}
+
+
 steps_tuner = _tuner(
     configs=[triton.Config({"BD": bd, "UNROLL": unroll}, num_warps=w) for bd, w, unroll in STEPS_TILES],
     key=["CPG", "N", "K", "BN", "OUT_MODE", "MERGE", "GATHER", "HAS_Z", "HAS_D", "SAVE_CHUNKS", "BATCH_LANES"],
     prune_configs_by={"early_config_prune": prune_steps},
-)(triton.heuristics({"EVEN_D": lambda a: a["CPG"] % a["BD"] == 0})(scan_steps.selective_scan_steps_fwd_kernel))
+)(triton.heuristics({"EVEN_D": lambda a: even_flags_steps(a)["EVEN_D"]})(scan_steps.selective_scan_steps_fwd_kernel))
 
 # By the name of the kernel each tunes (the table's kernel key).
 TUNERS = {t.base_fn.__name__: t for t in (fwd_tuner, n1_tuner, n1_bwd_tuner, bwd_tuner, steps_tuner)}
