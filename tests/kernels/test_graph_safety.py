@@ -70,7 +70,7 @@ class _Recorder:
 @pytest.fixture(params=[False, True], ids=["chunked_forward", "steps_forward"])
 def stubbed(monkeypatch, request):
     """Kernel launches stubbed, every cache of the ops emptied (restored afterwards); returns the recorder. Runs
-    with the d_state > 1 forward chunked (the default) and step by step (``set_steps_kernel``)."""
+    with the d_state > 1 forward chunked and step by step (the default; ``set_steps_kernel``)."""
     monkeypatch.setitem(launches.settings, "steps_kernel", request.param)
     rec = _Recorder()
     mode = tiles.tune_mode()

@@ -229,6 +229,8 @@ def _child(group):
     from vmamba_kernels.triton import tiles
 
     alloc.poison(True)
+    # The groups test the chunked d_state > 1 forward; the step-by-step one (the GPU default) has its own group.
+    launches.set_steps_kernel(group == "steps")
 
     def emit(**record):
         print(json.dumps(record), flush=True)
@@ -513,7 +515,6 @@ def _child(group):
         # (bf16 rows aligned to 4, to 2, or neither; fp32), channel blocks that do not divide the channels (12),
         # d_state that fills no power of two (3), padded routes, parameters read along other routes (PlainMamba's),
         # per-route outputs, the 1D op (z, a final state and its gradient), and the chunk states it saves.
-        launches.set_steps_kernel(True)
         launched = set()
         launch = launches._launch_steps
 
