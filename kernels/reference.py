@@ -72,7 +72,7 @@ def _softplus(x: torch.Tensor, work=()) -> torch.Tensor:
     CPU, as max(x, 0) + log1p(exp(-|x|)) with log1p(e) formed as log(u) + (e - (u - 1)) / u, u = 1 + e (the
     rounding of u corrected to first order, a few ulps): the CPU's log1p is scalar code, several times slower
     than the rest of the scan's discretization. Above 20 the added term is below half an ulp of x, so the
-    result is x, as in softplus's threshold."""
+    result is x, as in softplus's threshold. An internal that tests/kernels/test_export_scan.py checks on its own."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or _is_traced() or x.requires_grad:
         return x.copy_(F.softplus(x)) if work else F.softplus(x)
     e, u, t = work or (None, None, None)

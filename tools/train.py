@@ -250,6 +250,7 @@ class BaseLoss(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 def _make_saver_class():
+    """The checkpoint saver class (timm imported on first use); an internal the reliability tests build too."""
     from timm.utils import CheckpointSaver
     from timm.utils.model import get_state_dict
 

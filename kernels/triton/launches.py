@@ -121,6 +121,7 @@ def _launch_fwd(grid, **kw):
 
 
 def _launch_steps(grid, **kw):
+    # An internal the interpreter tests wrap, to see which forms of the kernel (PACK, BATCH_LANES, ...) ran.
     if INTERPRET:
         kw.update(BD=8 if kw["BATCH_LANES"] else min(8, next_pow2(kw["CPG"])), UNROLL=1, num_warps=1)
         kw.update(even_flags_steps(kw))

@@ -82,7 +82,8 @@ def layer_norm_bwd_kernel(dy, x, w, mean, rstd, dx, dw_part, db_part, M, N, sdy_
 
 
 def _tile(N: int, G: int):
-    """(BM, BN, warps): about _TILE_ELEMENTS per program, BM a multiple of the group count G."""
+    """(BM, BN, warps): about _TILE_ELEMENTS per program, BM a multiple of the group count G. An internal the
+    offline sm_90 compile test reads, to compile the tiles the launches use."""
     BN = triton.next_power_of_2(N)
     BM = max(_TILE_ELEMENTS // BN, G, 1)
     return BM, BN, 4 if BM * BN <= _TILE_ELEMENTS else 8

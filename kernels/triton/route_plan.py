@@ -105,7 +105,7 @@ def route_plan_kernel(routes, param_routes, first_key, first_visit, parallel_ok,
 
 def _route_info(routes: torch.Tensor, first_visit: torch.Tensor) -> torch.Tensor:
     """Per route: the affine walk that reproduces it, if one does, and its first-visit mode (device ops
-    only, no host sync)."""
+    only, no host sync). An internal that tests/kernels/test_route_info.py checks on its own."""
     K, Lr = routes.shape
     if Lr == 0:  # routes of an empty grid take no step: nothing to describe
         return torch.zeros(K, scan_n1.ROUTE_INFO_COLS.value, dtype=torch.int32, device=routes.device)
@@ -134,7 +134,8 @@ def _route_info(routes: torch.Tensor, first_visit: torch.Tensor) -> torch.Tensor
 
 # Plans of route tensors seen before, keyed by the identity of the tensor objects (models keep their
 # routes in device_routes' cache); an entry dies with its routes tensor. Cached plans are allocated outside CUDA graph
-# pools, and none is cached while a graph is captured: that call's plan belongs to the graph.
+# pools, and none is cached while a graph is captured: that call's plan belongs to the graph. An internal the
+# graph-safety tests empty and count.
 _cache: dict = {}
 
 

@@ -405,13 +405,11 @@ def _cfg(url: str = '', **kwargs):
     return zoo_cfg(url, _FAMILY_CFG, **kwargs)
 
 
+# The official Hub repositories: TerryPei/EfficientVMamba-{Tiny,Small,Base}, efficient_vmamba_{size}.ckpt.
 default_cfgs = generate_default_cfgs({
-    'efficientvmamba_tiny.in1k': _cfg(
-        hf_hub_id='TerryPei/EfficientVMamba-Tiny', hf_hub_filename='efficient_vmamba_tiny.ckpt'),
-    'efficientvmamba_small.in1k': _cfg(
-        hf_hub_id='TerryPei/EfficientVMamba-Small', hf_hub_filename='efficient_vmamba_small.ckpt'),
-    'efficientvmamba_base.in1k': _cfg(
-        hf_hub_id='TerryPei/EfficientVMamba-Base', hf_hub_filename='efficient_vmamba_base.ckpt'),
+    f'efficientvmamba_{size}.in1k': _cfg(
+        hf_hub_id=f'TerryPei/EfficientVMamba-{size.title()}', hf_hub_filename=f'efficient_vmamba_{size}.ckpt')
+    for size in ('tiny', 'small', 'base')
 })
 
 

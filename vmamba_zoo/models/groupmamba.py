@@ -514,13 +514,11 @@ def _cfg(url='', **kwargs):
     return zoo_cfg(url, _FAMILY_CFG, **kwargs)
 
 
+# The official Hub repositories (EMA weights): Abdelrahman-shaker/GroupMamba-{Tiny,Small,Base}.
 default_cfgs = generate_default_cfgs({
-    'groupmamba_tiny.in1k': _cfg(
-        hf_hub_id='Abdelrahman-shaker/GroupMamba-Tiny', hf_hub_filename='groupmamba_tiny_ema.pth'),
-    'groupmamba_small.in1k': _cfg(
-        hf_hub_id='Abdelrahman-shaker/GroupMamba-Small', hf_hub_filename='groupmamba_small_ema.pth'),
-    'groupmamba_base.in1k': _cfg(
-        hf_hub_id='Abdelrahman-shaker/GroupMamba-Base', hf_hub_filename='groupmamba_base_ema.pth'),
+    f'groupmamba_{size}.in1k': _cfg(
+        hf_hub_id=f'Abdelrahman-shaker/GroupMamba-{size.title()}', hf_hub_filename=f'groupmamba_{size}_ema.pth')
+    for size in ('tiny', 'small', 'base')
 })
 
 
