@@ -4,7 +4,7 @@ ones in history.json under the names of the files they were committed as.
 
 After committing a new record (say side_by_side_h100_<new>.json), move the one it replaces into the history:
 
-    python tools/bench_records.py retire model_cards/benchmarks/side_by_side_h100_7098a6c.json
+    python tools/bench_records.py retire model_cards/benchmarks/side_by_side_h100_ec46954.json
     python tools/bench_records.py check        # one file per kind and device, none older than the history's
     python tools/bench_records.py show model_cards/benchmarks/history.json:side_by_side_h100_ff64ae9.json
 
