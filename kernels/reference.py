@@ -167,7 +167,7 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
                   chunk_dim: int = 0, prepare=None, functional: bool = False):
     """h_t = decay_t * h_{t-1} + drive_t from h_{-1} = 0, for steps laid out in chunks: decay and drive
     are (chunk position, ..., chunk index, ...) with the chunk index at ``chunk_dim`` of a position's
-    slice (padding: decay 1 and drive 0 keep h); ``chunk_decay`` (a position's shape) is each chunk's
+    slice, or lists of one tensor per position (padding: decay 1 and drive 0 keep h); ``chunk_decay`` (a position's shape) is each chunk's
     product of decays (the exp of its summed log-decays, which the caller forms from small per-step
     factors). Returns (every state in time order (L, ...), or readout(h, j) of every step in time order
     when ``readout`` maps the states at chunk position j to (n, ...); the last state). A forward that
@@ -184,7 +184,8 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     ``prepare(j)``, where given, writes position j of decay and drive (eager only: they may be left unwritten
     until then), so that the first pass reads each position while it is still in cache. ``functional``
     keeps every state its own tensor (a readout that autograd records reads them)."""
-    chunk, n = drive.shape[0], drive.shape[chunk_dim + 1]
+    positions = isinstance(drive, (list, tuple))
+    chunk, n = (len(drive) if positions else drive.shape[0]), drive[0].shape[chunk_dim]
     if isinstance(n, int) and not _is_traced():
         if n > MAX_TRACED_CHUNKS:
             raise ValueError(f"the chunked scan covers at most {MAX_TRACED_CHUNKS} chunks, got {n}")
@@ -193,7 +194,7 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
         chunk_steps = int(math.log2(MAX_TRACED_CHUNKS))
     # Eager calls update buffers in place: a fresh state-sized tensor per position would cost page faults
     # comparable to the arithmetic. Traced calls (export), and any call autograd records, stay functional.
-    in_place = not (functional or _is_traced() or decay.requires_grad or drive.requires_grad)
+    in_place = not (functional or _is_traced() or positions or decay.requires_grad or drive.requires_grad)
     if prepare is not None:
         if not in_place:
             raise ValueError("prepare is for eager scans only")
@@ -312,9 +313,9 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
         def prepare(j):
             exp_(torch.mul(dt_t[j], A_t, out=decay[j]))
             torch.mul(dt_u[j].unflatten(-1, (G, Dm // G)), step(Bg, j), out=drive[j].unflatten(-1, (G, Dm // G)))
-    else:
-        decay = exp_(dt_t.unsqueeze(1) * A_t)  # (chunk, N, n, Bt, Dm)
-        drive = (dt_u.unflatten(-1, (G, Dm // G)) * Bg).flatten(-2, -1)
+    else:  # one tensor per chunk position: an exported graph would otherwise copy whole ones apart to read one
+        decay = [exp_(dt_t[j] * A_t) for j in range(SCAN_CHUNK)]  # (N, n, Bt, Dm) each
+        drive = [(dt_u[j].unflatten(-1, (G, Dm // G)) * step(Bg, j)).flatten(-2, -1) for j in range(SCAN_CHUNK)]
         prepare = None
     last_state = lambda h: h.permute(1, 2, 0)  # (N, Bt, Dm) → (Bt, Dm, N)
     if C is None:
