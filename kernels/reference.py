@@ -167,9 +167,9 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
                   chunk_dim: int = 0, prepare=None, functional: bool = False):
     """h_t = decay_t * h_{t-1} + drive_t from h_{-1} = 0, for steps laid out in chunks: decay and drive
     are (chunk position, ..., chunk index, ...) with the chunk index at ``chunk_dim`` of a position's
-    slice, or lists of one tensor per position (padding: decay 1 and drive 0 keep h); ``chunk_decay`` (a position's shape) is each chunk's
-    product of decays (the exp of its summed log-decays, which the caller forms from small per-step
-    factors). Returns (every state in time order (L, ...), or readout(h, j) of every step in time order
+    slice, or lists of one tensor per position (padding: decay 1 and drive 0 keep h); ``chunk_decay``
+    (a position's shape) is each chunk's product of decays (the exp of its summed log-decays, which the
+    caller forms from small per-step factors). Returns (every state in time order (L, ...), or readout(h, j) of every step in time order
     when ``readout`` maps the states at chunk position j to (n, ...); the last state). A forward that
     only needs <C_t, h_t> thus never stores every state.
 

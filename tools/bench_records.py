@@ -10,7 +10,8 @@ After committing a new record (say side_by_side_h100_<new>.json), move the one i
 
 ``retire`` rewrites history.json atomically (a temporary file, then os.replace) before it removes the file; it
 refuses the latest record of its kind and device (the only file of them, or one newer by its "date" than every
-other), and a name the history already holds with other content. The docs then cite the record as "`NAME.json` in `history.json`".
+other), and a name the history already holds with other content. The docs then cite the record as
+"`NAME.json` in `history.json`".
 """
 import argparse
 import json

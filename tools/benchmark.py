@@ -183,11 +183,7 @@ def bench_model(name, args, device, amp, memory_format):
     row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'img_size': args.img_size,
            'batch_size': args.batch_size}
     build_start = time.perf_counter()
-    model = create_model(name, img_size=args.img_size)
-    row['params_m'] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-    model.to(device)
-    fmt = torch.channels_last if memory_format == 'channels_last' else torch.contiguous_format
-    model.to(memory_format=fmt)
+    model, fmt = _built_model(name, args, device, memory_format, row)
     run_model = torch.compile(model) if args.compile else model
     modes = parse_csv_list(args.modes)
     n_classes = model.num_classes if getattr(model, 'num_classes', 0) else 1000
@@ -239,13 +235,10 @@ def bench_model(name, args, device, amp, memory_format):
 
     def infer_fn(mode, x):
         """The timed inference call: a graph replay, or the eager step if not capturing or capture failed."""
-        def infer():
-            with torch.inference_mode(), _autocast(device, amp):
-                run_model(x)
         replay = try_capture(mode, lambda: graphed_inference(run_model, x, amp), notes) if graphs else None
         if replay is not None:
             graphed.append(mode)
-        return replay or infer
+        return replay or _eager_inference(run_model, x, device, amp)
 
     def measure_infer():
         model.eval()
@@ -309,12 +302,10 @@ def interleaved_latency_rows(configs, args, device):
         row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'img_size': args.img_size,
                'batch_size': 1, 'cuda_graphs': False}
         try:
-            model = create_model(name, img_size=args.img_size).to(device).eval()
-            fmt = torch.channels_last if memory_format == 'channels_last' else torch.contiguous_format
-            model.to(memory_format=fmt)
-            row['params_m'] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+            model, fmt = _built_model(name, args, device, memory_format, row)
+            model.eval()
             x = torch.randn(1, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
-            call = _latency_call(torch.compile(model) if args.compile else model, x, device, amp)
+            call = _eager_inference(torch.compile(model) if args.compile else model, x, device, amp)
             call()  # a model that cannot run fails here, before the rounds
             row['status'] = 'ok'
             calls.append((row, call))
@@ -334,11 +325,20 @@ def interleaved_latency_rows(configs, args, device):
     return rows
 
 
-def _latency_call(model, x, device, amp):
-    def call():
+def _built_model(name, args, device, memory_format, row):
+    """(model on ``device`` in ``memory_format``, that format); the row gets the model's parameter count."""
+    model = create_model(name, img_size=args.img_size)
+    row['params_m'] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    fmt = torch.channels_last if memory_format == 'channels_last' else torch.contiguous_format
+    return model.to(device).to(memory_format=fmt), fmt
+
+
+def _eager_inference(model, x, device, amp):
+    """One eager inference call of ``model`` on x, as the timers run it."""
+    def infer():
         with torch.inference_mode(), _autocast(device, amp):
             model(x)
-    return call
+    return infer
 
 
 def add_latency_ratios(rows, reference):
