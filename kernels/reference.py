@@ -72,7 +72,9 @@ def _softplus(x: torch.Tensor, work=()) -> torch.Tensor:
     CPU, as max(x, 0) + log1p(exp(-|x|)) with log1p(e) formed as log(u) + (e - (u - 1)) / u, u = 1 + e (the
     rounding of u corrected to first order, a few ulps): the CPU's log1p is scalar code, several times slower
     than the rest of the scan's discretization. Above 20 the added term is below half an ulp of x, so the
-    result is x, as in softplus's threshold. An internal that tests/kernels/test_export_scan.py checks on its own."""
+    result is x, as in softplus's threshold. Exported, as max(x, 0) + log(1 + exp(-|x|)), within 6e-8 of it. An internal that tests/kernels/test_export_scan.py checks on its own."""
+    if exporting():  # onnxruntime's Softplus (and the threshold's Where) cost a third of an exported scan
+        return F.relu(x) + torch.log(1.0 + torch.exp(-x.abs()))
     if x.dtype != torch.float32 or x.device.type != "cpu" or _is_traced() or x.requires_grad:
         return x.copy_(F.softplus(x)) if work else F.softplus(x)
     e, u, t = work or (None, None, None)
@@ -155,11 +157,11 @@ def _chunk_count(L, chunk: int):
     return L // chunk + 2
 
 
-def _position_major(t: torch.Tensor, n, chunk: int) -> torch.Tensor:
-    """(L, ...) → (chunk, n, ...): step c * chunk + j at [j, c], zero-padded after L. Contiguous, so that
-    position j of every chunk is one block of memory."""
+def _position_major(t: torch.Tensor, n, chunk: int, value: float = 0.0) -> torch.Tensor:
+    """(L, ...) → (chunk, n, ...): step c * chunk + j at [j, c], padded with ``value`` after L. Contiguous, so
+    that position j of every chunk is one block of memory."""
     rest = [0, 0] * (t.dim() - 1)
-    t = F.pad(t, rest + [0, 2 * chunk]).narrow(0, 0, n * chunk)
+    t = F.pad(t, rest + [0, 2 * chunk], value=value).narrow(0, 0, n * chunk)
     return t.unflatten(0, (n, chunk)).transpose(0, 1).contiguous()
 
 
@@ -178,20 +180,17 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     across chunk boundaries, and a second pass from each chunk's true start gives the states. Every
     update is the plain recurrence (a product and a sum, no division), so no decay can overflow, and
     the Python loop runs ``chunk`` times whatever the length. With symbolic sizes (export) the
-    chunk-level scan runs a fixed ``log2(MAX_TRACED_CHUNKS)`` doublings, which covers
-    MAX_TRACED_CHUNKS chunks.
+    chunk-level scan is ``_grouped_chunk_scan`` (under jit.trace, a fixed ``log2(MAX_TRACED_CHUNKS)``
+    doublings), which covers MAX_TRACED_CHUNKS chunks.
 
     ``prepare(j)``, where given, writes position j of decay and drive (eager only: they may be left unwritten
     until then), so that the first pass reads each position while it is still in cache. ``functional``
     keeps every state its own tensor (a readout that autograd records reads them)."""
     positions = isinstance(drive, (list, tuple))
     chunk, n = (len(drive) if positions else drive.shape[0]), drive[0].shape[chunk_dim]
-    if isinstance(n, int) and not _is_traced():
-        if n > MAX_TRACED_CHUNKS:
-            raise ValueError(f"the chunked scan covers at most {MAX_TRACED_CHUNKS} chunks, got {n}")
-        chunk_steps = math.ceil(math.log2(max(n, 1)))  # no chunk (L = 0) needs no doubling
-    else:
-        chunk_steps = int(math.log2(MAX_TRACED_CHUNKS))
+    symbolic = not isinstance(n, int) or _is_traced()
+    if not symbolic and n > MAX_TRACED_CHUNKS:
+        raise ValueError(f"the chunked scan covers at most {MAX_TRACED_CHUNKS} chunks, got {n}")
     # Eager calls update buffers in place: a fresh state-sized tensor per position would cost page faults
     # comparable to the arithmetic. Traced calls (export), and any call autograd records, stay functional.
     in_place = not (functional or _is_traced() or positions or decay.requires_grad or drive.requires_grad)
@@ -207,7 +206,11 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
             h, spare = torch.addcmul(drive[j], decay[j], h, out=spare), h
         else:
             h = torch.addcmul(drive[j], decay[j], h)
-    _, ends = _doubling_scan(chunk_decay, h, chunk_steps, dim=chunk_dim, in_place=in_place)
+    if symbolic and not torch.jit.is_tracing():
+        ends = _grouped_chunk_scan(chunk_decay, h, chunk_dim)
+    else:  # jit.trace (the TorchScript ONNX exporter) gets the grouped scan's sizes wrong; no chunk needs no doubling
+        steps = int(math.log2(MAX_TRACED_CHUNKS)) if symbolic else math.ceil(math.log2(max(n, 1)))
+        _, ends = _doubling_scan(chunk_decay, h, steps, dim=chunk_dim, in_place=in_place)
     h = _shift(ends, 1, 0.0, dim=chunk_dim)  # each chunk's start: the end of the one before
     kept = []
     for j in range(chunk):  # in place, drive becomes the states
@@ -220,6 +223,25 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     if isinstance(n, int) and n == 0:  # an empty sequence: its last state is h_{-1} = 0
         return out.flatten(0, 1), ends.sum(chunk_dim)
     return out.flatten(0, 1).narrow(0, 0, L), ends.select(chunk_dim, -1)
+
+
+def _grouped_chunk_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """The chunk-level scan of an exported graph, whose chunk count is symbolic: h_c = a_c h_{c-1} + b_c along
+    ``dim`` from h = 0, for up to MAX_TRACED_CHUNKS chunks. The chunks are taken in groups of SCAN_CHUNK that
+    advance together, one position at a time, keeping each position's partial state from the group's start and
+    its decay product; a fixed doubling scan over the groups (log2(MAX_TRACED_CHUNKS / SCAN_CHUNK) steps) gives
+    each group's true start, and one multiply-add adds it at every position. Fixed doublings over the chunks
+    themselves would cost a whole pass over them per doubling (20), several times the states' own scan."""
+    n, g = b.shape[dim], SCAN_CHUNK
+    groups = _chunk_count(n, g)
+    a, b = (_position_major(t.movedim(dim, 0), groups, g, value) for t, value in ((a, 1.0), (b, 0.0)))
+    h, decay = [b[0]], [a[0]]  # position j of every group: (groups, ...)
+    for j in range(1, g):
+        h.append(torch.addcmul(b[j], a[j], h[-1]))
+        decay.append(a[j] * decay[-1])
+    _, ends = _doubling_scan(decay[-1], h[-1], int(math.log2(MAX_TRACED_CHUNKS // g)), dim=0)
+    h = torch.addcmul(torch.stack(h), torch.stack(decay), _shift(ends, 1, 0.0, dim=0))  # (g, groups, ...)
+    return h.transpose(0, 1).flatten(0, 1).narrow(0, 0, n).movedim(0, dim)
 
 
 def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
@@ -637,21 +659,23 @@ def selective_scan_states_bwd_ref(dstates, u, delta, A, B, delta_bias=None, delt
 
 
 def _route_gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """t (Bt, L, K, F), or (Bt, L, F) shared by routes; index (K, Lr) → (Bt, K, Lr, F)."""
+    """t (Bt, L, K, F), or (Bt, L, F) shared by routes; index (K, Lr) → (Bt, Lr, K, F), step-major: the scan
+    reads it time-major with no transpose of a pixel-sized tensor but the batch's."""
+    index = index.t()
     if t.dim() == 3:
         return t[:, index]
-    route = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
-    return t[:, index, route]
+    return t[:, index, torch.arange(index.shape[1], device=index.device).expand_as(index)]
 
 
 def _route_scatter(values: torch.Tensor, index: torch.Tensor, L: int, shared: bool) -> torch.Tensor:
-    """Adjoint of ``_route_gather``: values (Bt, K, Lr, F) added into (Bt, L, K, F), or (Bt, L, F)."""
-    Bt, K, Lr, Fe = values.shape
-    route = torch.arange(K, device=index.device)[:, None].expand_as(index)
+    """Adjoint of ``_route_gather``: values (Bt, Lr, K, F) added into (Bt, L, K, F), or (Bt, L, F)."""
+    Bt, Lr, K, Fe = values.shape
+    index = index.t()
+    route = torch.arange(K, device=index.device).expand_as(index)
     if not _is_traced():  # rows of F added in place: several times faster than index_put's accumulation
         flat = index if shared else index * K + route
         out = values.new_zeros(Bt, L if shared else L * K, Fe)
-        out.index_add_(1, flat.reshape(-1), values.reshape(Bt, K * Lr, Fe))
+        out.index_add_(1, flat.reshape(-1), values.reshape(Bt, Lr * K, Fe))
         return out if shared else out.view(Bt, L, K, Fe)
     out = values.new_zeros(L, K, Bt, Fe).index_put((index, route), values.permute(1, 2, 0, 3), accumulate=True)
     out = out.permute(2, 0, 1, 3)
@@ -659,15 +683,15 @@ def _route_scatter(values: torch.Tensor, index: torch.Tensor, L: int, shared: bo
 
 
 def _channels_first(t: torch.Tensor) -> torch.Tensor:
-    """(Bt, K, Lr, F) → (Bt, K*F, Lr): route k owns channel block k."""
-    Bt, K, Lr, Fe = t.shape
-    return t.permute(0, 1, 3, 2).reshape(Bt, K * Fe, Lr)
+    """(Bt, Lr, K, F) → (Bt, K*F, Lr), a view: route k owns channel block k."""
+    Bt, Lr, K, Fe = t.shape
+    return t.reshape(Bt, Lr, K * Fe).transpose(1, 2)
 
 
 def _channels_last(t: torch.Tensor, K: int) -> torch.Tensor:
-    """(Bt, K*F, Lr) → (Bt, K, Lr, F)."""
+    """(Bt, K*F, Lr) → (Bt, Lr, K, F)."""
     Bt, KF, Lr = t.shape
-    return t.reshape(Bt, K, KF // K, Lr).permute(0, 1, 3, 2)
+    return t.transpose(1, 2).reshape(Bt, Lr, K, KF // K)
 
 
 def _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes):
@@ -681,8 +705,8 @@ def _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes):
         u=_channels_first(_route_gather(xs, at)),
         delta=_channels_first(_route_gather(delta.reshape(Bt, L, K, Dm), param_at)),
         A=A.reshape(K * Dm, N),
-        B=_route_gather(B.reshape(Bt, L, K, N), param_at).permute(0, 1, 3, 2),
-        C=_route_gather(C.reshape(Bt, L, K, N), param_at).permute(0, 1, 3, 2),
+        B=_route_gather(B.reshape(Bt, L, K, N), param_at).permute(0, 2, 3, 1),
+        C=_route_gather(C.reshape(Bt, L, K, N), param_at).permute(0, 2, 3, 1),
         D=None if D is None else D.reshape(K * Dm),
         delta_bias=None if delta_bias is None else delta_bias.reshape(K * Dm),
     )
@@ -714,7 +738,7 @@ def selective_scan_2d_ref(
         return out.to(out_dtype)
     folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     y = selective_scan_ref(**folded, delta_softplus=delta_softplus, out_dtype=dtype)
-    y = _channels_last(y, K) * (routes >= 0)[None, :, :, None].to(dtype)
+    y = _channels_last(y, K) * (routes >= 0).t()[None, :, :, None].to(dtype)
     out = _route_scatter(y, routes.clamp(min=0), H * W, shared=(merge == "sum"))
     shape = (Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm)
     return out.reshape(shape).to(out_dtype)
@@ -771,7 +795,7 @@ def selective_scan_2d_bwd_ref(dout, x, delta, A, B, C, D, delta_bias, delta_soft
     L = H * W
     dtype = compute_dtype(x, delta, A, B, C)
     at, param_at = routes.clamp(min=0), param_routes.clamp(min=0)
-    valid = (routes >= 0)[None, :, :, None].to(dtype)
+    valid = (routes >= 0).t()[None, :, :, None].to(dtype)
     dout = dout.to(dtype)
     dy = _route_gather(dout.reshape(Bt, L, Dm) if merge == "sum" else dout.reshape(Bt, L, K, Dm), at) * valid
     folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)
@@ -779,8 +803,8 @@ def selective_scan_2d_bwd_ref(dout, x, delta, A, B, C, D, delta_bias, delta_soft
         _channels_first(dy), None, **folded, z=None, delta_softplus=delta_softplus)
     dx = _route_scatter(_channels_last(du.to(dtype), K) * valid, at, L, shared=(x.dim() == 4))
     ddelta = _route_scatter(_channels_last(ddt.to(dtype), K) * valid, param_at, L, shared=False)
-    dB = _route_scatter(dB.to(dtype).permute(0, 1, 3, 2) * valid, param_at, L, shared=False)
-    dC = _route_scatter(dC.to(dtype).permute(0, 1, 3, 2) * valid, param_at, L, shared=False)
+    dB = _route_scatter(dB.to(dtype).permute(0, 3, 1, 2) * valid, param_at, L, shared=False)
+    dC = _route_scatter(dC.to(dtype).permute(0, 3, 1, 2) * valid, param_at, L, shared=False)
     return (
         dx.reshape(x.shape).to(x_dtype),
         ddelta.reshape(delta.shape).to(delta.dtype),

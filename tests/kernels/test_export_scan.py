@@ -54,6 +54,62 @@ def test_linear_scan_survives_vanishing_decays():
     assert _rel(reference.linear_scan(log_decay, drive), torch.stack(want)) < 1e-6
 
 
+class _LinearScan(torch.nn.Module):
+    def forward(self, log_decay, drive):
+        return reference.linear_scan(log_decay, drive)
+
+
+def _loop_scan(log_decay, drive):
+    h, out = torch.zeros_like(drive[0]), []
+    for t in range(drive.shape[0]):
+        h = log_decay[t].exp() * h + drive[t]
+        out.append(h)
+    return torch.stack(out)
+
+
+def test_exported_chunk_level_scan_matches_a_loop_across_groups_of_chunks():
+    """An exported scan's chunk count is symbolic: its chunk-level scan advances groups of SCAN_CHUNK chunks
+    together and then scans the groups. One program, traced at one length, at lengths whose chunks fill part of
+    one group, exactly one, and several (with a partial last one)."""
+    g = torch.Generator().manual_seed(0)
+    example = (-torch.rand(40, 3, generator=g, dtype=torch.float64), torch.randn(40, 3, generator=g,
+                                                                               dtype=torch.float64))
+    L = torch.export.Dim.DYNAMIC  # as tools/export.py asks
+    program = torch.export.export(_LinearScan(), example, dynamic_shapes=({0: L}, {0: L}))
+    assert all(r.upper > 10 ** 6 for r in program.range_constraints.values()), program.range_constraints
+    program = program.module()
+    chunk = reference.SCAN_CHUNK
+    for steps in (3, chunk * chunk, chunk * chunk + 1, 5 * chunk * chunk + 37):
+        log_decay = -torch.rand(steps, 3, generator=g, dtype=torch.float64) * 0.2
+        drive = torch.randn(steps, 3, generator=g, dtype=torch.float64)
+        assert _rel(program(log_decay, drive), _loop_scan(log_decay, drive)) < 1e-12, steps
+
+
+def test_grouped_chunk_scan_covers_max_traced_chunks_and_no_more_than_it_needs(monkeypatch):
+    """The groups' fixed doublings give each group's end from MAX_TRACED_CHUNKS chunks: with a bound of 64
+    chunks (4 groups of 16), 64 chunks come out right; a chunk in the sixth group, whose start would need five
+    groups, does not (so the doubling count is the one the bound needs, and eager scans refuse more chunks)."""
+    monkeypatch.setattr(reference, "MAX_TRACED_CHUNKS", 64)
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 81, generator=g, dtype=torch.float64) * 0.1 + 0.9
+    b = torch.randn(2, 81, generator=g, dtype=torch.float64)
+    want = _loop_scan(a.log().t(), b.t()).t()
+    assert _rel(reference._grouped_chunk_scan(a[:, :64], b[:, :64], dim=1), want[:, :64]) < 1e-12
+    assert _rel(reference._grouped_chunk_scan(a, b, dim=1)[:, 80], want[:, 80]) > 1e-6
+
+
+class _Softplus(torch.nn.Module):
+    def forward(self, x):
+        return reference._softplus(x)
+
+
+def test_exported_softplus_is_within_6e_8_of_torchs():
+    x = torch.cat([torch.linspace(-120, 120, 100001), torch.randn(10000) * 4])
+    program = torch.export.export(_Softplus(), (x,)).module()
+    want = torch.nn.functional.softplus(x.double())
+    assert ((program(x).double() - want).abs() <= 6e-8 + 2.4e-7 * want).all()
+
+
 # eager blocks (Dm = 4 channels of N = 3 states): whole rows, two channels (a whole group of two),
 # one channel (inside a group)
 BLOCK_CHANNELS = {"rows": 4, "groups": 2, "channels": 1}
