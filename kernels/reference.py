@@ -72,7 +72,8 @@ def _softplus(x: torch.Tensor, work=()) -> torch.Tensor:
     CPU, as max(x, 0) + log1p(exp(-|x|)) with log1p(e) formed as log(u) + (e - (u - 1)) / u, u = 1 + e (the
     rounding of u corrected to first order, a few ulps): the CPU's log1p is scalar code, several times slower
     than the rest of the scan's discretization. Above 20 the added term is below half an ulp of x, so the
-    result is x, as in softplus's threshold. Exported, as max(x, 0) + log(1 + exp(-|x|)), within 6e-8 of it. An internal that tests/kernels/test_export_scan.py checks on its own."""
+    result is x, as in softplus's threshold. Exported, as max(x, 0) + log(1 + exp(-|x|)), within 6e-8 of it. An
+    internal that tests/kernels/test_export_scan.py checks on its own."""
     if exporting():  # onnxruntime's Softplus (and the threshold's Where) cost a third of an exported scan
         return F.relu(x) + torch.log(1.0 + torch.exp(-x.abs()))
     if x.dtype != torch.float32 or x.device.type != "cpu" or _is_traced() or x.requires_grad:
