@@ -172,8 +172,9 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     are (chunk position, ..., chunk index, ...) with the chunk index at ``chunk_dim`` of a position's
     slice, or lists of one tensor per position (padding: decay 1 and drive 0 keep h); ``chunk_decay``
     (a position's shape) is each chunk's product of decays (the exp of its summed log-decays, which the
-    caller forms from small per-step factors). Returns (every state in time order (L, ...), or readout(h, j) of every step in time order
-    when ``readout`` maps the states at chunk position j to (n, ...); the last state). A forward that
+    caller forms from small per-step factors). Returns (every state in time order (L, ...), or readout(h, j)
+    of every step in time order when ``readout`` maps the states at chunk position j to (n, ...); the last
+    state). A forward that
     only needs <C_t, h_t> thus never stores every state.
 
     All chunks advance together, one position of the chunk at a time: a pass from zero gives each
@@ -713,6 +714,16 @@ def _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes):
     )
 
 
+def _unfold_routes(y: torch.Tensor, routes: torch.Tensor, H, W, merge: str) -> torch.Tensor:
+    """The folded scan's output y (Bt, K*F, Lr) back on the pixels: each visited step's output added to its
+    pixel (padded steps dropped), summed over the routes, (Bt, H, W, F), for merge "sum", else (Bt, H, W, K, F)."""
+    Bt, KF, _ = y.shape
+    K = routes.shape[0]
+    y = _channels_last(y, K) * (routes >= 0).t()[None, :, :, None].to(y.dtype)
+    out = _route_scatter(y, routes.clamp(min=0), H * W, shared=(merge == "sum"))
+    return out.reshape((Bt, H, W, KF // K) if merge == "sum" else (Bt, H, W, K, KF // K))
+
+
 def selective_scan_2d_ref(
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -730,7 +741,7 @@ def selective_scan_2d_ref(
     """Gather along each route, scan, write each step's output to its pixel (validated inputs: each
     route visits a pixel at most once). The output is in ``out_dtype`` (default x's dtype); an fp64 one
     computes in fp64, as an fp64 x would."""
-    Bt, H, W, K, Dm = delta.shape
+    H, W = delta.shape[1:3]
     out_dtype = x.dtype if out_dtype is None else out_dtype
     x = _widened(x, out_dtype, compute_dtype(x, delta, A, B, C))
     dtype = compute_dtype(x, delta, A, B, C)
@@ -739,10 +750,7 @@ def selective_scan_2d_ref(
         return out.to(out_dtype)
     folded = _fold_routes(x, delta, A, B, C, D, delta_bias, routes, param_routes)
     y = selective_scan_ref(**folded, delta_softplus=delta_softplus, out_dtype=dtype)
-    y = _channels_last(y, K) * (routes >= 0).t()[None, :, :, None].to(dtype)
-    out = _route_scatter(y, routes.clamp(min=0), H * W, shared=(merge == "sum"))
-    shape = (Bt, H, W, Dm) if merge == "sum" else (Bt, H, W, K, Dm)
-    return out.reshape(shape).to(out_dtype)
+    return _unfold_routes(y, routes, H, W, merge).to(out_dtype)
 
 
 def _scan_2d_eager(x, delta, A, B, C, D, delta_bias, delta_softplus, routes, param_routes, merge, dtype):

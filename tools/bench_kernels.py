@@ -127,15 +127,12 @@ def _op_call(spec, inputs, backend):
 def unfused_2d(inputs):
     """gather into route order (step-major) → 1D Triton scan → scatter and merge, in torch ops."""
     x, delta = inputs["x"], inputs["delta"]
-    Bt, H, W, K, Dm = delta.shape
+    H, W = delta.shape[1:3]
     routes, param_routes = inputs["routes"], inputs["param_routes"]
     folded = reference._fold_routes(x, delta, inputs["A"], inputs["B"], inputs["C"], inputs["D"],
                                     inputs["delta_bias"], routes, param_routes)
     y = vk.selective_scan(**folded, delta_softplus=True, backend="triton")
-    y = reference._channels_last(y, K) * (routes >= 0).t()[None, :, :, None].to(y.dtype)
-    out = reference._route_scatter(y, routes.clamp(min=0), H * W, shared=(inputs["merge"] == "sum"))
-    shape = (Bt, H, W, Dm) if inputs["merge"] == "sum" else (Bt, H, W, K, Dm)
-    return out.reshape(shape)
+    return reference._unfold_routes(y, routes, H, W, inputs["merge"])
 
 
 def _differentiable(spec, inputs):
