@@ -14,6 +14,7 @@ holds only standard ONNX operators (no custom domain).
 batch-``--batch-size`` latency of both at the first size.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -76,20 +77,53 @@ def _dynamic_shapes(fmt):
     return ({0: dim, 2: dim, 3: dim},)
 
 
+@contextlib.contextmanager
+def linear_time_onnx_rewrites():
+    """While it runs, onnxscript's optimizer leaves out its rewrite patterns of several output nodes (SlicesSplit).
+
+    onnxscript (0.7) matches such a pattern by walking the whole graph at every node, so the optimization is
+    quadratic in the graph's size: it took most of a T model's export here (VMamba-T: over 15 minutes). The zoo's
+    graphs give those patterns nothing to rewrite (tests/tools/test_export_tool.py compares the results). Without
+    that private rule list (another onnxscript), nothing changes."""
+    try:
+        from onnxscript import rewriter
+        rules = rewriter._DEFAULT_REWRITE_RULES
+    except (ImportError, AttributeError):
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(
+        rule for rule in rules if getattr(getattr(rule, '_target_pattern', None), 'has_single_output_node', True))
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
 def export_onnx(model, out: str, opset: int, img_size=None):
+    """torch.onnx.export (dynamo) with dynamic batch, height and width, optimized by onnxscript as that export
+    would be (``linear_time_onnx_rewrites``), written atomically. Prints each phase's time: a T model takes
+    minutes."""
+    from vmamba_zoo.checkpoint import atomic_write
     x = _example_input(model, img_size)
+    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=_dynamic_shapes('onnx'),
                                     opset_version=opset, input_names=['image'], output_names=['output'],
-                                    optimize=True, verbose=False)
-    program.save(out)
+                                    optimize=False, verbose=False)
+    print(f'  traced and translated to ONNX in {time.perf_counter() - start:.0f} s', flush=True)
+    start = time.perf_counter()
+    with linear_time_onnx_rewrites():
+        program.optimize()
+    print(f'  optimized in {time.perf_counter() - start:.0f} s', flush=True)
+    atomic_write(out, lambda f: f.write(program.model_proto.SerializeToString()))
 
 
 def export_program(model, out: str, img_size=None):
+    from vmamba_zoo.checkpoint import atomic_write
     x = _example_input(model, img_size)
     program = torch.export.export(model, (x,), dynamic_shapes=_dynamic_shapes('torch-export'))
-    torch.export.save(program, out)
+    atomic_write(out, lambda f: torch.export.save(program, f))
 
 
 def onnx_operator_domains(path: str):
@@ -170,6 +204,7 @@ def main(argv=None):
     if not os.path.isdir(out_dir):
         raise UsageError(f'output folder does not exist: {out_dir}')
 
+    print(f'{args.model}: exporting to {args.format} (minutes for a T model)...', flush=True)
     start = time.perf_counter()
     if args.format == 'onnx':
         export_onnx(model, args.out, args.opset, args.img_size)

@@ -1,10 +1,13 @@
 """tools/export.py as a user runs it: a local checkpoint in, a standard ONNX file out, parity checked."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 import timm
 
 import vmamba_zoo  # noqa: F401
-from tests.tools.tool_runner import run_script
+from tests.tools.tool_runner import load_tool, run_script
 
 SMALL = ["--model-kwargs", "embed_dim=32", "depth=2", "--img-size", "64"]
 
@@ -40,3 +43,30 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert proc.returncode == 2 and "unknown model" in proc.stderr
     proc = run_script("export.py", "plainmamba_l1", "--out", tmp_path / "m.onnx", "--checkpoint", tmp_path / "none.pth")
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
+
+
+def test_export_leaves_out_only_rewrites_that_change_nothing_in_zoo_graphs():
+    """export.py optimizes without onnxscript's several-output patterns (quadratic in the graph's size): the
+    optimized graph is node for node the one that plain torch.onnx.export's optimization gives."""
+    pytest.importorskip("onnxruntime")
+    rewriter = pytest.importorskip("onnxscript.rewriter")
+    export = load_tool("export")
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    with export.linear_time_onnx_rewrites():
+        kept = rewriter._DEFAULT_REWRITE_RULES
+        assert kept and all(rule._target_pattern.has_single_output_node for rule in kept)
+        assert len(kept) < len(rules), "onnxscript has no several-output pattern left: drop the workaround"
+    assert rewriter._DEFAULT_REWRITE_RULES is rules
+
+    torch.manual_seed(0)
+    model = timm.create_model("plainmamba_l1", embed_dim=32, depth=2, img_size=64).eval()
+    graphs = []
+    for scoped in (contextlib.nullcontext, export.linear_time_onnx_rewrites):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), dynamo=True, optimize=False,
+                                        dynamic_shapes=({0: "batch", 2: "height", 3: "width"},), verbose=False)
+        with scoped():
+            program.optimize()
+        graphs.append([(node.op_type, len(node.inputs)) for node in program.model.graph])
+    assert graphs[0] == graphs[1]
