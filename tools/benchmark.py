@@ -11,7 +11,8 @@ For each model, precision (fp32, bf16/fp16 autocast) and memory format (contiguo
   each model per round), so that the machine's load, wherever it changes, weighs on every row alike, and
   ``--ratio-to MODEL`` gives each row's latency as a multiple of MODEL's in the same run;
 - with ``--modes ...,ort``, the batch-1 latency of onnxruntime (CPU, as many intra-op threads as torch uses) on
-  ``--onnx-dir``/MODEL.onnx, a file tools/export.py wrote, beside PyTorch's in the same run;
+  ``--onnx-dir``/MODEL.onnx, a file tools/export.py wrote, beside PyTorch's in the same run (round-robin with the
+  eager calls under ``--interleave``, and as a multiple of MODEL's own file with ``--ratio-to``);
 - peak memory of inference and of training (CUDA only);
 - cold start: seconds from building the model to the end of its first training step (``first_step_s``), which
   holds Triton's compilation and any tile tuning. ``--empty-triton-cache`` gives each run an empty Triton
@@ -28,6 +29,8 @@ the row's ``cuda_graphs`` is true only when every measurement in it replayed a g
     python tools/benchmark.py --models test_resnet --batch-size 2 --img-size 32 --iters 2 --device cpu   # smoke
     python tools/benchmark.py --models zoo-tiny,convnext_tiny --device cpu --modes latency --amp fp32 \
         --interleave --ratio-to convnext_tiny --iters 15 --warmup 5     # CPU latency beside ConvNeXt-T
+    python tools/benchmark.py --models zoo-tiny,convnext_tiny --device cpu --modes latency,ort --onnx-dir DIR \
+        --amp fp32 --interleave --ratio-to convnext_tiny     # eager and onnxruntime, round-robin
 
 Model lists: ``zoo`` (every zoo model), ``zoo-tiny`` (the T/L1 variants of each family), ``baselines``
 (convnext_tiny, swin_tiny_patch4_window7_224, resnet50, mambaout_tiny), a family name, or model names.
@@ -73,7 +76,7 @@ def build_parser():
     p.add_argument('--warmup', type=int, default=10, help='untimed iterations per measurement')
     p.add_argument('--iters', type=int, default=30, help='timed iterations per measurement')
     p.add_argument('--interleave', action='store_true',
-                   help="with --modes latency: time the models round-robin, one call of each per round "
+                   help="with --modes latency and/or ort: time the models round-robin, one call of each per round "
                         "(--warmup rounds, then --iters timed rounds)")
     p.add_argument('--ratio-to', default=None, metavar='MODEL',
                    help="give each row's latency as a multiple of MODEL's (one of --models; same precision and "
@@ -294,9 +297,10 @@ def _measured_row(name, args, device, amp, memory_format):
     return row
 
 
-def interleaved_latency_rows(configs, args, device):
+def interleaved_latency_rows(configs, args, device, modes):
     """Rows of the batch-1 latency of each (model, precision, memory format) in ``configs``, timed round-robin:
-    every model is built first, then each round times one eager call of each, after --warmup rounds."""
+    every model is built first (and its onnxruntime session made, for the 'ort' mode), then each round times one
+    call of each, eager ones and onnxruntime ones alike, after --warmup rounds."""
     timer, rows, calls = Timer(device), [], []
     for name, amp, memory_format in configs:
         row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'img_size': args.img_size,
@@ -305,23 +309,29 @@ def interleaved_latency_rows(configs, args, device):
             model, fmt = _built_model(name, args, device, memory_format, row)
             model.eval()
             x = torch.randn(1, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
-            call = _eager_inference(torch.compile(model) if args.compile else model, x, device, amp)
-            call()  # a model that cannot run fails here, before the rounds
+            timed = []
+            if 'latency' in modes:
+                timed.append(('latency_ms', _eager_inference(torch.compile(model) if args.compile else model, x,
+                                                             device, amp)))
+            if 'ort' in modes:
+                timed.append(('ort_latency_ms', onnxruntime_fn(name, args.onnx_dir, x)))
+            for _, call in timed:
+                call()  # a model that cannot run fails here, before the rounds
             row['status'] = 'ok'
-            calls.append((row, call))
+            calls.extend((row, key, call) for key, call in timed)
         except Exception as e:  # noqa: BLE001  (one failing model must not stop the table)
             row['status'] = f'error {_reason(e)}'
         rows.append(row)
     times = [[] for _ in calls]
     for r in range(args.warmup + args.iters):
-        for (_, call), spent in zip(calls, times):
+        for (_, _, call), spent in zip(calls, times):
             start = time.perf_counter()
             call()
             timer.sync()
             if r >= args.warmup:
                 spent.append(time.perf_counter() - start)
-    for (row, _), spent in zip(calls, times):
-        row['latency_ms'] = round(1000 * statistics.median(spent), 3)
+    for (row, key, _), spent in zip(calls, times):
+        row[key] = round(1000 * statistics.median(spent), 3)
     return rows
 
 
@@ -342,13 +352,14 @@ def _eager_inference(model, x, device, amp):
 
 
 def add_latency_ratios(rows, reference):
-    """Each row's latency_ratio: its latency over ``reference``'s at the same precision and memory format."""
-    base = {(r['precision'], r['memory_format']): r['latency_ms'] for r in rows
-            if r['model'] == reference and r.get('latency_ms')}
-    for r in rows:
-        ref = base.get((r['precision'], r['memory_format']))
-        if ref and r.get('latency_ms'):
-            r['latency_ratio'] = round(r['latency_ms'] / ref, 2)
+    """Each row's latency_ratio (and ort_latency_ratio): its latency over ``reference``'s at the same precision and
+    memory format, eager to eager and onnxruntime to onnxruntime."""
+    for key, ratio in (('latency_ms', 'latency_ratio'), ('ort_latency_ms', 'ort_latency_ratio')):
+        base = {(r['precision'], r['memory_format']): r[key] for r in rows if r['model'] == reference and r.get(key)}
+        for r in rows:
+            ref = base.get((r['precision'], r['memory_format']))
+            if ref and r.get(key):
+                r[ratio] = round(r[key] / ref, 2)
 
 
 def onnxruntime_fn(name, folder, x):
@@ -375,7 +386,7 @@ COLUMNS = [
     ('infer_img_s', 'infer img/s'), ('train_img_s', 'train img/s'), ('train_step_ms', 'train step (ms)'),
     ('train_host_ms', 'train step host (ms)'), ('first_step_s', 'first step (s)'), ('latency_ms', 'latency bs1 (ms)'),
     ('latency_ratio', 'latency ratio'),
-    ('ort_latency_ms', 'onnxruntime bs1 (ms)'),
+    ('ort_latency_ms', 'onnxruntime bs1 (ms)'), ('ort_latency_ratio', 'onnxruntime ratio'),
     ('infer_peak_mib', 'infer peak MiB'), ('train_peak_mib', 'train peak MiB'), ('cuda_graphs', 'CUDA graphs'),
     ('status', 'status'),
 ]
@@ -421,8 +432,8 @@ def main(argv=None):
         raise UsageError(f"--modes ort needs --onnx-dir, a folder of MODEL.onnx files, got {args.onnx_dir!r}")
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
         raise UsageError('--batch-size and --iters must be >= 1, --warmup >= 0')
-    if args.interleave and modes != ['latency']:
-        raise UsageError(f"--interleave times latency only: use --modes latency, got {args.modes!r}")
+    if args.interleave and not set(modes) <= {'latency', 'ort'}:
+        raise UsageError(f"--interleave times latency only: use --modes latency and/or ort, got {args.modes!r}")
     device_name = args.device
     if device_name == 'auto':
         device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -465,7 +476,7 @@ def main(argv=None):
     print('\n'.join(header), flush=True)
 
     configs = [(name, amp, memory_format) for name in names for amp in precisions for memory_format in formats]
-    rows = interleaved_latency_rows(configs, args, device) if args.interleave else [
+    rows = interleaved_latency_rows(configs, args, device, modes) if args.interleave else [
         _measured_row(name, args, device, amp, memory_format) for name, amp, memory_format in configs]
     if args.interleave:
         for row in rows:

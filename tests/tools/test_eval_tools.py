@@ -256,6 +256,31 @@ def test_benchmark_interleaved_latency_with_ratios(tmp_path):
     assert '| latency ratio |' in md
 
 
+def test_benchmark_interleaves_onnxruntime_with_eager_and_gives_both_ratios(tmp_path):
+    pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
+    names = ('test_resnet', 'test_efficientnet')
+    for name in names:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.onnx.export(timm.create_model(name).eval(), (torch.randn(2, 3, 32, 32),), dynamo=True,
+                              verbose=False, dynamic_shapes=({0: 'batch', 2: 'height', 3: 'width'},)
+                              ).save(str(tmp_path / f'{name}.onnx'))
+    out = tmp_path / 'bench'
+    proc = run_script('benchmark.py', '--models', ','.join(names), '--modes', 'latency,ort', '--onnx-dir', tmp_path,
+                      '--interleave', '--ratio-to', 'test_resnet', '--img-size', '32', '--iters', '3', '--warmup', '1',
+                      '--amp', 'fp32', '--device', 'cpu', '--out-dir', out)
+    assert_ok(proc)
+    rows = {r['model']: r for r in json.loads((out / 'benchmark.json').read_text())['rows']}
+    ref = rows['test_resnet']
+    for r in rows.values():
+        assert r['status'] == 'ok' and r['latency_ms'] > 0 and r['ort_latency_ms'] > 0, r
+        assert r['latency_ratio'] == pytest.approx(r['latency_ms'] / ref['latency_ms'], abs=0.006), r
+        assert r['ort_latency_ratio'] == pytest.approx(r['ort_latency_ms'] / ref['ort_latency_ms'], abs=0.006), r
+    assert ref['ort_latency_ratio'] == 1.0
+    assert '| onnxruntime ratio |' in (out / 'benchmark.md').read_text()
+
+
 def test_benchmark_model_lists():
     bench = load_tool('benchmark')
     names = bench.resolve_models('zoo-tiny,baselines')
