@@ -95,18 +95,23 @@ def _delta(delta, delta_bias, delta_softplus, dtype, bias_view=(-1, 1)):
 
 
 def _shift(x: torch.Tensor, k: int, value: float, dim: int) -> torch.Tensor:
-    """x moved k steps forward along ``dim`` (the first k filled with ``value``), keeping its length.
+    """x moved k steps forward along ``dim`` (the first k filled with ``value``), keeping its length."""
+    return _shift_together((x,), k, (value,), dim)[0]
 
-    With a known length, a pad then a cut; otherwise (export, tracing) a gather from arange(n) - k, whose
-    cost does not grow with k and whose length stays symbolic whether or not k exceeds it."""
-    n = x.shape[dim]
+
+def _shift_together(xs, k: int, values, dim: int, steps: Optional[torch.Tensor] = None):
+    """Tensors of one shape, each moved k steps forward along ``dim`` (the first k filled with its value).
+
+    With a known length, a pad then a cut; otherwise (export, tracing) a gather from arange(n) - k (``steps``
+    where given), whose cost does not grow with k and whose length stays symbolic whether or not k exceeds it,
+    one index for all (every node of an exported graph costs export time)."""
+    n = xs[0].shape[dim]
     if isinstance(n, int) and k <= n and not _is_traced():
-        pad = [0, 0] * (x.dim() - 1 - dim) + [k, 0]
-        return F.pad(x, pad, value=value).narrow(dim, 0, n)
-    source = torch.arange(n, device=x.device) - k
-    moved = x.index_select(dim, source.clamp_min(0))
-    inside = (source >= 0).view([-1] + [1] * (x.dim() - 1 - dim))
-    return torch.where(inside, moved, torch.full((), value, dtype=x.dtype, device=x.device))
+        pad = [0, 0] * (xs[0].dim() - 1 - dim) + [k, 0]
+        return [F.pad(x, pad, value=value).narrow(dim, 0, n) for x, value in zip(xs, values)]
+    source = (torch.arange(n, device=xs[0].device) if steps is None else steps) - k
+    index, inside = source.clamp_min(0), (source >= 0).view([-1] + [1] * (xs[0].dim() - 1 - dim))
+    return [torch.where(inside, x.index_select(dim, index), value) for x, value in zip(xs, values)]
 
 
 def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int, in_place: bool = False):
@@ -115,7 +120,7 @@ def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int, in_pl
     fused multiply-add over the whole tensor, with nothing sequential in time. ``in_place`` (eager, known
     sizes) updates a and b in place, only where a step changes them: the padded shifts' fresh tensors cost
     more than the arithmetic at the chunk level."""
-    k = 1
+    k, positions = 1, (None if in_place else torch.arange(b.shape[dim], device=b.device))
     for _ in range(steps):
         if in_place:
             n = b.shape[dim]
@@ -124,8 +129,8 @@ def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int, in_pl
             b.narrow(dim, k, n - k).addcmul_(a.narrow(dim, k, n - k), b.narrow(dim, 0, n - k).clone())
             a.narrow(dim, k, n - k).mul_(a.narrow(dim, 0, n - k).clone())
         else:
-            b = torch.addcmul(b, a, _shift(b, k, 0.0, dim))
-            a = a * _shift(a, k, 1.0, dim)
+            moved_b, moved_a = _shift_together((b, a), k, (0.0, 1.0), dim, positions)
+            b, a = torch.addcmul(b, a, moved_b), a * moved_a
         k *= 2
     return a, b
 
@@ -163,7 +168,7 @@ def _position_major(t: torch.Tensor, n, chunk: int, value: float = 0.0) -> torch
     that position j of every chunk is one block of memory."""
     rest = [0, 0] * (t.dim() - 1)
     t = F.pad(t, rest + [0, 2 * chunk], value=value).narrow(0, 0, n * chunk)
-    return t.unflatten(0, (n, chunk)).transpose(0, 1).contiguous()
+    return t.reshape((n, chunk) + t.shape[1:]).transpose(0, 1).contiguous()  # reshape: see _scan_time_major
 
 
 def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.Tensor, L, readout=None,
@@ -303,7 +308,7 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
     y = <C_t, h_t> (L, Bt, Dm)) and the last state (Bt, Dm, N).
 
     The per-step inputs are laid out in chunks (``_position_major``) while they are small, and a chunk
-    position's states are held as (N, chunks, Bt, Dm), channels innermost and N outermost: every
+    position's states are held as (N, chunks, Bt, G, Dm // G), channels innermost and N outermost: every
     state-sized product then runs along long contiguous rows of channels, with A or B broadcast whole
     (N is only 1 to 16), which is several times faster on CPU than products along N."""
     Bt, Dm, L = u.shape
@@ -317,42 +322,46 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
                 return _grouped_time_major(BC[..., :1], dtype).unsqueeze(0).permute(0, 5, 1, 2, 3, 4).contiguous()
         return _position_major(_grouped_time_major(BC, dtype), n, SCAN_CHUNK).permute(0, 5, 1, 2, 3, 4).contiguous()
 
-    def step(BC, j):  # position j of a grouped B or C, which may be the same at every position
-        return BC[j if BC.shape[0] > 1 else 0]
+    def positions(BC):  # a grouped B or C per chunk position; one tensor where every position shares it
+        return [BC[j if BC.shape[0] > 1 else 0] for j in range(SCAN_CHUNK)]  # selects: unbind exports as more nodes
 
     Bg = grouped_steps(B)
     G = Bg.shape[4]
     eager = _eager(u, dt, A, B, C)
+    # (..., Dm) → (..., G, Dm // G): states read B/C group g. A reshape, not unflatten: jit.trace (the TorchScript
+    # ONNX exporter) records unflatten's sizes as constants, and every size after it would stay the traced one
+    grouped = lambda t: t.reshape(t.shape[:-1] + (G, Dm // G))
     # Eager decays are exp2(dt * A log2(e)): on CPU torch's exp2 runs about 3x faster than its exp, the
     # scan's costliest step (the extra rounding of A log2(e) is within fp32's). Exporters have no exp2.
-    A_t = A.to(dtype).t()[:, None, None] * (_LOG2_E if eager else 1.0)  # (N, 1, 1, Dm)
+    A_t = grouped(A.to(dtype).t()[:, None, None] * (_LOG2_E if eager else 1.0))  # (N, 1, 1, G, Dm // G)
     exp_ = torch.Tensor.exp2_ if eager else torch.Tensor.exp_
-    dt_t = _position_major(dt.permute(2, 0, 1), n, SCAN_CHUNK)  # (chunk, n, Bt, Dm)
+    dt_t = grouped(_position_major(dt.permute(2, 0, 1), n, SCAN_CHUNK))  # (chunk, n, Bt, G, Dm // G)
     chunk_decay = exp_(dt_t.sum(0) * A_t)
-    dt_u = (dt_t * _position_major(u.to(dtype).permute(2, 0, 1), n, SCAN_CHUNK)).unsqueeze(1)
+    dt_u = (dt_t * grouped(_position_major(u.to(dtype).permute(2, 0, 1), n, SCAN_CHUNK))).unsqueeze(1)
     if eager:  # each position's decay and drive written just before the scan's first pass reads them
-        shape = (SCAN_CHUNK, A_t.shape[0]) + dt_t.shape[1:]  # (chunk, N, n, Bt, Dm)
+        shape = (SCAN_CHUNK, A_t.shape[0]) + dt_t.shape[1:]  # (chunk, N, n, Bt, G, Dm // G)
         decay, drive = _scratch("decay", shape, dt_t), dt_t.new_empty(shape)  # drive becomes the states
+        B_at = positions(Bg)
 
         def prepare(j):
             exp_(torch.mul(dt_t[j], A_t, out=decay[j]))
-            torch.mul(dt_u[j].unflatten(-1, (G, Dm // G)), step(Bg, j), out=drive[j].unflatten(-1, (G, Dm // G)))
+            torch.mul(dt_u[j], B_at[j], out=drive[j])
     else:  # one tensor per chunk position: an exported graph would otherwise copy whole ones apart to read one
-        decay = [exp_(dt_t[j] * A_t) for j in range(SCAN_CHUNK)]  # (N, n, Bt, Dm) each
-        drive = [(dt_u[j].unflatten(-1, (G, Dm // G)) * step(Bg, j)).flatten(-2, -1) for j in range(SCAN_CHUNK)]
+        decay = [exp_(dt_t[j] * A_t) for j in range(SCAN_CHUNK)]  # (N, n, Bt, G, Dm // G) each
+        drive = [dt_u[j] * b for j, b in enumerate(positions(Bg))]
         prepare = None
-    last_state = lambda h: h.permute(1, 2, 0)  # (N, Bt, Dm) → (Bt, Dm, N)
+    last_state = lambda h: h.flatten(-2, -1).permute(1, 2, 0)  # (N, Bt, G, Dm // G) → (Bt, Dm, N)
     if C is None:
         states, last = _chunked_scan(decay, drive, chunk_decay, L, chunk_dim=1, prepare=prepare)
-        return states.permute(0, 2, 3, 1), last_state(last)
-    Cg = grouped_steps(C)
+        return states.flatten(-2, -1).permute(0, 2, 3, 1), last_state(last)
+    C_at = positions(grouped_steps(C))
 
-    def contract_C(h, j):  # <C_t, h_t> over N: (N, n, Bt, Dm) → (n, Bt, Dm)
-        return (h.unflatten(-1, (G, Dm // G)) * step(Cg, j)).sum(0).flatten(-2, -1)
+    def contract_C(h, j):  # <C_t, h_t> over N: (N, n, Bt, G, Dm // G) → (n, Bt, G, Dm // G)
+        return (h * C_at[j]).sum(0)
 
     y, last = _chunked_scan(decay, drive, chunk_decay, L, contract_C, chunk_dim=1, prepare=prepare,
                             functional=C.requires_grad and torch.is_grad_enabled())
-    return y, last_state(last)
+    return y.flatten(-2, -1), last_state(last)
 
 
 def _time_blocks(step: int, L: int, budget: int):

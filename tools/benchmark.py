@@ -11,8 +11,8 @@ For each model, precision (fp32, bf16/fp16 autocast) and memory format (contiguo
   each model per round), so that the machine's load, wherever it changes, weighs on every row alike, and
   ``--ratio-to MODEL`` gives each row's latency as a multiple of MODEL's in the same run;
 - with ``--modes ...,ort``, the batch-1 latency of onnxruntime (CPU, as many intra-op threads as torch uses) on
-  ``--onnx-dir``/MODEL.onnx, a file tools/export.py wrote, beside PyTorch's in the same run (round-robin with the
-  eager calls under ``--interleave``, and as a multiple of MODEL's own file with ``--ratio-to``);
+  ``--onnx-dir``/MODEL.onnx, a file tools/export.py wrote, beside PyTorch's in the same run (under ``--interleave``,
+  round-robin over the models after the eager rounds, and as a multiple of MODEL's own file with ``--ratio-to``);
 - peak memory of inference and of training (CUDA only);
 - cold start: seconds from building the model to the end of its first training step (``first_step_s``), which
   holds Triton's compilation and any tile tuning. ``--empty-triton-cache`` gives each run an empty Triton
@@ -300,7 +300,7 @@ def _measured_row(name, args, device, amp, memory_format):
 def interleaved_latency_rows(configs, args, device, modes):
     """Rows of the batch-1 latency of each (model, precision, memory format) in ``configs``, timed round-robin:
     every model is built first (and its onnxruntime session made, for the 'ort' mode), then each round times one
-    call of each, eager ones and onnxruntime ones alike, after --warmup rounds."""
+    eager call of each, after --warmup rounds; then the same for the onnxruntime calls."""
     timer, rows, calls = Timer(device), [], []
     for name, amp, memory_format in configs:
         row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'img_size': args.img_size,
@@ -322,16 +322,20 @@ def interleaved_latency_rows(configs, args, device, modes):
         except Exception as e:  # noqa: BLE001  (one failing model must not stop the table)
             row['status'] = f'error {_reason(e)}'
         rows.append(row)
-    times = [[] for _ in calls]
-    for r in range(args.warmup + args.iters):
-        for (_, _, call), spent in zip(calls, times):
-            start = time.perf_counter()
-            call()
-            timer.sync()
-            if r >= args.warmup:
-                spent.append(time.perf_counter() - start)
-    for (row, key, _), spent in zip(calls, times):
-        row[key] = round(1000 * statistics.median(spent), 3)
+    # Each runtime's calls take their own rounds, eager ones first: onnxruntime's idle threads spin for a while
+    # after a run, and would slow the eager call after it
+    for key in ('latency_ms', 'ort_latency_ms'):
+        runs = [(row, call) for row, k, call in calls if k == key]
+        times = [[] for _ in runs]
+        for r in range(args.warmup + args.iters):
+            for (_, call), spent in zip(runs, times):
+                start = time.perf_counter()
+                call()
+                timer.sync()
+                if r >= args.warmup:
+                    spent.append(time.perf_counter() - start)
+        for (row, _), spent in zip(runs, times):
+            row[key] = round(1000 * statistics.median(spent), 3)
     return rows
 
 
