@@ -70,3 +70,16 @@ def test_export_leaves_out_only_rewrites_that_change_nothing_in_zoo_graphs():
             program.optimize()
         graphs.append([(node.op_type, len(node.inputs)) for node in program.model.graph])
     assert graphs[0] == graphs[1]
+
+
+def test_torch_export_program_runs_at_another_size(tmp_path):
+    out = tmp_path / "model.pt2"
+    proc = run_script("export.py", "plainmamba_l1", *SMALL, "--format", "torch-export", "--out", out, "--check",
+                      "--check-sizes", "64", "80x96", "--repeats", "1", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "80x96 batch 2: rel. err" in proc.stdout and "FAILED" not in proc.stdout
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "model.pt2"]  # no temporary file left beside it
+    program = torch.export.load(str(out))
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 72, 56)
+    assert program.module()(x).shape == (3, 1000)
