@@ -299,44 +299,53 @@ def _measured_row(name, args, device, amp, memory_format):
 
 def interleaved_latency_rows(configs, args, device, modes):
     """Rows of the batch-1 latency of each (model, precision, memory format) in ``configs``, timed round-robin:
-    every model is built first (and its onnxruntime session made, for the 'ort' mode), then each round times one
-    eager call of each, after --warmup rounds; then the same for the onnxruntime calls."""
-    timer, rows, calls = Timer(device), [], []
+    every model is built first, then each round times one eager call of each, after --warmup rounds; then every
+    onnxruntime session is made ('ort' mode) and its calls take rounds of their own. The sessions are made after
+    the eager rounds: onnxruntime's threads and memory, even idle, slowed the eager calls of the step-loop models
+    by up to a fifth."""
+    timer, rows, inputs = Timer(device), [], []
     for name, amp, memory_format in configs:
         row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'img_size': args.img_size,
                'batch_size': 1, 'cuda_graphs': False}
         try:
             model, fmt = _built_model(name, args, device, memory_format, row)
-            model.eval()
             x = torch.randn(1, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
-            timed = []
+            call = None
             if 'latency' in modes:
-                timed.append(('latency_ms', _eager_inference(torch.compile(model) if args.compile else model, x,
-                                                             device, amp)))
-            if 'ort' in modes:
-                timed.append(('ort_latency_ms', onnxruntime_fn(name, args.onnx_dir, x)))
-            for _, call in timed:
+                call = _eager_inference(torch.compile(model.eval()) if args.compile else model.eval(), x, device, amp)
                 call()  # a model that cannot run fails here, before the rounds
             row['status'] = 'ok'
-            calls.extend((row, key, call) for key, call in timed)
+            inputs.append((row, x, call))
         except Exception as e:  # noqa: BLE001  (one failing model must not stop the table)
             row['status'] = f'error {_reason(e)}'
         rows.append(row)
-    # Each runtime's calls take their own rounds, eager ones first: onnxruntime's idle threads spin for a while
-    # after a run, and would slow the eager call after it
-    for key in ('latency_ms', 'ort_latency_ms'):
-        runs = [(row, call) for row, k, call in calls if k == key]
-        times = [[] for _ in runs]
-        for r in range(args.warmup + args.iters):
-            for (_, call), spent in zip(runs, times):
-                start = time.perf_counter()
+    _time_rounds([(row, call) for row, _, call in inputs if call is not None], 'latency_ms', timer, args)
+    sessions = []
+    if 'ort' in modes:
+        for row, x, _ in inputs:
+            try:
+                call = onnxruntime_fn(row['model'], args.onnx_dir, x)
                 call()
-                timer.sync()
-                if r >= args.warmup:
-                    spent.append(time.perf_counter() - start)
-        for (row, _), spent in zip(runs, times):
-            row[key] = round(1000 * statistics.median(spent), 3)
+                sessions.append((row, call))
+            except Exception as e:  # noqa: BLE001
+                row['status'] = f'ort: error {_reason(e)}'
+    _time_rounds(sessions, 'ort_latency_ms', timer, args)
     return rows
+
+
+def _time_rounds(calls, key, timer, args):
+    """row[key]: the median time of each (row, call) in ``calls``, one call of each per round, after --warmup
+    rounds."""
+    times = [[] for _ in calls]
+    for r in range(args.warmup + args.iters):
+        for (_, call), spent in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            timer.sync()
+            if r >= args.warmup:
+                spent.append(time.perf_counter() - start)
+    for (row, _), spent in zip(calls, times):
+        row[key] = round(1000 * statistics.median(spent), 3)
 
 
 def _built_model(name, args, device, memory_format, row):
