@@ -300,9 +300,9 @@ def _measured_row(name, args, device, amp, memory_format):
 def interleaved_latency_rows(configs, args, device, modes):
     """Rows of the batch-1 latency of each (model, precision, memory format) in ``configs``, timed round-robin:
     every model is built first, then each round times one eager call of each, after --warmup rounds; then every
-    onnxruntime session is made ('ort' mode) and its calls take rounds of their own. The sessions are made after
-    the eager rounds: onnxruntime's threads and memory, even idle, slowed the eager calls of the step-loop models
-    by up to a fifth."""
+    onnxruntime session is made ('ort' mode) and its calls take rounds of their own. Nothing of onnxruntime exists
+    while the eager calls run: an onnxruntime call just before an eager one had doubled EfficientVMamba-T's eager
+    time (its idle threads spin for a while after a run)."""
     timer, rows, inputs = Timer(device), [], []
     for name, amp, memory_format in configs:
         row = {'model': name, 'precision': amp, 'memory_format': memory_format, 'img_size': args.img_size,
