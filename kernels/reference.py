@@ -120,7 +120,8 @@ def _doubling_scan(a: torch.Tensor, b: torch.Tensor, steps: int, dim: int, in_pl
     fused multiply-add over the whole tensor, with nothing sequential in time. ``in_place`` (eager, known
     sizes) updates a and b in place, only where a step changes them: the padded shifts' fresh tensors cost
     more than the arithmetic at the chunk level."""
-    k, positions = 1, (None if in_place else torch.arange(b.shape[dim], device=b.device))
+    # traced doublings shift by a gather; one arange serves them all
+    k, positions = 1, (torch.arange(b.shape[dim], device=b.device) if _is_traced() else None)
     for _ in range(steps):
         if in_place:
             n = b.shape[dim]
