@@ -17,7 +17,8 @@ The 2D form is gather → 1D scan → scatter, routes folded into channels (rout
 and B/C group k), which is what the fused kernels must reproduce.
 
 A forward that autograd does not record and nothing traces (inference, the CPU path) runs ``_blocked_scan``
-instead: the same recurrence, time-major, in time blocks whose decays and drives are formed by a few large
+instead, which hands fp32 CPU problems to the compiled C loop of ``cpu_scan`` where a C compiler is found, else
+runs the same recurrence, time-major, in time blocks whose decays and drives are formed by a few large
 products and whose states are one multiply-add per step (or per position of sub-chunks that advance together,
 for steps of few states), so that a block's work stays in cache and the number of operations per step is one.
 """
@@ -27,6 +28,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_scan
 
 __all__ = [
     "ReferenceBackend",
@@ -403,7 +406,8 @@ def _blocked_scan(u, delta, delta_bias, delta_softplus: bool, A, B, C, y):
     (L, R, N, 1), or (1, R, N, 1) where every step shares them. Writes y_t = <C_t, h_t> to y (L, R, Dg) and
     returns the last state (R, N, Dg).
 
-    Each time block's dt = softplus(delta + bias), its decays exp2(dt A log2(e)) and its drives dt u B are
+    fp32 problems on CPU run the compiled C loop of ``cpu_scan`` where it is available (states in registers, one
+    pass). The PyTorch form below runs otherwise: each time block's dt = softplus(delta + bias), its decays exp2(dt A log2(e)) and its drives dt u B are
     formed by a few products over the whole block, its states by one multiply-add per step written over the
     drives, and its readout by one product: a few operations per step, on buffers of at most
     BLOCK_ELEMENTS // 4 states that stay in cache (a scan over all L steps at once would stream every state
@@ -412,12 +416,23 @@ def _blocked_scan(u, delta, delta_bias, delta_softplus: bool, A, B, C, y):
     sums whole rows."""
     L, R, Dg = u.shape
     N = A.shape[1]
+    if u.dtype == torch.float32 and u.device.type == "cpu":
+        last = _compiled_scan(u, delta, delta_bias, delta_softplus, A, B, C, y)
+        if last is not None:
+            return last
     budget = max(BLOCK_ELEMENTS // 4, 1)
     rows = max(1, min(R, budget // (16 * max(N * Dg, 1))))
     last = [_scan_rows(u[:, r], delta[:, r], None if delta_bias is None else delta_bias[r], delta_softplus, A[r],
                        B[:, r], C[:, r], y[:, r], budget)
             for r in (slice(r0, r0 + rows) for r0 in range(0, max(R, 1), rows))]
     return last[0] if len(last) == 1 else torch.cat(last)
+
+
+def _compiled_scan(u, delta, delta_bias, delta_softplus: bool, A, B, C, y) -> Optional[torch.Tensor]:
+    """``_blocked_scan`` by the compiled C loop of ``cpu_scan`` (fp32 on CPU). Returns the last state, or None
+    where the compiled scan does not take the problem."""
+    u, delta = u.contiguous(), delta.contiguous()
+    return cpu_scan.selective_scan_fwd(u, delta, delta_bias, delta_softplus, A * _LOG2_E, B, C, y)
 
 
 def _scan_rows(u, delta, delta_bias, delta_softplus, A, B, C, y, budget):

@@ -1,5 +1,5 @@
 """The reference scans against the per-step oracle: the chunked scan (the export path and the path that autograd
-records) and the blocked eager scan (the CPU inference path), in each of its plans: outputs, last states, every
+records) and the blocked eager scan (the CPU inference path where the compiled scan is off), in each of its plans: outputs, last states, every
 state and every gradient, across chunk boundaries, time blocks and eager blocks."""
 import pytest
 import torch
@@ -240,6 +240,7 @@ PLANS = {
 
 
 def _plan(monkeypatch, plan, blocks):
+    monkeypatch.setenv("VMAMBA_CPU_SCAN", "0")  # the PyTorch form (the compiled scan: tests/kernels/test_cpu_scan.py)
     for name, value in PLANS[plan].items():
         monkeypatch.setattr(reference, name, value)
     if blocks == "many":  # time blocks of 15 or 16 steps (three sub-chunks), a group of one or two rows at a time
