@@ -407,13 +407,13 @@ def _blocked_scan(u, delta, delta_bias, delta_softplus: bool, A, B, C, y):
     returns the last state (R, N, Dg).
 
     fp32 problems on CPU run the compiled C loop of ``cpu_scan`` where it is available (states in registers, one
-    pass). The PyTorch form below runs otherwise: each time block's dt = softplus(delta + bias), its decays exp2(dt A log2(e)) and its drives dt u B are
-    formed by a few products over the whole block, its states by one multiply-add per step written over the
-    drives, and its readout by one product: a few operations per step, on buffers of at most
-    BLOCK_ELEMENTS // 4 states that stay in cache (a scan over all L steps at once would stream every state
-    through memory several times). Rows are scanned in groups whose blocks hold at least 16 steps. Rows of few
-    channels hold their states N-major, so that products broadcast over N along long rows and the readout
-    sums whole rows."""
+    pass). The PyTorch form below runs otherwise: each time block's dt = softplus(delta + bias), its decays
+    exp2(dt A log2(e)) and its drives dt u B are formed by a few products over the whole block, its states by one
+    multiply-add per step written over the drives, and its readout by one product: a few operations per step, on
+    buffers of at most BLOCK_ELEMENTS // 4 states that stay in cache (a scan over all L steps at once would stream
+    every state through memory several times). Rows are scanned in groups whose blocks hold at least 16 steps.
+    Rows of few channels hold their states N-major, so that products broadcast over N along long rows and the
+    readout sums whole rows."""
     L, R, Dg = u.shape
     N = A.shape[1]
     if u.dtype == torch.float32 and u.device.type == "cpu":

@@ -41,7 +41,6 @@ import csv
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -51,14 +50,13 @@ from datetime import datetime, timezone
 import torch
 
 from toolkit.cli import (
-    ToolArgumentParser, UsageError, create_model, git_commit, parse_csv_list, run_tool, zoo_families,
+    ToolArgumentParser, UsageError, create_model, git_commit, parse_csv_list, run_tool, zoo_tiny_models,
 )
 from toolkit.cli import resolve_models as cli_resolve_models
 from toolkit.cuda_graphs import cross_entropy_loss, graphed_inference, graphed_train_step
 
 BASELINES = ['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50', 'mambaout_tiny']
 AMP = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-TINY_PATTERN = re.compile(r'(tiny|_t$|_t_|_l1$)')
 
 
 def build_parser():
@@ -90,15 +88,6 @@ def build_parser():
     p.add_argument('--out-dir', default=None, help='write benchmark.csv / .md / .json here')
     p.add_argument('--commit', default=None, help='commit to record (default: git rev-parse of the working tree)')
     return p
-
-
-def zoo_tiny_models():
-    """The smallest model of each zoo family (its tiny variant)."""
-    names = []
-    for family, members in sorted(zoo_families().items()):
-        tiny = [n for n in members if TINY_PATTERN.search(n)]
-        names.extend(tiny or sorted(members)[:1])
-    return names
 
 
 def resolve_models(spec):

@@ -9,6 +9,7 @@ The tools are scripts (``python tools/train.py``); they import this module as ``
 import argparse
 import difflib
 import os
+import re
 import sys
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -189,6 +190,18 @@ def require_model(name: str) -> None:
             hint += ('; vmamba_zoo is not installed, so none of its models is registered with timm '
                      '(`make install` or `pip install -e .` in the clone)')
         raise UsageError(f'unknown model {name!r}{hint}')
+
+
+TINY_PATTERN = re.compile(r'(tiny|_t$|_t_|_l1$)')
+
+
+def zoo_tiny_models() -> List[str]:
+    """The smallest model of each zoo family (its tiny variant): the tools' 'zoo-tiny' selection."""
+    names = []
+    for family, members in sorted(zoo_families().items()):
+        tiny = [n for n in members if TINY_PATTERN.search(n)]
+        names.extend(tiny or sorted(members)[:1])
+    return names
 
 
 def resolve_models(spec: str, groups: Optional[Dict[str, Callable[[], List[str]]]] = None,
