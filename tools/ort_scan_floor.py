@@ -238,6 +238,7 @@ def main(argv=None):
         record = dict(date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), machine=machine(),
                       commit=args.commit or git_commit(), threads=args.threads, img_size=args.img_size,
                       ns_per_state=round(per_state * 1e9, 4), convnext_tiny_ms=round(convnext * 1e3, 2),
+                      ns_per_state_by_readout={r: round(times[f'step:{r}'] / blocks[r] * 1e9, 4) for r in blocks},
                       onnxruntime=ort.__version__, command=' '.join(sys.argv), rows=rows)
         with open(os.path.join(args.out_dir, 'ort_scan_floor.json'), 'w') as f:
             json.dump(record, f, indent=1)
