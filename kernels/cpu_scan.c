@@ -1,11 +1,11 @@
 /* The eager CPU selective scan of vmamba_kernels.reference, forward only, fp32: one pass over the states.
 
    R independent rows of Dg channels share B_t and C_t (N each) within a row. Given u and delta (L, R, Dg), the
-   optional delta_bias (R, Dg), the decays' exponents A log2(e) (R, N, Dg), and B, C by strides (step, row,
-   state; a step stride of 0 shares one step), it writes y_t = <C_t, h_t> (L, R, Dg) and the last state
-   (R, N, Dg) of
+   optional delta_bias (R, Dg), A (R, N, Dg), and B, C by strides (step, row, state; a step stride of 0 shares
+   one step), it writes y_t = <C_t, h_t> (L, R, Dg) and the last state (R, N, Dg) of
        dt_t = softplus(delta_t + bias)   (or delta_t + bias),
-       h_t  = exp2(dt_t A log2(e)) h_{t-1} + (dt_t u_t) B_t,    h_{-1} = 0.
+       h_t  = exp(dt_t A) h_{t-1} + (dt_t u_t) B_t,    h_{-1} = 0,
+   the decays as exp2(dt_t A log2(e)).
    Every state stays in registers from the first step to the last: the PyTorch form streams each state through
    memory several times. Lanes of TILE floats hold TILE channels of one row where rows have at least TILE / 2
    channels, else one channel of TILE rows. Work items are spread over OpenMP threads.
@@ -16,6 +16,7 @@
 #include <string.h>
 
 #define TILE 16
+#define LOG2_E 1.4426950408889634f
 /* TILE floats as one value: the compiler maps it onto the machine's vector registers (one AVX-512 register,
    two AVX2 ones, four NEON ones), and each operation on it is one vector operation per register. */
 typedef float vfloat __attribute__((vector_size(4 * TILE)));
@@ -68,7 +69,7 @@ static inline vfloat exp2_approx(vfloat x) {
    series (e / (2 + e) <= 1/3). Above 20 it is x, as in torch's threshold. NaN stays NaN. */
 static inline vfloat softplus(vfloat x) {
     const vint positive = x > 0.0f;
-    const vfloat e = exp2_approx(select(positive, -x, x) * 1.4426950408889634f);  /* exp(-|x|) */
+    const vfloat e = exp2_approx(select(positive, -x, x) * LOG2_E);  /* exp(-|x|) */
     const vfloat s = e / (e + 2.0f), s2 = s * s;
     vfloat series = splat(1.0f / 13.0f);
     series = series * s2 + 1.0f / 11.0f;
@@ -123,7 +124,7 @@ static inline __attribute__((always_inline)) void scan_lanes_as(const scan_args 
     const vfloat bias = s->bias ? load(s->bias + r0 * Dg + d0, lane_stride, width) : splat(0.0f);
     for (int64_t n = 0; n < N; ++n) {
         h[n] = splat(0.0f);
-        a[n] = load(s->A + (r0 * N + n) * Dg + d0, lane_state_stride, width);
+        a[n] = load(s->A + (r0 * N + n) * Dg + d0, lane_state_stride, width) * LOG2_E;
     }
     for (int64_t t = 0; t < s->L; ++t) {
         const int64_t at = (t * R + r0) * Dg + d0;

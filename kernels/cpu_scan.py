@@ -127,26 +127,28 @@ def available() -> bool:
 
 
 def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, delta_bias: Optional[torch.Tensor],
-                       delta_softplus: bool, A_log2: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       delta_softplus: bool, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                        y: torch.Tensor) -> Optional[torch.Tensor]:
-    """y_t = <C_t, h_t> of h_t = exp2(dt_t A_log2) h_{t-1} + dt_t u_t B_t from h = 0, dt_t = delta_t + delta_bias
-    (then softplus, where asked), in fp32 on CPU: u, delta and y (L, R, Dg) contiguous, delta_bias (R, Dg) or None,
-    A_log2 (R, N, Dg), B and C (L or 1, R, N, 1) with any strides (one step shared by all where L is 1). Writes y;
-    returns the last state (R, N, Dg), or None where the compiled scan does not take the problem (unavailable,
-    not fp32 CPU tensors, or d_state over 256): the caller then runs the PyTorch form."""
+    """``reference._blocked_scan``'s problem: y_t = <C_t, h_t> of h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t from
+    h = 0, dt_t = delta_t + delta_bias (then softplus, where asked), in fp32 on CPU: u and delta (L, R, Dg),
+    delta_bias (R, Dg) or None, A (R, N, Dg), B and C (L or 1, R, N, 1) with any strides (one step shared by all
+    where L is 1), y (L, R, Dg) contiguous. Writes y; returns the last state (R, N, Dg), or None where the compiled
+    scan does not take the problem (unavailable, not fp32 CPU tensors, or d_state over 256): the caller then runs
+    the PyTorch form."""
     L, R, Dg = u.shape
-    N = A_log2.shape[1]
-    tensors = [t for t in (u, delta, delta_bias, A_log2, B, C, y) if t is not None]
+    N = A.shape[1]
+    tensors = [t for t in (u, delta, delta_bias, A, B, C, y) if t is not None]
     if (N > _MAX_STATES or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
             or not available()):
         return None
-    if not (u.is_contiguous() and delta.is_contiguous() and y.is_contiguous()):
-        raise ValueError("cpu_scan.selective_scan_fwd: u, delta and y must be contiguous")
-    A_log2 = A_log2.contiguous()
+    if not y.is_contiguous():
+        raise ValueError("cpu_scan.selective_scan_fwd: y must be contiguous, the C loop writes it in place")
+    u, delta = u.contiguous(), delta.contiguous()
+    A = A.contiguous()
     bias = None if delta_bias is None else delta_bias.contiguous()
     last = u.new_empty((R, N, Dg))
     strides = [s if size > 1 else 0 for t in (B, C) for s, size in zip(t.stride()[:3], t.shape[:3])]
     _loaded["fn"](L, R, N, Dg, u.data_ptr(), delta.data_ptr(), None if bias is None else bias.data_ptr(),
-                  int(delta_softplus), A_log2.data_ptr(), B.data_ptr(), C.data_ptr(), *strides, y.data_ptr(),
+                  int(delta_softplus), A.data_ptr(), B.data_ptr(), C.data_ptr(), *strides, y.data_ptr(),
                   last.data_ptr(), torch.get_num_threads())
     return last

@@ -416,23 +416,15 @@ def _blocked_scan(u, delta, delta_bias, delta_softplus: bool, A, B, C, y):
     readout sums whole rows."""
     L, R, Dg = u.shape
     N = A.shape[1]
-    if u.dtype == torch.float32 and u.device.type == "cpu":
-        last = _compiled_scan(u, delta, delta_bias, delta_softplus, A, B, C, y)
-        if last is not None:
-            return last
+    last = cpu_scan.selective_scan_fwd(u, delta, delta_bias, delta_softplus, A, B, C, y)
+    if last is not None:
+        return last
     budget = max(BLOCK_ELEMENTS // 4, 1)
     rows = max(1, min(R, budget // (16 * max(N * Dg, 1))))
     last = [_scan_rows(u[:, r], delta[:, r], None if delta_bias is None else delta_bias[r], delta_softplus, A[r],
                        B[:, r], C[:, r], y[:, r], budget)
             for r in (slice(r0, r0 + rows) for r0 in range(0, max(R, 1), rows))]
     return last[0] if len(last) == 1 else torch.cat(last)
-
-
-def _compiled_scan(u, delta, delta_bias, delta_softplus: bool, A, B, C, y) -> Optional[torch.Tensor]:
-    """``_blocked_scan`` by the compiled C loop of ``cpu_scan`` (fp32 on CPU). Returns the last state, or None
-    where the compiled scan does not take the problem."""
-    u, delta = u.contiguous(), delta.contiguous()
-    return cpu_scan.selective_scan_fwd(u, delta, delta_bias, delta_softplus, A * _LOG2_E, B, C, y)
 
 
 def _scan_rows(u, delta, delta_bias, delta_softplus, A, B, C, y, budget):
