@@ -1,9 +1,10 @@
 """Independent oracles for the kernel tests: a plain per-step loop, written from the recurrence, and the
-scan of a widened copy of x (what a wider out_dtype must equal)."""
+scan of a widened copy of x (what a wider out_dtype must equal); with the relative error the tests compare by
+and the 2D problem that the eager scans' tests share."""
 import torch
 import torch.nn.functional as F
 
-from vmamba_kernels import selective_scan_2d
+from vmamba_kernels import scan_routes, selective_scan_2d
 
 
 def per_step_scan(u, delta, A, B, C=None, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -79,3 +80,23 @@ def wider_out_and_copy_forms(x, others, routes, merge, out_dtype, backend="auto"
     copy_out, copy_grads, _ = _scan_and_grads(x, others, routes, merge, dout, copy_to=out_dtype, backend=backend)
     return (out, grads), (copy_out, copy_grads)
 
+
+
+def relative_error(a, b):
+    """||a - b|| / ||b|| in fp64; a NaN or inf in a fails."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "NaN/inf in result"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def atrous_2d_problem(Dm, seed=5):
+    """A 2D scan on the atrous routes of an 11x9 map (30 steps, routes of different lengths, -1 padded), batch 2,
+    d_state 3: the arguments of ``selective_scan_2d`` but merge and softplus."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = 11, 9
+    routes = scan_routes("atrous", H, W)
+    K, Bt, N = routes.shape[0], 2, 3
+    return dict(x=torch.randn(Bt, H, W, Dm, generator=g), delta=torch.randn(Bt, H, W, K, Dm, generator=g) * 0.5,
+                A=-torch.rand(K, Dm, N, generator=g) - 0.1, B=torch.randn(Bt, H, W, K, N, generator=g),
+                C=torch.randn(Bt, H, W, K, N, generator=g), D=torch.randn(K, Dm, generator=g),
+                delta_bias=torch.randn(K, Dm, generator=g), routes=routes)

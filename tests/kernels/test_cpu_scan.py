@@ -10,13 +10,7 @@ import torch
 
 import vmamba_kernels as vk
 from vmamba_kernels import cpu_scan, reference
-from tests.kernels.oracle import gather_scan_scatter, per_step_scan
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "NaN/inf in result"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from tests.kernels.oracle import atrous_2d_problem, gather_scan_scatter, per_step_scan, relative_error
 
 
 def _inputs(Bt, Dm, L, N, groups, seed, positive_A=False):
@@ -52,6 +46,16 @@ def _calls(monkeypatch):
     return calls
 
 
+def _assert_compiled_scan_matches_the_oracle(x, softplus, monkeypatch):
+    """The compiled scan takes the 1D problem x, and its output and last state match the per-step oracle."""
+    calls = _calls(monkeypatch)
+    with torch.no_grad():
+        out, last = vk.selective_scan(**x, delta_softplus=softplus, return_last_state=True, backend="reference")
+    want, want_last, _ = per_step_scan(**x, delta_softplus=softplus)
+    assert calls == [True]
+    assert relative_error(out, want) < 1e-5 and relative_error(last, want_last) < 1e-5
+
+
 # (Bt, Dm, N, groups): lanes over channels (whole tiles of 16, a partial tile, 8 channels) or over rows (1 or 3
 # channels per row; 35 rows: two whole tiles of rows and a partial one); d_state 1, 16 and 20
 LAYOUTS = {
@@ -67,15 +71,10 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_compiled_scan_matches_the_oracle(layout, softplus, monkeypatch):
     Bt, Dm, N, groups = LAYOUTS[layout]
-    calls = _calls(monkeypatch)
     x = _inputs(Bt, Dm, 37, N, groups, seed=len(layout))
     if not softplus:  # dt = delta + bias as given: kept positive, so that the states decay
         x["delta"], x["delta_bias"] = x["delta"].abs(), x["delta_bias"].abs() * 0.1
-    with torch.no_grad():
-        out, last = vk.selective_scan(**x, delta_softplus=softplus, return_last_state=True, backend="reference")
-    want, want_last, _ = per_step_scan(**x, delta_softplus=softplus)
-    assert calls == [True]
-    assert _rel(out, want) < 1e-5 and _rel(last, want_last) < 1e-5
+    _assert_compiled_scan_matches_the_oracle(x, softplus, monkeypatch)
 
 
 @pytest.mark.parametrize("layout", ["channel-tiles", "row-lanes"])
@@ -83,46 +82,29 @@ def test_compiled_scan_of_growing_states_and_shared_B_C(layout, monkeypatch):
     # A > 0 (decays above 1, the general exp2 of the C loop), and B, C one value for every row and step, as
     # ViM2's channel scan passes them (stride 0)
     Bt, Dm, N, groups = LAYOUTS[layout]
-    calls = _calls(monkeypatch)
     x = _inputs(Bt, Dm, 29, N, groups, seed=3, positive_A=True)
     x["B"], x["C"] = (x[k][:1, ..., :1].expand(x[k].shape) for k in ("B", "C"))
-    with torch.no_grad():
-        out, last = vk.selective_scan(**x, delta_softplus=True, return_last_state=True, backend="reference")
-    want, want_last, _ = per_step_scan(**x, delta_softplus=True)
-    assert calls == [True]
-    assert _rel(out, want) < 1e-5 and _rel(last, want_last) < 1e-5
+    _assert_compiled_scan_matches_the_oracle(x, True, monkeypatch)
 
 
 def test_compiled_softplus_and_decays_across_their_range(monkeypatch):
     # delta from -60 to 60: softplus's tail, its threshold at 20, and decays that underflow to 0; A up to -30
-    calls = _calls(monkeypatch)
     x = _inputs(2, 16, 240, 4, None, seed=8)
     x["delta"] = torch.linspace(-60, 60, 240).expand(2, 16, 240).contiguous()
     x["delta_bias"] = None
     x["A"] = x["A"] * 15
-    with torch.no_grad():
-        out, last = vk.selective_scan(**x, delta_softplus=True, return_last_state=True, backend="reference")
-    want, want_last, _ = per_step_scan(**x, delta_softplus=True)
-    assert calls == [True]
-    assert _rel(out, want) < 1e-5 and _rel(last, want_last) < 1e-5
+    _assert_compiled_scan_matches_the_oracle(x, True, monkeypatch)
 
 
 @pytest.mark.parametrize("merge", ["sum", "none"])
 def test_compiled_2d_scan_matches_the_oracle(merge, monkeypatch):
     calls = _calls(monkeypatch)
-    g = torch.Generator().manual_seed(5)
-    H, W = 11, 9
-    routes = vk.scan_routes("atrous", H, W)  # routes of different lengths, -1 padded
-    K, Bt, Dm, N = routes.shape[0], 2, 20, 3
-    x = dict(x=torch.randn(Bt, H, W, Dm, generator=g), delta=torch.randn(Bt, H, W, K, Dm, generator=g) * 0.5,
-             A=-torch.rand(K, Dm, N, generator=g) - 0.1, B=torch.randn(Bt, H, W, K, N, generator=g),
-             C=torch.randn(Bt, H, W, K, N, generator=g), D=torch.randn(K, Dm, generator=g),
-             delta_bias=torch.randn(K, Dm, generator=g))
+    x = atrous_2d_problem(Dm=20)  # 20 channels per route: a whole tile of lanes and a partial one
     with torch.no_grad():
-        out = vk.selective_scan_2d(**x, delta_softplus=True, routes=routes, merge=merge, backend="reference")
-    want = gather_scan_scatter(**x, routes=routes, param_routes=routes, merge=merge, delta_softplus=True)
+        out = vk.selective_scan_2d(**x, delta_softplus=True, merge=merge, backend="reference")
+    want = gather_scan_scatter(**x, param_routes=x["routes"], merge=merge, delta_softplus=True)
     assert calls == [True]
-    assert _rel(out, want) < 1e-5
+    assert relative_error(out, want) < 1e-5
 
 
 def test_compiled_scan_propagates_nan(monkeypatch):
@@ -156,7 +138,7 @@ def test_switched_off_the_pytorch_form_runs(monkeypatch):
     with torch.no_grad():
         out = vk.selective_scan(**x, delta_softplus=True, backend="reference")
     want, _, _ = per_step_scan(**x, delta_softplus=True)
-    assert calls == [False] and _rel(out, want) < 1e-5
+    assert calls == [False] and relative_error(out, want) < 1e-5
 
 
 def _run(code, env):
