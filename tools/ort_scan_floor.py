@@ -234,16 +234,16 @@ def main(argv=None):
     lines += ['| ' + ' | '.join([r['model']] + [str(r[k]) for k in keys]) + ' |' for r in rows]
     print('\n'.join(lines))
     if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
+        from vmamba_zoo.checkpoint import atomic_write
         record = dict(date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), machine=machine(),
                       commit=args.commit or git_commit(), threads=args.threads, img_size=args.img_size,
                       ns_per_state=round(per_state * 1e9, 4), convnext_tiny_ms=round(convnext * 1e3, 2),
                       ns_per_state_by_readout={r: round(times[f'step:{r}'] / blocks[r] * 1e9, 4) for r in blocks},
                       onnxruntime=ort.__version__, command=' '.join(sys.argv), rows=rows)
-        with open(os.path.join(args.out_dir, 'ort_scan_floor.json'), 'w') as f:
-            json.dump(record, f, indent=1)
-        with open(os.path.join(args.out_dir, 'ort_scan_floor.md'), 'w') as f:
-            f.write('\n'.join(lines) + '\n')
+        atomic_write(os.path.join(args.out_dir, 'ort_scan_floor.json'),
+                     lambda f: f.write(json.dumps(record, indent=1).encode()))
+        table = '\n'.join(lines) + '\n'
+        atomic_write(os.path.join(args.out_dir, 'ort_scan_floor.md'), lambda f: f.write(table.encode()))
 
 
 if __name__ == '__main__':
