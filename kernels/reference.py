@@ -11,7 +11,9 @@ so that ``torch.autograd.gradcheck`` is meaningful). The scan is chunked (``_chu
 update is the plain recurrence, all chunks advance together, so the Python loop runs once per position
 of a chunk (SCAN_CHUNK times), never once per time step, and export sees a graph whose size does not
 depend on the sequence length. The forward contracts each step's state with C as it goes, so it never
-holds every state.
+holds every state. Traced (exported) and autograd-recorded forwards run it as ``_functional_scan``: channels
+innermost, each step read out by one batched MatMul, each chunk position taken by one select, so that an ONNX
+graph holds few nodes per position and onnxruntime runs each over contiguous rows.
 
 The 2D form is gather → 1D scan → scatter, routes folded into channels (route k owns channel block k
 and B/C group k), which is what the fused kernels must reproduce.
@@ -176,15 +178,14 @@ def _position_major(t: torch.Tensor, n, chunk: int, value: float = 0.0) -> torch
 
 
 def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.Tensor, L, readout=None,
-                  chunk_dim: int = 0, prepare=None, functional: bool = False):
+                  chunk_dim: int = 0, prepare=None):
     """h_t = decay_t * h_{t-1} + drive_t from h_{-1} = 0, for steps laid out in chunks: decay and drive
     are (chunk position, ..., chunk index, ...) with the chunk index at ``chunk_dim`` of a position's
     slice, or lists of one tensor per position (padding: decay 1 and drive 0 keep h); ``chunk_decay``
     (a position's shape) is each chunk's product of decays (the exp of its summed log-decays, which the
-    caller forms from small per-step factors). Returns (every state in time order (L, ...), or readout(h, j)
-    of every step in time order when ``readout`` maps the states at chunk position j to (n, ...); the last
-    state). A forward that
-    only needs <C_t, h_t> thus never stores every state.
+    caller forms from small per-step factors). Returns (every state in time order (L, ...), or with a
+    ``readout``, readout(h, j) of the states at chunk position j stacked along axis 1 (for the caller to put in
+    time order); the last state). A forward that only needs <C_t, h_t> thus never stores every state.
 
     All chunks advance together, one position of the chunk at a time: a pass from zero gives each
     chunk's end state, a scan over the chunks (log2 of their number doublings) carries the state
@@ -195,8 +196,7 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     doublings), which covers MAX_TRACED_CHUNKS chunks.
 
     ``prepare(j)``, where given, writes position j of decay and drive (eager only: they may be left unwritten
-    until then), so that the first pass reads each position while it is still in cache. ``functional``
-    keeps every state its own tensor (a readout that autograd records reads them)."""
+    until then), so that the first pass reads each position while it is still in cache."""
     positions = isinstance(drive, (list, tuple))
     chunk, n = (len(drive) if positions else drive.shape[0]), drive[0].shape[chunk_dim]
     symbolic = not isinstance(n, int) or _is_traced()
@@ -204,7 +204,7 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
         raise ValueError(f"the chunked scan covers at most {MAX_TRACED_CHUNKS} chunks, got {n}")
     # Eager calls update buffers in place: a fresh state-sized tensor per position would cost page faults
     # comparable to the arithmetic. Traced calls (export), and any call autograd records, stay functional.
-    in_place = not (functional or _is_traced() or positions or decay.requires_grad or drive.requires_grad)
+    in_place = not (_is_traced() or positions or decay.requires_grad or drive.requires_grad)
     if prepare is not None:
         if not in_place:
             raise ValueError("prepare is for eager scans only")
@@ -227,32 +227,34 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     for j in range(chunk):  # in place, drive becomes the states
         h = drive[j].addcmul_(decay[j], h) if in_place else torch.addcmul(drive[j], decay[j], h)
         kept.append(h if readout is None else readout(h, j))
+    last = ends.sum(chunk_dim) if isinstance(n, int) and n == 0 else ends.select(chunk_dim, -1)  # n = 0: h_{-1}
     if readout is not None:
-        out = torch.stack(kept, 1)
-    else:  # (chunk index, position, ...): time order
-        out = (drive if in_place else torch.stack(kept)).movedim(chunk_dim + 1, 0)
-    if isinstance(n, int) and n == 0:  # an empty sequence: its last state is h_{-1} = 0
-        return out.flatten(0, 1), ends.sum(chunk_dim)
-    return out.flatten(0, 1).narrow(0, 0, L), ends.select(chunk_dim, -1)
+        return torch.stack(kept, 1), last
+    out = (drive if in_place else torch.stack(kept)).movedim(chunk_dim + 1, 0)  # (chunk index, position, ...)
+    return out.flatten(0, 1).narrow(0, 0, L), last
 
 
 def _grouped_chunk_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     """The chunk-level scan of an exported graph, whose chunk count is symbolic: h_c = a_c h_{c-1} + b_c along
-    ``dim`` from h = 0, for up to MAX_TRACED_CHUNKS chunks. The chunks are taken in groups of SCAN_CHUNK that
-    advance together, one position at a time, keeping each position's partial state from the group's start and
-    its decay product; a fixed doubling scan over the groups (log2(MAX_TRACED_CHUNKS / SCAN_CHUNK) steps) gives
-    each group's true start, and one multiply-add adds it at every position. Fixed doublings over the chunks
-    themselves would cost a whole pass over them per doubling (20), several times the states' own scan."""
+    ``dim`` from h = 0, for up to MAX_TRACED_CHUNKS chunks. The chunks are taken in groups of SCAN_CHUNK (padded
+    after the last, by a pad and a reshape) that advance together, one position at a time, keeping each
+    position's partial state from the group's start and its decay product; a fixed doubling scan over the groups
+    (log2(MAX_TRACED_CHUNKS / SCAN_CHUNK) steps) gives each group's true start, and one multiply-add adds it at
+    every position. Fixed doublings over the chunks themselves would cost a whole pass over them per doubling
+    (20), several times the states' own scan."""
     n, g = b.shape[dim], SCAN_CHUNK
     groups = _chunk_count(n, g)
-    a, b = (_position_major(t.movedim(dim, 0), groups, g, value) for t, value in ((a, 1.0), (b, 0.0)))
-    h, decay = [b[0]], [a[0]]  # position j of every group: (groups, ...)
+    a, b = (t.movedim(dim, 0) for t in (a, b))
+    # position j of every group: (groups, ...)
+    a, b = (_chunk_positions(_padded(t, groups * g).reshape((-1, g) + tuple(t.shape[1:]))) for t in (a, b))
+    h, decay = [b[0]], [a[0]]
     for j in range(1, g):
         h.append(torch.addcmul(b[j], a[j], h[-1]))
         decay.append(a[j] * decay[-1])
     _, ends = _doubling_scan(decay[-1], h[-1], int(math.log2(MAX_TRACED_CHUNKS // g)), dim=0)
-    h = torch.addcmul(torch.stack(h), torch.stack(decay), _shift(ends, 1, 0.0, dim=0))  # (g, groups, ...)
-    return h.transpose(0, 1).flatten(0, 1).narrow(0, 0, n).movedim(0, dim)
+    start = _shift(ends, 1, 0.0, dim=0)  # each group's start: the end of the one before
+    h = torch.stack([torch.addcmul(h_j, decay_j, start) for h_j, decay_j in zip(h, decay)], 1)  # (groups, g, ...)
+    return h.flatten(0, 1).narrow(0, 0, n).movedim(0, dim)
 
 
 def linear_scan(log_decay: torch.Tensor, drive: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
@@ -311,49 +313,44 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
     """u, dt (Bt, Dm, L), A (Dm, N), B and C (Bt, [G,] N, L) → (every state (L, Bt, Dm, N), or with C
     y = <C_t, h_t> (L, Bt, Dm)) and the last state (Bt, Dm, N).
 
-    The per-step inputs are laid out in chunks (``_position_major``) while they are small, and a chunk
-    position's states are held as (N, chunks, Bt, G, Dm // G), channels innermost and N outermost: every
-    state-sized product then runs along long contiguous rows of channels, with A or B broadcast whole
-    (N is only 1 to 16), which is several times faster on CPU than products along N."""
+    A scan that is traced or that autograd records is ``_functional_scan``'s. An eager one lays the per-step
+    inputs out in chunks (``_position_major``) while they are small and holds a chunk position's states as
+    (N, chunks, Bt, G, Dm // G), channels innermost and N outermost, in work buffers updated in place: every
+    state-sized product then runs along long contiguous rows of channels, with A or B broadcast whole (N is only
+    1 to 16), which is several times faster on CPU than products along N."""
+    if not _eager(u, dt, A, B, C):
+        return _functional_scan(u, dt, A, B, dtype, C)
     Bt, Dm, L = u.shape
     n = _chunk_count(L, SCAN_CHUNK)
 
     def grouped_steps(BC):  # (Bt, [G,] N, L) → (chunk, N, n, Bt, G, 1), contiguous: products follow its layout
-        if not _is_traced():  # a broadcast over rows or steps (stride 0) is laid out once and stays broadcast
-            if BC.shape[0] > 1 and BC.stride(0) == 0:
-                BC = BC[:1]
-            if BC.shape[-1] > 1 and BC.stride(-1) == 0:  # → (1, N, 1, Bt|1, G, 1)
-                return _grouped_time_major(BC[..., :1], dtype).unsqueeze(0).permute(0, 5, 1, 2, 3, 4).contiguous()
+        if BC.shape[0] > 1 and BC.stride(0) == 0:  # a broadcast over rows or steps (stride 0) stays broadcast
+            BC = BC[:1]
+        if BC.shape[-1] > 1 and BC.stride(-1) == 0:  # → (1, N, 1, Bt|1, G, 1)
+            return _grouped_time_major(BC[..., :1], dtype).unsqueeze(0).permute(0, 5, 1, 2, 3, 4).contiguous()
         return _position_major(_grouped_time_major(BC, dtype), n, SCAN_CHUNK).permute(0, 5, 1, 2, 3, 4).contiguous()
 
     def positions(BC):  # a grouped B or C per chunk position; one tensor where every position shares it
-        return [BC[j if BC.shape[0] > 1 else 0] for j in range(SCAN_CHUNK)]  # selects: unbind exports as more nodes
+        return [BC[j if BC.shape[0] > 1 else 0] for j in range(SCAN_CHUNK)]
 
     Bg = grouped_steps(B)
     G = Bg.shape[4]
-    eager = _eager(u, dt, A, B, C)
-    # (..., Dm) → (..., G, Dm // G): states read B/C group g. A reshape, not unflatten: jit.trace (the TorchScript
-    # ONNX exporter) records unflatten's sizes as constants, and every size after it would stay the traced one
-    grouped = lambda t: t.reshape(t.shape[:-1] + (G, Dm // G))
-    # Eager decays are exp2(dt * A log2(e)): on CPU torch's exp2 runs about 3x faster than its exp, the
-    # scan's costliest step (the extra rounding of A log2(e) is within fp32's). Exporters have no exp2.
-    A_t = grouped(A.to(dtype).t()[:, None, None] * (_LOG2_E if eager else 1.0))  # (N, 1, 1, G, Dm // G)
-    exp_ = torch.Tensor.exp2_ if eager else torch.Tensor.exp_
+    grouped = lambda t: t.unflatten(-1, (G, Dm // G))  # (..., Dm) → (..., G, Dm // G): states read B/C group g
+    # The decays are exp2(dt * A log2(e)): on CPU torch's exp2 runs about 3x faster than its exp, the scan's
+    # costliest step (the extra rounding of A log2(e) is within fp32's).
+    A_t = grouped(A.to(dtype).t()[:, None, None] * _LOG2_E)  # (N, 1, 1, G, Dm // G)
     dt_t = grouped(_position_major(dt.permute(2, 0, 1), n, SCAN_CHUNK))  # (chunk, n, Bt, G, Dm // G)
-    chunk_decay = exp_(dt_t.sum(0) * A_t)
+    chunk_decay = (dt_t.sum(0) * A_t).exp2_()
     dt_u = (dt_t * grouped(_position_major(u.to(dtype).permute(2, 0, 1), n, SCAN_CHUNK))).unsqueeze(1)
-    if eager:  # each position's decay and drive written just before the scan's first pass reads them
-        shape = (SCAN_CHUNK, A_t.shape[0]) + dt_t.shape[1:]  # (chunk, N, n, Bt, G, Dm // G)
-        decay, drive = _scratch("decay", shape, dt_t), dt_t.new_empty(shape)  # drive becomes the states
-        B_at = positions(Bg)
+    # each position's decay and drive written just before the scan's first pass reads them
+    shape = (SCAN_CHUNK, A_t.shape[0]) + dt_t.shape[1:]  # (chunk, N, n, Bt, G, Dm // G)
+    decay, drive = _scratch("decay", shape, dt_t), dt_t.new_empty(shape)  # drive becomes the states
+    B_at = positions(Bg)
 
-        def prepare(j):
-            exp_(torch.mul(dt_t[j], A_t, out=decay[j]))
-            torch.mul(dt_u[j], B_at[j], out=drive[j])
-    else:  # one tensor per chunk position: an exported graph would otherwise copy whole ones apart to read one
-        decay = [exp_(dt_t[j] * A_t) for j in range(SCAN_CHUNK)]  # (N, n, Bt, G, Dm // G) each
-        drive = [dt_u[j] * b for j, b in enumerate(positions(Bg))]
-        prepare = None
+    def prepare(j):
+        torch.mul(dt_t[j], A_t, out=decay[j]).exp2_()
+        torch.mul(dt_u[j], B_at[j], out=drive[j])
+
     last_state = lambda h: h.flatten(-2, -1).permute(1, 2, 0)  # (N, Bt, G, Dm // G) → (Bt, Dm, N)
     if C is None:
         states, last = _chunked_scan(decay, drive, chunk_decay, L, chunk_dim=1, prepare=prepare)
@@ -363,9 +360,62 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
     def contract_C(h, j):  # <C_t, h_t> over N: (N, n, Bt, G, Dm // G) → (n, Bt, G, Dm // G)
         return (h * C_at[j]).sum(0)
 
-    y, last = _chunked_scan(decay, drive, chunk_decay, L, contract_C, chunk_dim=1, prepare=prepare,
-                            functional=C.requires_grad and torch.is_grad_enabled())
-    return y.flatten(-2, -1), last_state(last)
+    y, last = _chunked_scan(decay, drive, chunk_decay, L, contract_C, chunk_dim=1, prepare=prepare)
+    return y.flatten(0, 1).narrow(0, 0, L).flatten(-2, -1), last_state(last)
+
+
+def _padded(t: torch.Tensor, length, value: float = 0.0) -> torch.Tensor:
+    """t (L, ...) padded with ``value`` to ``length`` steps (L <= length <= L + 2 * SCAN_CHUNK), by one pad of
+    exactly the steps missing; under jit.trace, which records a pad's amount as a constant, a pad of
+    2 * SCAN_CHUNK then a cut (whose length it follows). Reshape the result to chunks with -1 for their count:
+    torch.export proves the padded length a multiple of the chunk, not of a symbolic count, and would otherwise
+    guard the input's length."""
+    rest = [0, 0] * (t.dim() - 1)
+    if torch.jit.is_tracing():
+        return F.pad(t, rest + [0, 2 * SCAN_CHUNK], value=value).narrow(0, 0, length)
+    return F.pad(t, rest + [0, length - t.shape[0]], value=value)
+
+
+def _chunk_positions(t: torch.Tensor) -> list:
+    """(n, chunk, ...) → chunk tensors (n, ...): position j of every chunk. Selects: each exports as one Gather
+    (a narrow as a Slice and a dozen nodes forming its bounds, unbind or split as nodes of several outputs,
+    which onnxscript's optimizer, run by plain torch.onnx.export, matches in time quadratic in the graph's size)."""
+    return [t.select(1, j) for j in range(t.shape[1])]
+
+
+def _functional_scan(u, dt, A, B, dtype, C=None):
+    """``_scan_time_major`` as whole-tensor operations, for export (standard ONNX operators) and for forwards that
+    autograd records. The steps are laid out in n chunks by a pad and a reshape, and each chunk position is
+    selected from them (``_chunk_positions``: no transpose of an input-sized tensor). A position's states
+    are (n, Bt, G, N, Dm // G), channels innermost: A, B and C broadcast whole, and each step's readout
+    <C_t, h_t> is one batched (1, N) x (N, Dm // G) MatMul (a sum over an outer N costs onnxruntime several
+    times more)."""
+    Bt, Dm, L = u.shape
+    N = A.shape[1]
+    n = _chunk_count(L, SCAN_CHUNK)
+    chunked = lambda t: _padded(t, n * SCAN_CHUNK).reshape((-1, SCAN_CHUNK) + tuple(t.shape[1:]))  # -1: see _padded
+    Bg = _grouped_time_major(B, dtype)  # (L, Bt, G, 1, N)
+    G = Bg.shape[2]
+    # (Bt, Dm, L) → (n, chunk, Bt, G, 1, Dm // G). A reshape, not unflatten: jit.trace (the TorchScript ONNX
+    # exporter) records unflatten's sizes as constants, and every size after it would stay the traced one
+    grouped = lambda t: chunked(t.permute(2, 0, 1)).reshape((-1, SCAN_CHUNK, Bt, G, 1, Dm // G))
+    A_t = A.to(dtype).reshape(G, Dm // G, N).transpose(1, 2)  # (G, N, Dm // G)
+    dt_c = grouped(dt)
+    chunk_decay = torch.exp(dt_c.sum(1) * A_t)
+    decay = [torch.exp(d * A_t) for d in _chunk_positions(dt_c)]
+    drive = [d * b for d, b in zip(_chunk_positions(grouped(dt * u.to(dtype))),
+                                   _chunk_positions(chunked(Bg.transpose(-1, -2))))]
+    last_state = lambda h: h.transpose(-1, -2).reshape(Bt, Dm, N)  # (Bt, G, N, Dm // G) → (Bt, Dm, N)
+    if C is None:
+        states, last = _chunked_scan(decay, drive, chunk_decay, L)  # (L, Bt, G, N, Dm // G)
+        return states.transpose(-1, -2).reshape(L, Bt, Dm, N), last_state(last)
+    Cg = _grouped_time_major(C, dtype).expand(-1, Bt, -1, -1, -1)  # rows of the readout's batch: every row's own
+    C_at = [c.reshape(-1, 1, N) for c in _chunk_positions(chunked(Cg))]  # (n * Bt * G, 1, N)
+    # bmm over (n * Bt * G, N, Dm // G) views, not matmul: its broadcast (expands, views of symbolic sizes) would
+    # add a dozen shape nodes per position to an exported graph
+    y, last = _chunked_scan(decay, drive, chunk_decay, L, lambda h, j: torch.bmm(C_at[j], h.reshape(-1, N, Dm // G)))
+    y = y.reshape(-1, Bt, G, SCAN_CHUNK, Dm // G).permute(0, 3, 1, 2, 4)  # (n, chunk, Bt, G, Dm // G)
+    return y.reshape(-1, Bt, Dm).narrow(0, 0, L), last_state(last)
 
 
 def _time_blocks(step: int, L: int, budget: int):
