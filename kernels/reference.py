@@ -246,7 +246,8 @@ def _grouped_chunk_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Ten
     groups = _chunk_count(n, g)
     a, b = (t.movedim(dim, 0) for t in (a, b))
     # position j of every group: (groups, ...)
-    a, b = (_chunk_positions(_padded(t, groups * g).reshape((-1, g) + tuple(t.shape[1:]))) for t in (a, b))
+    count = -1 if _is_traced() else groups  # -1: see _padded; a known count (-1 is ambiguous in empty tensors)
+    a, b = (_chunk_positions(_padded(t, groups * g).reshape((count, g) + tuple(t.shape[1:]))) for t in (a, b))
     h, decay = [b[0]], [a[0]]
     for j in range(1, g):
         h.append(torch.addcmul(b[j], a[j], h[-1]))
@@ -393,12 +394,14 @@ def _functional_scan(u, dt, A, B, dtype, C=None):
     Bt, Dm, L = u.shape
     N = A.shape[1]
     n = _chunk_count(L, SCAN_CHUNK)
-    chunked = lambda t: _padded(t, n * SCAN_CHUNK).reshape((-1, SCAN_CHUNK) + tuple(t.shape[1:]))  # -1: see _padded
+    # a traced chunk count is -1 in reshapes (see _padded); a known one is given (-1 is ambiguous in empty tensors)
+    known = lambda size: -1 if _is_traced() else size
+    chunked = lambda t: _padded(t, n * SCAN_CHUNK).reshape((known(n), SCAN_CHUNK) + tuple(t.shape[1:]))
     Bg = _grouped_time_major(B, dtype)  # (L, Bt, G, 1, N)
     G = Bg.shape[2]
     # (Bt, Dm, L) → (n, chunk, Bt, G, 1, Dm // G). A reshape, not unflatten: jit.trace (the TorchScript ONNX
     # exporter) records unflatten's sizes as constants, and every size after it would stay the traced one
-    grouped = lambda t: chunked(t.permute(2, 0, 1)).reshape((-1, SCAN_CHUNK, Bt, G, 1, Dm // G))
+    grouped = lambda t: chunked(t.permute(2, 0, 1)).reshape((known(n), SCAN_CHUNK, Bt, G, 1, Dm // G))
     A_t = A.to(dtype).reshape(G, Dm // G, N).transpose(1, 2)  # (G, N, Dm // G)
     dt_c = grouped(dt)
     chunk_decay = torch.exp(dt_c.sum(1) * A_t)
@@ -410,12 +413,13 @@ def _functional_scan(u, dt, A, B, dtype, C=None):
         states, last = _chunked_scan(decay, drive, chunk_decay, L)  # (L, Bt, G, N, Dm // G)
         return states.transpose(-1, -2).reshape(L, Bt, Dm, N), last_state(last)
     Cg = _grouped_time_major(C, dtype).expand(-1, Bt, -1, -1, -1)  # rows of the readout's batch: every row's own
-    C_at = [c.reshape(-1, 1, N) for c in _chunk_positions(chunked(Cg))]  # (n * Bt * G, 1, N)
+    C_at = [c.reshape(known(n * Bt * G), 1, N) for c in _chunk_positions(chunked(Cg))]  # (n * Bt * G, 1, N)
     # bmm over (n * Bt * G, N, Dm // G) views, not matmul: its broadcast (expands, views of symbolic sizes) would
     # add a dozen shape nodes per position to an exported graph
-    y, last = _chunked_scan(decay, drive, chunk_decay, L, lambda h, j: torch.bmm(C_at[j], h.reshape(-1, N, Dm // G)))
-    y = y.reshape(-1, Bt, G, SCAN_CHUNK, Dm // G).permute(0, 3, 1, 2, 4)  # (n, chunk, Bt, G, Dm // G)
-    return y.reshape(-1, Bt, Dm).narrow(0, 0, L), last_state(last)
+    readout = lambda h, j: torch.bmm(C_at[j], h.reshape(known(n * Bt * G), N, Dm // G))
+    y, last = _chunked_scan(decay, drive, chunk_decay, L, readout)
+    y = y.reshape(known(n), Bt, G, SCAN_CHUNK, Dm // G).permute(0, 3, 1, 2, 4)  # (n, chunk, Bt, G, Dm // G)
+    return y.reshape(known(n * SCAN_CHUNK), Bt, Dm).narrow(0, 0, L), last_state(last)
 
 
 def _time_blocks(step: int, L: int, budget: int):

@@ -330,3 +330,12 @@ def test_eager_scans_of_nothing(Bt, L):
                                       backend="reference")
     assert out.shape == (Bt, 4, L) and last.shape == (Bt, 4, 3) and not last.any()
     assert out_2d.shape == (Bt, 3, 4, 5)
+
+
+@pytest.mark.parametrize("Bt, L", [(0, 5), (2, 0), (0, 0)])
+def test_scans_that_autograd_records_of_nothing(Bt, L):
+    """The functional scan (autograd records it) of an empty batch or sequence: empty outputs, zero last states."""
+    x = {k: v.requires_grad_() for k, v in _inputs(Bt, 4, L, 3, None, torch.float32, seed=2).items()}
+    out, last = reference.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    states = reference.selective_scan_states_ref(x["u"], x["delta"], x["A"], x["B"])
+    assert out.shape == (Bt, 4, L) and states.shape == (Bt, 4, 3, L) and torch.equal(last, torch.zeros(Bt, 4, 3))
