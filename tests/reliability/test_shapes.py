@@ -55,7 +55,9 @@ def test_every_size_from_the_total_stride_up(name):
         assert logits.shape == (2, 3) and torch.isfinite(logits).all(), (H, W)
         assert features.shape[1] in (H // stride, -(-H // stride)), (H, W, features.shape)
         assert features.shape[2] in (W // stride, -(-W // stride)), (H, W, features.shape)
-        assert (alone - logits[1:]).norm() <= 1e-3 * logits[1:].norm(), (H, W)  # fp32, norm-relative
+        # norm-relative: a reshape that mixed images errs by O(1); GEMMs blocked by batch size differ in fp32 rounding,
+        # which an untrained small model's near-zero logits (norm about 0.06) amplify past 1e-3
+        assert (alone - logits[1:]).norm() <= 1e-2 * logits[1:].norm(), (H, W)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
