@@ -246,8 +246,7 @@ def _grouped_chunk_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Ten
     groups = _chunk_count(n, g)
     a, b = (t.movedim(dim, 0) for t in (a, b))
     # position j of every group: (groups, ...)
-    count = -1 if _is_traced() else groups  # -1: see _padded; a known count (-1 is ambiguous in empty tensors)
-    a, b = (_chunk_positions(_padded(t, groups * g).reshape((count, g) + tuple(t.shape[1:]))) for t in (a, b))
+    a, b = (_chunk_positions(_in_chunks(t, groups, g)) for t in (a, b))
     h, decay = [b[0]], [a[0]]
     for j in range(1, g):
         h.append(torch.addcmul(b[j], a[j], h[-1]))
@@ -365,16 +364,23 @@ def _scan_time_major(u, dt, A, B, dtype, C=None):
     return y.flatten(0, 1).narrow(0, 0, L).flatten(-2, -1), last_state(last)
 
 
-def _padded(t: torch.Tensor, length, value: float = 0.0) -> torch.Tensor:
-    """t (L, ...) padded with ``value`` to ``length`` steps (L <= length <= L + 2 * SCAN_CHUNK), by one pad of
-    exactly the steps missing; under jit.trace, which records a pad's amount as a constant, a pad of
-    2 * SCAN_CHUNK then a cut (whose length it follows). Reshape the result to chunks with -1 for their count:
-    torch.export proves the padded length a multiple of the chunk, not of a symbolic count, and would otherwise
-    guard the input's length."""
-    rest = [0, 0] * (t.dim() - 1)
+def _reshape_size(size):
+    """``size`` as a reshape's target: -1 when traced (torch.export proves a padded length a multiple of the chunk,
+    not of a symbolic count, and would otherwise guard the input's length), the size itself otherwise (-1 is
+    ambiguous in an empty tensor)."""
+    return -1 if _is_traced() else size
+
+
+def _in_chunks(t: torch.Tensor, count, chunk: int) -> torch.Tensor:
+    """t (L, ...) → (count, chunk, ...), zeros after L (L <= count * chunk <= L + 2 * chunk): one pad of exactly
+    the steps missing and a reshape; under jit.trace, which records a pad's amount as a constant, a pad of
+    2 * chunk then a cut (whose length it follows)."""
+    rest, length = [0, 0] * (t.dim() - 1), count * chunk
     if torch.jit.is_tracing():
-        return F.pad(t, rest + [0, 2 * SCAN_CHUNK], value=value).narrow(0, 0, length)
-    return F.pad(t, rest + [0, length - t.shape[0]], value=value)
+        t = F.pad(t, rest + [0, 2 * chunk]).narrow(0, 0, length)
+    else:
+        t = F.pad(t, rest + [0, length - t.shape[0]])
+    return t.reshape((_reshape_size(count), chunk) + tuple(t.shape[1:]))
 
 
 def _chunk_positions(t: torch.Tensor) -> list:
@@ -394,14 +400,12 @@ def _functional_scan(u, dt, A, B, dtype, C=None):
     Bt, Dm, L = u.shape
     N = A.shape[1]
     n = _chunk_count(L, SCAN_CHUNK)
-    # a traced chunk count is -1 in reshapes (see _padded); a known one is given (-1 is ambiguous in empty tensors)
-    known = lambda size: -1 if _is_traced() else size
-    chunked = lambda t: _padded(t, n * SCAN_CHUNK).reshape((known(n), SCAN_CHUNK) + tuple(t.shape[1:]))
+    chunked = lambda t: _in_chunks(t, n, SCAN_CHUNK)
     Bg = _grouped_time_major(B, dtype)  # (L, Bt, G, 1, N)
     G = Bg.shape[2]
     # (Bt, Dm, L) → (n, chunk, Bt, G, 1, Dm // G). A reshape, not unflatten: jit.trace (the TorchScript ONNX
     # exporter) records unflatten's sizes as constants, and every size after it would stay the traced one
-    grouped = lambda t: chunked(t.permute(2, 0, 1)).reshape((known(n), SCAN_CHUNK, Bt, G, 1, Dm // G))
+    grouped = lambda t: chunked(t.permute(2, 0, 1)).reshape((_reshape_size(n), SCAN_CHUNK, Bt, G, 1, Dm // G))
     A_t = A.to(dtype).reshape(G, Dm // G, N).transpose(1, 2)  # (G, N, Dm // G)
     dt_c = grouped(dt)
     chunk_decay = torch.exp(dt_c.sum(1) * A_t)
@@ -413,13 +417,14 @@ def _functional_scan(u, dt, A, B, dtype, C=None):
         states, last = _chunked_scan(decay, drive, chunk_decay, L)  # (L, Bt, G, N, Dm // G)
         return states.transpose(-1, -2).reshape(L, Bt, Dm, N), last_state(last)
     Cg = _grouped_time_major(C, dtype).expand(-1, Bt, -1, -1, -1)  # rows of the readout's batch: every row's own
-    C_at = [c.reshape(known(n * Bt * G), 1, N) for c in _chunk_positions(chunked(Cg))]  # (n * Bt * G, 1, N)
+    rows = _reshape_size(n * Bt * G)  # of the readout's batch
+    C_at = [c.reshape(rows, 1, N) for c in _chunk_positions(chunked(Cg))]  # (n * Bt * G, 1, N)
     # bmm over (n * Bt * G, N, Dm // G) views, not matmul: its broadcast (expands, views of symbolic sizes) would
     # add a dozen shape nodes per position to an exported graph
-    readout = lambda h, j: torch.bmm(C_at[j], h.reshape(known(n * Bt * G), N, Dm // G))
+    readout = lambda h, j: torch.bmm(C_at[j], h.reshape(rows, N, Dm // G))
     y, last = _chunked_scan(decay, drive, chunk_decay, L, readout)
-    y = y.reshape(known(n), Bt, G, SCAN_CHUNK, Dm // G).permute(0, 3, 1, 2, 4)  # (n, chunk, Bt, G, Dm // G)
-    return y.reshape(known(n * SCAN_CHUNK), Bt, Dm).narrow(0, 0, L), last_state(last)
+    y = y.reshape(_reshape_size(n), Bt, G, SCAN_CHUNK, Dm // G).permute(0, 3, 1, 2, 4)  # (n, chunk, Bt, G, Dm//G)
+    return y.reshape(_reshape_size(n * SCAN_CHUNK), Bt, Dm).narrow(0, 0, L), last_state(last)
 
 
 def _time_blocks(step: int, L: int, budget: int):
